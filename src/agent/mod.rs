@@ -1,0 +1,1 @@
+//! stub: agent/mod.rs (being written)

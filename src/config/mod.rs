@@ -1,0 +1,1 @@
+//! stub: config/mod.rs (being written)

@@ -1,0 +1,1 @@
+//! stub: controller/mod.rs (being written)

@@ -1,0 +1,45 @@
+//! Process exit codes, after sysexits(3), so scripts and systemd can tell failures apart.
+
+/// Why a binary stopped. `main` maps its error to one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Ok,
+    /// The command ran but its job failed (e.g. the quickstart task did not succeed).
+    Failure,
+    /// Bad flags or arguments (EX_USAGE).
+    Usage,
+    /// Input data was wrong (EX_DATAERR).
+    DataErr,
+    /// A peer could not be reached (EX_UNAVAILABLE).
+    Unavailable,
+    /// A bug or an unexpected internal error (EX_SOFTWARE).
+    Software,
+    /// A file could not be created or written (EX_CANTCREAT).
+    CantCreate,
+    /// An I/O error (EX_IOERR).
+    IoErr,
+    /// Configuration is missing or invalid (EX_CONFIG).
+    Config,
+}
+
+impl Exit {
+    pub fn code(self) -> u8 {
+        match self {
+            Exit::Ok => 0,
+            Exit::Failure => 1,
+            Exit::Usage => 64,
+            Exit::DataErr => 65,
+            Exit::Unavailable => 69,
+            Exit::Software => 70,
+            Exit::CantCreate => 73,
+            Exit::IoErr => 74,
+            Exit::Config => 78,
+        }
+    }
+}
+
+impl From<Exit> for std::process::ExitCode {
+    fn from(e: Exit) -> Self {
+        std::process::ExitCode::from(e.code())
+    }
+}

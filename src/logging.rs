@@ -1,0 +1,1 @@
+//! stub: logging.rs (being written)

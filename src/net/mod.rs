@@ -1,0 +1,1 @@
+//! stub: net/mod.rs (being written)

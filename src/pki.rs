@@ -1,0 +1,1 @@
+//! stub: pki.rs (being written)

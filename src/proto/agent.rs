@@ -1,0 +1,130 @@
+//! The agent protocol (`/agent/v1/...`), spoken by agents with agent certificates.
+//!
+//! - `POST /agent/v1/heartbeat` [`Heartbeat`] -> 204: registers the machine in its pool, with facts.
+//! - `POST /agent/v1/poll` [`PollRequest`] -> [`PollResponse`]: long-poll. The controller answers
+//!   as soon as there is an unacknowledged assignment or cancellation for this machine, or after
+//!   `wait_ms`. Acks in the request are applied first, so one round trip both confirms what the
+//!   agent has persisted and asks for more.
+//! - `POST /agent/v1/events` [`EventBatch`] -> [`EventsApplied`]: progress and results. Each event
+//!   has an idempotency key; the controller applies a key at most once, however often it is sent.
+//!
+//! The machine id is never in a body: the controller takes it from the client certificate.
+
+use serde::{Deserialize, Serialize};
+
+/// Host facts, gathered with sysinfo.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostFacts {
+    pub hostname: String,
+    pub os: String,
+    pub kernel: String,
+    pub cpu_count: u32,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    /// Free bytes on the filesystem that holds the agent's `state_dir`.
+    pub disk_free_bytes: u64,
+    pub uptime_seconds: u64,
+    pub agent_version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub pool_id: String,
+    pub agent_version: String,
+    pub facts: HostFacts,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PollRequest {
+    pub pool_id: String,
+    pub agent_version: String,
+    /// How long the controller may hold the request open.
+    pub wait_ms: u64,
+    /// Assignments the agent has durably accepted.
+    #[serde(default)]
+    pub ack_assignments: Vec<String>,
+    /// Cancellations the agent has durably recorded.
+    #[serde(default)]
+    pub ack_cancels: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PollResponse {
+    pub assignments: Vec<Assignment>,
+    /// Assignment ids the operator cancelled.
+    pub cancels: Vec<String>,
+}
+
+/// One machine's share of a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub assignment_id: String,
+    pub task_id: String,
+    pub kind: AssignmentKind,
+    /// Run in order; the first failure ends the run.
+    pub scripts: Vec<ScriptPayload>,
+    /// Limit for the whole run of `scripts` on this machine.
+    pub timeout_seconds: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AssignmentKind {
+    ScriptExecution,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScriptPayload {
+    pub name: String,
+    /// `sh`, `bash` or `python3`.
+    pub command_type: String,
+    pub content: String,
+    /// Hex sha256 of `content`; the agent refuses a script whose content does not match.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventBatch {
+    pub events: Vec<AgentEvent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentEvent {
+    /// Unique per logical event, e.g. `<assignment_id>:started`, `<assignment_id>:result`.
+    pub idempotency_key: String,
+    pub assignment_id: String,
+    /// RFC 3339, agent clock.
+    pub at: String,
+    pub body: EventBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EventBody {
+    /// The first script of the assignment was started.
+    Started,
+    /// The machine's final result for the assignment.
+    Result(RunResult),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunResult {
+    /// `SUCCEEDED`, `FAILED`, `TIMED_OUT` or `CANCELLED`.
+    pub state: String,
+    pub exit_code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub output_truncated: bool,
+    pub started_at: Option<String>,
+    pub finished_at: String,
+    pub error_code: Option<String>,
+    pub error_msg: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EventsApplied {
+    /// Events applied by this request.
+    pub applied: u32,
+    /// Events whose key had been applied before (ignored).
+    pub duplicates: u32,
+}

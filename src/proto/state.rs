@@ -1,0 +1,52 @@
+//! The agent's on-disk records under `state_dir`. They are a contract with the agent version
+//! that wrote them (an upgrade restarts the agent on the old files), so they live with the wire
+//! types and only grow fields with `#[serde(default)]`.
+
+use serde::{Deserialize, Serialize};
+
+use super::agent::{AgentEvent, Assignment};
+use super::status::RecentResult;
+
+/// `state_dir/state.json`, rewritten atomically before every irreversible step.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StateFile {
+    pub version: u32,
+    /// Accepted assignments waiting their turn, oldest first.
+    #[serde(default)]
+    pub queue: Vec<Assignment>,
+    #[serde(default)]
+    pub running: Option<RunningRecord>,
+    /// Newest first.
+    #[serde(default)]
+    pub recent: Vec<RecentResult>,
+    /// Ids of assignments this agent has accepted (bounded), so a re-delivered assignment is
+    /// never run twice.
+    #[serde(default)]
+    pub seen: Vec<String>,
+    /// Cancellations recorded but not yet acknowledged to the controller.
+    #[serde(default)]
+    pub unacked_cancels: Vec<String>,
+    /// Next outbox sequence number.
+    #[serde(default)]
+    pub next_seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningRecord {
+    pub assignment: Assignment,
+    pub started_at: String,
+    /// Process group of the running script, once it has been spawned.
+    #[serde(default)]
+    pub pgid: Option<i32>,
+    /// Boot the process group belongs to: after a reboot the number means nothing.
+    pub boot_id: String,
+    #[serde(default)]
+    pub cancel_requested: bool,
+}
+
+/// `state_dir/outbox/<seq>.json`: one event waiting for delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxRecord {
+    pub seq: u64,
+    pub event: AgentEvent,
+}

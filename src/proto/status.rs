@@ -1,0 +1,44 @@
+//! The local status socket: the client sends one [`StatusRequest`] line, the agent answers with
+//! one [`StatusReport`] line and closes.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum StatusRequest {
+    Status,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub machine_id: String,
+    pub pool_id: String,
+    pub controller_url: String,
+    pub connected: bool,
+    /// Last successful exchange with the controller (RFC 3339).
+    pub last_contact: Option<String>,
+    pub running: Option<RunningStatus>,
+    pub queued: u32,
+    pub undelivered_events: u32,
+    pub undelivered_results: u32,
+    /// Newest first, at most 5.
+    pub recent_results: Vec<RecentResult>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunningStatus {
+    pub assignment_id: String,
+    pub task_id: String,
+    pub started_at: String,
+    pub elapsed_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecentResult {
+    pub assignment_id: String,
+    pub task_id: String,
+    pub state: String,
+    pub exit_code: Option<i32>,
+    pub error_code: Option<String>,
+    pub finished_at: String,
+}

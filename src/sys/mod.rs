@@ -1,0 +1,1 @@
+//! stub: sys/mod.rs (being written)

@@ -1,0 +1,1 @@
+//! stub: tls.rs (being written)
