@@ -33,7 +33,7 @@ pub struct RunningStatus {
     pub elapsed_seconds: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecentResult {
     pub assignment_id: String,
     pub task_id: String,
