@@ -4,5 +4,6 @@
 
 pub mod agent;
 pub mod api;
+pub mod config;
 pub mod state;
 pub mod status;

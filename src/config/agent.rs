@@ -1,0 +1,139 @@
+//! The agent's validated configuration (`/etc/fieldhand/agent.toml`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{invalid, non_empty_path, parse_toml, read, ConfigError, TlsFiles};
+use crate::proto::config::RawAgent;
+
+pub const DEFAULT_PATH: &str = "/etc/fieldhand/agent.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/fieldhand";
+pub const DEFAULT_SOCKET_PATH: &str = "/run/fieldhand/agent.sock";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    pub controller_url: String,
+    pub pool_id: String,
+    pub state_dir: PathBuf,
+    pub socket_path: PathBuf,
+    pub tls: TlsFiles,
+    /// SIGTERM to SIGKILL grace for a script's process group.
+    pub kill_grace: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub long_poll: Duration,
+    pub heartbeat_every: Duration,
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::parse(&read(path)?, path)
+    }
+
+    /// `origin` is the file the text came from: relative paths resolve against its directory.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let raw: RawAgent = parse_toml(text, origin)?;
+        let url = raw.controller_url.trim().to_string();
+        let rest = url.strip_prefix("https://").ok_or_else(|| {
+            invalid(origin, "controller_url", &url, "must start with https://")
+        })?;
+        let host = rest.trim_end_matches('/');
+        if host.is_empty() || host.contains('/') {
+            return Err(invalid(origin, "controller_url", &url, "must be https://HOST[:PORT] with no path"));
+        }
+        if let Err(e) = crate::pki::validate_name("pool_id", &raw.pool_id) {
+            return Err(invalid(origin, "pool_id", &raw.pool_id, &e.to_string()));
+        }
+        let secs = |key: &'static str, v: Option<u64>, default: u64, max: u64| {
+            let v = v.unwrap_or(default);
+            if v > max {
+                return Err(invalid(origin, key, v, &format!("must be at most {max}")));
+            }
+            Ok(v)
+        };
+        let kill_grace = secs("exec.kill_grace_seconds", raw.exec.kill_grace_seconds, 10, 3600)?;
+        let c = raw.connection;
+        let retry_initial = secs("connection.retry_initial_ms", c.retry_initial_ms, 500, 600_000)?;
+        let retry_max = secs("connection.retry_max_ms", c.retry_max_ms, 30_000, 3_600_000)?;
+        if retry_initial == 0 {
+            return Err(invalid(origin, "connection.retry_initial_ms", 0, "must be at least 1"));
+        }
+        if retry_max < retry_initial {
+            return Err(invalid(
+                origin,
+                "connection.retry_max_ms",
+                retry_max,
+                "must not be below connection.retry_initial_ms",
+            ));
+        }
+        let long_poll = secs("connection.long_poll_seconds", c.long_poll_seconds, 25, 300)?;
+        if long_poll == 0 {
+            return Err(invalid(origin, "connection.long_poll_seconds", 0, "must be at least 1"));
+        }
+        let heartbeat = secs("connection.heartbeat_seconds", c.heartbeat_seconds, 60, 86_400)?;
+        if heartbeat == 0 {
+            return Err(invalid(origin, "connection.heartbeat_seconds", 0, "must be at least 1"));
+        }
+        Ok(AgentConfig {
+            controller_url: format!("https://{host}"),
+            pool_id: raw.pool_id,
+            state_dir: non_empty_path(
+                origin,
+                "state_dir",
+                raw.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            )?,
+            socket_path: non_empty_path(
+                origin,
+                "socket_path",
+                raw.socket_path.unwrap_or_else(|| DEFAULT_SOCKET_PATH.into()),
+            )?,
+            tls: TlsFiles::from_raw(origin, raw.tls)?,
+            kill_grace: Duration::from_secs(kill_grace),
+            retry_initial: Duration::from_millis(retry_initial),
+            retry_max: Duration::from_millis(retry_max),
+            long_poll: Duration::from_secs(long_poll),
+            heartbeat_every: Duration::from_secs(heartbeat),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+controller_url = "https://ctl.example:8443/"
+pool_id = "pool-a"
+[tls]
+ca = "pki/ca.pem"
+cert = "/etc/fieldhand/m1.pem"
+key = "pki/m1-key.pem"
+"#;
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = AgentConfig::parse(MIN, Path::new("/etc/fieldhand/agent.toml")).unwrap();
+        assert_eq!(c.controller_url, "https://ctl.example:8443");
+        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(c.socket_path, PathBuf::from(DEFAULT_SOCKET_PATH));
+        assert_eq!(c.tls.ca, PathBuf::from("/etc/fieldhand/pki/ca.pem"));
+        assert_eq!(c.tls.cert, PathBuf::from("/etc/fieldhand/m1.pem"));
+        assert_eq!(c.kill_grace, Duration::from_secs(10));
+    }
+
+    fn err(text: &str) -> String {
+        AgentConfig::parse(text, Path::new("a.toml")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(err(&MIN.replace("https://", "http://")).contains("controller_url"));
+        assert!(err(&MIN.replace("pool-a", "bad pool")).contains("pool_id"));
+        let unknown = format!("{MIN}\n[exec]\nkill_grace = 3\n");
+        assert!(err(&unknown).contains("kill_grace"), "{}", err(&unknown));
+        let missing = MIN.replace("pool_id = \"pool-a\"", "");
+        assert!(err(&missing).contains("pool_id"), "{}", err(&missing));
+        let backwards = format!("{MIN}\n[connection]\nretry_initial_ms = 500\nretry_max_ms = 10\n");
+        assert!(err(&backwards).contains("connection.retry_max_ms"));
+    }
+}

@@ -1,0 +1,98 @@
+//! The controller's validated configuration (`/etc/fieldhand/controller.toml`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{invalid, non_empty_path, parse_toml, read, ConfigError, TlsFiles};
+use crate::proto::config::RawController;
+
+pub const DEFAULT_PATH: &str = "/etc/fieldhand/controller.toml";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Path of the SQLite database (from `database_url = "sqlite://PATH"`).
+    pub database: PathBuf,
+    pub tls: TlsFiles,
+    /// A machine not heard from for this long is shown offline.
+    pub offline_after: Duration,
+    /// Extra time past a machine's execution timeout before it counts as `MACHINE_UNREACHABLE`.
+    pub unreachable_grace: Duration,
+}
+
+impl ControllerConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::parse(&read(path)?, path)
+    }
+
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let raw: RawController = parse_toml(text, origin)?;
+        let listen: SocketAddr = raw.listen.trim().parse().map_err(|_| {
+            invalid(origin, "listen", &raw.listen, "must be IP:PORT, e.g. 127.0.0.1:8443 (port 0 picks a free port)")
+        })?;
+        let data_dir = non_empty_path(origin, "data_dir", raw.data_dir)?;
+        let database = match raw.database_url {
+            None => data_dir.join("fieldhand.db"),
+            Some(url) => match url.strip_prefix("sqlite://") {
+                Some(p) if !p.is_empty() => super::resolve(origin, Path::new(p)),
+                _ => {
+                    return Err(invalid(
+                        origin,
+                        "database_url",
+                        &url,
+                        "only sqlite://PATH is supported in this version",
+                    ))
+                }
+            },
+        };
+        let offline = raw.offline_after_seconds.unwrap_or(30);
+        if !(1..=86_400).contains(&offline) {
+            return Err(invalid(origin, "offline_after_seconds", offline, "must be 1..=86400"));
+        }
+        let grace = raw.unreachable_grace_seconds.unwrap_or(60);
+        if grace > 86_400 {
+            return Err(invalid(origin, "unreachable_grace_seconds", grace, "must be at most 86400"));
+        }
+        Ok(ControllerConfig {
+            listen,
+            data_dir,
+            database,
+            tls: TlsFiles::from_raw(origin, raw.tls)?,
+            offline_after: Duration::from_secs(offline),
+            unreachable_grace: Duration::from_secs(grace),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+listen = "127.0.0.1:0"
+data_dir = "/var/lib/fieldhand-controller"
+[tls]
+ca = "ca.pem"
+cert = "controller.pem"
+key = "controller-key.pem"
+"#;
+
+    #[test]
+    fn defaults() {
+        let c = ControllerConfig::parse(MIN, Path::new("/etc/fh/c.toml")).unwrap();
+        assert_eq!(c.database, PathBuf::from("/var/lib/fieldhand-controller/fieldhand.db"));
+        assert_eq!(c.tls.key, PathBuf::from("/etc/fh/controller-key.pem"));
+        assert_eq!(c.listen.port(), 0);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = |t: &str| ControllerConfig::parse(t, Path::new("c.toml")).unwrap_err().to_string();
+        assert!(e(&MIN.replace("127.0.0.1:0", "localhost")).contains("`listen`"));
+        let pg = format!("database_url = \"postgres://x\"\n{MIN}");
+        assert!(e(&pg).contains("database_url"));
+        assert!(e(&format!("bogus = 1\n{MIN}")).contains("bogus"));
+    }
+}
