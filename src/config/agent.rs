@@ -34,12 +34,17 @@ impl AgentConfig {
     pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
         let raw: RawAgent = parse_toml(text, origin)?;
         let url = raw.controller_url.trim().to_string();
-        let rest = url.strip_prefix("https://").ok_or_else(|| {
-            invalid(origin, "controller_url", &url, "must start with https://")
-        })?;
+        let rest = url
+            .strip_prefix("https://")
+            .ok_or_else(|| invalid(origin, "controller_url", &url, "must start with https://"))?;
         let host = rest.trim_end_matches('/');
         if host.is_empty() || host.contains('/') {
-            return Err(invalid(origin, "controller_url", &url, "must be https://HOST[:PORT] with no path"));
+            return Err(invalid(
+                origin,
+                "controller_url",
+                &url,
+                "must be https://HOST[:PORT] with no path",
+            ));
         }
         if let Err(e) = crate::pki::validate_name("pool_id", &raw.pool_id) {
             return Err(invalid(origin, "pool_id", &raw.pool_id, &e.to_string()));
@@ -51,12 +56,27 @@ impl AgentConfig {
             }
             Ok(v)
         };
-        let kill_grace = secs("exec.kill_grace_seconds", raw.exec.kill_grace_seconds, 10, 3600)?;
+        let kill_grace = secs(
+            "exec.kill_grace_seconds",
+            raw.exec.kill_grace_seconds,
+            10,
+            3600,
+        )?;
         let c = raw.connection;
-        let retry_initial = secs("connection.retry_initial_ms", c.retry_initial_ms, 500, 600_000)?;
+        let retry_initial = secs(
+            "connection.retry_initial_ms",
+            c.retry_initial_ms,
+            500,
+            600_000,
+        )?;
         let retry_max = secs("connection.retry_max_ms", c.retry_max_ms, 30_000, 3_600_000)?;
         if retry_initial == 0 {
-            return Err(invalid(origin, "connection.retry_initial_ms", 0, "must be at least 1"));
+            return Err(invalid(
+                origin,
+                "connection.retry_initial_ms",
+                0,
+                "must be at least 1",
+            ));
         }
         if retry_max < retry_initial {
             return Err(invalid(
@@ -68,11 +88,26 @@ impl AgentConfig {
         }
         let long_poll = secs("connection.long_poll_seconds", c.long_poll_seconds, 25, 300)?;
         if long_poll == 0 {
-            return Err(invalid(origin, "connection.long_poll_seconds", 0, "must be at least 1"));
+            return Err(invalid(
+                origin,
+                "connection.long_poll_seconds",
+                0,
+                "must be at least 1",
+            ));
         }
-        let heartbeat = secs("connection.heartbeat_seconds", c.heartbeat_seconds, 60, 86_400)?;
+        let heartbeat = secs(
+            "connection.heartbeat_seconds",
+            c.heartbeat_seconds,
+            60,
+            86_400,
+        )?;
         if heartbeat == 0 {
-            return Err(invalid(origin, "connection.heartbeat_seconds", 0, "must be at least 1"));
+            return Err(invalid(
+                origin,
+                "connection.heartbeat_seconds",
+                0,
+                "must be at least 1",
+            ));
         }
         Ok(AgentConfig {
             controller_url: format!("https://{host}"),
@@ -85,7 +120,8 @@ impl AgentConfig {
             socket_path: non_empty_path(
                 origin,
                 "socket_path",
-                raw.socket_path.unwrap_or_else(|| DEFAULT_SOCKET_PATH.into()),
+                raw.socket_path
+                    .unwrap_or_else(|| DEFAULT_SOCKET_PATH.into()),
             )?,
             tls: TlsFiles::from_raw(origin, raw.tls)?,
             kill_grace: Duration::from_secs(kill_grace),
@@ -122,7 +158,9 @@ key = "pki/m1-key.pem"
     }
 
     fn err(text: &str) -> String {
-        AgentConfig::parse(text, Path::new("a.toml")).unwrap_err().to_string()
+        AgentConfig::parse(text, Path::new("a.toml"))
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]

@@ -30,7 +30,12 @@ impl ControllerConfig {
     pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
         let raw: RawController = parse_toml(text, origin)?;
         let listen: SocketAddr = raw.listen.trim().parse().map_err(|_| {
-            invalid(origin, "listen", &raw.listen, "must be IP:PORT, e.g. 127.0.0.1:8443 (port 0 picks a free port)")
+            invalid(
+                origin,
+                "listen",
+                &raw.listen,
+                "must be IP:PORT, e.g. 127.0.0.1:8443 (port 0 picks a free port)",
+            )
         })?;
         let data_dir = non_empty_path(origin, "data_dir", raw.data_dir)?;
         let database = match raw.database_url {
@@ -49,11 +54,21 @@ impl ControllerConfig {
         };
         let offline = raw.offline_after_seconds.unwrap_or(30);
         if !(1..=86_400).contains(&offline) {
-            return Err(invalid(origin, "offline_after_seconds", offline, "must be 1..=86400"));
+            return Err(invalid(
+                origin,
+                "offline_after_seconds",
+                offline,
+                "must be 1..=86400",
+            ));
         }
         let grace = raw.unreachable_grace_seconds.unwrap_or(60);
         if grace > 86_400 {
-            return Err(invalid(origin, "unreachable_grace_seconds", grace, "must be at most 86400"));
+            return Err(invalid(
+                origin,
+                "unreachable_grace_seconds",
+                grace,
+                "must be at most 86400",
+            ));
         }
         Ok(ControllerConfig {
             listen,
@@ -82,14 +97,21 @@ key = "controller-key.pem"
     #[test]
     fn defaults() {
         let c = ControllerConfig::parse(MIN, Path::new("/etc/fh/c.toml")).unwrap();
-        assert_eq!(c.database, PathBuf::from("/var/lib/fieldhand-controller/fieldhand.db"));
+        assert_eq!(
+            c.database,
+            PathBuf::from("/var/lib/fieldhand-controller/fieldhand.db")
+        );
         assert_eq!(c.tls.key, PathBuf::from("/etc/fh/controller-key.pem"));
         assert_eq!(c.listen.port(), 0);
     }
 
     #[test]
     fn errors_name_the_key() {
-        let e = |t: &str| ControllerConfig::parse(t, Path::new("c.toml")).unwrap_err().to_string();
+        let e = |t: &str| {
+            ControllerConfig::parse(t, Path::new("c.toml"))
+                .unwrap_err()
+                .to_string()
+        };
         assert!(e(&MIN.replace("127.0.0.1:0", "localhost")).contains("`listen`"));
         let pg = format!("database_url = \"postgres://x\"\n{MIN}");
         assert!(e(&pg).contains("database_url"));

@@ -1,1 +1,326 @@
-//! stub: controller/mod.rs (being written)
+//! The controller: an HTTPS server (mutual TLS only) with the operator API and the agent
+//! protocol, a SQLite store, and a reaper that declares silent machines unreachable.
+//!
+//! `serve` validates and binds; `run` takes a bound listener and a shutdown future (mini-redis
+//! style), so tests and the quickstart drive the same code as the daemon.
+
+pub mod agent_api;
+pub mod api;
+pub mod engine;
+pub mod quickstart;
+pub mod rollout;
+pub mod store;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+
+use crate::config::controller::ControllerConfig;
+use crate::net::server::{error_response, json_response, read_body, Handler};
+use crate::net::Body;
+use crate::pki::{Identity, Role};
+use crate::sys::clock;
+use api::ApiError;
+use store::Store;
+
+/// Largest request body accepted (scripts are capped at 1 MiB; JSON escaping can double that).
+const BODY_LIMIT: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("cannot create data_dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    ListenAddr {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Net(#[from] crate::net::NetError),
+}
+
+/// Shared state of a running controller.
+pub struct Controller {
+    store: Store,
+    cfg: ControllerConfig,
+    waiters: Mutex<HashMap<String, Arc<Notify>>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Controller {
+    fn waiter(&self, machine_id: &str) -> Arc<Notify> {
+        let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        w.entry(machine_id.to_string())
+            .or_insert_with(|| Arc::new(Notify::new()))
+            .clone()
+    }
+
+    /// Wakes the long-polls of these machines (after the change they need to see committed).
+    fn wake(&self, machine_ids: &[String]) {
+        let w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        for m in machine_ids {
+            if let Some(n) = w.get(m) {
+                n.notify_waiters();
+            }
+        }
+    }
+
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        peer: Option<Identity>,
+    ) -> Result<Response<Body>, ApiError> {
+        let Some(peer) = peer else {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "FORBIDDEN",
+                "the client certificate carries no urn:fieldhand identity",
+            ));
+        };
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let area = match segs.first() {
+            Some(&"agent") => Role::Agent,
+            Some(&"v1") => Role::Operator,
+            _ => {
+                return Err(ApiError::not_found(
+                    "NOT_FOUND",
+                    format!("no route for {path}"),
+                ))
+            }
+        };
+        if peer.role != area {
+            let allowed = match peer.role {
+                Role::Agent => "agent certificates may only use the agent protocol (/agent/v1)",
+                Role::Operator => "operator certificates may only use the operator API (/v1)",
+            };
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "FORBIDDEN",
+                format!("{peer} may not call {path}: {allowed}"),
+            ));
+        }
+        let ok = |v: &dyn erased::Json| Ok(v.respond(StatusCode::OK));
+        let body = if method == Method::POST {
+            read_body(req.into_body(), BODY_LIMIT).await.map_err(|e| {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "REQUEST_TOO_LARGE",
+                    e.to_string(),
+                )
+            })?
+        } else {
+            bytes::Bytes::new()
+        };
+        let name = peer.name.clone();
+        match (area, &method, &segs[1..]) {
+            (Role::Agent, &Method::POST, ["v1", "heartbeat"]) => {
+                agent_api::heartbeat(self, name, &body).await?;
+                Ok(empty(StatusCode::NO_CONTENT))
+            }
+            (Role::Agent, &Method::POST, ["v1", "poll"]) => {
+                ok(&agent_api::poll(self, name, &body).await?)
+            }
+            (Role::Agent, &Method::POST, ["v1", "events"]) => {
+                ok(&agent_api::events(self, name, &body).await?)
+            }
+            (Role::Agent, &Method::GET, ["v1", "assignments", id]) => {
+                ok(&agent_api::get_assignment(self, name, id.to_string()).await?)
+            }
+            (Role::Operator, &Method::POST, ["scripts"]) => {
+                ok(&api::create_script(self, api::parse_json(&body)?).await?)
+            }
+            (Role::Operator, &Method::POST, ["pools", pool, "script-executions"]) => {
+                ok(&api::create_execution(self, pool.to_string(), api::parse_json(&body)?).await?)
+            }
+            (Role::Operator, &Method::GET, ["tasks", id]) => {
+                ok(&api::get_task(self, id.to_string()).await?)
+            }
+            (Role::Operator, &Method::POST, ["tasks", id, "cancel"]) => {
+                ok(&api::cancel_task(self, id.to_string()).await?)
+            }
+            (Role::Operator, &Method::GET, ["machines"]) => ok(&api::list_machines(self).await?),
+            _ => Err(ApiError::not_found(
+                "NOT_FOUND",
+                format!("no route for {method} {path}"),
+            )),
+        }
+    }
+}
+
+/// Lets `route` answer any wire type with one helper without boxing at every call site.
+mod erased {
+    use super::*;
+    pub trait Json {
+        fn respond(&self, status: StatusCode) -> Response<Body>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn respond(&self, status: StatusCode) -> Response<Body> {
+            json_response(status, self)
+        }
+    }
+}
+
+fn empty(status: StatusCode) -> Response<Body> {
+    let mut r = Response::new(Body::default());
+    *r.status_mut() = status;
+    r
+}
+
+/// The router as seen by the HTTPS server.
+pub struct Router(Arc<Controller>);
+
+impl Handler for Router {
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: Option<Identity>,
+    ) -> impl Future<Output = Response<Body>> + Send {
+        let ctl = self.0.clone();
+        async move {
+            let (method, path) = (req.method().clone(), req.uri().path().to_string());
+            match ctl.route(req, peer).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(%method, %path, status = %e.status, code = e.code, msg = %e.msg, "request refused");
+                    error_response(e.status, e.code, e.msg)
+                }
+            }
+        }
+    }
+}
+
+/// Validates everything that can be validated, binds `cfg.listen`, records the bound address in
+/// `data_dir/listen-addr`, and runs until `shutdown` completes.
+pub async fn serve(
+    cfg: ControllerConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ControllerError> {
+    crate::sys::fsutil::ensure_dir(&cfg.data_dir, 0o700).map_err(|source| {
+        ControllerError::DataDir {
+            path: cfg.data_dir.clone(),
+            source,
+        }
+    })?;
+    let tls = crate::tls::server_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
+    let store = Store::open(&cfg.database)?;
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ControllerError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ControllerError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr_file = cfg.data_dir.join("listen-addr");
+    crate::sys::fsutil::atomic_write(&addr_file, format!("{addr}\n").as_bytes(), 0o644).map_err(
+        |source| ControllerError::ListenAddr {
+            path: addr_file.clone(),
+            source,
+        },
+    )?;
+    tracing::info!(%addr, database = %cfg.database.display(), "controller listening");
+    run(cfg, store, listener, tls, shutdown).await
+}
+
+/// Runs the controller on a bound listener until `shutdown` completes.
+pub async fn run(
+    cfg: ControllerConfig,
+    store: Store,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ControllerError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let ctl = Arc::new(Controller {
+        store,
+        cfg,
+        waiters: Mutex::new(HashMap::new()),
+        shutdown: stop_rx,
+    });
+    // A crash between two transactions cannot leave a task stuck, but a controller that was down
+    // past deadlines must not punish agents for its own absence: the reaper starts after a grace.
+    resume_tasks(&ctl).await?;
+    let reaper = tokio::spawn(reap_loop(ctl.clone()));
+    let result =
+        crate::net::server::serve(listener, tls, Arc::new(Router(ctl.clone())), async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
+        .await;
+    reaper.abort();
+    tracing::info!("controller stopped");
+    Ok(result?)
+}
+
+async fn resume_tasks(ctl: &Controller) -> Result<(), store::StoreError> {
+    let now = clock::unix_ms(clock::now());
+    let wake = ctl
+        .store
+        .tx(move |tx| {
+            let mut wake = Vec::new();
+            for t in tx.unfinished_tasks()? {
+                engine::advance(tx, &t, now, &mut wake)?;
+            }
+            Ok::<_, store::StoreError>(wake)
+        })
+        .await?;
+    ctl.wake(&wake);
+    Ok(())
+}
+
+async fn reap_loop(ctl: Arc<Controller>) {
+    let grace = ctl.cfg.unreachable_grace;
+    tokio::time::sleep(grace.max(ctl.cfg.offline_after)).await;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = clock::unix_ms(clock::now());
+        let (grace_ms, offline_ms) = (
+            grace.as_millis() as i64,
+            ctl.cfg.offline_after.as_millis() as i64,
+        );
+        let res = ctl
+            .store
+            .tx(move |tx| {
+                let mut wake = Vec::new();
+                let n = engine::reap(tx, now, grace_ms, offline_ms, &mut wake)?;
+                Ok::<_, store::StoreError>((n, wake))
+            })
+            .await;
+        match res {
+            Ok((n, wake)) => {
+                if n > 0 {
+                    tracing::warn!(machines = n, "declared silent machines unreachable");
+                }
+                ctl.wake(&wake);
+            }
+            Err(e) => tracing::error!(error = %e, "reaper failed; retrying"),
+        }
+    }
+}

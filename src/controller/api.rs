@@ -1,0 +1,572 @@
+//! The operator API (`/v1/...`): request validation, task creation and the task view. Every
+//! error is an [`ApiError`] that becomes `{error_code, error_msg}` with the matching status, and
+//! its message names the offending field and value.
+
+use http::StatusCode;
+use sha2::{Digest, Sha256};
+
+use super::engine::{self, EngineError};
+use super::rollout::{batch_state, plan_batches, TaskState};
+use super::store::{ScriptRow, StoreError, TaskMachineRow, TaskRow};
+use super::Controller;
+use crate::proto::agent::{HostFacts, ScriptPayload};
+use crate::proto::api;
+use crate::sys::clock;
+
+/// The interpreters a script may name in `command_type`.
+pub const COMMAND_TYPES: [&str; 3] = ["sh", "bash", "python3"];
+/// `execution_timeout_seconds` upper bound (48 h); `execution_timeout` minutes are capped alike.
+pub const MAX_TIMEOUT_SECONDS: i64 = 172_800;
+const MAX_SCRIPT_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub msg: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, msg: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            msg: msg.into(),
+        }
+    }
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "INVALID_PARAMETER", msg)
+    }
+    pub fn not_found(code: &'static str, msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, msg)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "store failure");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL_ERROR",
+            e.to_string(),
+        )
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let msg = e.to_string();
+        match e {
+            EngineError::Store(s) => s.into(),
+            EngineError::UnknownAssignment(_) => ApiError::not_found("ASSIGNMENT_NOT_FOUND", msg),
+            EngineError::NotYours { .. } => ApiError::new(StatusCode::FORBIDDEN, "FORBIDDEN", msg),
+            EngineError::BadEvent { .. } => ApiError::invalid(msg),
+            EngineError::UnknownTask(_) => ApiError::not_found("TASK_NOT_FOUND", msg),
+            EngineError::NotCancellable { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "NOT_ALLOWED_IN_CURRENT_STATE", msg)
+            }
+        }
+    }
+}
+
+/// Decodes a JSON body; the error names the field path (`gray_count: invalid type ...`).
+pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path.is_empty() || path == "." {
+            ApiError::invalid(format!("invalid JSON body: {inner}"))
+        } else {
+            ApiError::invalid(format!("field {path}: {inner}"))
+        }
+    })
+}
+
+fn check_name(field: &str, value: &str) -> Result<(), ApiError> {
+    crate::pki::validate_name(field, value).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+fn check_command_type(field: &str, value: &str) -> Result<(), ApiError> {
+    if COMMAND_TYPES.contains(&value) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "{field} {value:?} is not one of {}",
+            COMMAND_TYPES.join(", ")
+        )))
+    }
+}
+
+fn check_content(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.trim().is_empty() {
+        return Err(ApiError::invalid(format!("{field} must not be empty")));
+    }
+    if value.len() > MAX_SCRIPT_BYTES {
+        return Err(ApiError::invalid(format!(
+            "{field} is {} bytes; the limit is {MAX_SCRIPT_BYTES}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+pub async fn create_script(
+    ctl: &Controller,
+    req: api::CreateScript,
+) -> Result<api::ScriptCreated, ApiError> {
+    if req.name.trim().is_empty() || req.name.len() > 255 {
+        return Err(ApiError::invalid(format!(
+            "name {:?} must be 1 to 255 characters",
+            req.name
+        )));
+    }
+    check_command_type("command_type", &req.command_type)?;
+    check_content("content", &req.content)?;
+    let row = ScriptRow {
+        script_id: uuid::Uuid::new_v4().to_string(),
+        sha256: sha256_hex(req.content.as_bytes()),
+        name: req.name,
+        command_type: req.command_type,
+        content: req.content,
+        created_ms: clock::unix_ms(clock::now()),
+    };
+    let out = api::ScriptCreated {
+        script_id: row.script_id.clone(),
+        sha256: row.sha256.clone(),
+    };
+    ctl.store
+        .tx(move |tx| tx.insert_script(&row).map_err(ApiError::from))
+        .await?;
+    Ok(out)
+}
+
+/// What to run, decided from the request alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Commands {
+    Scripts(Vec<String>),
+    Inline {
+        command_type: String,
+        content: String,
+    },
+}
+
+/// A script execution request that passed every check not needing the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecutionSpec {
+    pub commands: Commands,
+    pub gray_count: Option<usize>,
+    pub gray_desktop_ids: Option<Vec<String>>,
+    pub gray_fail_threshold: Option<u32>,
+    pub timeout_seconds: u64,
+}
+
+/// Validates `POST /v1/pools/{pool_id}/script-executions` without touching the store.
+pub fn validate_execution(req: &api::CreateScriptExecution) -> Result<ExecutionSpec, ApiError> {
+    for (field, value) in [
+        ("pre_start", &req.pre_start),
+        ("post_finish", &req.post_finish),
+    ] {
+        if let Some(v) = value {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "UNSUPPORTED_PARAMETER",
+                format!("{field} {v:?} is not supported by this controller version yet"),
+            ));
+        }
+    }
+    let commands = match (&req.script_ids, &req.command_content) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "script_ids and command_content are mutually exclusive: set exactly one",
+            ))
+        }
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "one of script_ids or command_content is required",
+            ))
+        }
+        (Some(ids), None) => {
+            if ids.is_empty() {
+                return Err(ApiError::invalid("script_ids must not be empty"));
+            }
+            if let Some(t) = &req.command_type {
+                return Err(ApiError::invalid(format!(
+                    "command_type {t:?} applies only to command_content, not to script_ids"
+                )));
+            }
+            for id in ids {
+                if id.is_empty() {
+                    return Err(ApiError::invalid("script_ids contains an empty id"));
+                }
+            }
+            Commands::Scripts(ids.clone())
+        }
+        (None, Some(content)) => {
+            let Some(t) = &req.command_type else {
+                return Err(ApiError::invalid(
+                    "command_type is required with command_content (sh, bash or python3)",
+                ));
+            };
+            check_command_type("command_type", t)?;
+            check_content("command_content", content)?;
+            Commands::Inline {
+                command_type: t.clone(),
+                content: content.clone(),
+            }
+        }
+    };
+    let mut timeout_seconds = 60;
+    if let Some(m) = req.execution_timeout {
+        if !(1..=MAX_TIMEOUT_SECONDS / 60).contains(&m) {
+            return Err(ApiError::invalid(format!(
+                "execution_timeout {m} must be 1..={} minutes",
+                MAX_TIMEOUT_SECONDS / 60
+            )));
+        }
+        timeout_seconds = m * 60;
+    }
+    if let Some(s) = req.execution_timeout_seconds {
+        if !(1..=MAX_TIMEOUT_SECONDS).contains(&s) {
+            return Err(ApiError::invalid(format!(
+                "execution_timeout_seconds {s} must be 1..={MAX_TIMEOUT_SECONDS}"
+            )));
+        }
+        timeout_seconds = s;
+    }
+    let gray_count = match req.gray_count {
+        None => None,
+        Some(n) if n >= 1 => Some(n as usize),
+        Some(n) => {
+            return Err(ApiError::invalid(format!(
+                "gray_count {n} must be at least 1"
+            )))
+        }
+    };
+    if let Some(ids) = &req.gray_desktop_ids {
+        if ids.is_empty() {
+            return Err(ApiError::invalid(
+                "gray_desktop_ids must not be empty when given",
+            ));
+        }
+        for (i, id) in ids.iter().enumerate() {
+            check_name("gray_desktop_ids", id)?;
+            if ids[..i].contains(id) {
+                return Err(ApiError::invalid(format!(
+                    "gray_desktop_ids lists {id:?} twice"
+                )));
+            }
+        }
+    }
+    let gray_fail_threshold = match req.gray_fail_threshold {
+        None => None,
+        Some(t) if t < 1 || t > i64::from(u32::MAX) => {
+            return Err(ApiError::invalid(format!(
+                "gray_fail_threshold {t} must be at least 1"
+            )))
+        }
+        Some(t) => {
+            if gray_count.is_none() && req.gray_desktop_ids.is_none() {
+                return Err(ApiError::invalid(format!(
+                    "gray_fail_threshold {t} needs a gray batch: set gray_count or gray_desktop_ids"
+                )));
+            }
+            Some(t as u32)
+        }
+    };
+    Ok(ExecutionSpec {
+        commands,
+        gray_count,
+        gray_desktop_ids: req.gray_desktop_ids.clone(),
+        gray_fail_threshold,
+        timeout_seconds: timeout_seconds as u64,
+    })
+}
+
+pub async fn create_execution(
+    ctl: &Controller,
+    pool_id: String,
+    req: api::CreateScriptExecution,
+) -> Result<api::TaskCreated, ApiError> {
+    check_name("pool_id", &pool_id)?;
+    let spec = validate_execution(&req)?;
+    let task_id = uuid::Uuid::new_v4().to_string();
+    let now_ms = clock::unix_ms(clock::now());
+    let tid = task_id.clone();
+    let wake = ctl
+        .store
+        .tx(move |tx| {
+            let pool = tx.pool_machines(&pool_id)?;
+            if pool.is_empty() {
+                return Err(ApiError::not_found(
+                    "POOL_NOT_FOUND",
+                    format!("pool_id {pool_id:?} has no machines"),
+                ));
+            }
+            if let Some(n) = spec.gray_count {
+                if n > pool.len() {
+                    return Err(ApiError::invalid(format!(
+                        "gray_count {n} is larger than pool {pool_id:?} ({} machines)",
+                        pool.len()
+                    )));
+                }
+            }
+            if let Some(ids) = &spec.gray_desktop_ids {
+                if let Some(unknown) = ids.iter().find(|id| !pool.contains(id)) {
+                    return Err(ApiError::invalid(format!(
+                        "gray_desktop_ids: {unknown:?} is not a machine of pool {pool_id:?}"
+                    )));
+                }
+            }
+            let scripts = match &spec.commands {
+                Commands::Inline {
+                    command_type,
+                    content,
+                } => vec![ScriptPayload {
+                    name: "command_content".into(),
+                    command_type: command_type.clone(),
+                    content: content.clone(),
+                    sha256: sha256_hex(content.as_bytes()),
+                }],
+                Commands::Scripts(ids) => {
+                    let mut v = Vec::with_capacity(ids.len());
+                    for id in ids {
+                        let s = tx.script(id)?.ok_or_else(|| {
+                            ApiError::not_found(
+                                "SCRIPT_NOT_FOUND",
+                                format!("script_ids: {id:?} does not exist"),
+                            )
+                        })?;
+                        v.push(ScriptPayload {
+                            name: s.name,
+                            command_type: s.command_type,
+                            content: s.content,
+                            sha256: s.sha256,
+                        });
+                    }
+                    v
+                }
+            };
+            let batches = plan_batches(&pool, spec.gray_count, spec.gray_desktop_ids.as_deref());
+            let mut machines = Vec::with_capacity(pool.len());
+            for (i, batch) in batches.iter().enumerate() {
+                for m in batch {
+                    machines.push((m.clone(), uuid::Uuid::new_v4().to_string(), i as u32));
+                }
+            }
+            let scripts_json = serde_json::to_string(&scripts).map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "INTERNAL_ERROR",
+                    e.to_string(),
+                )
+            })?;
+            tx.insert_task(
+                &TaskRow {
+                    task_id: tid.clone(),
+                    kind: "script_execution".into(),
+                    pool_id,
+                    state: TaskState::Pending,
+                    created_ms: now_ms,
+                    finished_ms: None,
+                    gray_fail_threshold: spec.gray_fail_threshold,
+                    timeout_seconds: spec.timeout_seconds,
+                    scripts_json,
+                },
+                &machines,
+            )?;
+            let mut wake = Vec::new();
+            engine::advance(tx, &tid, now_ms, &mut wake)?;
+            Ok(wake)
+        })
+        .await?;
+    ctl.wake(&wake);
+    Ok(api::TaskCreated { task_id })
+}
+
+fn ms_text(ms: Option<i64>) -> Option<String> {
+    ms.and_then(clock::from_unix_ms).map(clock::rfc3339)
+}
+
+pub fn task_view(task: &TaskRow, machines: &[TaskMachineRow]) -> api::Task {
+    let batch_count = machines.iter().map(|m| m.batch + 1).max().unwrap_or(0);
+    let batches = (0..batch_count)
+        .map(|index| {
+            let members: Vec<&TaskMachineRow> =
+                machines.iter().filter(|m| m.batch == index).collect();
+            let states: Vec<_> = members.iter().map(|m| m.state).collect();
+            api::Batch {
+                index,
+                machine_ids: members.iter().map(|m| m.machine_id.clone()).collect(),
+                state: batch_state(&states).to_string(),
+            }
+        })
+        .collect();
+    api::Task {
+        task_id: task.task_id.clone(),
+        kind: task.kind.clone(),
+        pool_id: task.pool_id.clone(),
+        state: task.state.as_str().to_string(),
+        created_at: ms_text(Some(task.created_ms)).unwrap_or_default(),
+        finished_at: ms_text(task.finished_ms),
+        batches,
+        machines: machines
+            .iter()
+            .map(|m| api::TaskMachine {
+                machine_id: m.machine_id.clone(),
+                batch: m.batch,
+                state: m.state.as_str().to_string(),
+                exit_code: m.outcome.exit_code,
+                stdout: m.outcome.stdout.clone(),
+                stderr: m.outcome.stderr.clone(),
+                output_truncated: m.outcome.output_truncated,
+                started_at: m.outcome.started_at.clone(),
+                finished_at: m.outcome.finished_at.clone(),
+                error_code: m.outcome.error_code.clone(),
+                error_msg: m.outcome.error_msg.clone(),
+            })
+            .collect(),
+    }
+}
+
+pub async fn get_task(ctl: &Controller, task_id: String) -> Result<api::Task, ApiError> {
+    ctl.store
+        .tx(move |tx| {
+            let task = tx.task(&task_id)?.ok_or_else(|| {
+                ApiError::not_found(
+                    "TASK_NOT_FOUND",
+                    format!("task_id {task_id:?} does not exist"),
+                )
+            })?;
+            let machines = tx.task_machines(&task_id)?;
+            Ok(task_view(&task, &machines))
+        })
+        .await
+}
+
+pub async fn cancel_task(ctl: &Controller, task_id: String) -> Result<api::Task, ApiError> {
+    let now_ms = clock::unix_ms(clock::now());
+    let (view, wake) = ctl
+        .store
+        .tx(move |tx| {
+            let mut wake = Vec::new();
+            let task = engine::cancel(tx, &task_id, now_ms, &mut wake)?;
+            let machines = tx.task_machines(&task_id)?;
+            Ok::<_, ApiError>((task_view(&task, &machines), wake))
+        })
+        .await?;
+    ctl.wake(&wake);
+    Ok(view)
+}
+
+pub async fn list_machines(ctl: &Controller) -> Result<Vec<api::Machine>, ApiError> {
+    let offline_ms = ctl.cfg.offline_after.as_millis() as i64;
+    let now_ms = clock::unix_ms(clock::now());
+    let rows = ctl
+        .store
+        .tx(|tx| tx.machines().map_err(ApiError::from))
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|m| api::Machine {
+            online: now_ms - m.last_seen_ms <= offline_ms,
+            last_seen: ms_text(Some(m.last_seen_ms)).unwrap_or_default(),
+            facts: m
+                .facts_json
+                .as_deref()
+                .and_then(|j| serde_json::from_str::<HostFacts>(j).ok()),
+            machine_id: m.machine_id,
+            pool_id: m.pool_id,
+            agent_version: m.agent_version,
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> api::CreateScriptExecution {
+        api::CreateScriptExecution {
+            command_content: Some("echo hi".into()),
+            command_type: Some("sh".into()),
+            ..Default::default()
+        }
+    }
+
+    fn msg(r: api::CreateScriptExecution) -> (StatusCode, &'static str, String) {
+        let e = validate_execution(&r).unwrap_err();
+        (e.status, e.code, e.msg)
+    }
+
+    #[test]
+    fn defaults_follow_the_seed() {
+        let s = validate_execution(&req()).unwrap();
+        assert_eq!(
+            s.timeout_seconds, 60,
+            "execution_timeout defaults to 1 minute"
+        );
+        let s = validate_execution(&api::CreateScriptExecution {
+            execution_timeout: Some(3),
+            execution_timeout_seconds: Some(5),
+            ..req()
+        })
+        .unwrap();
+        assert_eq!(s.timeout_seconds, 5, "seconds override minutes");
+    }
+
+    #[test]
+    fn rejections_name_field_and_value() {
+        let (st, code, m) = msg(api::CreateScriptExecution {
+            post_finish: Some("reboot".into()),
+            ..req()
+        });
+        assert_eq!(
+            (st, code),
+            (StatusCode::BAD_REQUEST, "UNSUPPORTED_PARAMETER")
+        );
+        assert!(m.contains("post_finish") && m.contains("reboot"));
+        let (_, _, m) = msg(api::CreateScriptExecution {
+            script_ids: Some(vec!["x".into()]),
+            ..req()
+        });
+        assert!(m.contains("mutually exclusive"));
+        let (_, _, m) = msg(api::CreateScriptExecution {
+            command_type: Some("perl".into()),
+            ..req()
+        });
+        assert!(m.contains("command_type") && m.contains("perl"));
+        let (_, _, m) = msg(api::CreateScriptExecution {
+            execution_timeout_seconds: Some(172_801),
+            ..req()
+        });
+        assert!(m.contains("execution_timeout_seconds") && m.contains("172801"));
+        let (_, _, m) = msg(api::CreateScriptExecution {
+            gray_fail_threshold: Some(1),
+            ..req()
+        });
+        assert!(m.contains("gray_fail_threshold"));
+        let (_, _, m) = msg(api::CreateScriptExecution {
+            gray_count: Some(0),
+            ..req()
+        });
+        assert!(m.contains("gray_count 0"));
+        let (_, _, m) = msg(api::CreateScriptExecution {
+            command_type: None,
+            ..req()
+        });
+        assert!(m.contains("command_type is required"));
+    }
+
+    #[test]
+    fn json_errors_name_the_field() {
+        let e = parse_json::<api::CreateScriptExecution>(br#"{"gray_count":"two"}"#).unwrap_err();
+        assert!(e.msg.contains("gray_count"), "{}", e.msg);
+        let e = parse_json::<api::CreateScriptExecution>(br#"{"grey_count":1}"#).unwrap_err();
+        assert!(e.msg.contains("grey_count"), "{}", e.msg);
+    }
+}

@@ -1,0 +1,245 @@
+//! Task progression, always inside one store transaction: applying agent events exactly once,
+//! moving to the next batch or halting (via the pure rules in `rollout`), cancelling, and
+//! declaring silent machines unreachable. Functions collect the machines whose long-polls must be
+//! woken; the caller wakes them after the transaction commits.
+
+use super::rollout::{next_step, MachineState, Step, TaskState};
+use super::store::{Outcome, StoreError, TaskRow, Tx};
+use crate::proto::agent::{AgentEvent, EventBody};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("unknown assignment_id {0:?}")]
+    UnknownAssignment(String),
+    #[error("assignment {assignment_id:?} does not belong to machine {machine_id:?}")]
+    NotYours {
+        assignment_id: String,
+        machine_id: String,
+    },
+    #[error("event {key:?}: {reason}")]
+    BadEvent { key: String, reason: String },
+    #[error("unknown task_id {0:?}")]
+    UnknownTask(String),
+    #[error("task {task_id:?} is {state} and can no longer be cancelled")]
+    NotCancellable { task_id: String, state: TaskState },
+}
+
+/// Machine ids whose pending long-polls should be woken after commit.
+pub type Wake = Vec<String>;
+
+/// What happened to one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Applied,
+    Duplicate,
+}
+
+pub const UNREACHABLE: &str = "MACHINE_UNREACHABLE";
+
+/// Brings an unfinished task forward as far as its machines allow.
+pub fn advance(
+    tx: &mut Tx<'_>,
+    task_id: &str,
+    now_ms: i64,
+    wake: &mut Wake,
+) -> Result<(), StoreError> {
+    let Some(task) = tx.task(task_id)? else {
+        return Ok(());
+    };
+    if task.finished_ms.is_some() {
+        return Ok(());
+    }
+    let machines = tx.task_machines(task_id)?;
+    let states: Vec<(u32, MachineState)> = machines.iter().map(|m| (m.batch, m.state)).collect();
+    if !task.state.is_active() {
+        // Cancelled: nothing new starts; the task ends when the last agent has answered.
+        if states.iter().all(|(_, s)| s.is_final()) {
+            tx.set_task_state(task_id, task.state, Some(now_ms))?;
+        }
+        return Ok(());
+    }
+    match next_step(&states, task.gray_fail_threshold) {
+        Step::Wait => {}
+        Step::Dispatch(batch) => {
+            let ids = tx.dispatch_batch(task_id, batch, now_ms)?;
+            tx.set_task_state(task_id, TaskState::Running, None)?;
+            wake.extend(ids);
+        }
+        Step::Halt => {
+            tx.set_machines_where(task_id, MachineState::Pending, MachineState::Skipped)?;
+            tx.set_task_state(task_id, TaskState::Halted, Some(now_ms))?;
+        }
+        Step::Finish(state) => tx.set_task_state(task_id, state, Some(now_ms))?,
+    }
+    Ok(())
+}
+
+/// Applies one agent event from `machine_id` (the identity in its certificate).
+pub fn apply_event(
+    tx: &mut Tx<'_>,
+    machine_id: &str,
+    ev: &AgentEvent,
+    now_ms: i64,
+    wake: &mut Wake,
+) -> Result<Applied, EngineError> {
+    let row = tx
+        .assignment(&ev.assignment_id)?
+        .ok_or_else(|| EngineError::UnknownAssignment(ev.assignment_id.clone()))?;
+    if row.machine_id != machine_id {
+        return Err(EngineError::NotYours {
+            assignment_id: ev.assignment_id.clone(),
+            machine_id: machine_id.to_string(),
+        });
+    }
+    let expected = |suffix: &str| format!("{}:{suffix}", ev.assignment_id);
+    let bad = |reason: String| EngineError::BadEvent {
+        key: ev.idempotency_key.clone(),
+        reason,
+    };
+    // Validate before claiming the key, so a rejected event can be fixed and resent.
+    let result_state = match &ev.body {
+        EventBody::Started => None,
+        EventBody::Result(r) => Some(match MachineState::parse(&r.state) {
+            Some(
+                s @ (MachineState::Succeeded
+                | MachineState::Failed
+                | MachineState::TimedOut
+                | MachineState::Cancelled),
+            ) => s,
+            _ => {
+                return Err(bad(format!(
+                    "state {:?} is not one of SUCCEEDED, FAILED, TIMED_OUT, CANCELLED",
+                    r.state
+                )))
+            }
+        }),
+    };
+    let key_ok = match &ev.body {
+        EventBody::Started => ev.idempotency_key == expected("started"),
+        EventBody::Result(_) => ev.idempotency_key == expected("result"),
+    };
+    if !key_ok {
+        return Err(bad(
+            "idempotency_key must be <assignment_id>:started or :result".into(),
+        ));
+    }
+    if !tx.claim_event(machine_id, &ev.idempotency_key, now_ms)? {
+        return Ok(Applied::Duplicate);
+    }
+    match (&ev.body, result_state) {
+        (EventBody::Started, _) => {
+            if !row.state.is_final() {
+                tx.mark_running(&ev.assignment_id, &ev.at, now_ms)?;
+            }
+        }
+        (EventBody::Result(r), Some(state)) => {
+            // A machine already declared unreachable may still deliver its real result later;
+            // the truth replaces the guess (the task's outcome, once decided, stands).
+            let late_truth = row.state == MachineState::Failed
+                && row.outcome.error_code.as_deref() == Some(UNREACHABLE);
+            if !row.state.is_final() || late_truth {
+                let outcome = Outcome {
+                    exit_code: r.exit_code,
+                    stdout: r.stdout.clone(),
+                    stderr: r.stderr.clone(),
+                    output_truncated: r.output_truncated,
+                    started_at: r.started_at.clone(),
+                    finished_at: Some(r.finished_at.clone()),
+                    error_code: r.error_code.clone(),
+                    error_msg: r.error_msg.clone(),
+                };
+                tx.set_final(&ev.assignment_id, state, &outcome)?;
+            } else {
+                tracing::warn!(
+                    assignment_id = %ev.assignment_id,
+                    machine_id,
+                    state = %row.state,
+                    "ignoring a result for a machine that is already final"
+                );
+            }
+        }
+        (EventBody::Result(_), None) => unreachable!("result_state is Some for every Result"),
+    }
+    advance(tx, &row.task_id, now_ms, wake)?;
+    Ok(Applied::Applied)
+}
+
+/// Cancels a task: machines not yet offered to an agent are cancelled now; the ones an agent
+/// may hold are flagged, and their agents answer with a `CANCELLED` (or their real) result.
+pub fn cancel(
+    tx: &mut Tx<'_>,
+    task_id: &str,
+    now_ms: i64,
+    wake: &mut Wake,
+) -> Result<TaskRow, EngineError> {
+    let task = tx
+        .task(task_id)?
+        .ok_or_else(|| EngineError::UnknownTask(task_id.to_string()))?;
+    if !task.state.is_active() {
+        return Err(EngineError::NotCancellable {
+            task_id: task_id.to_string(),
+            state: task.state,
+        });
+    }
+    tx.set_machines_where(task_id, MachineState::Pending, MachineState::Cancelled)?;
+    wake.extend(tx.request_cancel(task_id)?);
+    tx.set_task_state(task_id, TaskState::Cancelled, None)?;
+    advance(tx, task_id, now_ms, wake)?;
+    Ok(tx.task(task_id)?.unwrap_or(task))
+}
+
+/// Declares machines that stayed silent past their deadline: a running machine after its
+/// timeout plus `grace_ms`; a dispatched one when its agent has also been offline that long.
+pub fn reap(
+    tx: &mut Tx<'_>,
+    now_ms: i64,
+    grace_ms: i64,
+    offline_ms: i64,
+    wake: &mut Wake,
+) -> Result<usize, StoreError> {
+    let mut reaped = 0;
+    for (row, timeout_s) in tx.in_flight()? {
+        let budget = timeout_s as i64 * 1000 + grace_ms;
+        let overdue = match row.state {
+            MachineState::Running => row.started_received_ms.is_some_and(|t| now_ms > t + budget),
+            MachineState::Dispatched => {
+                let last_seen = tx.machine_last_seen(&row.machine_id)?.unwrap_or(0);
+                now_ms - last_seen > offline_ms
+                    && row.dispatched_ms.is_some_and(|t| now_ms > t + budget)
+            }
+            _ => false,
+        };
+        if !overdue {
+            continue;
+        }
+        let (state, code, msg) = if row.cancel_requested {
+            (
+                MachineState::Cancelled,
+                None,
+                "cancelled; the agent did not confirm before its deadline".to_string(),
+            )
+        } else {
+            (
+                MachineState::Failed,
+                Some(UNREACHABLE.to_string()),
+                format!(
+                    "machine {} sent no result within its timeout ({timeout_s} s) plus {} s grace",
+                    row.machine_id,
+                    grace_ms / 1000
+                ),
+            )
+        };
+        let outcome = Outcome {
+            started_at: row.outcome.started_at.clone(),
+            error_code: code,
+            error_msg: Some(msg),
+            ..Outcome::default()
+        };
+        tx.set_final(&row.assignment_id, state, &outcome)?;
+        advance(tx, &row.task_id, now_ms, wake)?;
+        reaped += 1;
+    }
+    Ok(reaped)
+}

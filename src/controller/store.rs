@@ -1,0 +1,804 @@
+//! The controller's durable state: the only module that speaks SQL. SQLite (WAL, synchronous
+//! FULL) is the embedded default; the statements stay within what PostgreSQL also runs
+//! (`ON CONFLICT DO NOTHING`, integer millisecond timestamps, TEXT ids), so a second backend only
+//! replaces this file. Callers work inside one transaction at a time through [`Tx`].
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use super::rollout::{MachineState, TaskState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("database error while {what}: {source}")]
+    Sql {
+        what: &'static str,
+        source: rusqlite::Error,
+    },
+    #[error("database holds an invalid {what}: {value:?}")]
+    Corrupt { what: &'static str, value: String },
+    #[error("database worker stopped: {0}")]
+    Worker(String),
+}
+
+trait Ctx<T> {
+    fn ctx(self, what: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T> Ctx<T> for Result<T, rusqlite::Error> {
+    fn ctx(self, what: &'static str) -> Result<T, StoreError> {
+        self.map_err(|source| StoreError::Sql { what, source })
+    }
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS machines (
+    machine_id    TEXT PRIMARY KEY,
+    pool_id       TEXT NOT NULL,
+    agent_version TEXT NOT NULL,
+    last_seen_ms  BIGINT NOT NULL,
+    facts_json    TEXT
+);
+CREATE INDEX IF NOT EXISTS machines_pool ON machines (pool_id);
+CREATE TABLE IF NOT EXISTS scripts (
+    script_id    TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    command_type TEXT NOT NULL,
+    content      TEXT NOT NULL,
+    sha256       TEXT NOT NULL,
+    created_ms   BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id             TEXT PRIMARY KEY,
+    kind                TEXT NOT NULL,
+    pool_id             TEXT NOT NULL,
+    state               TEXT NOT NULL,
+    created_ms          BIGINT NOT NULL,
+    finished_ms         BIGINT,
+    gray_fail_threshold BIGINT,
+    timeout_seconds     BIGINT NOT NULL,
+    scripts_json        TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS task_machines (
+    task_id              TEXT NOT NULL,
+    machine_id           TEXT NOT NULL,
+    assignment_id        TEXT NOT NULL UNIQUE,
+    batch                BIGINT NOT NULL,
+    state                TEXT NOT NULL,
+    delivered            BIGINT NOT NULL DEFAULT 0,
+    cancel_requested     BIGINT NOT NULL DEFAULT 0,
+    cancel_delivered     BIGINT NOT NULL DEFAULT 0,
+    dispatched_ms        BIGINT,
+    started_received_ms  BIGINT,
+    exit_code            BIGINT,
+    stdout               TEXT NOT NULL DEFAULT '',
+    stderr               TEXT NOT NULL DEFAULT '',
+    output_truncated     BIGINT NOT NULL DEFAULT 0,
+    started_at           TEXT,
+    finished_at          TEXT,
+    error_code           TEXT,
+    error_msg            TEXT,
+    PRIMARY KEY (task_id, machine_id)
+);
+CREATE INDEX IF NOT EXISTS task_machines_machine ON task_machines (machine_id, state);
+CREATE TABLE IF NOT EXISTS applied_events (
+    machine_id      TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    applied_ms      BIGINT NOT NULL,
+    PRIMARY KEY (machine_id, idempotency_key)
+);
+"#;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MachineRow {
+    pub machine_id: String,
+    pub pool_id: String,
+    pub agent_version: String,
+    pub last_seen_ms: i64,
+    pub facts_json: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptRow {
+    pub script_id: String,
+    pub name: String,
+    pub command_type: String,
+    pub content: String,
+    pub sha256: String,
+    pub created_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRow {
+    pub task_id: String,
+    pub kind: String,
+    pub pool_id: String,
+    pub state: TaskState,
+    pub created_ms: i64,
+    pub finished_ms: Option<i64>,
+    pub gray_fail_threshold: Option<u32>,
+    pub timeout_seconds: u64,
+    /// `Vec<proto::agent::ScriptPayload>` as JSON: the scripts as they were when the task was
+    /// created, so later edits never change a running task.
+    pub scripts_json: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Outcome {
+    pub exit_code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub output_truncated: bool,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub error_code: Option<String>,
+    pub error_msg: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskMachineRow {
+    pub task_id: String,
+    pub machine_id: String,
+    pub assignment_id: String,
+    pub batch: u32,
+    pub state: MachineState,
+    pub delivered: bool,
+    pub cancel_requested: bool,
+    pub dispatched_ms: Option<i64>,
+    pub started_received_ms: Option<i64>,
+    pub outcome: Outcome,
+}
+
+/// A handle to the database; clones share one connection.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+/// One open transaction. Every method is a single statement or a short fixed sequence.
+pub struct Tx<'a> {
+    tx: rusqlite::Transaction<'a>,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        // FULL: a result acknowledged to an agent must survive a power cut of the controller.
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_err)?;
+        conn.execute_batch(SCHEMA).map_err(open_err)?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` in one transaction on a blocking thread; commits only if `f` returns `Ok`.
+    pub async fn tx<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock leaves the connection usable (the transaction is
+            // rolled back on drop), so a poisoned lock is recovered rather than propagated.
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = guard
+                .transaction()
+                .ctx("starting a transaction")
+                .map_err(E::from)?;
+            let mut tx = Tx { tx };
+            let out = f(&mut tx)?;
+            tx.tx.commit().ctx("committing").map_err(E::from)?;
+            Ok(out)
+        })
+        .await;
+        match joined {
+            Ok(r) => r,
+            Err(e) => Err(E::from(StoreError::Worker(e.to_string()))),
+        }
+    }
+}
+
+fn machine_state(s: String) -> Result<MachineState, StoreError> {
+    MachineState::parse(&s).ok_or(StoreError::Corrupt {
+        what: "machine state",
+        value: s,
+    })
+}
+
+fn task_row(r: &Row<'_>) -> rusqlite::Result<(TaskRow, String)> {
+    let state: String = r.get(3)?;
+    Ok((
+        TaskRow {
+            task_id: r.get(0)?,
+            kind: r.get(1)?,
+            pool_id: r.get(2)?,
+            state: TaskState::Pending,
+            created_ms: r.get(4)?,
+            finished_ms: r.get(5)?,
+            gray_fail_threshold: r.get::<_, Option<i64>>(6)?.map(|v| v as u32),
+            timeout_seconds: r.get::<_, i64>(7)? as u64,
+            scripts_json: r.get(8)?,
+        },
+        state,
+    ))
+}
+
+const TASK_COLS: &str = "task_id, kind, pool_id, state, created_ms, finished_ms, \
+                         gray_fail_threshold, timeout_seconds, scripts_json";
+const TM_COLS: &str = "task_id, machine_id, assignment_id, batch, state, delivered, \
+    cancel_requested, dispatched_ms, started_received_ms, exit_code, stdout, stderr, \
+    output_truncated, started_at, finished_at, error_code, error_msg";
+
+fn tm_row(r: &Row<'_>) -> rusqlite::Result<(TaskMachineRow, String)> {
+    let state: String = r.get(4)?;
+    Ok((
+        TaskMachineRow {
+            task_id: r.get(0)?,
+            machine_id: r.get(1)?,
+            assignment_id: r.get(2)?,
+            batch: r.get::<_, i64>(3)? as u32,
+            state: MachineState::Pending,
+            delivered: r.get::<_, i64>(5)? != 0,
+            cancel_requested: r.get::<_, i64>(6)? != 0,
+            dispatched_ms: r.get(7)?,
+            started_received_ms: r.get(8)?,
+            outcome: Outcome {
+                exit_code: r.get::<_, Option<i64>>(9)?.map(|v| v as i32),
+                stdout: r.get(10)?,
+                stderr: r.get(11)?,
+                output_truncated: r.get::<_, i64>(12)? != 0,
+                started_at: r.get(13)?,
+                finished_at: r.get(14)?,
+                error_code: r.get(15)?,
+                error_msg: r.get(16)?,
+            },
+        },
+        state,
+    ))
+}
+
+fn finish_task(pair: (TaskRow, String)) -> Result<TaskRow, StoreError> {
+    let (mut t, s) = pair;
+    t.state = TaskState::parse(&s).ok_or(StoreError::Corrupt {
+        what: "task state",
+        value: s,
+    })?;
+    Ok(t)
+}
+
+fn finish_tm(pair: (TaskMachineRow, String)) -> Result<TaskMachineRow, StoreError> {
+    let (mut t, s) = pair;
+    t.state = machine_state(s)?;
+    Ok(t)
+}
+
+impl Tx<'_> {
+    pub fn upsert_machine(
+        &mut self,
+        machine_id: &str,
+        pool_id: &str,
+        agent_version: &str,
+        now_ms: i64,
+        facts_json: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "INSERT INTO machines (machine_id, pool_id, agent_version, last_seen_ms, facts_json)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (machine_id) DO UPDATE SET pool_id = excluded.pool_id,
+                    agent_version = excluded.agent_version, last_seen_ms = excluded.last_seen_ms,
+                    facts_json = COALESCE(excluded.facts_json, machines.facts_json)",
+                params![machine_id, pool_id, agent_version, now_ms, facts_json],
+            )
+            .ctx("recording a machine")?;
+        Ok(())
+    }
+
+    pub fn machines(&mut self) -> Result<Vec<MachineRow>, StoreError> {
+        let mut st = self
+            .tx
+            .prepare(
+                "SELECT machine_id, pool_id, agent_version, last_seen_ms, facts_json
+                 FROM machines ORDER BY machine_id",
+            )
+            .ctx("listing machines")?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(MachineRow {
+                    machine_id: r.get(0)?,
+                    pool_id: r.get(1)?,
+                    agent_version: r.get(2)?,
+                    last_seen_ms: r.get(3)?,
+                    facts_json: r.get(4)?,
+                })
+            })
+            .ctx("listing machines")?;
+        rows.collect::<Result<_, _>>().ctx("listing machines")
+    }
+
+    pub fn machine_last_seen(&mut self, machine_id: &str) -> Result<Option<i64>, StoreError> {
+        self.tx
+            .query_row(
+                "SELECT last_seen_ms FROM machines WHERE machine_id = ?1",
+                params![machine_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .ctx("reading a machine")
+    }
+
+    /// Machine ids of a pool, sorted, so batch plans are deterministic.
+    pub fn pool_machines(&mut self, pool_id: &str) -> Result<Vec<String>, StoreError> {
+        let mut st = self
+            .tx
+            .prepare("SELECT machine_id FROM machines WHERE pool_id = ?1 ORDER BY machine_id")
+            .ctx("listing a pool")?;
+        let rows = st
+            .query_map(params![pool_id], |r| r.get(0))
+            .ctx("listing a pool")?;
+        rows.collect::<Result<_, _>>().ctx("listing a pool")
+    }
+
+    pub fn insert_script(&mut self, s: &ScriptRow) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "INSERT INTO scripts (script_id, name, command_type, content, sha256, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    s.script_id,
+                    s.name,
+                    s.command_type,
+                    s.content,
+                    s.sha256,
+                    s.created_ms
+                ],
+            )
+            .ctx("saving a script")?;
+        Ok(())
+    }
+
+    pub fn script(&mut self, script_id: &str) -> Result<Option<ScriptRow>, StoreError> {
+        self.tx
+            .query_row(
+                "SELECT script_id, name, command_type, content, sha256, created_ms
+                 FROM scripts WHERE script_id = ?1",
+                params![script_id],
+                |r| {
+                    Ok(ScriptRow {
+                        script_id: r.get(0)?,
+                        name: r.get(1)?,
+                        command_type: r.get(2)?,
+                        content: r.get(3)?,
+                        sha256: r.get(4)?,
+                        created_ms: r.get(5)?,
+                    })
+                },
+            )
+            .optional()
+            .ctx("reading a script")
+    }
+
+    /// Inserts a task and its machines (`(machine_id, assignment_id, batch)`), all `PENDING`.
+    pub fn insert_task(
+        &mut self,
+        t: &TaskRow,
+        machines: &[(String, String, u32)],
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                &format!(
+                    "INSERT INTO tasks ({TASK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+                ),
+                params![
+                    t.task_id,
+                    t.kind,
+                    t.pool_id,
+                    t.state.as_str(),
+                    t.created_ms,
+                    t.finished_ms,
+                    t.gray_fail_threshold.map(i64::from),
+                    t.timeout_seconds as i64,
+                    t.scripts_json
+                ],
+            )
+            .ctx("saving a task")?;
+        for (machine_id, assignment_id, batch) in machines {
+            self.tx
+                .execute(
+                    "INSERT INTO task_machines (task_id, machine_id, assignment_id, batch, state)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        t.task_id,
+                        machine_id,
+                        assignment_id,
+                        i64::from(*batch),
+                        MachineState::Pending.as_str()
+                    ],
+                )
+                .ctx("saving a task's machines")?;
+        }
+        Ok(())
+    }
+
+    pub fn task(&mut self, task_id: &str) -> Result<Option<TaskRow>, StoreError> {
+        let pair = self
+            .tx
+            .query_row(
+                &format!("SELECT {TASK_COLS} FROM tasks WHERE task_id = ?1"),
+                params![task_id],
+                task_row,
+            )
+            .optional()
+            .ctx("reading a task")?;
+        pair.map(finish_task).transpose()
+    }
+
+    pub fn task_machines(&mut self, task_id: &str) -> Result<Vec<TaskMachineRow>, StoreError> {
+        let mut st = self
+            .tx
+            .prepare(&format!(
+                "SELECT {TM_COLS} FROM task_machines WHERE task_id = ?1 ORDER BY batch, machine_id"
+            ))
+            .ctx("reading a task's machines")?;
+        let rows = st
+            .query_map(params![task_id], tm_row)
+            .ctx("reading a task's machines")?;
+        let pairs: Vec<_> = rows
+            .collect::<Result<_, _>>()
+            .ctx("reading a task's machines")?;
+        pairs.into_iter().map(finish_tm).collect()
+    }
+
+    pub fn assignment(
+        &mut self,
+        assignment_id: &str,
+    ) -> Result<Option<TaskMachineRow>, StoreError> {
+        let pair = self
+            .tx
+            .query_row(
+                &format!("SELECT {TM_COLS} FROM task_machines WHERE assignment_id = ?1"),
+                params![assignment_id],
+                tm_row,
+            )
+            .optional()
+            .ctx("reading an assignment")?;
+        pair.map(finish_tm).transpose()
+    }
+
+    pub fn set_task_state(
+        &mut self,
+        task_id: &str,
+        state: TaskState,
+        finished_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "UPDATE tasks SET state = ?2, finished_ms = ?3 WHERE task_id = ?1",
+                params![task_id, state.as_str(), finished_ms],
+            )
+            .ctx("updating a task")?;
+        Ok(())
+    }
+
+    /// Moves one batch's `PENDING` machines to `DISPATCHED`; returns their machine ids.
+    pub fn dispatch_batch(
+        &mut self,
+        task_id: &str,
+        batch: u32,
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let ids: Vec<String> = {
+            let mut st = self
+                .tx
+                .prepare(
+                    "SELECT machine_id FROM task_machines
+                     WHERE task_id = ?1 AND batch = ?2 AND state = 'PENDING'",
+                )
+                .ctx("dispatching a batch")?;
+            let rows = st
+                .query_map(params![task_id, i64::from(batch)], |r| r.get(0))
+                .ctx("dispatching a batch")?;
+            rows.collect::<Result<_, _>>().ctx("dispatching a batch")?
+        };
+        self.tx
+            .execute(
+                "UPDATE task_machines SET state = 'DISPATCHED', dispatched_ms = ?3
+                 WHERE task_id = ?1 AND batch = ?2 AND state = 'PENDING'",
+                params![task_id, i64::from(batch), now_ms],
+            )
+            .ctx("dispatching a batch")?;
+        Ok(ids)
+    }
+
+    /// Sets every machine of the task that is in `from` to `to` (used for halt and cancel).
+    pub fn set_machines_where(
+        &mut self,
+        task_id: &str,
+        from: MachineState,
+        to: MachineState,
+    ) -> Result<Vec<String>, StoreError> {
+        let ids: Vec<String> = {
+            let mut st = self
+                .tx
+                .prepare("SELECT machine_id FROM task_machines WHERE task_id = ?1 AND state = ?2")
+                .ctx("updating machines")?;
+            let rows = st
+                .query_map(params![task_id, from.as_str()], |r| r.get(0))
+                .ctx("updating machines")?;
+            rows.collect::<Result<_, _>>().ctx("updating machines")?
+        };
+        self.tx
+            .execute(
+                "UPDATE task_machines SET state = ?3 WHERE task_id = ?1 AND state = ?2",
+                params![task_id, from.as_str(), to.as_str()],
+            )
+            .ctx("updating machines")?;
+        Ok(ids)
+    }
+
+    /// Flags the task's machines that an agent holds (delivered, not final) for cancellation.
+    pub fn request_cancel(&mut self, task_id: &str) -> Result<Vec<String>, StoreError> {
+        let ids: Vec<String> = {
+            let mut st = self
+                .tx
+                .prepare(
+                    "SELECT machine_id FROM task_machines WHERE task_id = ?1
+                     AND state IN ('DISPATCHED', 'RUNNING')",
+                )
+                .ctx("cancelling")?;
+            let rows = st
+                .query_map(params![task_id], |r| r.get(0))
+                .ctx("cancelling")?;
+            rows.collect::<Result<_, _>>().ctx("cancelling")?
+        };
+        self.tx
+            .execute(
+                "UPDATE task_machines SET cancel_requested = 1 WHERE task_id = ?1
+                 AND state IN ('DISPATCHED', 'RUNNING')",
+                params![task_id],
+            )
+            .ctx("cancelling")?;
+        Ok(ids)
+    }
+
+    /// What a machine's agent has not yet acknowledged: dispatched assignments (with their
+    /// task) and cancellations.
+    pub fn undelivered_for(
+        &mut self,
+        machine_id: &str,
+    ) -> Result<(Vec<(TaskMachineRow, TaskRow)>, Vec<String>), StoreError> {
+        let assignments: Vec<TaskMachineRow> = {
+            let mut st = self
+                .tx
+                .prepare(&format!(
+                    "SELECT {TM_COLS} FROM task_machines WHERE machine_id = ?1
+                     AND state = 'DISPATCHED' AND delivered = 0 AND cancel_requested = 0
+                     ORDER BY dispatched_ms, task_id"
+                ))
+                .ctx("polling")?;
+            let rows = st.query_map(params![machine_id], tm_row).ctx("polling")?;
+            let pairs: Vec<_> = rows.collect::<Result<_, _>>().ctx("polling")?;
+            pairs.into_iter().map(finish_tm).collect::<Result<_, _>>()?
+        };
+        let mut out = Vec::with_capacity(assignments.len());
+        for a in assignments {
+            let task = self.task(&a.task_id)?.ok_or(StoreError::Corrupt {
+                what: "assignment without task",
+                value: a.assignment_id.clone(),
+            })?;
+            out.push((a, task));
+        }
+        let cancels: Vec<String> = {
+            let mut st = self
+                .tx
+                .prepare(
+                    "SELECT assignment_id FROM task_machines WHERE machine_id = ?1
+                     AND cancel_requested = 1 AND cancel_delivered = 0
+                     AND state IN ('DISPATCHED', 'RUNNING')",
+                )
+                .ctx("polling")?;
+            let rows = st
+                .query_map(params![machine_id], |r| r.get(0))
+                .ctx("polling")?;
+            rows.collect::<Result<_, _>>().ctx("polling")?
+        };
+        Ok((out, cancels))
+    }
+
+    pub fn ack(
+        &mut self,
+        machine_id: &str,
+        assignments: &[String],
+        cancels: &[String],
+    ) -> Result<(), StoreError> {
+        for a in assignments {
+            self.tx
+                .execute(
+                    "UPDATE task_machines SET delivered = 1
+                     WHERE machine_id = ?1 AND assignment_id = ?2",
+                    params![machine_id, a],
+                )
+                .ctx("acknowledging an assignment")?;
+        }
+        for a in cancels {
+            self.tx
+                .execute(
+                    "UPDATE task_machines SET cancel_delivered = 1
+                     WHERE machine_id = ?1 AND assignment_id = ?2",
+                    params![machine_id, a],
+                )
+                .ctx("acknowledging a cancellation")?;
+        }
+        Ok(())
+    }
+
+    /// Records an idempotency key; `false` if it had been applied before.
+    pub fn claim_event(
+        &mut self,
+        machine_id: &str,
+        key: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .tx
+            .execute(
+                "INSERT INTO applied_events (machine_id, idempotency_key, applied_ms)
+                 VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                params![machine_id, key, now_ms],
+            )
+            .ctx("recording an event key")?;
+        Ok(n == 1)
+    }
+
+    pub fn mark_running(
+        &mut self,
+        assignment_id: &str,
+        started_at: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "UPDATE task_machines SET state = 'RUNNING', delivered = 1, started_at = ?2,
+                    started_received_ms = ?3
+                 WHERE assignment_id = ?1 AND state IN ('PENDING', 'DISPATCHED')",
+                params![assignment_id, started_at, now_ms],
+            )
+            .ctx("marking a machine running")?;
+        Ok(())
+    }
+
+    pub fn set_final(
+        &mut self,
+        assignment_id: &str,
+        state: MachineState,
+        o: &Outcome,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "UPDATE task_machines SET state = ?2, delivered = 1, exit_code = ?3, stdout = ?4,
+                    stderr = ?5, output_truncated = ?6, started_at = COALESCE(?7, started_at),
+                    finished_at = ?8, error_code = ?9, error_msg = ?10
+                 WHERE assignment_id = ?1",
+                params![
+                    assignment_id,
+                    state.as_str(),
+                    o.exit_code.map(i64::from),
+                    o.stdout,
+                    o.stderr,
+                    i64::from(o.output_truncated),
+                    o.started_at,
+                    o.finished_at,
+                    o.error_code,
+                    o.error_msg
+                ],
+            )
+            .ctx("recording a result")?;
+        Ok(())
+    }
+
+    /// Machines of active or cancelled tasks that an agent should be working on:
+    /// `(machine row, task timeout seconds)`.
+    pub fn in_flight(&mut self) -> Result<Vec<(TaskMachineRow, u64)>, StoreError> {
+        let mut st = self
+            .tx
+            .prepare(&format!(
+                "SELECT {}, t.timeout_seconds FROM task_machines tm
+                 JOIN tasks t ON t.task_id = tm.task_id
+                 WHERE tm.state IN ('DISPATCHED', 'RUNNING')",
+                TM_COLS
+                    .split(", ")
+                    .map(|c| format!("tm.{}", c.trim()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .ctx("scanning in-flight machines")?;
+        let rows = st
+            .query_map([], |r| Ok((tm_row(r)?, r.get::<_, i64>(17)? as u64)))
+            .ctx("scanning in-flight machines")?;
+        let pairs: Vec<_> = rows
+            .collect::<Result<_, _>>()
+            .ctx("scanning in-flight machines")?;
+        pairs
+            .into_iter()
+            .map(|(p, t)| Ok((finish_tm(p)?, t)))
+            .collect()
+    }
+
+    /// Tasks that have not reached their end (`finished_ms` unset).
+    pub fn unfinished_tasks(&mut self) -> Result<Vec<String>, StoreError> {
+        let mut st = self
+            .tx
+            .prepare("SELECT task_id FROM tasks WHERE finished_ms IS NULL")
+            .ctx("listing unfinished tasks")?;
+        let rows = st
+            .query_map([], |r| r.get(0))
+            .ctx("listing unfinished tasks")?;
+        rows.collect::<Result<_, _>>()
+            .ctx("listing unfinished tasks")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn survives_reopen_and_dedups_event_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = Store::open(&path).unwrap();
+        store
+            .tx(|tx| {
+                tx.upsert_machine("m1", "p", "0.1", 1, None)?;
+                tx.insert_task(
+                    &TaskRow {
+                        task_id: "t1".into(),
+                        kind: "script_execution".into(),
+                        pool_id: "p".into(),
+                        state: TaskState::Pending,
+                        created_ms: 1,
+                        finished_ms: None,
+                        gray_fail_threshold: Some(1),
+                        timeout_seconds: 60,
+                        scripts_json: "[]".into(),
+                    },
+                    &[("m1".into(), "a1".into(), 0)],
+                )?;
+                Ok::<_, StoreError>(())
+            })
+            .await
+            .unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let (first, second, rows) = store
+            .tx(|tx| {
+                let a = tx.claim_event("m1", "a1:result", 2)?;
+                let b = tx.claim_event("m1", "a1:result", 3)?;
+                Ok::<_, StoreError>((a, b, tx.task_machines("t1")?))
+            })
+            .await
+            .unwrap();
+        assert!(first && !second);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].assignment_id, "a1");
+        assert_eq!(rows[0].state, MachineState::Pending);
+    }
+}
