@@ -156,6 +156,9 @@ pub struct TaskMachineRow {
     pub outcome: Outcome,
 }
 
+/// Dispatched assignments (with their task) and cancellations an agent has not acknowledged.
+pub type Undelivered = (Vec<(TaskMachineRow, TaskRow)>, Vec<String>);
+
 /// A handle to the database; clones share one connection.
 #[derive(Clone)]
 pub struct Store {
@@ -581,10 +584,7 @@ impl Tx<'_> {
 
     /// What a machine's agent has not yet acknowledged: dispatched assignments (with their
     /// task) and cancellations.
-    pub fn undelivered_for(
-        &mut self,
-        machine_id: &str,
-    ) -> Result<(Vec<(TaskMachineRow, TaskRow)>, Vec<String>), StoreError> {
+    pub fn undelivered_for(&mut self, machine_id: &str) -> Result<Undelivered, StoreError> {
         let assignments: Vec<TaskMachineRow> = {
             let mut st = self
                 .tx

@@ -23,12 +23,6 @@ pub struct StateFile {
     /// never run twice.
     #[serde(default)]
     pub seen: Vec<String>,
-    /// Cancellations recorded but not yet acknowledged to the controller.
-    #[serde(default)]
-    pub unacked_cancels: Vec<String>,
-    /// Next outbox sequence number.
-    #[serde(default)]
-    pub next_seq: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,299 @@
+//! Runs one assignment: each script is written to a private file and run by its interpreter
+//! through `sys::process`, in order, under one deadline for the whole run; the first failure
+//! ends the run. Output of all scripts is captured together in bounded memory.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::proto::agent::{Assignment, RunResult};
+use crate::sys::clock;
+use crate::sys::process::{self, Capture, Ending, ScriptSpec};
+
+/// Bytes kept from the start and from the end of each stream.
+pub const CAPTURE_HEAD: usize = 32 * 1024;
+pub const CAPTURE_TAIL: usize = 32 * 1024;
+/// The PATH scripts get: the clean environment must not depend on how the agent was started.
+pub const SCRIPT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+pub const EXECUTION_TIMEOUT: &str = "EXECUTION_TIMEOUT";
+pub const NON_ZERO_EXIT: &str = "NON_ZERO_EXIT";
+pub const KILLED_BY_SIGNAL: &str = "KILLED_BY_SIGNAL";
+pub const SPAWN_FAILED: &str = "SPAWN_FAILED";
+
+/// The interpreter for a `command_type`.
+pub fn interpreter(command_type: &str) -> Option<&'static str> {
+    match command_type {
+        "sh" => Some("/bin/sh"),
+        "bash" => Some("/bin/bash"),
+        // Found through SCRIPT_PATH: distributions put python3 in different places.
+        "python3" => Some("python3"),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ExecSettings {
+    /// Parent of the per-assignment work directories (under `state_dir`).
+    pub work_root: PathBuf,
+    pub machine_id: String,
+    pub kill_grace: Duration,
+    /// HOME for scripts.
+    pub home: String,
+}
+
+/// Messages from a run to the core.
+#[derive(Debug)]
+pub enum ExecReport {
+    Spawned {
+        assignment_id: String,
+        pgid: i32,
+    },
+    Finished {
+        assignment_id: String,
+        result: RunResult,
+    },
+}
+
+fn safe_name(i: usize, name: &str) -> String {
+    let cleaned: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    format!("{i:02}-{cleaned}")
+}
+
+fn write_script(path: &Path, content: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o700)
+        .open(path)?;
+    f.write_all(content.as_bytes())?;
+    f.sync_all()
+}
+
+/// Runs `a` to its end and sends `Finished` (always exactly once). `cancel` flips to true when
+/// the operator cancels.
+pub async fn run(
+    settings: ExecSettings,
+    a: Assignment,
+    mut cancel: watch::Receiver<bool>,
+    reports: mpsc::Sender<ExecReport>,
+) {
+    let started_at = clock::now_rfc3339();
+    let id = a.assignment_id.clone();
+    let dir = settings.work_root.join(&id);
+    let result = execute(&settings, &a, &dir, &mut cancel, &reports, started_at).await;
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %dir.display(), error = %e, "cannot remove work directory");
+        }
+    }
+    let _ = reports
+        .send(ExecReport::Finished {
+            assignment_id: id,
+            result,
+        })
+        .await;
+}
+
+async fn execute(
+    s: &ExecSettings,
+    a: &Assignment,
+    dir: &Path,
+    cancel: &mut watch::Receiver<bool>,
+    reports: &mpsc::Sender<ExecReport>,
+    started_at: String,
+) -> RunResult {
+    let mut stdout = Capture::new(CAPTURE_HEAD, CAPTURE_TAIL);
+    let mut stderr = Capture::new(CAPTURE_HEAD, CAPTURE_TAIL);
+    let finish = |state: &str,
+                  exit_code,
+                  code: Option<&str>,
+                  msg: Option<String>,
+                  out: &Capture,
+                  err: &Capture| RunResult {
+        state: state.into(),
+        exit_code,
+        stdout: out.to_text(),
+        stderr: err.to_text(),
+        output_truncated: out.is_truncated() || err.is_truncated(),
+        started_at: Some(started_at.clone()),
+        finished_at: clock::now_rfc3339(),
+        error_code: code.map(str::to_string),
+        error_msg: msg,
+    };
+    // A previous attempt's leftovers (an agent killed mid-run) must not leak into this run.
+    let _ = std::fs::remove_dir_all(dir);
+    if let Err(e) = crate::sys::fsutil::ensure_dir(dir, 0o700) {
+        let msg = format!("cannot create work directory {}: {e}", dir.display());
+        return finish(
+            "FAILED",
+            None,
+            Some(SPAWN_FAILED),
+            Some(msg),
+            &stdout,
+            &stderr,
+        );
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_seconds);
+    let mut last_exit = None;
+    for (i, script) in a.scripts.iter().enumerate() {
+        if *cancel.borrow() {
+            return finish(
+                "CANCELLED",
+                last_exit,
+                None,
+                Some("cancelled by the operator".into()),
+                &stdout,
+                &stderr,
+            );
+        }
+        let Some(program) = interpreter(&script.command_type) else {
+            let msg = format!("unknown command_type {:?}", script.command_type);
+            return finish(
+                "FAILED",
+                None,
+                Some(SPAWN_FAILED),
+                Some(msg),
+                &stdout,
+                &stderr,
+            );
+        };
+        let path = dir.join(safe_name(i, &script.name));
+        if let Err(e) = write_script(&path, &script.content) {
+            let msg = format!("cannot write script {}: {e}", path.display());
+            return finish(
+                "FAILED",
+                None,
+                Some(SPAWN_FAILED),
+                Some(msg),
+                &stdout,
+                &stderr,
+            );
+        }
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if remaining.is_zero() {
+            let msg = format!(
+                "timed out after {} s before script {:?} started",
+                a.timeout_seconds, script.name
+            );
+            return finish(
+                "TIMED_OUT",
+                None,
+                Some(EXECUTION_TIMEOUT),
+                Some(msg),
+                &stdout,
+                &stderr,
+            );
+        }
+        let spec = ScriptSpec {
+            program: PathBuf::from(program),
+            args: vec![OsString::from(&path)],
+            env: vec![
+                ("PATH".into(), SCRIPT_PATH.into()),
+                ("HOME".into(), s.home.clone()),
+                ("LANG".into(), "C.UTF-8".into()),
+                ("FIELDHAND_TASK_ID".into(), a.task_id.clone()),
+                ("FIELDHAND_MACHINE_ID".into(), s.machine_id.clone()),
+                ("FIELDHAND_ASSIGNMENT_ID".into(), a.assignment_id.clone()),
+            ],
+            cwd: dir.to_path_buf(),
+            timeout: remaining,
+            kill_grace: s.kill_grace,
+        };
+        let run = match process::spawn(spec, CAPTURE_HEAD, CAPTURE_TAIL).await {
+            Ok(r) => r,
+            Err(e) => {
+                return finish(
+                    "FAILED",
+                    None,
+                    Some(SPAWN_FAILED),
+                    Some(e.to_string()),
+                    &stdout,
+                    &stderr,
+                )
+            }
+        };
+        let _ = reports
+            .send(ExecReport::Spawned {
+                assignment_id: a.assignment_id.clone(),
+                pgid: run.pgid,
+            })
+            .await;
+        let canceller = run.canceller();
+        let wait = run.wait();
+        tokio::pin!(wait);
+        let outcome = loop {
+            tokio::select! {
+                o = &mut wait => break o,
+                changed = cancel.changed() => {
+                    if changed.is_err() || *cancel.borrow() {
+                        canceller.cancel();
+                    }
+                }
+            }
+        };
+        stdout.append(&outcome.stdout);
+        stderr.append(&outcome.stderr);
+        match outcome.ending {
+            Ending::Exited(0) => last_exit = Some(0),
+            Ending::Exited(code) => {
+                let msg = format!("script {:?} exited with code {code}", script.name);
+                return finish(
+                    "FAILED",
+                    Some(code),
+                    Some(NON_ZERO_EXIT),
+                    Some(msg),
+                    &stdout,
+                    &stderr,
+                );
+            }
+            Ending::Signaled(sig) => {
+                let msg = format!("script {:?} was killed by signal {sig}", script.name);
+                return finish(
+                    "FAILED",
+                    Some(128 + sig),
+                    Some(KILLED_BY_SIGNAL),
+                    Some(msg),
+                    &stdout,
+                    &stderr,
+                );
+            }
+            Ending::TimedOut => {
+                let msg = format!(
+                    "script {:?} exceeded the execution timeout of {} s; its process group was stopped",
+                    script.name, a.timeout_seconds
+                );
+                return finish(
+                    "TIMED_OUT",
+                    None,
+                    Some(EXECUTION_TIMEOUT),
+                    Some(msg),
+                    &stdout,
+                    &stderr,
+                );
+            }
+            Ending::Cancelled => {
+                let msg = format!(
+                    "script {:?} was stopped: cancelled by the operator",
+                    script.name
+                );
+                return finish("CANCELLED", None, None, Some(msg), &stdout, &stderr);
+            }
+        }
+    }
+    finish("SUCCEEDED", last_exit, None, None, &stdout, &stderr)
+}

@@ -1,0 +1,307 @@
+//! The agent's side of the agent protocol: the long-poll loop, the heartbeat, and delivery of the
+//! durable outbox. Failures back off exponentially with jitter (never a hot loop), and a change
+//! of connectivity is logged once, not on every attempt.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::Method;
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+use super::store::Outbox;
+use super::Input;
+use crate::net::client::HttpsClient;
+use crate::net::NetError;
+use crate::proto::agent::{EventBatch, EventsApplied, Heartbeat, PollRequest, PollResponse};
+use crate::sys::clock;
+
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Exponential backoff with "equal jitter": half fixed, half random, so a fleet that lost its
+/// controller at the same moment does not return in lockstep.
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            max,
+            current: initial,
+        }
+    }
+    pub fn reset(&mut self) {
+        self.current = self.initial;
+    }
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let half = d / 2;
+        half + Duration::from_millis(fastrand::u64(0..=half.as_millis() as u64))
+    }
+}
+
+#[derive(Debug, Default)]
+struct LinkInner {
+    connected: bool,
+    reported: bool,
+    last_contact: Option<OffsetDateTime>,
+}
+
+/// What the agent knows about its connection, shared by the loops and the status socket.
+#[derive(Debug, Default)]
+pub struct LinkState {
+    inner: Mutex<LinkInner>,
+}
+
+impl LinkState {
+    pub fn up(&self) {
+        let mut i = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if !i.connected {
+            tracing::info!("connected to the controller");
+        }
+        i.connected = true;
+        i.reported = true;
+        i.last_contact = Some(clock::now());
+    }
+
+    pub fn down(&self, err: &NetError) {
+        let mut i = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if i.connected || !i.reported {
+            tracing::warn!(error = %err, "cannot reach the controller; retrying with backoff");
+        }
+        i.connected = false;
+        i.reported = true;
+    }
+
+    pub fn snapshot(&self) -> (bool, Option<OffsetDateTime>) {
+        let i = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        (i.connected, i.last_contact)
+    }
+}
+
+/// Everything the loops share.
+pub struct Link {
+    pub client: HttpsClient,
+    pub pool_id: String,
+    pub state: Arc<LinkState>,
+    pub long_poll: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
+async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = stop.changed() => true,
+    }
+}
+
+/// Long-polls for work, hands it to the core, and acknowledges what the core persisted in the
+/// next poll.
+pub async fn poll_loop(
+    link: Arc<Link>,
+    inputs: mpsc::Sender<Input>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::new(link.retry_initial, link.retry_max);
+    let (mut ack_a, mut ack_c) = (Vec::new(), Vec::new());
+    loop {
+        let req = PollRequest {
+            pool_id: link.pool_id.clone(),
+            agent_version: AGENT_VERSION.into(),
+            wait_ms: link.long_poll.as_millis() as u64,
+            ack_assignments: ack_a.clone(),
+            ack_cancels: ack_c.clone(),
+        };
+        let call = link.client.json::<_, PollResponse>(
+            Method::POST,
+            "/agent/v1/poll",
+            Some(&req),
+            link.long_poll + Duration::from_secs(15),
+        );
+        let res = tokio::select! {
+            r = call => r,
+            _ = stop.changed() => return,
+        };
+        match res {
+            Ok(resp) => {
+                link.state.up();
+                backoff.reset();
+                ack_a.clear();
+                ack_c.clear();
+                if !resp.assignments.is_empty() {
+                    let (tx, rx) = oneshot::channel();
+                    if inputs
+                        .send(Input::Offered(resp.assignments, tx))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    ack_a = rx.await.unwrap_or_default();
+                }
+                if !resp.cancels.is_empty() {
+                    let (tx, rx) = oneshot::channel();
+                    if inputs.send(Input::Cancels(resp.cancels, tx)).await.is_err() {
+                        return;
+                    }
+                    ack_c = rx.await.unwrap_or_default();
+                }
+            }
+            Err(e) => {
+                link.state.down(&e);
+                if sleep_or_stop(backoff.next_delay(), &mut stop).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sends host facts now and then; the poll keeps `last_seen` fresh in between.
+pub async fn heartbeat_loop(
+    link: Arc<Link>,
+    every: Duration,
+    state_dir: std::path::PathBuf,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let dir = state_dir.clone();
+        let facts =
+            tokio::task::spawn_blocking(move || crate::sys::facts::gather(&dir, AGENT_VERSION))
+                .await
+                .unwrap_or_default();
+        let hb = Heartbeat {
+            pool_id: link.pool_id.clone(),
+            agent_version: AGENT_VERSION.into(),
+            facts,
+        };
+        let res = link
+            .client
+            .json::<_, ()>(
+                Method::POST,
+                "/agent/v1/heartbeat",
+                Some(&hb),
+                Duration::from_secs(30),
+            )
+            .await;
+        let wait = match res {
+            Ok(()) => every,
+            // Retry sooner so facts appear soon after the controller comes back.
+            Err(e) => {
+                tracing::debug!(error = %e, "heartbeat failed");
+                every.min(link.retry_max)
+            }
+        };
+        if sleep_or_stop(wait, &mut stop).await {
+            return;
+        }
+    }
+}
+
+/// 4xx answers that will never change on retry: the event is moved aside, not resent forever.
+fn permanent(status: u16) -> bool {
+    matches!(status, 400 | 403 | 404 | 409 | 413 | 422)
+}
+
+/// Delivers the outbox in order, one event per request, until each is acknowledged.
+pub async fn deliver_loop(
+    link: Arc<Link>,
+    outbox: Arc<Mutex<Outbox>>,
+    wake: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::new(link.retry_initial, link.retry_max);
+    loop {
+        let notified = wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let pending = {
+            let ob = outbox.lock().unwrap_or_else(|p| p.into_inner());
+            ob.pending()
+        };
+        let pending = match pending {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the outbox");
+                if sleep_or_stop(link.retry_max, &mut stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        if pending.is_empty() {
+            tokio::select! {
+                _ = &mut notified => continue,
+                _ = stop.changed() => return,
+            }
+        }
+        for rec in pending {
+            let batch = EventBatch {
+                events: vec![rec.event.clone()],
+            };
+            let res = tokio::select! {
+                r = link.client.json::<_, EventsApplied>(Method::POST, "/agent/v1/events", Some(&batch), Duration::from_secs(30)) => r,
+                _ = stop.changed() => return,
+            };
+            let ob = || outbox.lock().unwrap_or_else(|p| p.into_inner());
+            match res {
+                Ok(_) => {
+                    link.state.up();
+                    backoff.reset();
+                    if let Err(e) = ob().remove(rec.seq) {
+                        tracing::error!(error = %e, "cannot remove a delivered event");
+                    }
+                }
+                Err(NetError::Status {
+                    status,
+                    ref error_code,
+                    ref error_msg,
+                    ..
+                }) if permanent(status) => {
+                    link.state.up();
+                    let kept = ob().reject(rec.seq);
+                    tracing::error!(
+                        key = %rec.event.idempotency_key,
+                        status, error_code, error_msg,
+                        kept_at = ?kept.as_ref().ok(),
+                        "the controller refused an event for good; it was moved aside"
+                    );
+                }
+                Err(e) => {
+                    link.state.down(&e);
+                    if sleep_or_stop(backoff.next_delay(), &mut stop).await {
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
+        let delays: Vec<_> = (0..6).map(|_| b.next_delay()).collect();
+        for (i, d) in delays.iter().enumerate() {
+            let base = Duration::from_millis((100u64 << i.min(3)).min(800));
+            assert!(
+                *d >= base / 2 && *d <= base,
+                "step {i}: {d:?} not within [{:?}, {base:?}]",
+                base / 2
+            );
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,239 @@
+//! The local status socket: server side (answers from the core, so it works while the controller
+//! is down), client side (`fieldhand status`), and the human-readable rendering.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::Input;
+use crate::proto::status::{StatusReport, StatusRequest};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("cannot create the status socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("cannot connect to the agent at {path}: {source} (is `fieldhand agent` running?)")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("talking to the agent at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the agent at {path} did not answer within {after:?}")]
+    Timeout { path: PathBuf, after: Duration },
+    #[error("the agent at {path} sent an unreadable answer: {source}")]
+    Decode {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// Binds the socket with mode 0660. It is bound under a temporary name and renamed into place,
+/// so no client ever sees it with looser permissions.
+pub fn bind(path: &Path) -> Result<UnixListener, StatusError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let err = |source| StatusError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        crate::sys::fsutil::ensure_dir(parent, 0o755).map_err(err)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
+        Ok(_) => {
+            return Err(StatusError::NotASocket {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(_) => {}
+    }
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(err)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)?;
+    Ok(listener)
+}
+
+/// Answers status requests until `stop`.
+pub async fn serve(
+    listener: UnixListener,
+    inputs: mpsc::Sender<Input>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => c,
+            _ = stop.changed() => return,
+        };
+        match conn {
+            Ok((stream, _)) => {
+                let inputs = inputs.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = answer(stream, inputs).await {
+                        tracing::debug!(error = %e, "status client");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "status socket accept failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+async fn answer(stream: UnixStream, inputs: mpsc::Sender<Input>) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let read = BufReader::new(r).take_line(&mut line);
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
+    let reply = match serde_json::from_str::<StatusRequest>(line.trim()) {
+        Ok(StatusRequest::Status) => {
+            let (tx, rx) = oneshot::channel();
+            if inputs.send(Input::Status(tx)).await.is_err() {
+                return Ok(());
+            }
+            match rx.await {
+                Ok(report) => serde_json::to_string(&report).map_err(std::io::Error::other)?,
+                Err(_) => return Ok(()),
+            }
+        }
+        Err(e) => format!("{{\"error\":{:?}}}", e.to_string()),
+    };
+    w.write_all(reply.as_bytes()).await?;
+    w.write_all(b"\n").await?;
+    w.shutdown().await
+}
+
+trait TakeLine {
+    async fn take_line(self, buf: &mut String) -> std::io::Result<usize>;
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> TakeLine for BufReader<R> {
+    async fn take_line(mut self, buf: &mut String) -> std::io::Result<usize> {
+        // A request is one short line; cap it so a client cannot make us buffer without end.
+        use tokio::io::AsyncReadExt;
+        let mut limited = (&mut self).take(4096);
+        limited.read_line(buf).await
+    }
+}
+
+/// Asks a running agent for its status.
+pub async fn query(path: &Path, timeout: Duration) -> Result<StatusReport, StatusError> {
+    let p = path.to_path_buf();
+    let work = async {
+        let mut s = UnixStream::connect(path)
+            .await
+            .map_err(|source| StatusError::Connect {
+                path: p.clone(),
+                source,
+            })?;
+        let io = |source| StatusError::Io {
+            path: p.clone(),
+            source,
+        };
+        let req = serde_json::to_string(&StatusRequest::Status).unwrap_or_default();
+        s.write_all(req.as_bytes()).await.map_err(io)?;
+        s.write_all(b"\n").await.map_err(io)?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).await.map_err(io)?;
+        serde_json::from_str(line.trim()).map_err(|source| StatusError::Decode {
+            path: p.clone(),
+            source,
+        })
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| StatusError::Timeout {
+            path: path.to_path_buf(),
+            after: timeout,
+        })?
+}
+
+fn elapsed(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// The text `fieldhand status` prints.
+pub fn render(r: &StatusReport) -> String {
+    let mut out = String::new();
+    let line = |out: &mut String, k: &str, v: String| out.push_str(&format!("{k:<20} {v}\n"));
+    line(&mut out, "machine:", r.machine_id.clone());
+    line(&mut out, "pool:", r.pool_id.clone());
+    let contact = r.last_contact.clone().unwrap_or_else(|| "never".into());
+    line(
+        &mut out,
+        "controller:",
+        format!(
+            "{} ({}; last contact {contact})",
+            r.controller_url,
+            if r.connected {
+                "connected"
+            } else {
+                "NOT connected"
+            }
+        ),
+    );
+    line(
+        &mut out,
+        "running:",
+        match &r.running {
+            Some(run) => format!(
+                "assignment {} of task {} for {}",
+                run.assignment_id,
+                run.task_id,
+                elapsed(run.elapsed_seconds)
+            ),
+            None => "nothing".into(),
+        },
+    );
+    line(&mut out, "queued:", r.queued.to_string());
+    line(
+        &mut out,
+        "undelivered:",
+        format!(
+            "{} results ({} events)",
+            r.undelivered_results, r.undelivered_events
+        ),
+    );
+    if r.recent_results.is_empty() {
+        line(&mut out, "recent results:", "none".into());
+    } else {
+        out.push_str("recent results:\n");
+        for x in &r.recent_results {
+            let code = x
+                .error_code
+                .as_deref()
+                .map(|c| format!(" {c}"))
+                .unwrap_or_default();
+            let exit = x
+                .exit_code
+                .map(|c| format!(" exit={c}"))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "  {}  {:<10} task {} assignment {}{exit}{code}\n",
+                x.finished_at, x.state, x.task_id, x.assignment_id
+            ));
+        }
+    }
+    out
+}
