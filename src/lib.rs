@@ -4,7 +4,7 @@ pub mod agent;
 pub mod config;
 pub mod controller;
 pub mod exit;
-pub mod logging;
+pub mod daemon;
 pub mod net;
 pub mod pki;
 pub mod proto;

@@ -330,3 +330,16 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     tracing::info!("agent stopped");
     result
 }
+
+impl AgentError {
+    /// The process exit code for this failure.
+    pub fn exit(&self) -> crate::exit::Exit {
+        use crate::exit::Exit;
+        match self {
+            AgentError::Tls(_) | AgentError::NotAnAgent { .. } | AgentError::Net(_) => Exit::Config,
+            AgentError::Dir { .. } => Exit::CantCreate,
+            AgentError::BootId { .. } | AgentError::Store(_) => Exit::IoErr,
+            AgentError::Status(_) => Exit::CantCreate,
+        }
+    }
+}

@@ -1,1 +1,177 @@
-fn main() {}
+//! `fieldhand-controller`: the controller daemon (`serve`), PKI bootstrap (`pki`) and the
+//! end-to-end `quickstart`. Parses arguments, loads config, and hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{ArgGroup, Parser, Subcommand};
+use fieldhand::config::controller::{ControllerConfig, DEFAULT_PATH};
+use fieldhand::exit::Exit;
+use fieldhand::pki::Identity;
+
+#[derive(Parser)]
+#[command(name = "fieldhand-controller", version, about = "fieldhand controller, PKI bootstrap and quickstart")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the controller daemon.
+    Serve {
+        /// Controller configuration file.
+        #[arg(long, default_value = DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Create the CA and certificates.
+    #[command(subcommand)]
+    Pki(PkiCmd),
+    /// Start a PKI, a controller and local agents, run a gray-batch script execution, and print
+    /// the per-machine results.
+    Quickstart {
+        /// Working directory (PKI, configs, state and logs).
+        #[arg(long, default_value = "fieldhand-quickstart")]
+        dir: PathBuf,
+        /// How many local agents to start.
+        #[arg(long, default_value_t = 3)]
+        agents: u32,
+        /// Stop everything after the result table; exit 0 only if the task succeeded.
+        #[arg(long)]
+        exit: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Create DIR/ca.pem, DIR/ca-key.pem, DIR/controller.pem and DIR/controller-key.pem.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Extra controller name (DNS name or IP address); repeatable.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+    /// Issue a certificate for one agent (machine id) or one operator.
+    #[command(group(ArgGroup::new("who").required(true).args(["agent", "operator"])))]
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Machine id of the agent: writes DIR/agents/ID.pem and DIR/agents/ID-key.pem.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Operator name: writes DIR/operators/NAME.pem and DIR/operators/NAME-key.pem.
+        #[arg(long)]
+        operator: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { Exit::Usage } else { Exit::Ok }.into();
+        }
+    };
+    match cli.cmd {
+        Cmd::Serve { config } => serve(config),
+        Cmd::Pki(cmd) => pki(cmd),
+        Cmd::Quickstart { dir, agents, exit } => quickstart(dir, agents, exit),
+    }
+}
+
+fn fail(err: impl Into<anyhow::Error>, code: Exit) -> ExitCode {
+    let err = err.into();
+    tracing::error!("{err:#}");
+    eprintln!("fieldhand-controller: {err:#}");
+    code.into()
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(e, Exit::Software))
+}
+
+fn serve(config: PathBuf) -> ExitCode {
+    let cfg = match ControllerConfig::load(&config) {
+        Ok(c) => c,
+        Err(e) => return fail(e, Exit::Config),
+    };
+    fieldhand::daemon::init_logging();
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(fieldhand::controller::serve(cfg, fieldhand::daemon::shutdown_signal())) {
+        Ok(()) => Exit::Ok.into(),
+        Err(e) => {
+            let code = e.exit();
+            fail(e, code)
+        }
+    }
+}
+
+fn pki(cmd: PkiCmd) -> ExitCode {
+    let res = match cmd {
+        PkiCmd::Init { dir, sans } => fieldhand::pki::init(&dir, &sans).map(|o| {
+            for p in [o.ca_cert, o.ca_key, o.cert, o.key] {
+                println!("wrote {}", p.display());
+            }
+        }),
+        PkiCmd::Issue { dir, agent, operator } => {
+            let who = match (agent, operator) {
+                (Some(a), _) => Identity::agent(a),
+                (None, Some(o)) => Identity::operator(o),
+                (None, None) => unreachable!("clap requires --agent or --operator"),
+            };
+            fieldhand::pki::issue(&dir, &who).map(|(cert, key)| {
+                println!("wrote {}", cert.display());
+                println!("wrote {}", key.display());
+            })
+        }
+    };
+    match res {
+        Ok(()) => Exit::Ok.into(),
+        Err(e) => {
+            let code = e.exit();
+            fail(e, code)
+        }
+    }
+}
+
+fn quickstart(dir: PathBuf, agents: u32, exit: bool) -> ExitCode {
+    fieldhand::daemon::init_logging();
+    let me = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => return fail(e, Exit::Software),
+    };
+    // The agent binary is installed (and built by cargo) next to the controller's.
+    let agent_bin = me.with_file_name("fieldhand");
+    let dir = if dir.is_absolute() {
+        dir
+    } else {
+        std::env::current_dir().map(|c| c.join(&dir)).unwrap_or(dir)
+    };
+    let opts = fieldhand::controller::quickstart::Options {
+        dir,
+        agents,
+        exit,
+        controller_bin: me,
+        agent_bin,
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(fieldhand::controller::quickstart::run(opts, fieldhand::daemon::shutdown_signal())) {
+        Ok(report) if report.task.state == "SUCCEEDED" => Exit::Ok.into(),
+        Ok(_) => Exit::Failure.into(),
+        Err(e) => {
+            let code = e.exit();
+            fail(e, code)
+        }
+    }
+}

@@ -1,1 +1,127 @@
-fn main() {}
+//! `fieldhand`: the agent daemon (`fieldhand agent`) and the local CLI (`fieldhand status`).
+//! Parses arguments, loads config, and hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use fieldhand::config::agent::{AgentConfig, DEFAULT_PATH, DEFAULT_SOCKET_PATH};
+use fieldhand::exit::Exit;
+
+#[derive(Parser)]
+#[command(name = "fieldhand", version, about = "fieldhand fleet agent and local CLI")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent daemon.
+    Agent {
+        /// Agent configuration file.
+        #[arg(long, default_value = DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Show what the local agent is doing (works while the controller is down).
+    Status {
+        /// Print one JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Read the socket path from this agent config.
+        #[arg(long, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// The agent's status socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { Exit::Usage } else { Exit::Ok }.into();
+        }
+    };
+    match cli.cmd {
+        Cmd::Agent { config } => agent(config),
+        Cmd::Status { json, config, socket } => status(json, config, socket),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("fieldhand: cannot start the runtime: {e}");
+            Exit::Software.into()
+        })
+}
+
+fn agent(config: PathBuf) -> ExitCode {
+    let cfg = match AgentConfig::load(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("fieldhand: {e}");
+            return Exit::Config.into();
+        }
+    };
+    fieldhand::daemon::init_logging();
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(fieldhand::agent::run(cfg, fieldhand::daemon::shutdown_signal())) {
+        Ok(()) => Exit::Ok.into(),
+        Err(e) => {
+            let err = anyhow::Error::new(e);
+            tracing::error!("{err:#}");
+            eprintln!("fieldhand: {err:#}");
+            err.downcast_ref::<fieldhand::agent::AgentError>()
+                .map_or(Exit::Software, |e| e.exit())
+                .into()
+        }
+    }
+}
+
+fn status(json: bool, config: Option<PathBuf>, socket: Option<PathBuf>) -> ExitCode {
+    let socket = match (socket, config) {
+        (Some(s), _) => s,
+        (None, Some(c)) => match AgentConfig::load(&c) {
+            Ok(cfg) => cfg.socket_path,
+            Err(e) => {
+                eprintln!("fieldhand: {e}");
+                return Exit::Config.into();
+            }
+        },
+        (None, None) => PathBuf::from(DEFAULT_SOCKET_PATH),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(fieldhand::agent::status::query(&socket, Duration::from_secs(5))) {
+        Ok(report) => {
+            if json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("fieldhand: {e}");
+                        return Exit::Software.into();
+                    }
+                }
+            } else {
+                print!("{}", fieldhand::agent::status::render(&report));
+            }
+            Exit::Ok.into()
+        }
+        Err(e) => {
+            eprintln!("fieldhand: {e}");
+            Exit::Unavailable.into()
+        }
+    }
+}

@@ -324,3 +324,17 @@ async fn reap_loop(ctl: Arc<Controller>) {
         }
     }
 }
+
+impl ControllerError {
+    /// The process exit code for this failure.
+    pub fn exit(&self) -> crate::exit::Exit {
+        use crate::exit::Exit;
+        match self {
+            ControllerError::Tls(_) => Exit::Config,
+            ControllerError::DataDir { .. } | ControllerError::ListenAddr { .. } => Exit::CantCreate,
+            ControllerError::Store(_) => Exit::IoErr,
+            ControllerError::Bind { .. } => Exit::Unavailable,
+            ControllerError::Net(_) => Exit::Software,
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! Process-level plumbing the binaries share: logging set-up and the shutdown signal.
+
+use std::path::Path;
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::EnvFilter;
+
+const JOURNALD_SOCKET: &str = "/run/systemd/journal/socket";
+
+/// Where logs go; chosen once at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogSink {
+    Journald,
+    Stderr,
+}
+
+/// Starts logging. The level comes from `FIELDHAND_LOG` (a tracing filter, default `info`).
+/// Under systemd (`JOURNAL_STREAM` set and the journald socket present) records go to journald
+/// with structured fields; otherwise plain text to stderr, without colours when not a terminal.
+pub fn init_logging() -> LogSink {
+    let filter = || EnvFilter::try_from_env("FIELDHAND_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
+    if under_systemd && Path::new(JOURNALD_SOCKET).exists() {
+        if let Ok(layer) = tracing_journald::layer() {
+            if tracing_subscriber::registry().with(filter()).with(layer).try_init().is_ok() {
+                tracing::info!("logging to journald");
+                return LogSink::Journald;
+            }
+        }
+    }
+    use std::io::IsTerminal;
+    let ansi = !under_systemd && std::io::stderr().is_terminal();
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_target(false);
+    // journald adds its own timestamps to captured stderr.
+    let result = if under_systemd {
+        tracing_subscriber::registry().with(filter()).with(fmt.without_time()).try_init()
+    } else {
+        tracing_subscriber::registry().with(filter()).with(fmt).try_init()
+    };
+    if result.is_ok() {
+        tracing::debug!("logging to stderr");
+    }
+    LogSink::Stderr
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the process still dies on the default action.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
+    }
+}

@@ -1,1 +1,0 @@
-//! stub: logging.rs (being written)
