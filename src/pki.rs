@@ -1,1 +1,408 @@
-//! stub: pki.rs (being written)
+//! The fleet's private CA: creating it, issuing agent and operator certificates, and the
+//! identity (role + name) that each certificate carries as a URI SAN.
+//!
+//! Identity lives in the certificate and nowhere else: the controller reads it from the
+//! verified peer chain (`tls::identity_of`), never from a request field, so a machine can
+//! only act as the name its key was issued for.
+
+use std::fmt;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::exit::Exit;
+
+/// Prefix of the URI SAN that names a fieldhand identity.
+pub const URI_PREFIX: &str = "urn:fieldhand:";
+
+/// CA lifetime; rotating the CA means re-issuing every machine, so it is long.
+const CA_DAYS: i64 = 3650;
+/// Leaf lifetime for the controller, agents and operators.
+const LEAF_DAYS: i64 = 825;
+
+/// What a certificate holder may do: agents speak the agent protocol, operators the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Agent,
+    Operator,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Operator => "operator",
+        }
+    }
+}
+
+/// A verified principal: who is on the other end of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub role: Role,
+    pub name: String,
+}
+
+impl Identity {
+    pub fn agent(name: impl Into<String>) -> Self {
+        Identity {
+            role: Role::Agent,
+            name: name.into(),
+        }
+    }
+
+    pub fn operator(name: impl Into<String>) -> Self {
+        Identity {
+            role: Role::Operator,
+            name: name.into(),
+        }
+    }
+
+    /// The URI SAN this identity is bound to, e.g. `urn:fieldhand:agent:m1`.
+    pub fn uri(&self) -> String {
+        format!("{URI_PREFIX}{}:{}", self.role.as_str(), self.name)
+    }
+
+    /// Parses a URI SAN; `None` for anything that is not a well-formed fieldhand identity.
+    pub fn from_uri(uri: &str) -> Option<Identity> {
+        let rest = uri.strip_prefix(URI_PREFIX)?;
+        let (role, name) = rest.split_once(':')?;
+        let role = match role {
+            "agent" => Role::Agent,
+            "operator" => Role::Operator,
+            _ => return None,
+        };
+        validate_name("name", name).ok()?;
+        Some(Identity {
+            role,
+            name: name.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.role.as_str(), self.name)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("invalid {field} {value:?}: use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit")]
+    InvalidName { field: String, value: String },
+    #[error("invalid --san {value:?}: {reason}")]
+    InvalidSan { value: String, reason: String },
+    #[error("{path} already exists; refusing to overwrite it (move it away to re-issue)")]
+    Exists { path: PathBuf },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a usable CA certificate or key: {reason} (run `fieldhand-controller pki init` first)")]
+    BadCa { path: PathBuf, reason: String },
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+impl PkiError {
+    pub fn exit(&self) -> Exit {
+        match self {
+            PkiError::InvalidName { .. } | PkiError::InvalidSan { .. } => Exit::Usage,
+            PkiError::Exists { .. } | PkiError::Write { .. } => Exit::CantCreate,
+            PkiError::Read { .. } | PkiError::BadCa { .. } => Exit::DataErr,
+            PkiError::Generate(_) => Exit::Software,
+        }
+    }
+}
+
+/// Names (machine ids, operator names, pool ids) share one conservative alphabet so they
+/// are safe in file names, URLs and URIs without escaping.
+pub fn validate_name(field: &str, value: &str) -> Result<(), PkiError> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        && value
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(PkiError::InvalidName {
+            field: field.into(),
+            value: value.into(),
+        })
+    }
+}
+
+/// The files `init` wrote.
+#[derive(Debug)]
+pub struct InitOutcome {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn validity(params: &mut CertificateParams, days: i64) {
+    let now = OffsetDateTime::now_utc();
+    // Tolerate small clock skew between the CA host and the fleet.
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(days);
+    params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+}
+
+fn random_serial() -> [u8; 16] {
+    let mut s = [0u8; 16];
+    for b in s.iter_mut() {
+        *b = fastrand::u8(..);
+    }
+    s[0] &= 0x7f; // positive
+    s[0] |= 0x01; // no leading zero octet
+    s
+}
+
+/// Creates the CA and the controller's server certificate in `dir`.
+pub fn init(dir: &Path, extra_sans: &[String]) -> Result<InitOutcome, PkiError> {
+    let out = InitOutcome {
+        ca_cert: dir.join("ca.pem"),
+        ca_key: dir.join("ca-key.pem"),
+        cert: dir.join("controller.pem"),
+        key: dir.join("controller-key.pem"),
+    };
+    for p in [&out.ca_cert, &out.ca_key, &out.cert, &out.key] {
+        refuse_existing(p)?;
+    }
+    let mut sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    for s in extra_sans {
+        if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(PkiError::InvalidSan {
+                value: s.clone(),
+                reason: "must be a DNS name or IP address".into(),
+            });
+        }
+        if !sans.contains(s) {
+            sans.push(s.clone());
+        }
+    }
+
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.distinguished_name = rcgen::DistinguishedName::new();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "fieldhand fleet CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    validity(&mut ca_params, CA_DAYS);
+    let ca = ca_params.self_signed(&ca_key)?;
+
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(sans).map_err(|e| PkiError::InvalidSan {
+        value: extra_sans.join(","),
+        reason: e.to_string(),
+    })?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "fieldhand-controller");
+    leaf_usages(&mut params, ExtendedKeyUsagePurpose::ServerAuth);
+    validity(&mut params, LEAF_DAYS);
+    let cert = params.signed_by(&key, &ca, &ca_key)?;
+
+    std::fs::create_dir_all(dir).map_err(|source| PkiError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    // Keys first: a crash leaves a key without a cert, which `init` then refuses loudly
+    // instead of silently pairing a new cert with an unknown key.
+    write_new(&out.ca_key, ca_key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(&out.ca_cert, ca.pem().as_bytes(), 0o644)?;
+    write_new(&out.key, key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(&out.cert, cert.pem().as_bytes(), 0o644)?;
+    Ok(out)
+}
+
+fn leaf_usages(params: &mut CertificateParams, eku: ExtendedKeyUsagePurpose) {
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![eku];
+    params.use_authority_key_identifier_extension = true;
+}
+
+/// Issues a client certificate for `who`, signed by the CA in `dir`. Returns (cert, key).
+pub fn issue(dir: &Path, who: &Identity) -> Result<(PathBuf, PathBuf), PkiError> {
+    let field = match who.role {
+        Role::Agent => "--agent",
+        Role::Operator => "--operator",
+    };
+    validate_name(field, &who.name)?;
+    let sub = dir.join(match who.role {
+        Role::Agent => "agents",
+        Role::Operator => "operators",
+    });
+    let cert_path = sub.join(format!("{}.pem", who.name));
+    let key_path = sub.join(format!("{}-key.pem", who.name));
+    refuse_existing(&cert_path)?;
+    refuse_existing(&key_path)?;
+
+    let ca_cert_path = dir.join("ca.pem");
+    let ca_key_path = dir.join("ca-key.pem");
+    let ca_pem = read(&ca_cert_path)?;
+    let ca_key_pem = read(&ca_key_path)?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| PkiError::BadCa {
+        path: ca_key_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let ca_params = CertificateParams::from_ca_cert_pem(&ca_pem).map_err(|e| PkiError::BadCa {
+        path: ca_cert_path.clone(),
+        reason: e.to_string(),
+    })?;
+    // Re-signing the parsed CA params yields an issuer with the same subject and key,
+    // which is all chain building needs; the original ca.pem stays the trust anchor.
+    let ca = ca_params.self_signed(&ca_key)?;
+
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, who.to_string());
+    params.subject_alt_names = vec![SanType::URI(who.uri().try_into()?)];
+    leaf_usages(&mut params, ExtendedKeyUsagePurpose::ClientAuth);
+    validity(&mut params, LEAF_DAYS);
+    let cert = params.signed_by(&key, &ca, &ca_key)?;
+
+    std::fs::create_dir_all(&sub).map_err(|source| PkiError::Write {
+        path: sub.clone(),
+        source,
+    })?;
+    write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(&cert_path, cert.pem().as_bytes(), 0o644)?;
+    Ok((cert_path, key_path))
+}
+
+fn read(path: &Path) -> Result<String, PkiError> {
+    std::fs::read_to_string(path).map_err(|source| PkiError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn refuse_existing(path: &Path) -> Result<(), PkiError> {
+    if path.symlink_metadata().is_ok() {
+        return Err(PkiError::Exists {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// Creates `path` exclusively with `mode` from the start, so a key is never briefly
+/// world-readable and an existing file is never replaced.
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
+    let err = |source| PkiError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                PkiError::Exists {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                err(e)
+            }
+        })?;
+    f.write_all(bytes).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_round_trips_and_rejects_foreign_uris() {
+        let id = Identity::agent("m-1.a");
+        assert_eq!(id.uri(), "urn:fieldhand:agent:m-1.a");
+        assert_eq!(Identity::from_uri(&id.uri()), Some(id));
+        assert_eq!(
+            Identity::from_uri("urn:fieldhand:operator:ops"),
+            Some(Identity::operator("ops"))
+        );
+        for bad in [
+            "urn:fieldhand:admin:x",
+            "urn:fieldhand:agent:",
+            "urn:fieldhand:agent:a/b",
+            "https://example.com",
+            "urn:fieldhand:agent",
+        ] {
+            assert_eq!(Identity::from_uri(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for ok in ["a", "A9", "m1.example-host_2", &"x".repeat(64)] {
+            assert!(validate_name("f", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", ".a", "a b", "a/b", "ä", &"x".repeat(65)] {
+            let e = validate_name("machine_id", bad).unwrap_err();
+            assert!(e.to_string().contains("machine_id"), "{e}");
+        }
+    }
+
+    #[test]
+    fn init_and_issue_write_private_keys_and_refuse_overwrite() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let out = init(dir.path(), &["fleet.example".into()]).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&out.ca_key), 0o600);
+        assert_eq!(mode(&out.key), 0o600);
+        let (cert, key) = issue(dir.path(), &Identity::agent("m1")).unwrap();
+        assert_eq!(cert, dir.path().join("agents/m1.pem"));
+        assert_eq!(mode(&key), 0o600);
+        let before = std::fs::read(&cert).unwrap();
+        let e = issue(dir.path(), &Identity::agent("m1")).unwrap_err();
+        assert!(matches!(e, PkiError::Exists { .. }), "{e}");
+        assert_eq!(std::fs::read(&cert).unwrap(), before);
+        let e = init(dir.path(), &[]).unwrap_err();
+        assert!(e.to_string().contains("exists"), "{e}");
+        let id = crate::tls::identity_of_file(&cert).unwrap();
+        assert_eq!(id, Identity::agent("m1"));
+    }
+
+    #[test]
+    fn issue_without_ca_names_the_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = issue(dir.path(), &Identity::operator("ops")).unwrap_err();
+        assert!(e.to_string().contains("ca.pem"), "{e}");
+    }
+}

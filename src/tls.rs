@@ -1,1 +1,164 @@
-//! stub: tls.rs (being written)
+//! rustls configurations for both ends of the mutual-TLS link, and reading the fieldhand
+//! identity out of a verified certificate.
+//!
+//! One crypto stack (rustls + ring) for everything; the provider is passed explicitly so
+//! no process-wide default has to be installed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+
+use crate::pki::Identity;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read certificates from {path}: {reason}")]
+    Certs { path: PathBuf, reason: String },
+    #[error("{path} contains no certificate")]
+    NoCerts { path: PathBuf },
+    #[error("cannot read private key from {path}: {reason}")]
+    Key { path: PathBuf, reason: String },
+    #[error("CA file {path} is not usable as a trust anchor: {reason}")]
+    Ca { path: PathBuf, reason: String },
+    #[error("certificate {cert} and key {key} do not form a usable pair: {reason}")]
+    Pair {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
+    #[error("{path} carries no fieldhand identity (a URI SAN urn:fieldhand:agent:<id> or urn:fieldhand:operator:<name>)")]
+    NoIdentity { path: PathBuf },
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let err = |e: rustls::pki_types::pem::Error| TlsError::Certs {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(err)?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCerts {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Key {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+fn roots(ca: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut store = RootCertStore::empty();
+    for c in load_certs(ca)? {
+        store.add(c).map_err(|e| TlsError::Ca {
+            path: ca.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(Arc::new(store))
+}
+
+/// Server side: a client certificate chaining to `ca` is required on every connection.
+pub fn server_config(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let pair_err = |reason: String| TlsError::Pair {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        reason,
+    };
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
+        .build()
+        .map_err(|e| TlsError::Ca {
+            path: ca.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| pair_err(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|e| pair_err(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Client side with a certificate (agents and operators).
+pub fn client_config(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let pair_err = |reason: String| TlsError::Pair {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        reason,
+    };
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| pair_err(e.to_string()))?
+        .with_root_certificates(roots(ca)?)
+        .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|e| pair_err(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Client side without a certificate; the controller must refuse it (used by tests and
+/// diagnostics).
+pub fn client_config_without_cert(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Ca {
+            path: ca.to_path_buf(),
+            reason: e.to_string(),
+        })?
+        .with_root_certificates(roots(ca)?)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The identity bound in a certificate: exactly one fieldhand URI SAN, else none.
+/// Only meaningful for a certificate rustls has already verified against the CA.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Option<Identity> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    let mut found = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) if u.starts_with(crate::pki::URI_PREFIX) => {
+            Some(Identity::from_uri(u))
+        }
+        _ => None,
+    });
+    let first = found.next()?;
+    // Two identities in one certificate is ambiguous; treat it as none.
+    if found.next().is_some() {
+        return None;
+    }
+    first
+}
+
+pub fn identity_of_file(path: &Path) -> Result<Identity, TlsError> {
+    let certs = load_certs(path)?;
+    identity_of(&certs[0]).ok_or_else(|| TlsError::NoIdentity {
+        path: path.to_path_buf(),
+    })
+}

@@ -1,1 +1,12 @@
-//! stub: sys/mod.rs (being written)
+//! Seams for every side effect the agent and controller have on the host: spawning
+//! processes, the clock, the boot id, host facts, and crash-safe file writes.
+//!
+//! Invariant: nothing outside `sys` spawns a process, reads the boot id or gathers host
+//! facts, so a reader can audit what fieldhand does to a machine from this module alone.
+
+pub mod bootid;
+pub mod child;
+pub mod clock;
+pub mod facts;
+pub mod fsutil;
+pub mod process;

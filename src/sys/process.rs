@@ -1,0 +1,422 @@
+//! Running one script as its own process group, with a hard timeout, cancellation, and
+//! bounded output capture.
+//!
+//! Invariant: when `ScriptRun::wait` returns, no process of the script's group is left
+//! running (stopped with SIGTERM, then SIGKILL after the grace period; leftovers of a
+//! script that exited normally are SIGKILLed). Only a process that leaves the group
+//! (setsid) can escape, and it cannot keep `wait` from returning.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// How long to keep reading pipes after the group is gone; a process that escaped the
+/// group may hold them open forever.
+const PIPE_DRAIN: Duration = Duration::from_secs(2);
+/// How often to look for survivors during the grace period.
+const POLL: Duration = Duration::from_millis(20);
+
+pub struct ScriptSpec {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    /// The whole environment: nothing is inherited from the agent.
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+    pub timeout: Duration,
+    /// SIGTERM to SIGKILL.
+    pub kill_grace: Duration,
+}
+
+/// Keeps the first `head` and last `tail` bytes of a stream and counts what fell between.
+#[derive(Debug, Clone)]
+pub struct Capture {
+    head: Vec<u8>,
+    tail: VecDeque<u8>,
+    head_max: usize,
+    tail_max: usize,
+    total: u64,
+}
+
+impl Capture {
+    pub fn new(head: usize, tail: usize) -> Self {
+        Capture {
+            head: Vec::new(),
+            tail: VecDeque::new(),
+            head_max: head,
+            tail_max: tail,
+            total: 0,
+        }
+    }
+
+    pub fn push(&mut self, mut bytes: &[u8]) {
+        self.total += bytes.len() as u64;
+        let room = self.head_max - self.head.len();
+        if room > 0 {
+            let n = room.min(bytes.len());
+            self.head.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+        }
+        if bytes.len() >= self.tail_max {
+            self.tail.clear();
+            self.tail.extend(&bytes[bytes.len() - self.tail_max..]);
+        } else {
+            let overflow = (self.tail.len() + bytes.len()).saturating_sub(self.tail_max);
+            self.tail.drain(..overflow);
+            self.tail.extend(bytes);
+        }
+    }
+
+    /// Appends another capture as if its bytes had followed ours.
+    pub fn append(&mut self, other: &Capture) {
+        self.push(&other.head);
+        let skipped = other.omitted();
+        if skipped > 0 {
+            // `other` is truncated, so its tail is full and pushes out everything before it.
+            self.total += skipped;
+            self.tail.clear();
+        }
+        let tail: Vec<u8> = other.tail.iter().copied().collect();
+        self.push(&tail);
+    }
+
+    fn omitted(&self) -> u64 {
+        self.total - self.head.len() as u64 - self.tail.len() as u64
+    }
+
+    pub fn is_truncated(&self) -> bool {
+        self.omitted() > 0
+    }
+
+    /// Lossy UTF-8, with a marker where bytes were dropped.
+    pub fn to_text(&self) -> String {
+        let mut s = String::from_utf8_lossy(&self.head).into_owned();
+        let omitted = self.omitted();
+        if omitted > 0 {
+            s.push_str(&format!("\n…[{omitted} bytes omitted]…\n"));
+        }
+        let tail: Vec<u8> = self.tail.iter().copied().collect();
+        s.push_str(&String::from_utf8_lossy(&tail));
+        s
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Exited(i32),
+    Signaled(i32),
+    TimedOut,
+    Cancelled,
+}
+
+#[derive(Debug)]
+pub struct Outcome {
+    pub ending: Ending,
+    pub stdout: Capture,
+    pub stderr: Capture,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+}
+
+/// A started script. `pgid` is known before `wait`, so the caller can persist it: if the
+/// agent dies, the next start can kill what is left.
+pub struct ScriptRun {
+    pub pgid: i32,
+    child: tokio::process::Child,
+    readers: [(Arc<Mutex<Capture>>, JoinHandle<()>); 2],
+    cancel_rx: watch::Receiver<bool>,
+    cancel_tx: Arc<watch::Sender<bool>>,
+    timeout: Duration,
+    kill_grace: Duration,
+}
+
+#[derive(Clone)]
+pub struct Canceller(Arc<watch::Sender<bool>>);
+
+impl Canceller {
+    pub fn cancel(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+pub async fn spawn(spec: ScriptSpec, head: usize, tail: usize) -> Result<ScriptRun, ProcessError> {
+    let mut cmd = tokio::process::Command::new(&spec.program);
+    cmd.args(&spec.args)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(false);
+    let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn {
+        program: spec.program.display().to_string(),
+        source,
+    })?;
+    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+    let reader = |pipe: Option<Box<dyn AsyncRead + Send + Unpin>>| {
+        let cap = Arc::new(Mutex::new(Capture::new(head, tail)));
+        let sink = cap.clone();
+        let task = tokio::spawn(async move {
+            let Some(mut pipe) = pipe else { return };
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match pipe.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => sink.lock().unwrap_or_else(|p| p.into_inner()).push(&buf[..n]),
+                }
+            }
+        });
+        (cap, task)
+    };
+    let out = child.stdout.take().map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>);
+    let err = child.stderr.take().map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>);
+    let (tx, rx) = watch::channel(false);
+    Ok(ScriptRun {
+        pgid,
+        child,
+        readers: [reader(out), reader(err)],
+        cancel_rx: rx,
+        cancel_tx: Arc::new(tx),
+        timeout: spec.timeout,
+        kill_grace: spec.kill_grace,
+    })
+}
+
+impl ScriptRun {
+    pub fn canceller(&self) -> Canceller {
+        Canceller(self.cancel_tx.clone())
+    }
+
+    pub async fn wait(mut self) -> Outcome {
+        let stop = tokio::select! {
+            s = self.child.wait() => Err(s),
+            _ = tokio::time::sleep(self.timeout) => Ok(Ending::TimedOut),
+            _ = self.cancel_rx.wait_for(|c| *c) => Ok(Ending::Cancelled),
+        };
+        let ending = match stop {
+            Err(status) => {
+                // The script is done; anything it left running in its group goes with it.
+                let _ = kill_group(self.pgid, Signal::SIGKILL);
+                match status {
+                    Ok(s) => match (s.code(), s.signal()) {
+                        (Some(c), _) => Ending::Exited(c),
+                        (None, Some(sig)) => Ending::Signaled(sig),
+                        (None, None) => Ending::Signaled(0),
+                    },
+                    Err(_) => Ending::Signaled(0),
+                }
+            }
+            Ok(ending) => {
+                self.stop_group().await;
+                ending
+            }
+        };
+        let [(out, out_task), (err, err_task)] = self.readers;
+        let drain = async {
+            let _ = out_task.await;
+            let _ = err_task.await;
+        };
+        if tokio::time::timeout(PIPE_DRAIN, drain).await.is_err() {
+            tracing::warn!(
+                pgid = self.pgid,
+                "a process outside the script's group still holds its output open; output capture stopped"
+            );
+        }
+        let take = |c: Arc<Mutex<Capture>>| c.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Outcome {
+            ending,
+            stdout: take(out),
+            stderr: take(err),
+        }
+    }
+
+    /// SIGTERM the group, give it `kill_grace` to go, then SIGKILL whatever is left.
+    async fn stop_group(&mut self) {
+        let _ = kill_group(self.pgid, Signal::SIGTERM);
+        let deadline = tokio::time::Instant::now() + self.kill_grace;
+        let mut leader_done = false;
+        while tokio::time::Instant::now() < deadline {
+            if !leader_done {
+                leader_done = matches!(self.child.try_wait(), Ok(Some(_)));
+            }
+            if leader_done && !group_alive(self.pgid) {
+                return;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        let _ = kill_group(self.pgid, Signal::SIGKILL);
+        let _ = self.child.wait().await;
+    }
+}
+
+/// Signals every process in group `pgid`. `Ok(false)` if the group no longer exists.
+/// Refuses pgid 0 and 1, which would mean our own group or init's.
+pub fn kill_group(pgid: i32, sig: Signal) -> Result<bool, nix::Error> {
+    if pgid <= 1 {
+        return Err(Errno::EINVAL);
+    }
+    match killpg(Pid::from_raw(pgid), sig) {
+        Ok(()) => Ok(true),
+        Err(Errno::ESRCH) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether any non-zombie process is in group `pgid`. Zombies count as gone: they run no
+/// code, and a parent that never reaps (e.g. a minimal PID 1) would keep them forever.
+pub fn group_alive(pgid: i32) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten()
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .any(|e| {
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                return false;
+            };
+            // Fields after the command, which may itself contain spaces or ')'.
+            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+                return false;
+            };
+            let mut f = rest.split_whitespace();
+            let state = f.next();
+            let _ppid = f.next();
+            let pgrp = f.next().and_then(|p| p.parse::<i32>().ok());
+            pgrp == Some(pgid) && !matches!(state, Some("Z") | Some("X"))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_keeps_head_and_tail() {
+        let mut c = Capture::new(4, 3);
+        c.push(b"ab");
+        assert_eq!((c.to_text().as_str(), c.is_truncated()), ("ab", false));
+        c.push(b"cdefg");
+        assert_eq!((c.to_text().as_str(), c.is_truncated()), ("abcdefg", false));
+        c.push(b"hij");
+        assert!(c.is_truncated());
+        assert_eq!(c.to_text(), "abcd\n…[3 bytes omitted]…\nhij");
+        c.push(b"0123456789");
+        assert_eq!(c.to_text(), "abcd\n…[13 bytes omitted]…\n789");
+    }
+
+    #[test]
+    fn append_matches_pushing_the_same_bytes() {
+        let data: Vec<u8> = (0..200u8).collect();
+        for split in [0usize, 3, 50, 120, 199] {
+            let mut whole = Capture::new(16, 8);
+            whole.push(&data[..10]);
+            whole.push(&data[10..]);
+            let mut a = Capture::new(16, 8);
+            a.push(&data[..10]);
+            let mut b = Capture::new(16, 8);
+            b.push(&data[10..10 + split.min(190)]);
+            b.push(&data[10 + split.min(190)..]);
+            a.append(&b);
+            assert_eq!(a.to_text(), whole.to_text(), "split {split}");
+        }
+    }
+
+    fn spec(script: &str, timeout_ms: u64) -> ScriptSpec {
+        ScriptSpec {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: vec![("PATH".into(), "/usr/bin:/bin".into()), ("X".into(), "42".into())],
+            cwd: std::env::temp_dir(),
+            timeout: Duration::from_millis(timeout_ms),
+            kill_grace: Duration::from_millis(300),
+        }
+    }
+
+    #[tokio::test]
+    async fn exit_code_output_and_environment() {
+        let run = spawn(spec("echo out $X; echo err >&2; [ -z \"$HOME\" ] && exit 3", 10_000), 100, 100)
+            .await
+            .unwrap();
+        let o = run.wait().await;
+        assert_eq!(o.ending, Ending::Exited(3));
+        assert_eq!(o.stdout.to_text(), "out 42\n");
+        assert_eq!(o.stderr.to_text(), "err\n");
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_group_even_if_it_ignores_term() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let script = format!(
+            "trap '' TERM; (trap '' TERM; echo $$ > /dev/null; sh -c 'echo $$ > {p}; trap \"\" TERM; while :; do sleep 0.05; done') & wait",
+            p = pidfile.display()
+        );
+        let run = spawn(spec(&script, 300), 100, 100).await.unwrap();
+        let pgid = run.pgid;
+        let o = run.wait().await;
+        assert_eq!(o.ending, Ending::TimedOut);
+        assert!(!group_alive(pgid), "group {pgid} survived");
+        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rfind(')').map(|i| stat[i + 1..].split_whitespace().next().unwrap_or("")).unwrap_or("");
+        assert!(state.is_empty() || state == "Z", "grandchild {pid} still running: {stat}");
+    }
+
+    #[tokio::test]
+    async fn background_leftovers_die_with_a_finished_script() {
+        let run = spawn(spec("sleep 30 & exit 0", 10_000), 100, 100).await.unwrap();
+        let pgid = run.pgid;
+        let o = run.wait().await;
+        assert_eq!(o.ending, Ending::Exited(0));
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while group_alive(pgid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!group_alive(pgid));
+    }
+
+    #[tokio::test]
+    async fn cancel_stops_the_script() {
+        let run = spawn(spec("echo started; sleep 30", 60_000), 100, 100).await.unwrap();
+        let c = run.canceller();
+        let waiter = tokio::spawn(run.wait());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        c.cancel();
+        let o = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        assert_eq!(o.ending, Ending::Cancelled);
+        assert_eq!(o.stdout.to_text(), "started\n");
+    }
+
+    #[tokio::test]
+    async fn missing_program_is_a_spawn_error_naming_it() {
+        let mut s = spec("true", 1000);
+        s.program = "/nonexistent/interp".into();
+        let e = spawn(s, 10, 10).await.err().unwrap();
+        assert!(e.to_string().contains("/nonexistent/interp"), "{e}");
+    }
+
+    #[test]
+    fn refuses_to_signal_our_own_or_inits_group() {
+        assert_eq!(kill_group(0, Signal::SIGTERM), Err(Errno::EINVAL));
+        assert_eq!(kill_group(1, Signal::SIGTERM), Err(Errno::EINVAL));
+    }
+}
