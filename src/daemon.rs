@@ -19,11 +19,17 @@ pub enum LogSink {
 /// Under systemd (`JOURNAL_STREAM` set and the journald socket present) records go to journald
 /// with structured fields; otherwise plain text to stderr, without colours when not a terminal.
 pub fn init_logging() -> LogSink {
-    let filter = || EnvFilter::try_from_env("FIELDHAND_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        || EnvFilter::try_from_env("FIELDHAND_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
     if under_systemd && Path::new(JOURNALD_SOCKET).exists() {
         if let Ok(layer) = tracing_journald::layer() {
-            if tracing_subscriber::registry().with(filter()).with(layer).try_init().is_ok() {
+            if tracing_subscriber::registry()
+                .with(filter())
+                .with(layer)
+                .try_init()
+                .is_ok()
+            {
                 tracing::info!("logging to journald");
                 return LogSink::Journald;
             }
@@ -37,9 +43,15 @@ pub fn init_logging() -> LogSink {
         .with_target(false);
     // journald adds its own timestamps to captured stderr.
     let result = if under_systemd {
-        tracing_subscriber::registry().with(filter()).with(fmt.without_time()).try_init()
+        tracing_subscriber::registry()
+            .with(filter())
+            .with(fmt.without_time())
+            .try_init()
     } else {
-        tracing_subscriber::registry().with(filter()).with(fmt).try_init()
+        tracing_subscriber::registry()
+            .with(filter())
+            .with(fmt)
+            .try_init()
     };
     if result.is_ok() {
         tracing::debug!("logging to stderr");
@@ -50,7 +62,10 @@ pub fn init_logging() -> LogSink {
 /// Completes on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the process still dies on the default action.
         std::future::pending::<()>().await;
         return;

@@ -43,3 +43,16 @@ impl From<Exit> for std::process::ExitCode {
         std::process::ExitCode::from(e.code())
     }
 }
+
+/// Parses the command line; `--help`/`--version` map to `Ok` and bad flags to `Usage`,
+/// after clap has printed its message.
+pub fn parse_args<P: clap::Parser>() -> Result<P, Exit> {
+    P::try_parse().map_err(|e| {
+        let _ = e.print();
+        if e.use_stderr() {
+            Exit::Usage
+        } else {
+            Exit::Ok
+        }
+    })
+}

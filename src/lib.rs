@@ -1,10 +1,56 @@
-//! fieldhand: a fleet agent and its controller (code map below is filled in as modules land).
+//! fieldhand: a fleet agent (`fieldhand`) and its controller (`fieldhand-controller`) that
+//! run operator work on Linux desktops and hypervisor hosts over mutual TLS, and report every
+//! result back exactly once.
+//!
+//! # Code map, in reading order
+//!
+//! - [`proto`]: every wire type (agent protocol, operator API, status socket, the agent's
+//!   on-disk records, raw config files). Start here: it is the contract.
+//! - [`config`]: raw TOML (`deny_unknown_fields`) into validated configs; errors name the key.
+//! - [`pki`]: the fleet CA, certificate issuance, and [`pki::Identity`] (role + name) bound
+//!   in each certificate as a URI SAN.
+//! - [`tls`]: rustls server/client configs and reading the identity from a verified cert.
+//! - [`net`]: the HTTPS client and the accept loop that hands each request to a handler
+//!   with the peer identity.
+//! - [`sys`]: every side effect on the host: processes (script runs in their own process
+//!   group), clock, boot id, host facts, crash-safe file writes.
+//! - [`controller`]: `serve` (router, operator API, agent protocol), the pure rollout rules
+//!   of gray batches, the engine that advances tasks, the SQLite store, and the quickstart.
+//! - [`agent`]: `run`: one core task owning the state, the pure state machine
+//!   (`agent::machine::step`), the durable state file and outbox, the executor, the links to
+//!   the controller (long poll, heartbeat, event delivery) and the local status socket.
+//! - [`daemon`], [`exit`]: logging, shutdown signals and exit codes shared by the binaries.
+//!
+//! Entry points: `src/bin/fieldhand.rs` (`agent`, `status`) and
+//! `src/bin/fieldhand-controller.rs` (`serve`, `pki`, `quickstart`); each only parses
+//! arguments, loads config and calls one `run`/`serve`.
+//!
+//! # Architecture invariants
+//!
+//! - Only `proto` derives `Serialize`/`Deserialize`; internal types convert to and from it.
+//! - Only `sys` spawns processes or reads the boot id (checked by `tests/it/tidy.rs`).
+//! - Identity comes only from the verified peer certificate, never from a request field; an
+//!   agent certificate may only use `/agent/v1`, an operator certificate only `/v1`.
+//! - The agent's state machine is pure: `step(state, event, now) -> (state, effects)`; the
+//!   core loop performs the effects in order, and persists the state (atomic write) before
+//!   a script starts and before a result is handed to the outbox.
+//! - Every result leaves the agent through the durable outbox under an idempotency key
+//!   (`<assignment_id>:result`); the controller applies each key at most once, so retries
+//!   and restarts on either side never double-count and never lose a result.
+//! - An interrupted run is never re-run silently: on restart the agent kills the recorded
+//!   process group (same boot only) and reports `AGENT_RESTARTED` once.
+//! - When a script run ends, no process of its process group is left (SIGTERM, grace,
+//!   SIGKILL on timeout or cancel; SIGKILL for leftovers of a normal exit).
+//! - Every controller state change happens in one store transaction; the store is the only
+//!   module that speaks SQL.
+//! - Config is validated before any socket is bound.
+//! - Every file starts with a `//!` line saying what it is for (checked by `tests/it/tidy.rs`).
 
 pub mod agent;
 pub mod config;
 pub mod controller;
-pub mod exit;
 pub mod daemon;
+pub mod exit;
 pub mod net;
 pub mod pki;
 pub mod proto;

@@ -10,7 +10,11 @@ use fieldhand::exit::Exit;
 use fieldhand::pki::Identity;
 
 #[derive(Parser)]
-#[command(name = "fieldhand-controller", version, about = "fieldhand controller, PKI bootstrap and quickstart")]
+#[command(
+    name = "fieldhand-controller",
+    version,
+    about = "fieldhand controller, PKI bootstrap and quickstart"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -67,12 +71,9 @@ enum PkiCmd {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match fieldhand::exit::parse_args() {
         Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() { Exit::Usage } else { Exit::Ok }.into();
-        }
+        Err(code) => return code.into(),
     };
     match cli.cmd {
         Cmd::Serve { config } => serve(config),
@@ -105,7 +106,10 @@ fn serve(config: PathBuf) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match rt.block_on(fieldhand::controller::serve(cfg, fieldhand::daemon::shutdown_signal())) {
+    match rt.block_on(fieldhand::controller::serve(
+        cfg,
+        fieldhand::daemon::shutdown_signal(),
+    )) {
         Ok(()) => Exit::Ok.into(),
         Err(e) => {
             let code = e.exit();
@@ -121,7 +125,11 @@ fn pki(cmd: PkiCmd) -> ExitCode {
                 println!("wrote {}", p.display());
             }
         }),
-        PkiCmd::Issue { dir, agent, operator } => {
+        PkiCmd::Issue {
+            dir,
+            agent,
+            operator,
+        } => {
             let who = match (agent, operator) {
                 (Some(a), _) => Identity::agent(a),
                 (None, Some(o)) => Identity::operator(o),
@@ -166,7 +174,10 @@ fn quickstart(dir: PathBuf, agents: u32, exit: bool) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match rt.block_on(fieldhand::controller::quickstart::run(opts, fieldhand::daemon::shutdown_signal())) {
+    match rt.block_on(fieldhand::controller::quickstart::run(
+        opts,
+        fieldhand::daemon::shutdown_signal(),
+    )) {
         Ok(report) if report.task.state == "SUCCEEDED" => Exit::Ok.into(),
         Ok(_) => Exit::Failure.into(),
         Err(e) => {

@@ -10,7 +10,11 @@ use fieldhand::config::agent::{AgentConfig, DEFAULT_PATH, DEFAULT_SOCKET_PATH};
 use fieldhand::exit::Exit;
 
 #[derive(Parser)]
-#[command(name = "fieldhand", version, about = "fieldhand fleet agent and local CLI")]
+#[command(
+    name = "fieldhand",
+    version,
+    about = "fieldhand fleet agent and local CLI"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -39,16 +43,17 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match fieldhand::exit::parse_args() {
         Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() { Exit::Usage } else { Exit::Ok }.into();
-        }
+        Err(code) => return code.into(),
     };
     match cli.cmd {
         Cmd::Agent { config } => agent(config),
-        Cmd::Status { json, config, socket } => status(json, config, socket),
+        Cmd::Status {
+            json,
+            config,
+            socket,
+        } => status(json, config, socket),
     }
 }
 
@@ -75,7 +80,10 @@ fn agent(config: PathBuf) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match rt.block_on(fieldhand::agent::run(cfg, fieldhand::daemon::shutdown_signal())) {
+    match rt.block_on(fieldhand::agent::run(
+        cfg,
+        fieldhand::daemon::shutdown_signal(),
+    )) {
         Ok(()) => Exit::Ok.into(),
         Err(e) => {
             let err = anyhow::Error::new(e);
@@ -104,7 +112,10 @@ fn status(json: bool, config: Option<PathBuf>, socket: Option<PathBuf>) -> ExitC
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match rt.block_on(fieldhand::agent::status::query(&socket, Duration::from_secs(5))) {
+    match rt.block_on(fieldhand::agent::status::query(
+        &socket,
+        Duration::from_secs(5),
+    )) {
         Ok(report) => {
             if json {
                 match serde_json::to_string_pretty(&report) {

@@ -331,7 +331,9 @@ impl ControllerError {
         use crate::exit::Exit;
         match self {
             ControllerError::Tls(_) => Exit::Config,
-            ControllerError::DataDir { .. } | ControllerError::ListenAddr { .. } => Exit::CantCreate,
+            ControllerError::DataDir { .. } | ControllerError::ListenAddr { .. } => {
+                Exit::CantCreate
+            }
             ControllerError::Store(_) => Exit::IoErr,
             ControllerError::Bind { .. } => Exit::Unavailable,
             ControllerError::Net(_) => Exit::Software,

@@ -64,16 +64,20 @@ impl QuickstartError {
             QuickstartError::Agents(_) => Exit::Usage,
             QuickstartError::Io { .. } => Exit::CantCreate,
             QuickstartError::Pki(_) | QuickstartError::Tls(_) => Exit::Config,
-            QuickstartError::Api(_) | QuickstartError::Timeout { .. } | QuickstartError::ChildDied { .. } => {
-                Exit::Unavailable
-            }
+            QuickstartError::Api(_)
+            | QuickstartError::Timeout { .. }
+            | QuickstartError::ChildDied { .. } => Exit::Unavailable,
         }
     }
 }
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> QuickstartError {
     let path = path.to_path_buf();
-    move |source| QuickstartError::Io { action, path, source }
+    move |source| QuickstartError::Io {
+        action,
+        path,
+        source,
+    }
 }
 
 fn write(path: &Path, text: &str) -> Result<(), QuickstartError> {
@@ -94,7 +98,10 @@ pub struct Report {
     pub task: api::Task,
 }
 
-pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>) -> Result<Report, QuickstartError> {
+pub async fn run(
+    opts: Options,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<Report, QuickstartError> {
     if !(1..=50).contains(&opts.agents) {
         return Err(QuickstartError::Agents(opts.agents));
     }
@@ -139,11 +146,22 @@ pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>)
     )
     .map_err(io("start", &opts.controller_bin))?;
     children.push((controller, clog.clone()));
-    let addr = wait_for(&mut children, "the controller to listen", Duration::from_secs(20), dir, || {
-        std::fs::read_to_string(&addr_file).ok().map(|s| s.trim().to_string())
-    })
+    let addr = wait_for(
+        &mut children,
+        "the controller to listen",
+        Duration::from_secs(20),
+        dir,
+        || {
+            std::fs::read_to_string(&addr_file)
+                .ok()
+                .map(|s| s.trim().to_string())
+        },
+    )
     .await?;
-    println!("controller listening on https://{addr} (logs: {})", clog.display());
+    println!(
+        "controller listening on https://{addr} (logs: {})",
+        clog.display()
+    );
 
     // Agents.
     for i in 1..=opts.agents {
@@ -165,8 +183,13 @@ pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>)
             ),
         )?;
         let log = adir.join("agent.log");
-        let c = child::spawn_logged(&id, &opts.agent_bin, ["agent", "--config", &acfg.display().to_string()], &log)
-            .map_err(io("start", &opts.agent_bin))?;
+        let c = child::spawn_logged(
+            &id,
+            &opts.agent_bin,
+            ["agent", "--config", &acfg.display().to_string()],
+            &log,
+        )
+        .map_err(io("start", &opts.agent_bin))?;
         children.push((c, log));
     }
 
@@ -179,11 +202,23 @@ pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>)
     let t = Duration::from_secs(10);
     let want = opts.agents as usize;
     let expected: Vec<String> = (1..=opts.agents).map(|i| format!("qs-agent-{i}")).collect();
-    wait_for_async(&mut children, "every agent to connect", Duration::from_secs(30), dir, || async {
-        let ms: Vec<api::Machine> = client.json::<(), _>(Method::GET, "/v1/machines", None, t).await.ok()?;
-        let online = ms.iter().filter(|m| m.online && expected.contains(&m.machine_id)).count();
-        (online >= want).then_some(())
-    })
+    wait_for_async(
+        &mut children,
+        "every agent to connect",
+        Duration::from_secs(30),
+        dir,
+        || async {
+            let ms: Vec<api::Machine> = client
+                .json::<(), _>(Method::GET, "/v1/machines", None, t)
+                .await
+                .ok()?;
+            let online = ms
+                .iter()
+                .filter(|m| m.online && expected.contains(&m.machine_id))
+                .count();
+            (online >= want).then_some(())
+        },
+    )
     .await?;
     println!("{want} agents connected in pool {POOL:?}");
 
@@ -207,17 +242,31 @@ pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>)
         ..Default::default()
     };
     let created: api::TaskCreated = client
-        .json(Method::POST, &format!("/v1/pools/{POOL}/script-executions"), Some(&req), t)
+        .json(
+            Method::POST,
+            &format!("/v1/pools/{POOL}/script-executions"),
+            Some(&req),
+            t,
+        )
         .await?;
     println!(
         "submitted task {} (gray batch of 1, then the rest; halts if the gray machine fails)\n",
         created.task_id
     );
     let path = format!("/v1/tasks/{}", created.task_id);
-    let task = wait_for_async(&mut children, "the task to finish", Duration::from_secs(180), dir, || async {
-        let task: api::Task = client.json::<(), _>(Method::GET, &path, None, t).await.ok()?;
-        task.finished_at.is_some().then_some(task)
-    })
+    let task = wait_for_async(
+        &mut children,
+        "the task to finish",
+        Duration::from_secs(180),
+        dir,
+        || async {
+            let task: api::Task = client
+                .json::<(), _>(Method::GET, &path, None, t)
+                .await
+                .ok()?;
+            task.finished_at.is_some().then_some(task)
+        },
+    )
     .await?;
     print!("{}", table(&task));
     println!("\ntask {} {}", task.task_id, task.state);
@@ -304,7 +353,9 @@ pub fn table(task: &api::Task) -> String {
             m.machine_id,
             m.batch,
             m.state,
-            m.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+            m.exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
             m.error_code.as_deref().unwrap_or("-"),
             first
         ));

@@ -95,7 +95,10 @@ impl HttpsClient {
         .await
         {
             Ok(r) => r,
-            Err(_) => Err(NetError::Timeout { url, after: timeout }),
+            Err(_) => Err(NetError::Timeout {
+                url,
+                after: timeout,
+            }),
         }
     }
 

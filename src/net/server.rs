@@ -135,11 +135,7 @@ pub fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Respo
 }
 
 /// The API's one error shape: `{error_code, error_msg}`.
-pub fn error_response(
-    status: StatusCode,
-    code: &str,
-    msg: impl Into<String>,
-) -> Response<Body> {
+pub fn error_response(status: StatusCode, code: &str, msg: impl Into<String>) -> Response<Body> {
     let body = ErrorBody {
         error_code: code.to_string(),
         error_msg: msg.into(),

@@ -10,9 +10,8 @@ pub fn now() -> OffsetDateTime {
 
 /// `2026-11-24T10:00:00.123Z`: fixed width, so timestamps also sort as strings.
 pub fn rfc3339(t: OffsetDateTime) -> String {
-    let fmt = format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
+    let fmt =
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
     t.to_offset(UtcOffset::UTC)
         .format(&fmt)
         .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".to_string())
@@ -44,7 +43,10 @@ mod tests {
         let t = parse_rfc3339("2026-11-24T11:00:00.123456+01:00").unwrap();
         assert_eq!(rfc3339(t), "2026-11-24T10:00:00.123Z");
         let ms = unix_ms(t);
-        assert_eq!(rfc3339(from_unix_ms(ms).unwrap()), "2026-11-24T10:00:00.123Z");
+        assert_eq!(
+            rfc3339(from_unix_ms(ms).unwrap()),
+            "2026-11-24T10:00:00.123Z"
+        );
         assert!(parse_rfc3339("yesterday").is_none());
     }
 }

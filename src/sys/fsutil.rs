@@ -8,7 +8,10 @@ use std::path::Path;
 
 /// temp file in the same directory, write, fsync, rename over `path`, fsync the directory.
 pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
@@ -48,7 +51,10 @@ pub fn ensure_dir(path: &Path, mode: u32) -> io::Result<()> {
             format!("{} exists and is not a directory", path.display()),
         )),
         Err(_) => {
-            fs::DirBuilder::new().recursive(true).mode(mode).create(path)?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(path)?;
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                 fsync_dir(parent)?;
             }
@@ -75,7 +81,10 @@ mod tests {
         assert_eq!(fs::read(&p).unwrap(), b"two");
         let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
     }
 

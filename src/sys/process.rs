@@ -181,14 +181,23 @@ pub async fn spawn(spec: ScriptSpec, head: usize, tail: usize) -> Result<ScriptR
             loop {
                 match pipe.read(&mut buf).await {
                     Ok(0) | Err(_) => return,
-                    Ok(n) => sink.lock().unwrap_or_else(|p| p.into_inner()).push(&buf[..n]),
+                    Ok(n) => sink
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(&buf[..n]),
                 }
             }
         });
         (cap, task)
     };
-    let out = child.stdout.take().map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>);
-    let err = child.stderr.take().map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>);
+    let out = child
+        .stdout
+        .take()
+        .map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>);
+    let err = child
+        .stderr
+        .take()
+        .map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>);
     let (tx, rx) = watch::channel(false);
     Ok(ScriptRun {
         pgid,
@@ -288,7 +297,12 @@ pub fn group_alive(pgid: i32) -> bool {
         return false;
     };
     dir.flatten()
-        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
         .any(|e| {
             let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
                 return false;
@@ -344,7 +358,10 @@ mod tests {
         ScriptSpec {
             program: "/bin/sh".into(),
             args: vec!["-c".into(), script.into()],
-            env: vec![("PATH".into(), "/usr/bin:/bin".into()), ("X".into(), "42".into())],
+            env: vec![
+                ("PATH".into(), "/usr/bin:/bin".into()),
+                ("X".into(), "42".into()),
+            ],
             cwd: std::env::temp_dir(),
             timeout: Duration::from_millis(timeout_ms),
             kill_grace: Duration::from_millis(300),
@@ -353,9 +370,16 @@ mod tests {
 
     #[tokio::test]
     async fn exit_code_output_and_environment() {
-        let run = spawn(spec("echo out $X; echo err >&2; [ -z \"$HOME\" ] && exit 3", 10_000), 100, 100)
-            .await
-            .unwrap();
+        let run = spawn(
+            spec(
+                "echo out $X; echo err >&2; [ -z \"$HOME\" ] && exit 3",
+                10_000,
+            ),
+            100,
+            100,
+        )
+        .await
+        .unwrap();
         let o = run.wait().await;
         assert_eq!(o.ending, Ending::Exited(3));
         assert_eq!(o.stdout.to_text(), "out 42\n");
@@ -375,15 +399,27 @@ mod tests {
         let o = run.wait().await;
         assert_eq!(o.ending, Ending::TimedOut);
         assert!(!group_alive(pgid), "group {pgid} survived");
-        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat.rfind(')').map(|i| stat[i + 1..].split_whitespace().next().unwrap_or("")).unwrap_or("");
-        assert!(state.is_empty() || state == "Z", "grandchild {pid} still running: {stat}");
+        let state = stat
+            .rfind(')')
+            .map(|i| stat[i + 1..].split_whitespace().next().unwrap_or(""))
+            .unwrap_or("");
+        assert!(
+            state.is_empty() || state == "Z",
+            "grandchild {pid} still running: {stat}"
+        );
     }
 
     #[tokio::test]
     async fn background_leftovers_die_with_a_finished_script() {
-        let run = spawn(spec("sleep 30 & exit 0", 10_000), 100, 100).await.unwrap();
+        let run = spawn(spec("sleep 30 & exit 0", 10_000), 100, 100)
+            .await
+            .unwrap();
         let pgid = run.pgid;
         let o = run.wait().await;
         assert_eq!(o.ending, Ending::Exited(0));
@@ -396,12 +432,17 @@ mod tests {
 
     #[tokio::test]
     async fn cancel_stops_the_script() {
-        let run = spawn(spec("echo started; sleep 30", 60_000), 100, 100).await.unwrap();
+        let run = spawn(spec("echo started; sleep 30", 60_000), 100, 100)
+            .await
+            .unwrap();
         let c = run.canceller();
         let waiter = tokio::spawn(run.wait());
         tokio::time::sleep(Duration::from_millis(200)).await;
         c.cancel();
-        let o = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        let o = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(o.ending, Ending::Cancelled);
         assert_eq!(o.stdout.to_text(), "started\n");
     }

@@ -1,0 +1,101 @@
+//! The command line: usage and config errors map to sysexits codes, and the PKI never overwrites.
+
+use std::os::unix::fs::PermissionsExt;
+
+use crate::support::{run, Env, AGENT, CONTROLLER};
+
+#[test]
+fn usage_and_config_errors_have_distinct_exit_codes() {
+    for (bin, args) in [
+        (AGENT, vec!["--bogus"]),
+        (AGENT, vec!["status", "--config", "a", "--socket", "b"]),
+        (CONTROLLER, vec!["pki", "issue", "--dir", "x"]),
+        (CONTROLLER, vec!["nonsense"]),
+    ] {
+        let out = run(bin, &args);
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "{bin} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for bin in [AGENT, CONTROLLER] {
+        let out = run(bin, &["--help"]);
+        assert_eq!(out.status.code(), Some(0));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
+    }
+    let env = Env::new();
+    let bad = env.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "controller_url = \"http://x\"\npool_id = \"p\"\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n",
+    )
+    .unwrap();
+    let out = run(AGENT, &["agent", "--config", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("controller_url"));
+    std::fs::write(
+        &bad,
+        "listen = \"nowhere\"\ndata_dir = \"d\"\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n",
+    )
+    .unwrap();
+    let out = run(CONTROLLER, &["serve", "--config", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listen"));
+    let out = run(
+        AGENT,
+        &[
+            "agent",
+            "--config",
+            env.path().join("missing.toml").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(78));
+    // Status with no agent behind the socket: unavailable, with a hint.
+    let out = run(
+        AGENT,
+        &[
+            "status",
+            "--socket",
+            env.path().join("none.sock").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(69));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("none.sock"));
+}
+
+#[test]
+fn pki_refuses_to_overwrite_and_keeps_keys_private() {
+    let env = Env::new();
+    let pki = env.pki.to_str().unwrap();
+    let key = env.pki.join("ca-key.pem");
+    let before = std::fs::read(&key).unwrap();
+    let out = run(CONTROLLER, &["pki", "init", "--dir", pki]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exists"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&key).unwrap(), before);
+    let out = run(
+        CONTROLLER,
+        &["pki", "issue", "--dir", pki, "--operator", "op"],
+    );
+    assert_ne!(out.status.code(), Some(0));
+    for k in ["ca-key.pem", "controller-key.pem", "operators/op-key.pem"] {
+        let mode = std::fs::metadata(env.pki.join(k))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{k}");
+    }
+    let out = run(
+        CONTROLLER,
+        &["pki", "issue", "--dir", pki, "--agent", "../evil"],
+    );
+    assert_ne!(out.status.code(), Some(0));
+    assert!(!env.path().join("evil.pem").exists());
+}

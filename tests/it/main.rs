@@ -1,0 +1,11 @@
+//! The integration tests: one binary that starts the real controller and agents as processes
+//! over mutual TLS on 127.0.0.1 (port 0), each test in its own temp dir.
+
+mod batches;
+mod cli;
+mod durability;
+mod latency;
+mod security;
+mod support;
+mod tidy;
+mod validation;

@@ -1,0 +1,504 @@
+//! Test support: a PKI made with the real CLI, and the real controller and agent binaries started
+//! as processes over mutual TLS on 127.0.0.1 with port 0, each in its own temp dir.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use fieldhand::net::client::HttpsClient;
+use http::Method;
+use serde_json::{json, Value};
+
+pub const CONTROLLER: &str = env!("CARGO_BIN_EXE_fieldhand-controller");
+pub const AGENT: &str = env!("CARGO_BIN_EXE_fieldhand");
+
+pub fn run(bin: &str, args: &[&str]) -> Output {
+    Command::new(bin).args(args).output().expect("run binary")
+}
+
+/// Polls `probe` every 50 ms until it returns `Some`, or panics after `timeout` with `what`.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A temp dir with a PKI (CA, controller, operator `op`) made by `fieldhand-controller pki`.
+pub struct Env {
+    pub tmp: tempfile::TempDir,
+    pub pki: PathBuf,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let pki = tmp.path().join("pki");
+        let out = run(CONTROLLER, &["pki", "init", "--dir", pki.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "pki init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = run(
+            CONTROLLER,
+            &[
+                "pki",
+                "issue",
+                "--dir",
+                pki.to_str().unwrap(),
+                "--operator",
+                "op",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "pki issue: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        Env { tmp, pki, rt }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    pub fn issue_agent(&self, id: &str) {
+        let cert = self.pki.join("agents").join(format!("{id}.pem"));
+        if cert.exists() {
+            return;
+        }
+        let out = run(
+            CONTROLLER,
+            &[
+                "pki",
+                "issue",
+                "--dir",
+                self.pki.to_str().unwrap(),
+                "--agent",
+                id,
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "pki issue agent: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts a controller in `<tmp>/controller` on an ephemeral port.
+    pub fn controller(&self) -> Controller {
+        Controller::start(self, "127.0.0.1:0")
+    }
+
+    /// Starts an agent with machine id `id` in pool `pool`.
+    pub fn agent(&self, ctl: &Controller, id: &str, pool: &str) -> Agent {
+        self.issue_agent(id);
+        Agent::start(self, &ctl.url(), id, pool)
+    }
+
+    /// A client with the given cert/key (paths relative to the PKI dir), or none.
+    pub fn client(&self, ctl: &Controller, cert: Option<(&str, &str)>) -> Client<'_> {
+        let ca = self.pki.join("ca.pem");
+        let tls = match cert {
+            Some((c, k)) => {
+                fieldhand::tls::client_config(&ca, &self.pki.join(c), &self.pki.join(k))
+            }
+            None => fieldhand::tls::client_config_without_cert(&ca),
+        }
+        .expect("client tls");
+        self.client_with(ctl, tls)
+    }
+
+    pub fn client_with(
+        &self,
+        ctl: &Controller,
+        tls: std::sync::Arc<rustls::ClientConfig>,
+    ) -> Client<'_> {
+        Client {
+            http: HttpsClient::new(&ctl.url(), tls).expect("client"),
+            rt: &self.rt,
+        }
+    }
+
+    pub fn operator(&self, ctl: &Controller) -> Client<'_> {
+        self.client(ctl, Some(("operators/op.pem", "operators/op-key.pem")))
+    }
+
+    pub fn agent_client(&self, ctl: &Controller, id: &str) -> Client<'_> {
+        self.issue_agent(id);
+        let cert = format!("agents/{id}.pem");
+        let key = format!("agents/{id}-key.pem");
+        self.client(ctl, Some((&cert, &key)))
+    }
+}
+
+/// A JSON client over mutual TLS.
+pub struct Client<'a> {
+    pub http: HttpsClient,
+    rt: &'a tokio::runtime::Runtime,
+}
+
+impl Client<'_> {
+    /// `(status, body)`; transport failures are `Err`.
+    pub fn try_call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value), String> {
+        let bytes = body.map(|b| bytes::Bytes::from(serde_json::to_vec(&b).unwrap()));
+        let res = self.rt.block_on(self.http.request(
+            method,
+            path,
+            bytes,
+            Some("application/json"),
+            Duration::from_secs(30),
+        ));
+        match res {
+            Ok((status, body)) => {
+                let v = if body.is_empty() {
+                    Value::Null
+                } else {
+                    serde_json::from_slice(&body)
+                        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()))
+                };
+                Ok((status.as_u16(), v))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    pub fn call(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.try_call(method, path, body).expect("request")
+    }
+
+    pub fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(Method::POST, path, Some(body))
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        self.call(Method::GET, path, None)
+    }
+
+    /// Submits a script execution; panics unless accepted. Returns the task id.
+    pub fn execute(&self, pool: &str, body: Value) -> String {
+        let (status, v) = self.post(&format!("/v1/pools/{pool}/script-executions"), body);
+        assert_eq!(status, 200, "script-executions refused: {v}");
+        v["task_id"].as_str().expect("task_id").to_string()
+    }
+
+    pub fn task(&self, id: &str) -> Value {
+        let (status, v) = self.get(&format!("/v1/tasks/{id}"));
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+
+    pub fn wait_task(&self, id: &str, timeout: Duration) -> Value {
+        wait_until(&format!("task {id} to finish"), timeout, || {
+            let t = self.task(id);
+            (!t["finished_at"].is_null()).then_some(t)
+        })
+    }
+
+    /// Waits until the machine's state in the task is `state`.
+    pub fn wait_machine_state(
+        &self,
+        task: &str,
+        machine: &str,
+        state: &str,
+        timeout: Duration,
+    ) -> Value {
+        wait_until(
+            &format!("{machine} to be {state} in {task}"),
+            timeout,
+            || {
+                let t = self.task(task);
+                let m = machine_of(&t, machine).clone();
+                (m["state"] == state).then_some(m)
+            },
+        )
+    }
+
+    pub fn wait_online(&self, ids: &[&str], timeout: Duration) {
+        wait_until(&format!("machines {ids:?} online"), timeout, || {
+            let (status, v) = self.get("/v1/machines");
+            assert_eq!(status, 200, "{v}");
+            let online: Vec<&str> = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|m| m["online"] == true)
+                .filter_map(|m| m["machine_id"].as_str())
+                .collect();
+            ids.iter().all(|id| online.contains(id)).then_some(())
+        })
+    }
+
+    pub fn script(&self, name: &str, command_type: &str, content: &str) -> String {
+        let (status, v) = self.post(
+            "/v1/scripts",
+            json!({"name": name, "command_type": command_type, "content": content}),
+        );
+        assert_eq!(status, 200, "{v}");
+        v["script_id"].as_str().unwrap().to_string()
+    }
+}
+
+pub fn machine_of<'a>(task: &'a Value, id: &str) -> &'a Value {
+    task["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["machine_id"] == id)
+        .unwrap_or_else(|| panic!("{id} not in task {task}"))
+}
+
+fn spawn(bin: &str, args: &[&str], log: &Path) -> Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(bin)
+        .args(args)
+        .env("FIELDHAND_LOG", "debug")
+        // Scripts must never see the agent's environment.
+        .env("FIELDHAND_TEST_LEAK", "leaked")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("spawn")
+}
+
+fn sigkill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+pub struct Controller {
+    pub dir: PathBuf,
+    pub addr: String,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Controller {
+    fn start(env: &Env, listen: &str) -> Self {
+        let dir = env.path().join("controller");
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("controller.toml");
+        let pki = &env.pki;
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"{listen}\"\ndata_dir = \"{}\"\noffline_after_seconds = 3\nunreachable_grace_seconds = 3\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                dir.display(),
+                pki.join("ca.pem").display(),
+                pki.join("controller.pem").display(),
+                pki.join("controller-key.pem").display()
+            ),
+        )
+        .unwrap();
+        let mut c = Controller {
+            dir,
+            addr: String::new(),
+            config,
+            child: None,
+        };
+        c.launch();
+        c
+    }
+
+    fn launch(&mut self) {
+        let addr_file = self.dir.join("listen-addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = self.dir.join("controller.log");
+        let mut child = spawn(
+            CONTROLLER,
+            &["serve", "--config", self.config.to_str().unwrap()],
+            &log,
+        );
+        self.addr = wait_until("the controller to listen", Duration::from_secs(20), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "controller exited with {status}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::fs::read_to_string(&addr_file)
+                .ok()
+                .map(|s| s.trim().to_string())
+        });
+        self.child = Some(child);
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            sigkill(&mut c);
+        }
+    }
+
+    /// Starts again on the same address and database.
+    pub fn restart(&mut self) {
+        self.kill();
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let text = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("listen") {
+                    format!("listen = \"{}\"", self.addr)
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&self.config, text).unwrap();
+        self.launch();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("controller.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Agent {
+    pub id: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    fn start(env: &Env, url: &str, id: &str, pool: &str) -> Self {
+        let dir = env.path().join("agents").join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("agent.toml");
+        let pki = &env.pki;
+        let socket = dir.join("agent.sock");
+        std::fs::write(
+            &config,
+            format!(
+                "controller_url = \"{url}\"\npool_id = \"{pool}\"\nstate_dir = \"{}\"\nsocket_path = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[exec]\nkill_grace_seconds = 1\n[connection]\nretry_initial_ms = 100\nretry_max_ms = 500\n",
+                dir.join("state").display(),
+                socket.display(),
+                pki.join("ca.pem").display(),
+                pki.join(format!("agents/{id}.pem")).display(),
+                pki.join(format!("agents/{id}-key.pem")).display()
+            ),
+        )
+        .unwrap();
+        let mut a = Agent {
+            id: id.to_string(),
+            dir,
+            config,
+            socket,
+            child: None,
+        };
+        a.launch();
+        a
+    }
+
+    fn launch(&mut self) {
+        let log = self.dir.join("agent.log");
+        self.child = Some(spawn(
+            AGENT,
+            &["agent", "--config", self.config.to_str().unwrap()],
+            &log,
+        ));
+        let socket = self.socket.clone();
+        wait_until("the agent's status socket", Duration::from_secs(20), || {
+            socket.exists().then_some(())
+        });
+    }
+
+    /// SIGKILL, as a crash would: the running script is left behind as an orphan.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            sigkill(&mut c);
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+
+    /// `fieldhand status --json` through the real CLI.
+    pub fn status(&self) -> Value {
+        let out = run(
+            AGENT,
+            &[
+                "status",
+                "--json",
+                "--socket",
+                self.socket.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status json")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether a process is still running. A zombie counts as dead: it runs nothing, and PID 1 in
+/// some sandboxes never reaps the orphans it inherits.
+pub fn alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state is the first field after the parenthesised command name.
+    let state = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next());
+    !matches!(state, Some('Z') | Some('X') | None)
+}
+
+/// Reads a pid written by a script.
+pub fn read_pid(path: &Path, timeout: Duration) -> i32 {
+    wait_until(&format!("pid file {}", path.display()), timeout, || {
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    })
+}
