@@ -52,6 +52,7 @@ pub mod controller;
 pub mod daemon;
 pub mod exit;
 pub mod net;
+pub mod payload;
 pub mod pki;
 pub mod proto;
 pub mod sys;

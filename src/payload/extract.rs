@@ -1,0 +1,1 @@
+//! Hardened tar.gz extraction (placeholder until implemented).
