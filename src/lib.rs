@@ -12,12 +12,18 @@
 //! - [`tls`]: rustls server/client configs and reading the identity from a verified cert.
 //! - [`net`]: the HTTPS client and the accept loop that hands each request to a handler
 //!   with the peer identity.
+//! - [`payload`]: the payload engine shared by staging and image pushes: resumable,
+//!   verified downloads (`fetch`), ed25519 manifest signatures (`sign`), and hardened
+//!   tar.gz extraction (`extract`).
 //! - [`sys`]: every side effect on the host: processes (script runs in their own process
 //!   group), clock, boot id, host facts, crash-safe file writes.
 //! - [`controller`]: `serve` (router, operator API, agent protocol), the pure rollout rules
-//!   of gray batches, the engine that advances tasks, the SQLite store, and the quickstart.
+//!   of gray batches, the engine that advances tasks, the SQLite store, the blob store
+//!   (`controller::blobs`), desired software by commit (`controller::software`), and the
+//!   quickstart.
 //! - [`agent`]: `run`: one core task owning the state, the pure state machine
-//!   (`agent::machine::step`), the durable state file and outbox, the executor, the links to
+//!   (`agent::machine::step`), the durable state file and outbox, the executor (scripts) and
+//!   `agent::stage` (software staging), the links to
 //!   the controller (long poll, heartbeat, event delivery) and the local status socket.
 //! - [`daemon`], [`exit`]: logging, shutdown signals and exit codes shared by the binaries.
 //!
@@ -43,6 +49,11 @@
 //!   SIGKILL on timeout or cancel; SIGKILL for leftovers of a normal exit).
 //! - Every controller state change happens in one store transaction; the store is the only
 //!   module that speaks SQL.
+//! - A payload is used only after its size and sha256 (and, when configured, signature)
+//!   are verified; an extracted tree or a staged commit appears in one rename, complete,
+//!   or not at all.
+//! - An interrupted staging run resumes after a restart (it installs nothing); an
+//!   interrupted script run never re-runs.
 //! - Config is validated before any socket is bound.
 //! - Every file starts with a `//!` line saying what it is for (checked by `tests/it/tidy.rs`).
 

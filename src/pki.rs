@@ -301,6 +301,24 @@ pub fn issue(dir: &Path, who: &Identity) -> Result<(PathBuf, PathBuf), PkiError>
     Ok((cert_path, key_path))
 }
 
+/// Creates the payload signing key pair in `dir`: `signing-key.pem` (PKCS#8, 0600) for the
+/// controller's `signing_key`, and `signing-key.pub` (hex) for the agents' `trusted_keys`.
+pub fn signing_key(dir: &Path) -> Result<(PathBuf, PathBuf), PkiError> {
+    let key_path = dir.join("signing-key.pem");
+    let pub_path = dir.join("signing-key.pub");
+    refuse_existing(&key_path)?;
+    refuse_existing(&pub_path)?;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+    std::fs::create_dir_all(dir).map_err(|source| PkiError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    let public = format!("{}\n", hex::encode(key.public_key_raw()));
+    write_new(&pub_path, public.as_bytes(), 0o644)?;
+    Ok((key_path, pub_path))
+}
+
 fn read(path: &Path) -> Result<String, PkiError> {
     std::fs::read_to_string(path).map_err(|source| PkiError::Read {
         path: path.to_path_buf(),

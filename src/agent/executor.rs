@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use crate::proto::agent::{Assignment, RunResult};
+use crate::proto::agent::{Assignment, AssignmentKind, RunResult};
 use crate::sys::clock;
 use crate::sys::process::{self, Capture, Ending, ScriptSpec};
 
@@ -42,6 +42,10 @@ pub struct ExecSettings {
     pub kill_grace: Duration,
     /// HOME for scripts.
     pub home: String,
+    pub state_dir: PathBuf,
+    /// For payload downloads.
+    pub client: crate::net::client::HttpsClient,
+    pub payloads: crate::config::agent::PayloadSettings,
 }
 
 /// Messages from a run to the core.
@@ -54,6 +58,11 @@ pub enum ExecReport {
     Finished {
         assignment_id: String,
         result: RunResult,
+    },
+    /// Staging progress of the running assignment.
+    Progress {
+        assignment_id: String,
+        components: Vec<crate::proto::agent::ComponentProgress>,
     },
 }
 
@@ -95,7 +104,14 @@ pub async fn run(
     let started_at = clock::now_rfc3339();
     let id = a.assignment_id.clone();
     let dir = settings.work_root.join(&id);
-    let result = execute(&settings, &a, &dir, &mut cancel, &reports, started_at).await;
+    let result = match a.kind {
+        AssignmentKind::ScriptExecution => {
+            execute(&settings, &a, &dir, &mut cancel, &reports, started_at).await
+        }
+        AssignmentKind::SoftwareStage => {
+            super::stage::run(&settings, &a, &mut cancel, &reports, started_at).await
+        }
+    };
     if let Err(e) = std::fs::remove_dir_all(&dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!(path = %dir.display(), error = %e, "cannot remove work directory");
@@ -134,6 +150,7 @@ async fn execute(
         finished_at: clock::now_rfc3339(),
         error_code: code.map(str::to_string),
         error_msg: msg,
+        staged_commit: None,
     };
     // A previous attempt's leftovers (an agent killed mid-run) must not leak into this run.
     let _ = std::fs::remove_dir_all(dir);

@@ -13,7 +13,10 @@ use super::store::Outbox;
 use super::Input;
 use crate::net::client::HttpsClient;
 use crate::net::NetError;
-use crate::proto::agent::{EventBatch, EventsApplied, Heartbeat, PollRequest, PollResponse};
+use crate::proto::agent::{
+    AgentEvent, EventBatch, EventBody, EventsApplied, Heartbeat, PollRequest, PollResponse,
+    Progress,
+};
 use crate::sys::clock;
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -200,6 +203,62 @@ pub async fn heartbeat_loop(
         };
         if sleep_or_stop(wait, &mut stop).await {
             return;
+        }
+    }
+}
+
+/// Forwards staging progress to the controller: on change at most once a second, and the
+/// latest again every 2 s while something is staging. Best effort, newest wins, so it does
+/// not go through the outbox; `seq` is the send time in ms, which only grows.
+pub async fn progress_loop(
+    link: Arc<Link>,
+    mut feed: super::ProgressFeed,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut last_sent = tokio::time::Instant::now();
+    let mut dirty = false;
+    loop {
+        tokio::select! {
+            r = feed.changed() => {
+                if r.is_err() { return; }
+                dirty = true;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = stop.changed() => return,
+        }
+        let now = tokio::time::Instant::now();
+        let since = now.duration_since(last_sent);
+        let due = (dirty && since >= Duration::from_secs(1)) || since >= Duration::from_secs(2);
+        let current = feed.borrow().clone();
+        let Some((assignment_id, components)) = current else {
+            dirty = false;
+            continue;
+        };
+        if !due {
+            continue;
+        }
+        dirty = false;
+        last_sent = now;
+        let seq = clock::unix_ms(clock::now()).max(0) as u64;
+        let batch = EventBatch {
+            events: vec![AgentEvent {
+                idempotency_key: format!("{assignment_id}:progress:{seq}"),
+                assignment_id,
+                at: clock::now_rfc3339(),
+                body: EventBody::Progress(Progress { seq, components }),
+            }],
+        };
+        let res = link
+            .client
+            .json::<_, EventsApplied>(
+                Method::POST,
+                "/agent/v1/events",
+                Some(&batch),
+                Duration::from_secs(5),
+            )
+            .await;
+        if let Err(e) = res {
+            tracing::debug!(error = %e, "progress not delivered (the next report supersedes it)");
         }
     }
 }

@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use crate::proto::agent::{AgentEvent, Assignment, EventBody, RunResult};
+use crate::proto::agent::{AgentEvent, Assignment, AssignmentKind, EventBody, RunResult};
 use crate::proto::state::{RunningRecord, StateFile};
 use crate::proto::status::RecentResult;
 use crate::sys::clock;
@@ -45,9 +45,12 @@ pub struct AgentState {
     pub seen: VecDeque<String>,
     /// The boot this process runs in; set by `Event::Boot`.
     pub boot_id: String,
+    pub staged_commit: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+// One event is built and moved per step, so boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Event {
     /// First event after start-up, with the current boot id.
     Boot { boot_id: String },
@@ -103,6 +106,7 @@ fn failed(code: &str, msg: String, started_at: Option<String>, now: OffsetDateTi
         finished_at: clock::rfc3339(now),
         error_code: Some(code.into()),
         error_msg: Some(msg),
+        staged_commit: None,
     }
 }
 
@@ -118,6 +122,9 @@ fn cancelled(msg: &str, now: OffsetDateTime) -> RunResult {
 /// Checks what the agent can check before accepting: every script's content matches its digest
 /// and names a known interpreter.
 pub fn validate(a: &Assignment) -> Result<(), String> {
+    if a.kind == AssignmentKind::SoftwareStage {
+        return validate_stage(a);
+    }
     if a.scripts.is_empty() {
         return Err("assignment has no scripts".into());
     }
@@ -133,6 +140,38 @@ pub fn validate(a: &Assignment) -> Result<(), String> {
             return Err(format!(
                 "script {:?}: unknown command_type {:?}",
                 s.name, s.command_type
+            ));
+        }
+    }
+    if a.timeout_seconds == 0 {
+        return Err("timeout_seconds is 0".into());
+    }
+    Ok(())
+}
+
+fn validate_stage(a: &Assignment) -> Result<(), String> {
+    let Some(stage) = &a.stage else {
+        return Err("software stage assignment without a stage payload".into());
+    };
+    if stage.commit.is_empty() || !stage.commit.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "commit {:?} is not a commit identifier",
+            stage.commit
+        ));
+    }
+    if stage.components.is_empty() {
+        return Err("stage payload has no components".into());
+    }
+    for c in &stage.components {
+        crate::pki::validate_name("component name", &c.name).map_err(|e| e.to_string())?;
+        let hex_ok = c.sha256.len() == 64 && c.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+        if !hex_ok {
+            return Err(format!("component {:?}: bad sha256 {:?}", c.name, c.sha256));
+        }
+        if c.format != "file" && c.format != "tar.gz" {
+            return Err(format!(
+                "component {:?}: unknown format {:?}",
+                c.name, c.format
             ));
         }
     }
@@ -198,7 +237,16 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
     match ev {
         Event::Boot { boot_id } => {
             s.boot_id = boot_id;
-            if let Some(r) = s.running.take() {
+            let resumable = s.running.as_ref().is_some_and(|r| {
+                r.assignment.kind == AssignmentKind::SoftwareStage && !r.cancel_requested
+            });
+            if resumable {
+                // Staging installs nothing and every step is idempotent (resumed downloads,
+                // extraction into a fresh directory), so it continues instead of failing.
+                let r = s.running.take().expect("checked above");
+                s.queue.push_front(r.assignment);
+                fx.push(Effect::Persist);
+            } else if let Some(r) = s.running.take() {
                 // The previous process died mid-run. Its script is not re-run: kill what is left
                 // (only if we are still in the boot that owns that process group) and report.
                 if let Some(pgid) = r.pgid.filter(|_| r.boot_id == s.boot_id) {
@@ -311,6 +359,9 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
             match s.running.take() {
                 Some(r) if r.assignment.assignment_id == assignment_id => {
                     s.record(&r.assignment, &result);
+                    if result.state == "SUCCEEDED" && result.staged_commit.is_some() {
+                        s.staged_commit = result.staged_commit.clone();
+                    }
                     fx.push(Effect::Emit(result_event(&assignment_id, result, now)));
                     fx.push(Effect::Persist);
                 }
@@ -336,6 +387,7 @@ impl From<StateFile> for AgentState {
             recent: f.recent.into(),
             seen: f.seen.into(),
             boot_id: String::new(),
+            staged_commit: f.staged_commit,
         }
     }
 }
@@ -354,6 +406,7 @@ impl From<&AgentState> for StateFile {
             }),
             recent: s.recent.iter().cloned().collect(),
             seen: s.seen.iter().cloned().collect(),
+            staged_commit: s.staged_commit.clone(),
         }
     }
 }
@@ -361,7 +414,7 @@ impl From<&AgentState> for StateFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::agent::{AssignmentKind, ScriptPayload};
+    use crate::proto::agent::ScriptPayload;
 
     fn now() -> OffsetDateTime {
         OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap()
@@ -380,7 +433,76 @@ mod tests {
                 content,
             }],
             timeout_seconds: 60,
+            stage: None,
         }
+    }
+
+    fn stage_assignment(id: &str) -> Assignment {
+        Assignment {
+            assignment_id: id.into(),
+            task_id: "t".into(),
+            kind: AssignmentKind::SoftwareStage,
+            scripts: Vec::new(),
+            timeout_seconds: 60,
+            stage: Some(crate::proto::agent::StagePayload {
+                commit: "3".into(),
+                components: vec![crate::proto::agent::PayloadRef {
+                    name: "tools".into(),
+                    version: "1".into(),
+                    sha256: "ab".repeat(32),
+                    size: 10,
+                    format: "tar.gz".into(),
+                    unpacked_size: None,
+                    signature: None,
+                }],
+            }),
+        }
+    }
+
+    #[test]
+    fn an_interrupted_stage_resumes_instead_of_failing() {
+        let (s, _) = step(
+            booted(),
+            Event::Offered(vec![stage_assignment("s1")]),
+            now(),
+        );
+        assert!(s.running.is_some());
+        let (s, fx) = step(
+            s,
+            Event::Boot {
+                boot_id: "b1".into(),
+            },
+            now(),
+        );
+        assert_eq!(s.running.as_ref().unwrap().assignment.assignment_id, "s1");
+        assert!(fx
+            .iter()
+            .any(|e| matches!(e, Effect::Start(a) if a.assignment_id == "s1")));
+        assert!(!fx.iter().any(|e| matches!(e, Effect::Emit(ev)
+            if matches!(&ev.body, EventBody::Result(_)))));
+        let mut done = result("SUCCEEDED");
+        done.staged_commit = Some("3".into());
+        let (s, _) = step(
+            s,
+            Event::Finished {
+                assignment_id: "s1".into(),
+                result: done,
+            },
+            now(),
+        );
+        assert_eq!(s.staged_commit.as_deref(), Some("3"));
+        assert_eq!(StateFile::from(&s).staged_commit.as_deref(), Some("3"));
+    }
+
+    #[test]
+    fn stage_assignments_are_validated() {
+        assert!(validate(&stage_assignment("s")).is_ok());
+        let mut bad = stage_assignment("s");
+        bad.stage.as_mut().unwrap().components[0].format = "zip".into();
+        assert!(validate(&bad).unwrap_err().contains("zip"));
+        let mut bad = stage_assignment("s");
+        bad.stage = None;
+        assert!(validate(&bad).is_err());
     }
 
     fn booted() -> AgentState {

@@ -6,6 +6,7 @@
 pub mod executor;
 pub mod link;
 pub mod machine;
+pub mod stage;
 pub mod status;
 pub mod store;
 
@@ -18,6 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use crate::config::agent::AgentConfig;
 use crate::pki::Role;
 use crate::proto::agent::Assignment;
+use crate::proto::agent::ComponentProgress;
 use crate::proto::state::StateFile;
 use crate::proto::status::{RunningStatus, StatusReport};
 use crate::sys::clock;
@@ -76,7 +78,13 @@ struct Core {
     machine_id: String,
     pool_id: String,
     controller_url: String,
+    /// Latest staging progress of the running assignment (not persisted).
+    progress: Option<(String, Vec<ComponentProgress>)>,
+    progress_tx: watch::Sender<Option<(String, Vec<ComponentProgress>)>>,
 }
+
+/// Progress of the running assignment, as the link forwards it.
+pub type ProgressFeed = watch::Receiver<Option<(String, Vec<ComponentProgress>)>>;
 
 impl Core {
     /// Steps the machine and performs its effects; returns the acknowledgements it produced.
@@ -168,7 +176,14 @@ impl Core {
                 elapsed_seconds: clock::parse_rfc3339(&r.started_at)
                     .map(|t| (now - t).whole_seconds().max(0) as u64)
                     .unwrap_or(0),
+                components: self
+                    .progress
+                    .as_ref()
+                    .filter(|(id, _)| *id == r.assignment.assignment_id)
+                    .map(|(_, c)| c.clone())
+                    .unwrap_or_default(),
             }),
+            staged_commit: self.state.staged_commit.clone(),
             queued: self.state.queue.len() as u32,
             undelivered_events: events,
             undelivered_results: results,
@@ -195,10 +210,26 @@ impl Core {
                     pgid,
                 })?;
             }
+            Input::Exec(ExecReport::Progress {
+                assignment_id,
+                components,
+            }) => {
+                let still_running = self
+                    .state
+                    .running
+                    .as_ref()
+                    .is_some_and(|r| r.assignment.assignment_id == assignment_id);
+                if still_running {
+                    self.progress = Some((assignment_id, components));
+                    let _ = self.progress_tx.send(self.progress.clone());
+                }
+            }
             Input::Exec(ExecReport::Finished {
                 assignment_id,
                 result,
             }) => {
+                self.progress = None;
+                let _ = self.progress_tx.send(None);
                 tracing::info!(%assignment_id, state = %result.state, exit_code = ?result.exit_code, error_code = ?result.error_code, "assignment finished");
                 if self
                     .cancel
@@ -252,6 +283,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let listener = status::bind(&cfg.socket_path)?;
 
     let (inputs_tx, mut inputs) = mpsc::channel::<Input>(64);
+    let (progress_tx, progress_rx) = watch::channel(None);
     let (stop_tx, stop) = watch::channel(false);
     let link_state = Arc::new(LinkState::default());
     let outbox_wake = Arc::new(Notify::new());
@@ -265,7 +297,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             machine_id: machine_id.clone(),
             kill_grace: cfg.kill_grace,
             home: std::env::var("HOME").unwrap_or_else(|_| "/".into()),
+            state_dir: cfg.state_dir.clone(),
+            client: client.clone(),
+            payloads: cfg.payloads.clone(),
         },
+        progress: None,
+        progress_tx,
         exec_tx: inputs_tx.clone(),
         cancel: None,
         link: link_state.clone(),
@@ -274,6 +311,25 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         controller_url: cfg.controller_url.clone(),
     };
     core.apply(Event::Boot { boot_id })?;
+    {
+        // Housekeeping once the state says what is still needed (a resumed stage keeps its
+        // partial downloads).
+        let needed: Vec<String> = core
+            .state
+            .running
+            .iter()
+            .map(|r| &r.assignment)
+            .chain(core.state.queue.iter())
+            .filter_map(|a| a.stage.as_ref())
+            .flat_map(|s| s.components.iter().map(|c| c.sha256.clone()))
+            .collect();
+        stage::cleanup(
+            &cfg.state_dir,
+            cfg.payloads.keep_versions as usize,
+            core.state.staged_commit.as_deref(),
+            &needed,
+        );
+    }
     tracing::info!(%machine_id, pool_id = %cfg.pool_id, controller = %cfg.controller_url, socket = %cfg.socket_path.display(), "agent started");
 
     let link = Arc::new(Link {
@@ -296,6 +352,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             cfg.state_dir.clone(),
             stop.clone(),
         )),
+        tokio::spawn(link::progress_loop(link.clone(), progress_rx, stop.clone())),
         tokio::spawn(link::deliver_loop(link, outbox, outbox_wake, stop.clone())),
         tokio::spawn(status::serve(listener, inputs_tx.clone(), stop.clone())),
     ];

@@ -206,7 +206,24 @@ pub fn render(r: &StatusReport) -> String {
             None => "nothing".into(),
         },
     );
+    if let Some(run) = &r.running {
+        for c in &run.components {
+            let pct = (c.bytes_done as f64 * 100.0 / c.bytes_total.max(1) as f64).min(100.0);
+            out.push_str(&format!(
+                "  {:<18} {:<12} {} / {} bytes ({pct:.0}%)\n",
+                c.name, c.phase, c.bytes_done, c.bytes_total
+            ));
+        }
+    }
     line(&mut out, "queued:", r.queued.to_string());
+    line(
+        &mut out,
+        "staged software:",
+        r.staged_commit
+            .as_deref()
+            .map(|c| format!("commit {c}"))
+            .unwrap_or_else(|| "none".into()),
+    );
     line(
         &mut out,
         "undelivered:",

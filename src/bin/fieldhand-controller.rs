@@ -48,6 +48,12 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum PkiCmd {
+    /// Create the payload signing key pair: DIR/signing-key.pem (for the controller's
+    /// `signing_key`) and DIR/signing-key.pub (hex, for the agents' `payloads.trusted_keys`).
+    SigningKey {
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Create DIR/ca.pem, DIR/ca-key.pem, DIR/controller.pem and DIR/controller-key.pem.
     Init {
         #[arg(long)]
@@ -120,6 +126,10 @@ fn serve(config: PathBuf) -> ExitCode {
 
 fn pki(cmd: PkiCmd) -> ExitCode {
     let res = match cmd {
+        PkiCmd::SigningKey { dir } => fieldhand::pki::signing_key(&dir).map(|(key, public)| {
+            println!("wrote {}", key.display());
+            println!("wrote {}", public.display());
+        }),
         PkiCmd::Init { dir, sans } => fieldhand::pki::init(&dir, &sans).map(|o| {
             for p in [o.ca_cert, o.ca_key, o.cert, o.key] {
                 println!("wrote {}", p.display());

@@ -23,6 +23,101 @@ pub struct AgentConfig {
     pub retry_max: Duration,
     pub long_poll: Duration,
     pub heartbeat_every: Duration,
+    pub payloads: PayloadSettings,
+}
+
+/// `[payloads]`: how the agent downloads, verifies and unpacks payloads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayloadSettings {
+    /// Raw 32-byte ed25519 public keys.
+    pub trusted_keys: Vec<[u8; 32]>,
+    pub require_signed: bool,
+    /// `None`: min(5% of the filesystem, 1 GiB).
+    pub reserve_bytes: Option<u64>,
+    pub max_archive_entries: u64,
+    pub max_unpacked_bytes: u64,
+    pub keep_versions: u64,
+    pub max_download_bytes_per_second: Option<u64>,
+}
+
+impl Default for PayloadSettings {
+    fn default() -> Self {
+        PayloadSettings {
+            trusted_keys: Vec::new(),
+            require_signed: false,
+            reserve_bytes: None,
+            max_archive_entries: 100_000,
+            max_unpacked_bytes: 64 << 30,
+            keep_versions: 2,
+            max_download_bytes_per_second: None,
+        }
+    }
+}
+
+fn payload_settings(
+    origin: &Path,
+    raw: crate::proto::config::RawPayloads,
+) -> Result<PayloadSettings, ConfigError> {
+    let d = PayloadSettings::default();
+    let mut keys = Vec::new();
+    for k in raw.trusted_keys.unwrap_or_default() {
+        let bytes = hex::decode(k.trim())
+            .ok()
+            .filter(|b| b.len() == 32)
+            .ok_or_else(|| {
+                invalid(
+                    origin,
+                    "payloads.trusted_keys",
+                    &k,
+                    "must be a hex ed25519 public key (64 hex digits, as in signing-key.pub)",
+                )
+            })?;
+        let mut a = [0u8; 32];
+        a.copy_from_slice(&bytes);
+        keys.push(a);
+    }
+    let require_signed = raw.require_signed_payloads.unwrap_or(false);
+    if require_signed && keys.is_empty() {
+        return Err(invalid(
+            origin,
+            "payloads.require_signed_payloads",
+            true,
+            "needs at least one key in payloads.trusted_keys",
+        ));
+    }
+    let positive = |key: &'static str, v: Option<u64>, default: u64| match v {
+        Some(0) => Err(invalid(origin, key, 0, "must be at least 1")),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    };
+    let max_download_bytes_per_second = match raw.max_download_bytes_per_second {
+        Some(v) if v < 1024 => {
+            return Err(invalid(
+                origin,
+                "payloads.max_download_bytes_per_second",
+                v,
+                "must be at least 1024 (or unset for no limit)",
+            ))
+        }
+        v => v,
+    };
+    Ok(PayloadSettings {
+        trusted_keys: keys,
+        require_signed,
+        reserve_bytes: raw.reserve_bytes,
+        max_archive_entries: positive(
+            "payloads.max_archive_entries",
+            raw.max_archive_entries,
+            d.max_archive_entries,
+        )?,
+        max_unpacked_bytes: positive(
+            "payloads.max_unpacked_bytes",
+            raw.max_unpacked_bytes,
+            d.max_unpacked_bytes,
+        )?,
+        keep_versions: positive("payloads.keep_versions", raw.keep_versions, d.keep_versions)?,
+        max_download_bytes_per_second,
+    })
 }
 
 impl AgentConfig {
@@ -129,6 +224,7 @@ impl AgentConfig {
             retry_max: Duration::from_millis(retry_max),
             long_poll: Duration::from_secs(long_poll),
             heartbeat_every: Duration::from_secs(heartbeat),
+            payloads: payload_settings(origin, raw.payloads)?,
         })
     }
 }
@@ -173,5 +269,31 @@ key = "pki/m1-key.pem"
         assert!(err(&missing).contains("pool_id"), "{}", err(&missing));
         let backwards = format!("{MIN}\n[connection]\nretry_initial_ms = 500\nretry_max_ms = 10\n");
         assert!(err(&backwards).contains("connection.retry_max_ms"));
+    }
+
+    #[test]
+    fn payload_settings_are_checked() {
+        let c = AgentConfig::parse(MIN, Path::new("a.toml")).unwrap();
+        assert_eq!(c.payloads, PayloadSettings::default());
+        let key = "ab".repeat(32);
+        let ok = format!(
+            "{MIN}\n[payloads]\ntrusted_keys = [\"{key}\"]\nrequire_signed_payloads = true\nkeep_versions = 3\n"
+        );
+        let c = AgentConfig::parse(&ok, Path::new("a.toml")).unwrap();
+        assert_eq!(c.payloads.trusted_keys, vec![[0xab; 32]]);
+        assert!(c.payloads.require_signed);
+        assert_eq!(c.payloads.keep_versions, 3);
+        let short = format!("{MIN}\n[payloads]\ntrusted_keys = [\"abcd\"]\n");
+        let e = err(&short);
+        assert!(
+            e.contains("payloads.trusted_keys") && e.contains("abcd"),
+            "{e}"
+        );
+        let lonely = format!("{MIN}\n[payloads]\nrequire_signed_payloads = true\n");
+        assert!(err(&lonely).contains("payloads.require_signed_payloads"));
+        let zero = format!("{MIN}\n[payloads]\nkeep_versions = 0\n");
+        assert!(err(&zero).contains("payloads.keep_versions"));
+        let slow = format!("{MIN}\n[payloads]\nmax_download_bytes_per_second = 10\n");
+        assert!(err(&slow).contains("max_download_bytes_per_second"));
     }
 }

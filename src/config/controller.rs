@@ -20,6 +20,8 @@ pub struct ControllerConfig {
     pub offline_after: Duration,
     /// Extra time past a machine's execution timeout before it counts as `MACHINE_UNREACHABLE`.
     pub unreachable_grace: Duration,
+    /// Payload signing key (PKCS#8 PEM), if payloads are signed.
+    pub signing_key: Option<PathBuf>,
 }
 
 impl ControllerConfig {
@@ -77,6 +79,10 @@ impl ControllerConfig {
             tls: TlsFiles::from_raw(origin, raw.tls)?,
             offline_after: Duration::from_secs(offline),
             unreachable_grace: Duration::from_secs(grace),
+            signing_key: match raw.signing_key {
+                Some(p) => Some(non_empty_path(origin, "signing_key", p)?),
+                None => None,
+            },
         })
     }
 }

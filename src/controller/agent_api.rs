@@ -9,7 +9,7 @@ use super::store::{StoreError, TaskMachineRow, TaskRow};
 use super::Controller;
 use crate::proto::agent::{
     Assignment, AssignmentKind, EventBatch, EventsApplied, Heartbeat, PollRequest, PollResponse,
-    ScriptPayload,
+    ScriptPayload, StagePayload,
 };
 use crate::sys::clock;
 
@@ -24,18 +24,28 @@ fn check_pool(pool_id: &str) -> Result<(), ApiError> {
     crate::pki::validate_name("pool_id", pool_id).map_err(|e| ApiError::invalid(e.to_string()))
 }
 
+/// Builds the wire assignment from its rows. `scripts_json` holds the task's frozen payload:
+/// the scripts of a script execution, or the (signed) `StagePayload` of a software stage.
 pub fn assignment_of(row: &TaskMachineRow, task: &TaskRow) -> Result<Assignment, StoreError> {
-    let scripts: Vec<ScriptPayload> =
-        serde_json::from_str(&task.scripts_json).map_err(|e| StoreError::Corrupt {
-            what: "task scripts",
-            value: format!("{}: {e}", task.task_id),
-        })?;
+    let corrupt = |e: serde_json::Error| StoreError::Corrupt {
+        what: "task payload",
+        value: format!("{}: {e}", task.task_id),
+    };
+    let (kind, scripts, stage) = if task.kind == crate::controller::software::TASK_KIND {
+        let stage: StagePayload = serde_json::from_str(&task.scripts_json).map_err(corrupt)?;
+        (AssignmentKind::SoftwareStage, Vec::new(), Some(stage))
+    } else {
+        let scripts: Vec<ScriptPayload> =
+            serde_json::from_str(&task.scripts_json).map_err(corrupt)?;
+        (AssignmentKind::ScriptExecution, scripts, None)
+    };
     Ok(Assignment {
         assignment_id: row.assignment_id.clone(),
         task_id: task.task_id.clone(),
-        kind: AssignmentKind::ScriptExecution,
+        kind,
         scripts,
         timeout_seconds: task.timeout_seconds,
+        stage,
     })
 }
 

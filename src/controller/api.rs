@@ -428,6 +428,7 @@ pub fn task_view(task: &TaskRow, machines: &[TaskMachineRow]) -> api::Task {
                 finished_at: m.outcome.finished_at.clone(),
                 error_code: m.outcome.error_code.clone(),
                 error_msg: m.outcome.error_msg.clone(),
+                components: crate::controller::software::component_view(task, m),
             })
             .collect(),
     }

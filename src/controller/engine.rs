@@ -94,13 +94,27 @@ pub fn apply_event(
         });
     }
     let expected = |suffix: &str| format!("{}:{suffix}", ev.assignment_id);
+    if let EventBody::Progress(p) = &ev.body {
+        // Progress is best effort and the newest wins, so it is not claimed as an event key.
+        if ev.idempotency_key != expected(&format!("progress:{}", p.seq)) {
+            return Err(EngineError::BadEvent {
+                key: ev.idempotency_key.clone(),
+                reason: "idempotency_key must be <assignment_id>:progress:<seq>".into(),
+            });
+        }
+        if !row.state.is_final() {
+            let json = serde_json::to_string(&p.components).unwrap_or_default();
+            tx.set_progress(&ev.assignment_id, p.seq, &json)?;
+        }
+        return Ok(Applied::Applied);
+    }
     let bad = |reason: String| EngineError::BadEvent {
         key: ev.idempotency_key.clone(),
         reason,
     };
     // Validate before claiming the key, so a rejected event can be fixed and resent.
     let result_state = match &ev.body {
-        EventBody::Started => None,
+        EventBody::Started | EventBody::Progress(_) => None,
         EventBody::Result(r) => Some(match MachineState::parse(&r.state) {
             Some(
                 s @ (MachineState::Succeeded
@@ -119,6 +133,7 @@ pub fn apply_event(
     let key_ok = match &ev.body {
         EventBody::Started => ev.idempotency_key == expected("started"),
         EventBody::Result(_) => ev.idempotency_key == expected("result"),
+        EventBody::Progress(_) => false,
     };
     if !key_ok {
         return Err(bad(
@@ -129,6 +144,7 @@ pub fn apply_event(
         return Ok(Applied::Duplicate);
     }
     match (&ev.body, result_state) {
+        (EventBody::Progress(_), _) => {}
         (EventBody::Started, _) => {
             if !row.state.is_final() {
                 tx.mark_running(&ev.assignment_id, &ev.at, now_ms)?;
@@ -151,6 +167,11 @@ pub fn apply_event(
                     error_msg: r.error_msg.clone(),
                 };
                 tx.set_final(&ev.assignment_id, state, &outcome)?;
+                if let (MachineState::Succeeded, Some(c)) = (state, &r.staged_commit) {
+                    if let Ok(n) = c.parse::<i64>() {
+                        tx.set_staged_commit(machine_id, n)?;
+                    }
+                }
             } else {
                 tracing::warn!(
                     assignment_id = %ev.assignment_id,

@@ -6,9 +6,11 @@
 
 pub mod agent_api;
 pub mod api;
+pub mod blobs;
 pub mod engine;
 pub mod quickstart;
 pub mod rollout;
+pub mod software;
 pub mod store;
 
 use std::collections::HashMap;
@@ -44,6 +46,8 @@ pub enum ControllerError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Signing(#[from] crate::payload::sign::SignError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -61,6 +65,8 @@ pub enum ControllerError {
 /// Shared state of a running controller.
 pub struct Controller {
     store: Store,
+    blobs: blobs::BlobStore,
+    signer: Option<crate::payload::sign::Signer>,
     cfg: ControllerConfig,
     waiters: Mutex<HashMap<String, Arc<Notify>>>,
     shutdown: watch::Receiver<bool>,
@@ -121,7 +127,20 @@ impl Controller {
             ));
         }
         let ok = |v: &dyn erased::Json| Ok(v.respond(StatusCode::OK));
-        let body = if method == Method::POST {
+        // Payload routes stream their bodies instead of buffering them.
+        match (area, &method, &segs[1..]) {
+            (Role::Operator, &Method::POST, ["blobs"]) => {
+                let blob = self.blobs.upload(req.into_body()).await?;
+                tracing::info!(sha256 = %blob.sha256, size = blob.size, by = %peer, "blob stored");
+                return ok(&blob);
+            }
+            (Role::Agent, &Method::GET, ["v1", "blobs", sha]) => {
+                return self.blobs.download(sha, req.headers());
+            }
+            (Role::Operator, &Method::GET, ["blobs", sha]) => return ok(&self.blobs.info(sha)?),
+            _ => {}
+        }
+        let body = if matches!(method, Method::POST | Method::PUT) {
             read_body(req.into_body(), BODY_LIMIT).await.map_err(|e| {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -160,6 +179,20 @@ impl Controller {
                 ok(&api::cancel_task(self, id.to_string()).await?)
             }
             (Role::Operator, &Method::GET, ["machines"]) => ok(&api::list_machines(self).await?),
+            (Role::Operator, &Method::PUT, ["hosts", id, "software", "desired"]) => {
+                ok(&software::put_desired(self, id.to_string(), api::parse_json(&body)?).await?)
+            }
+            (Role::Operator, &Method::POST, ["hosts", id, "software", "stage"]) => {
+                let req = if body.iter().all(u8::is_ascii_whitespace) {
+                    Default::default()
+                } else {
+                    api::parse_json(&body)?
+                };
+                ok(&software::stage(self, id.to_string(), req).await?)
+            }
+            (Role::Operator, &Method::GET, ["hosts", id, "software"]) => {
+                ok(&software::host_software(self, id.to_string()).await?)
+            }
             _ => Err(ApiError::not_found(
                 "NOT_FOUND",
                 format!("no route for {method} {path}"),
@@ -182,7 +215,7 @@ mod erased {
 }
 
 fn empty(status: StatusCode) -> Response<Body> {
-    let mut r = Response::new(Body::default());
+    let mut r = Response::new(crate::net::full(bytes::Bytes::new()));
     *r.status_mut() = status;
     r
 }
@@ -223,6 +256,9 @@ pub async fn serve(
         }
     })?;
     let tls = crate::tls::server_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
+    if let Some(p) = &cfg.signing_key {
+        crate::payload::sign::Signer::load(p)?;
+    }
     let store = Store::open(&cfg.database)?;
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -256,8 +292,19 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ControllerError> {
     let (stop_tx, stop_rx) = watch::channel(false);
+    let blobs =
+        blobs::BlobStore::open(&cfg.data_dir).map_err(|source| ControllerError::DataDir {
+            path: cfg.data_dir.join("blobs"),
+            source,
+        })?;
+    let signer = match &cfg.signing_key {
+        Some(p) => Some(crate::payload::sign::Signer::load(p)?),
+        None => None,
+    };
     let ctl = Arc::new(Controller {
         store,
+        blobs,
+        signer,
         cfg,
         waiters: Mutex::new(HashMap::new()),
         shutdown: stop_rx,
@@ -335,6 +382,7 @@ impl ControllerError {
                 Exit::CantCreate
             }
             ControllerError::Store(_) => Exit::IoErr,
+            ControllerError::Signing(_) => Exit::Config,
             ControllerError::Bind { .. } => Exit::Unavailable,
             ControllerError::Net(_) => Exit::Software,
         }

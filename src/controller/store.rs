@@ -85,9 +85,22 @@ CREATE TABLE IF NOT EXISTS task_machines (
     finished_at          TEXT,
     error_code           TEXT,
     error_msg            TEXT,
+    progress_seq         BIGINT NOT NULL DEFAULT -1,
+    progress_json        TEXT,
     PRIMARY KEY (task_id, machine_id)
 );
 CREATE INDEX IF NOT EXISTS task_machines_machine ON task_machines (machine_id, state);
+CREATE TABLE IF NOT EXISTS software_commits (
+    machine_id  TEXT NOT NULL,
+    commit_no   BIGINT NOT NULL,
+    doc_json    TEXT NOT NULL,
+    created_ms  BIGINT NOT NULL,
+    PRIMARY KEY (machine_id, commit_no)
+);
+CREATE TABLE IF NOT EXISTS host_software (
+    machine_id     TEXT PRIMARY KEY,
+    staged_commit  BIGINT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS applied_events (
     machine_id      TEXT NOT NULL,
     idempotency_key TEXT NOT NULL,
@@ -154,6 +167,8 @@ pub struct TaskMachineRow {
     pub dispatched_ms: Option<i64>,
     pub started_received_ms: Option<i64>,
     pub outcome: Outcome,
+    /// Latest `proto::agent::Progress` components as JSON, if any arrived.
+    pub progress_json: Option<String>,
 }
 
 /// Dispatched assignments (with their task) and cancellations an agent has not acknowledged.
@@ -248,7 +263,7 @@ const TASK_COLS: &str = "task_id, kind, pool_id, state, created_ms, finished_ms,
                          gray_fail_threshold, timeout_seconds, scripts_json";
 const TM_COLS: &str = "task_id, machine_id, assignment_id, batch, state, delivered, \
     cancel_requested, dispatched_ms, started_received_ms, exit_code, stdout, stderr, \
-    output_truncated, started_at, finished_at, error_code, error_msg";
+    output_truncated, started_at, finished_at, error_code, error_msg, progress_json";
 
 fn tm_row(r: &Row<'_>) -> rusqlite::Result<(TaskMachineRow, String)> {
     let state: String = r.get(4)?;
@@ -273,6 +288,7 @@ fn tm_row(r: &Row<'_>) -> rusqlite::Result<(TaskMachineRow, String)> {
                 error_code: r.get(15)?,
                 error_msg: r.get(16)?,
             },
+            progress_json: r.get(17)?,
         },
         state,
     ))
@@ -740,6 +756,111 @@ impl Tx<'_> {
             .into_iter()
             .map(|(p, t)| Ok((finish_tm(p)?, t)))
             .collect()
+    }
+
+    /// Records progress unless a newer one (higher `seq`) is already stored.
+    pub fn set_progress(
+        &mut self,
+        assignment_id: &str,
+        seq: u64,
+        json: &str,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "UPDATE task_machines SET progress_seq = ?2, progress_json = ?3
+                 WHERE assignment_id = ?1 AND progress_seq < ?2",
+                params![assignment_id, seq as i64, json],
+            )
+            .ctx("saving progress")?;
+        Ok(())
+    }
+
+    /// Whether the machine has an operation that is not final (queued ones included).
+    pub fn machine_busy(&mut self, machine_id: &str) -> Result<bool, StoreError> {
+        self.tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM task_machines WHERE machine_id = ?1
+                 AND state IN ('PENDING', 'DISPATCHED', 'RUNNING'))",
+                params![machine_id],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|v| v != 0)
+            .ctx("checking a machine's operations")
+    }
+
+    /// Stores a new desired-software document; returns its commit number (previous + 1).
+    pub fn insert_commit(
+        &mut self,
+        machine_id: &str,
+        doc_json: &str,
+        now_ms: i64,
+    ) -> Result<i64, StoreError> {
+        let next: i64 = self
+            .tx
+            .query_row(
+                "SELECT COALESCE(MAX(commit_no), 0) + 1 FROM software_commits WHERE machine_id = ?1",
+                params![machine_id],
+                |r| r.get(0),
+            )
+            .ctx("numbering a commit")?;
+        self.tx
+            .execute(
+                "INSERT INTO software_commits (machine_id, commit_no, doc_json, created_ms)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![machine_id, next, doc_json, now_ms],
+            )
+            .ctx("saving a commit")?;
+        Ok(next)
+    }
+
+    /// The newest commit of a machine: `(commit, doc_json)`.
+    pub fn latest_commit(&mut self, machine_id: &str) -> Result<Option<(i64, String)>, StoreError> {
+        self.tx
+            .query_row(
+                "SELECT commit_no, doc_json FROM software_commits WHERE machine_id = ?1
+                 ORDER BY commit_no DESC LIMIT 1",
+                params![machine_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .ctx("reading the latest commit")
+    }
+
+    pub fn commit_doc(
+        &mut self,
+        machine_id: &str,
+        commit: i64,
+    ) -> Result<Option<String>, StoreError> {
+        self.tx
+            .query_row(
+                "SELECT doc_json FROM software_commits WHERE machine_id = ?1 AND commit_no = ?2",
+                params![machine_id, commit],
+                |r| r.get(0),
+            )
+            .optional()
+            .ctx("reading a commit")
+    }
+
+    pub fn set_staged_commit(&mut self, machine_id: &str, commit: i64) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "INSERT INTO host_software (machine_id, staged_commit) VALUES (?1, ?2)
+                 ON CONFLICT (machine_id) DO UPDATE SET staged_commit = excluded.staged_commit",
+                params![machine_id, commit],
+            )
+            .ctx("saving the staged commit")?;
+        Ok(())
+    }
+
+    pub fn staged_commit(&mut self, machine_id: &str) -> Result<Option<i64>, StoreError> {
+        self.tx
+            .query_row(
+                "SELECT staged_commit FROM host_software WHERE machine_id = ?1",
+                params![machine_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .ctx("reading the staged commit")
     }
 
     /// Tasks that have not reached their end (`finished_ms` unset).

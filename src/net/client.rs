@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -21,6 +22,24 @@ use crate::proto::api::ErrorBody;
 /// Upper bound on an answer we are willing to buffer.
 const MAX_RESPONSE: usize = 64 << 20;
 
+/// Aborts the connection task when the response is dropped.
+pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A response whose body has not been read yet.
+pub struct Streamed {
+    pub url: String,
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Incoming,
+    _conn: AbortOnDrop,
+}
+
 #[derive(Clone)]
 pub struct HttpsClient {
     base: String,
@@ -28,6 +47,14 @@ pub struct HttpsClient {
     port: u16,
     authority: String,
     tls: TlsConnector,
+}
+
+impl std::fmt::Debug for HttpsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpsClient")
+            .field("base", &self.base)
+            .finish()
+    }
 }
 
 impl HttpsClient {
@@ -110,6 +137,33 @@ impl HttpsClient {
         body: Option<Bytes>,
         content_type: Option<&str>,
     ) -> Result<(StatusCode, Bytes), NetError> {
+        let mut headers = Vec::new();
+        if let Some(ct) = content_type {
+            headers.push((header::CONTENT_TYPE, ct.to_string()));
+        }
+        let (resp, _driver) = self.send(url, method, path, body, &headers).await?;
+        let status = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| NetError::Http {
+                url: url.to_string(),
+                reason: e.to_string(),
+            })?
+            .to_bytes();
+        Ok((status, body))
+    }
+
+    /// Connects, sends one request and returns the response head with its unread body. The
+    /// connection lives as long as the returned guard.
+    async fn send(
+        &self,
+        url: &str,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        headers: &[(header::HeaderName, String)],
+    ) -> Result<(http::Response<Incoming>, AbortOnDrop), NetError> {
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|source| NetError::Connect {
@@ -133,19 +187,21 @@ impl HttpsClient {
             url: url.to_string(),
             reason: describe(&e),
         };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(4 << 20)
+            .handshake(TokioIo::new(tls))
             .await
             .map_err(http_err)?;
-        let driver = tokio::spawn(async move {
+        let driver = AbortOnDrop(tokio::spawn(async move {
             let _ = conn.await;
-        });
+        }));
         let mut req = Request::builder()
             .method(method)
             .uri(path)
             .header(header::HOST, &self.authority)
             .header(header::ACCEPT, "application/json");
-        if let Some(ct) = content_type {
-            req = req.header(header::CONTENT_TYPE, ct);
+        for (k, v) in headers {
+            req = req.header(k, v);
         }
         let req = req
             .body(Full::new(body.unwrap_or_default()))
@@ -153,22 +209,34 @@ impl HttpsClient {
                 url: url.to_string(),
                 reason: e.to_string(),
             })?;
-        let result = async {
-            let resp = sender.send_request(req).await.map_err(http_err)?;
-            let status = resp.status();
-            let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE)
-                .collect()
+        let resp = sender.send_request(req).await.map_err(http_err)?;
+        Ok((resp, driver))
+    }
+
+    /// A GET whose body the caller streams (payload downloads). `timeout` bounds the time to
+    /// the response head only; the caller bounds the body.
+    pub async fn get_stream(
+        &self,
+        path: &str,
+        headers: &[(header::HeaderName, String)],
+        timeout: Duration,
+    ) -> Result<Streamed, NetError> {
+        let url = format!("{}{}", self.base, path);
+        let (resp, guard) =
+            tokio::time::timeout(timeout, self.send(&url, Method::GET, path, None, headers))
                 .await
-                .map_err(|e| NetError::Http {
-                    url: url.to_string(),
-                    reason: e.to_string(),
-                })?
-                .to_bytes();
-            Ok((status, body))
-        }
-        .await;
-        driver.abort();
-        result
+                .map_err(|_| NetError::Timeout {
+                    url: url.clone(),
+                    after: timeout,
+                })??;
+        let (parts, body) = resp.into_parts();
+        Ok(Streamed {
+            url,
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            _conn: guard,
+        })
     }
 
     /// A JSON call. Non-2xx answers become `NetError::Status` with the API's error body;
@@ -268,7 +336,7 @@ mod tests {
             "https://x:port",
             "https://[::1",
         ] {
-            let e = HttpsClient::new(bad, cfg()).err().expect(bad);
+            let e = HttpsClient::new(bad, cfg()).expect_err(bad);
             assert!(e.to_string().contains(bad), "{e}");
         }
     }

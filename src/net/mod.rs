@@ -4,8 +4,41 @@
 pub mod client;
 pub mod server;
 
-/// Every response body in the crate is a single buffered chunk.
-pub type Body = http_body_util::Full<bytes::Bytes>;
+/// Response bodies: usually one buffered chunk ([`full`]), or a stream for payloads.
+pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error>;
+
+/// A body of one buffered chunk.
+pub fn full(bytes: impl Into<bytes::Bytes>) -> Body {
+    use http_body_util::BodyExt;
+    http_body_util::Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A streamed body fed by a channel (e.g. a blocking file reader); the stream ends when the
+/// sender is dropped, and an `Err` item aborts the response.
+pub fn channel_body(rx: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>) -> Body {
+    use http_body_util::BodyExt;
+    ChannelBody { rx }.boxed()
+}
+
+struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
+}
+
+impl http_body::Body for ChannelBody {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|o| o.map(|r| r.map(http_body::Frame::data)))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {

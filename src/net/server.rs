@@ -124,7 +124,7 @@ pub fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Respo
         Ok(v) => Response::builder()
             .status(status)
             .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::new(Bytes::from(v)))
+            .body(super::full(v))
             .unwrap_or_else(|_| internal()),
         Err(e) => error_response(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -144,12 +144,12 @@ pub fn error_response(status: StatusCode, code: &str, msg: impl Into<String>) ->
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::new(Bytes::from(bytes)))
+        .body(super::full(bytes))
         .unwrap_or_else(|_| internal())
 }
 
 fn internal() -> Response<Body> {
-    let mut r = Response::new(Body::new(Bytes::from_static(
+    let mut r = Response::new(super::full(Bytes::from_static(
         br#"{"error_code":"INTERNAL","error_msg":"cannot build the response"}"#,
     )));
     *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;

@@ -2,3 +2,5 @@
 //! hardened tar.gz extraction. Shared by software staging and (later) image pushes.
 
 pub mod extract;
+pub mod fetch;
+pub mod sign;

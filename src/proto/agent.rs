@@ -65,12 +65,74 @@ pub struct Assignment {
     pub scripts: Vec<ScriptPayload>,
     /// Limit for the whole run of `scripts` on this machine.
     pub timeout_seconds: u64,
+    /// The payloads to stage, for `SoftwareStage` assignments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<StagePayload>,
+}
+
+/// What a `SoftwareStage` assignment stages: one desired-software commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagePayload {
+    pub commit: String,
+    pub components: Vec<PayloadRef>,
+}
+
+/// A blob the agent downloads from `GET /agent/v1/blobs/{sha256}` and verifies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadRef {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+    pub size: u64,
+    /// `file` (stored as is) or `tar.gz` (extracted).
+    pub format: String,
+    /// Declared unpacked size, for the disk-space check (tar.gz only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unpacked_size: Option<u64>,
+    /// Present when the controller signs payloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<PayloadSignature>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadSignature {
+    pub expires_at: String,
+    /// Hex ed25519 signature over the JSON bytes of [`PayloadManifest`].
+    pub ed25519: String,
+}
+
+/// The signed statement about a payload. Field order is the byte contract: both sides
+/// serialize this struct with serde_json and sign or verify exactly those bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadManifest {
+    pub sha256: String,
+    pub size: u64,
+    pub name: String,
+    pub expires_at: String,
+}
+
+/// Staging progress of one component.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentProgress {
+    pub name: String,
+    /// `PENDING`, `DOWNLOADING`, `VERIFYING`, `EXTRACTING`, `STAGED`.
+    pub phase: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// Progress of a running assignment; the newest `seq` wins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub seq: u64,
+    pub components: Vec<ComponentProgress>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AssignmentKind {
     ScriptExecution,
+    SoftwareStage,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +167,8 @@ pub enum EventBody {
     Started,
     /// The machine's final result for the assignment.
     Result(RunResult),
+    /// Progress (best effort, latest wins; key `<assignment_id>:progress:<seq>`).
+    Progress(Progress),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +183,9 @@ pub struct RunResult {
     pub finished_at: String,
     pub error_code: Option<String>,
     pub error_msg: Option<String>,
+    /// The commit now staged, for a successful `SoftwareStage`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged_commit: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

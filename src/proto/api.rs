@@ -91,6 +91,75 @@ pub struct TaskMachine {
     pub finished_at: Option<String>,
     pub error_code: Option<String>,
     pub error_msg: Option<String>,
+    /// Per-component staging progress (software staging tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub components: Option<Vec<crate::proto::agent::ComponentProgress>>,
+}
+
+/// `POST /v1/blobs` answer, and `GET /v1/blobs/{sha256}` (with `bytes_served`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Blob {
+    pub sha256: String,
+    pub size: u64,
+    /// Bytes sent to agents since the controller started (resumed downloads send less).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_served: Option<u64>,
+}
+
+/// `PUT /v1/hosts/{machine_id}/software/desired`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DesiredSoftware {
+    pub components: Vec<DesiredComponent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DesiredComponent {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+    /// `file` (default) or `tar.gz`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Declared unpacked size in bytes (tar.gz), used for the disk-space check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unpacked_size: Option<u64>,
+    /// Blob size in bytes; optional on input (checked if given), pinned by the commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommitCreated {
+    pub commit: String,
+}
+
+/// `POST /v1/hosts/{machine_id}/software/stage`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSoftware {
+    /// The minimum commit to stage; the newest commit is staged if it is newer.
+    #[serde(default)]
+    pub commit: Option<String>,
+    #[serde(default)]
+    pub timeout_seconds: Option<i64>,
+}
+
+/// `GET /v1/hosts/{machine_id}/software`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostSoftware {
+    pub desired_commit: Option<String>,
+    pub staged_commit: Option<String>,
+    pub components: Vec<HostComponent>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostComponent {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+    pub staged: bool,
 }
 
 /// One row of `GET /v1/machines`.

@@ -25,6 +25,24 @@ pub struct RawAgent {
     pub exec: RawExec,
     #[serde(default)]
     pub connection: RawConnection,
+    #[serde(default)]
+    pub payloads: RawPayloads,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPayloads {
+    /// Hex ed25519 public keys (from `fieldhand-controller pki signing-key`).
+    pub trusted_keys: Option<Vec<String>>,
+    pub require_signed_payloads: Option<bool>,
+    /// Free space kept back; default min(5% of the filesystem, 1 GiB).
+    pub reserve_bytes: Option<u64>,
+    pub max_archive_entries: Option<u64>,
+    pub max_unpacked_bytes: Option<u64>,
+    /// Staged versions kept per thing.
+    pub keep_versions: Option<u64>,
+    /// Download bandwidth cap; unset means unlimited.
+    pub max_download_bytes_per_second: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -50,5 +68,7 @@ pub struct RawController {
     pub database_url: Option<String>,
     pub offline_after_seconds: Option<u64>,
     pub unreachable_grace_seconds: Option<u64>,
+    /// ed25519 PKCS#8 key (`pki signing-key`); when set, every payload reference is signed.
+    pub signing_key: Option<PathBuf>,
     pub tls: RawTls,
 }

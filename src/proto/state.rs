@@ -23,6 +23,20 @@ pub struct StateFile {
     /// never run twice.
     #[serde(default)]
     pub seen: Vec<String>,
+    /// The desired-software commit last staged completely.
+    #[serde(default)]
+    pub staged_commit: Option<String>,
+}
+
+/// `state_dir/payloads/partial/<sha256>.json`: how far a download got, so it can resume
+/// after a restart. `offset` bytes of the `.part` file were fsynced before this was written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartialDownload {
+    pub sha256: String,
+    pub size: u64,
+    /// The server's validator (`ETag`), sent back as `If-Range`.
+    pub etag: String,
+    pub offset: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

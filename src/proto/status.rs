@@ -23,6 +23,9 @@ pub struct StatusReport {
     pub undelivered_results: u32,
     /// Newest first, at most 5.
     pub recent_results: Vec<RecentResult>,
+    /// The desired-software commit staged under `state_dir/software/`.
+    #[serde(default)]
+    pub staged_commit: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -31,6 +34,9 @@ pub struct RunningStatus {
     pub task_id: String,
     pub started_at: String,
     pub elapsed_seconds: u64,
+    /// Staging progress per component (software stage assignments).
+    #[serde(default)]
+    pub components: Vec<super::agent::ComponentProgress>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

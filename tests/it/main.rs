@@ -6,6 +6,7 @@ mod cli;
 mod durability;
 mod latency;
 mod security;
+mod staging;
 mod support;
 mod tidy;
 mod validation;

@@ -102,13 +102,24 @@ impl Env {
 
     /// Starts a controller in `<tmp>/controller` on an ephemeral port.
     pub fn controller(&self) -> Controller {
-        Controller::start(self, "127.0.0.1:0")
+        Controller::start(self, "127.0.0.1:0", "")
+    }
+
+    /// A controller whose config starts with `extra` (top-level keys).
+    pub fn controller_with(&self, extra: &str) -> Controller {
+        Controller::start(self, "127.0.0.1:0", extra)
     }
 
     /// Starts an agent with machine id `id` in pool `pool`.
     pub fn agent(&self, ctl: &Controller, id: &str, pool: &str) -> Agent {
         self.issue_agent(id);
-        Agent::start(self, &ctl.url(), id, pool)
+        Agent::start(self, &ctl.url(), id, pool, "")
+    }
+
+    /// An agent whose config ends with `extra` (e.g. a `[payloads]` table).
+    pub fn agent_with(&self, ctl: &Controller, id: &str, pool: &str, extra: &str) -> Agent {
+        self.issue_agent(id);
+        Agent::start(self, &ctl.url(), id, pool, extra)
     }
 
     /// A client with the given cert/key (paths relative to the PKI dir), or none.
@@ -193,6 +204,46 @@ impl Client<'_> {
 
     pub fn get(&self, path: &str) -> (u16, Value) {
         self.call(Method::GET, path, None)
+    }
+
+    pub fn put(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(Method::PUT, path, Some(body))
+    }
+
+    /// A GET with extra headers: `(status, headers, body)`.
+    pub fn get_with(
+        &self,
+        path: &str,
+        headers: &[(http::header::HeaderName, String)],
+    ) -> (u16, http::HeaderMap, Vec<u8>) {
+        self.rt.block_on(async {
+            use http_body_util::BodyExt;
+            let r = self
+                .http
+                .get_stream(path, headers, Duration::from_secs(30))
+                .await
+                .expect("request");
+            let body = r.body.collect().await.expect("body").to_bytes().to_vec();
+            (r.status.as_u16(), r.headers, body)
+        })
+    }
+
+    /// `POST /v1/blobs` with raw bytes; returns the sha256 (panics unless stored).
+    pub fn upload(&self, data: &[u8]) -> String {
+        let (status, body) = self
+            .rt
+            .block_on(self.http.request(
+                Method::POST,
+                "/v1/blobs",
+                Some(bytes::Bytes::copy_from_slice(data)),
+                Some("application/octet-stream"),
+                Duration::from_secs(60),
+            ))
+            .expect("upload");
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(status.as_u16(), 200, "{v}");
+        assert_eq!(v["size"], data.len() as u64);
+        v["sha256"].as_str().unwrap().to_string()
     }
 
     /// Submits a script execution; panics unless accepted. Returns the task id.
@@ -299,7 +350,7 @@ pub struct Controller {
 }
 
 impl Controller {
-    fn start(env: &Env, listen: &str) -> Self {
+    fn start(env: &Env, listen: &str, extra: &str) -> Self {
         let dir = env.path().join("controller");
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("controller.toml");
@@ -307,7 +358,7 @@ impl Controller {
         std::fs::write(
             &config,
             format!(
-                "listen = \"{listen}\"\ndata_dir = \"{}\"\noffline_after_seconds = 3\nunreachable_grace_seconds = 3\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                "{extra}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\noffline_after_seconds = 3\nunreachable_grace_seconds = 3\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
                 dir.display(),
                 pki.join("ca.pem").display(),
                 pki.join("controller.pem").display(),
@@ -398,7 +449,7 @@ pub struct Agent {
 }
 
 impl Agent {
-    fn start(env: &Env, url: &str, id: &str, pool: &str) -> Self {
+    fn start(env: &Env, url: &str, id: &str, pool: &str, extra: &str) -> Self {
         let dir = env.path().join("agents").join(id);
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("agent.toml");
@@ -407,7 +458,7 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "controller_url = \"{url}\"\npool_id = \"{pool}\"\nstate_dir = \"{}\"\nsocket_path = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[exec]\nkill_grace_seconds = 1\n[connection]\nretry_initial_ms = 100\nretry_max_ms = 500\n",
+                "controller_url = \"{url}\"\npool_id = \"{pool}\"\nstate_dir = \"{}\"\nsocket_path = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[exec]\nkill_grace_seconds = 1\n[connection]\nretry_initial_ms = 100\nretry_max_ms = 500\n{extra}\n",
                 dir.join("state").display(),
                 socket.display(),
                 pki.join("ca.pem").display(),

@@ -1,0 +1,350 @@
+//! Runs a `SoftwareStage` assignment: check signatures and disk space, download and verify
+//! every component, unpack it, and make `state_dir/software/<commit>/` appear complete in one
+//! rename. Staging installs nothing.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use super::executor::{ExecReport, ExecSettings};
+use crate::payload::extract::{self, Limits};
+use crate::payload::fetch::{self, Cache, FetchError};
+use crate::proto::agent::{Assignment, ComponentProgress, PayloadRef, RunResult, StagePayload};
+use crate::sys::{clock, facts, fsutil};
+
+pub const INSUFFICIENT_DISK_SPACE: &str = "INSUFFICIENT_DISK_SPACE";
+pub const TIMED_OUT: &str = "TIMED_OUT";
+const STAGING_IO_ERROR: &str = "STAGING_IO_ERROR";
+/// Progress goes to the core at most this often (the link reports it onwards).
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// `state_dir/software`.
+pub fn software_root(state_dir: &Path) -> PathBuf {
+    state_dir.join("software")
+}
+
+pub fn payload_cache(state_dir: &Path) -> Cache {
+    Cache::new(state_dir.join("payloads"))
+}
+
+struct Failure {
+    state: &'static str,
+    code: String,
+    msg: String,
+}
+
+impl Failure {
+    fn new(code: &str, msg: impl Into<String>) -> Self {
+        Failure {
+            state: "FAILED",
+            code: code.to_string(),
+            msg: msg.into(),
+        }
+    }
+}
+
+impl From<FetchError> for Failure {
+    fn from(e: FetchError) -> Self {
+        Failure::new(e.code(), e.to_string())
+    }
+}
+
+/// Shared progress table, pushed to the core now and then.
+#[derive(Clone)]
+struct Progress {
+    id: String,
+    table: Arc<Mutex<Vec<ComponentProgress>>>,
+    reports: mpsc::Sender<ExecReport>,
+    last: Arc<Mutex<Option<tokio::time::Instant>>>,
+}
+
+impl Progress {
+    fn set(&self, name: &str, phase: &str, done: u64, force: bool) {
+        {
+            let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = t.iter_mut().find(|c| c.name == name) {
+                c.phase = phase.to_string();
+                c.bytes_done = done;
+            }
+        }
+        let now = tokio::time::Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let stale = match *last {
+            Some(l) => now.duration_since(l) >= PROGRESS_EVERY,
+            None => true,
+        };
+        if force || stale {
+            *last = Some(now);
+            let snapshot = self.table.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let _ = self.reports.try_send(ExecReport::Progress {
+                assignment_id: self.id.clone(),
+                components: snapshot,
+            });
+        }
+    }
+}
+
+pub async fn run(
+    s: &ExecSettings,
+    a: &Assignment,
+    cancel: &mut watch::Receiver<bool>,
+    reports: &mpsc::Sender<ExecReport>,
+    started_at: String,
+) -> RunResult {
+    let finish =
+        |state: &str, code: Option<String>, msg: Option<String>, out: String, commit| RunResult {
+            state: state.into(),
+            exit_code: None,
+            stdout: out,
+            stderr: String::new(),
+            output_truncated: false,
+            started_at: Some(started_at.clone()),
+            finished_at: clock::now_rfc3339(),
+            error_code: code,
+            error_msg: msg,
+            staged_commit: commit,
+        };
+    let Some(stage) = a.stage.clone() else {
+        return finish(
+            "FAILED",
+            Some("INVALID_ASSIGNMENT".into()),
+            Some("no stage payload".into()),
+            String::new(),
+            None,
+        );
+    };
+    let progress = Progress {
+        id: a.assignment_id.clone(),
+        table: Arc::new(Mutex::new(
+            stage
+                .components
+                .iter()
+                .map(|c| ComponentProgress {
+                    name: c.name.clone(),
+                    phase: "PENDING".into(),
+                    bytes_done: 0,
+                    bytes_total: c.size,
+                })
+                .collect(),
+        )),
+        reports: reports.clone(),
+        last: Arc::new(Mutex::new(None)),
+    };
+    let timeout = Duration::from_secs(a.timeout_seconds);
+    let work = stage_commit(s, &stage, &progress);
+    tokio::pin!(work);
+    let outcome = tokio::select! {
+        r = &mut work => r,
+        _ = tokio::time::sleep(timeout) => Err(Failure {
+            state: "TIMED_OUT",
+            code: TIMED_OUT.into(),
+            msg: format!("staging did not finish within timeout_seconds {}", a.timeout_seconds),
+        }),
+        _ = cancel.wait_for(|c| *c) => Err(Failure {
+            state: "CANCELLED",
+            code: String::new(),
+            msg: "cancelled by the operator".into(),
+        }),
+    };
+    // Leave nothing half-built behind; completed downloads stay cached for a retry.
+    let _ = std::fs::remove_dir_all(partial_dir(s, &stage.commit));
+    match outcome {
+        Ok(summary) => finish("SUCCEEDED", None, None, summary, Some(stage.commit.clone())),
+        Err(f) => {
+            let code = (!f.code.is_empty()).then_some(f.code);
+            finish(f.state, code, Some(f.msg), String::new(), None)
+        }
+    }
+}
+
+fn partial_dir(s: &ExecSettings, commit: &str) -> PathBuf {
+    software_root(&s.state_dir).join(format!(".{commit}.partial"))
+}
+
+async fn stage_commit(
+    s: &ExecSettings,
+    stage: &StagePayload,
+    progress: &Progress,
+) -> Result<String, Failure> {
+    let root = software_root(&s.state_dir);
+    let dest = root.join(&stage.commit);
+    let io = |what: &str, p: &Path, e: std::io::Error| {
+        Failure::new(
+            STAGING_IO_ERROR,
+            format!("cannot {what} {}: {e}", p.display()),
+        )
+    };
+    fsutil::ensure_dir(&root, 0o755).map_err(|e| io("create", &root, e))?;
+    let cache = payload_cache(&s.state_dir);
+    cache.ensure().map_err(|e| io("create", &cache.root, e))?;
+    let summary = |stage: &StagePayload| {
+        stage
+            .components
+            .iter()
+            .map(|c| {
+                format!(
+                    "staged {} {} ({} bytes, {})\n",
+                    c.name, c.version, c.size, c.format
+                )
+            })
+            .collect::<String>()
+    };
+    if dest.is_dir() {
+        for c in &stage.components {
+            progress.set(&c.name, "STAGED", c.size, false);
+        }
+        return Ok(summary(stage));
+    }
+    let fetch_settings = fetch::FetchSettings {
+        trusted_keys: s.payloads.trusted_keys.clone(),
+        require_signed: s.payloads.require_signed,
+        max_bytes_per_second: s.payloads.max_download_bytes_per_second,
+    };
+    let now = clock::now();
+    for c in &stage.components {
+        fetch::check_signature(c, &fetch_settings, now)?;
+    }
+    check_space(s, &cache, &stage.components)?;
+
+    let work = partial_dir(s, &stage.commit);
+    let _ = std::fs::remove_dir_all(&work);
+    fsutil::ensure_dir(&work, 0o700).map_err(|e| io("create", &work, e))?;
+    for c in &stage.components {
+        let name = c.name.clone();
+        let p = progress.clone();
+        let mut report = move |done: u64| p.set(&name, "DOWNLOADING", done, false);
+        let blob = fetch::fetch(&s.client, &cache, c, &fetch_settings, &mut report).await?;
+        let target = work.join(&c.name);
+        if c.format == "tar.gz" {
+            progress.set(&c.name, "EXTRACTING", 0, true);
+            let limits = Limits {
+                max_entries: s.payloads.max_archive_entries,
+                max_unpacked_bytes: s.payloads.max_unpacked_bytes,
+            };
+            let (blob2, target2, name) = (blob.clone(), target.clone(), c.name.clone());
+            let p = progress.clone();
+            let res = tokio::task::spawn_blocking(move || {
+                let mut report = |done: u64| p.set(&name, "EXTRACTING", done, false);
+                extract::extract_tar_gz(&blob2, &target2, &limits, &mut report)
+            })
+            .await
+            .map_err(|e| Failure::new(STAGING_IO_ERROR, format!("extraction task failed: {e}")))?;
+            if let Err(e) = res {
+                return Err(Failure::new(
+                    e.code(),
+                    format!("component {:?}: {e}", c.name),
+                ));
+            }
+            let _ = std::fs::remove_file(&blob);
+        } else {
+            fsutil::ensure_dir(&target, 0o755).map_err(|e| io("create", &target, e))?;
+            let file = target.join(&c.name);
+            std::fs::rename(&blob, &file).map_err(|e| io("move", &file, e))?;
+            std::fs::File::open(&file)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io("sync", &file, e))?;
+            std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                .map_err(|e| io("chmod", &file, e))?;
+            fsutil::fsync_dir(&target).map_err(|e| io("sync", &target, e))?;
+        }
+        progress.set(&c.name, "STAGED", c.size, true);
+    }
+    std::fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .map_err(|e| io("chmod", &work, e))?;
+    fsutil::fsync_dir(&work).map_err(|e| io("sync", &work, e))?;
+    std::fs::rename(&work, &dest).map_err(|e| io("publish", &dest, e))?;
+    fsutil::fsync_dir(&root).map_err(|e| io("sync", &root, e))?;
+    retain(&root, s.payloads.keep_versions as usize, &stage.commit);
+    Ok(summary(stage))
+}
+
+/// Needed = what is left to download + the declared unpacked size + the reserve.
+fn check_space(s: &ExecSettings, cache: &Cache, comps: &[PayloadRef]) -> Result<(), Failure> {
+    let download: u64 = comps
+        .iter()
+        .map(|c| c.size.saturating_sub(cache.have(&c.sha256)))
+        .sum();
+    let unpacked: u64 = comps
+        .iter()
+        .filter(|c| c.format == "tar.gz")
+        .map(|c| c.unpacked_size.unwrap_or(c.size))
+        .sum();
+    let root = &s.state_dir;
+    let free = facts::disk_free(root).unwrap_or(0);
+    let total = facts::disk_total(root).unwrap_or(0);
+    let reserve = s
+        .payloads
+        .reserve_bytes
+        .unwrap_or_else(|| (total / 20).min(1 << 30));
+    let needed = download.saturating_add(unpacked).saturating_add(reserve);
+    if needed > free {
+        return Err(Failure::new(
+            INSUFFICIENT_DISK_SPACE,
+            format!(
+                "staging needs {needed} bytes on {} (download {download} + unpacked {unpacked} + reserve {reserve}) but only {free} are free",
+                root.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Keeps the newest `keep` commits (always including `current`) and removes older ones.
+pub fn retain(root: &Path, keep: usize, current: &str) {
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return;
+    };
+    let mut commits: Vec<(u64, PathBuf)> = rd
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_str()?.parse::<u64>().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    commits.sort_by_key(|c| std::cmp::Reverse(c.0));
+    for (i, (n, path)) in commits.iter().enumerate() {
+        if i >= keep.max(1) && n.to_string() != current {
+            if let Err(e) = std::fs::remove_dir_all(path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove an old staged commit");
+            }
+        }
+    }
+}
+
+/// Start-up housekeeping: half-built commit directories go, old commits beyond `keep` go,
+/// and cached downloads not needed by `keep_payloads` (queued or running stages) go.
+pub fn cleanup(state_dir: &Path, keep: usize, current: Option<&str>, keep_payloads: &[String]) {
+    let root = software_root(state_dir);
+    if let Ok(rd) = std::fs::read_dir(&root) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.ends_with(".partial") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    retain(&root, keep, current.unwrap_or(""));
+    payload_cache(state_dir).prune(keep_payloads);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_keeps_the_newest_and_the_current() {
+        let dir = tempfile::tempdir().unwrap();
+        for c in ["1", "2", "3", "10", ".4.partial"] {
+            std::fs::create_dir_all(dir.path().join(c)).unwrap();
+        }
+        retain(dir.path(), 2, "2");
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec![".4.partial", "10", "2", "3"]);
+    }
+}
