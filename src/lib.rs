@@ -23,7 +23,7 @@
 //!   quickstart.
 //! - [`agent`]: `run`: one core task owning the state, the pure state machine
 //!   (`agent::machine::step`), the durable state file and outbox, the executor (scripts) and
-//!   `agent::stage` (software staging), the links to
+//!   `agent::stage` (software staging), `agent::logoff` (logoff policies), the links to
 //!   the controller (long poll, heartbeat, event delivery) and the local status socket.
 //! - [`daemon`], [`exit`]: logging, shutdown signals and exit codes shared by the binaries.
 //!
@@ -45,6 +45,9 @@
 //!   and restarts on either side never double-count and never lose a result.
 //! - An interrupted run is never re-run silently: on restart the agent kills the recorded
 //!   process group (same boot only) and reports `AGENT_RESTARTED` once.
+//! - A power step is persisted (phase + boot id) before its command runs; only a changed
+//!   boot id proves a reboot, so an agent restart is never mistaken for one; at most
+//!   `MAX_REBOOTS` reboots per assignment.
 //! - When a script run ends, no process of its process group is left (SIGTERM, grace,
 //!   SIGKILL on timeout or cancel; SIGKILL for leftovers of a normal exit).
 //! - Every controller state change happens in one store transaction; the store is the only

@@ -58,6 +58,8 @@ pub enum ExecReport {
     Finished {
         assignment_id: String,
         result: RunResult,
+        /// Index of the script that exited with 194 ("succeeded, please reboot").
+        reboot_after: Option<usize>,
     },
     /// Staging progress of the running assignment.
     Progress {
@@ -98,19 +100,21 @@ fn write_script(path: &Path, content: &str) -> std::io::Result<()> {
 pub async fn run(
     settings: ExecSettings,
     a: Assignment,
+    from: usize,
     mut cancel: watch::Receiver<bool>,
     reports: mpsc::Sender<ExecReport>,
 ) {
     let started_at = clock::now_rfc3339();
     let id = a.assignment_id.clone();
     let dir = settings.work_root.join(&id);
-    let result = match a.kind {
+    let (result, reboot_after) = match a.kind {
         AssignmentKind::ScriptExecution => {
-            execute(&settings, &a, &dir, &mut cancel, &reports, started_at).await
+            execute(&settings, &a, from, &dir, &mut cancel, &reports, started_at).await
         }
-        AssignmentKind::SoftwareStage => {
-            super::stage::run(&settings, &a, &mut cancel, &reports, started_at).await
-        }
+        AssignmentKind::SoftwareStage => (
+            super::stage::run(&settings, &a, &mut cancel, &reports, started_at).await,
+            None,
+        ),
     };
     if let Err(e) = std::fs::remove_dir_all(&dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
@@ -121,17 +125,37 @@ pub async fn run(
         .send(ExecReport::Finished {
             assignment_id: id,
             result,
+            reboot_after,
         })
         .await;
 }
 
+/// Runs the scripts from index `from`. The second value is the index of a script that
+/// exited with 194 ("succeeded, please reboot"): the run stops there.
 async fn execute(
     s: &ExecSettings,
     a: &Assignment,
+    from: usize,
     dir: &Path,
     cancel: &mut watch::Receiver<bool>,
     reports: &mpsc::Sender<ExecReport>,
     started_at: String,
+) -> (RunResult, Option<usize>) {
+    let mut reboot_at = None;
+    let r = execute_scripts(s, a, from, dir, cancel, reports, started_at, &mut reboot_at).await;
+    (r, reboot_at)
+}
+
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
+async fn execute_scripts(
+    s: &ExecSettings,
+    a: &Assignment,
+    from: usize,
+    dir: &Path,
+    cancel: &mut watch::Receiver<bool>,
+    reports: &mpsc::Sender<ExecReport>,
+    started_at: String,
+    reboot_at: &mut Option<usize>,
 ) -> RunResult {
     let mut stdout = Capture::new(CAPTURE_HEAD, CAPTURE_TAIL);
     let mut stderr = Capture::new(CAPTURE_HEAD, CAPTURE_TAIL);
@@ -167,7 +191,7 @@ async fn execute(
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_seconds);
     let mut last_exit = None;
-    for (i, script) in a.scripts.iter().enumerate() {
+    for (i, script) in a.scripts.iter().enumerate().skip(from) {
         if *cancel.borrow() {
             return finish(
                 "CANCELLED",
@@ -267,6 +291,21 @@ async fn execute(
         stderr.append(&outcome.stderr);
         match outcome.ending {
             Ending::Exited(0) => last_exit = Some(0),
+            Ending::Exited(super::machine::EXIT_REBOOT) => {
+                *reboot_at = Some(i);
+                let msg = format!(
+                    "script {:?} exited with 194: succeeded, reboot requested",
+                    script.name
+                );
+                return finish(
+                    "SUCCEEDED",
+                    Some(super::machine::EXIT_REBOOT),
+                    None,
+                    Some(msg),
+                    &stdout,
+                    &stderr,
+                );
+            }
             Ending::Exited(code) => {
                 let msg = format!("script {:?} exited with code {code}", script.name);
                 return finish(

@@ -13,8 +13,10 @@ use std::collections::VecDeque;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use crate::proto::agent::{AgentEvent, Assignment, AssignmentKind, EventBody, RunResult};
-use crate::proto::state::{RunningRecord, StateFile};
+use crate::proto::agent::{
+    AgentEvent, Assignment, AssignmentKind, EventBody, PowerEvent, PowerSpec, RunResult,
+};
+use crate::proto::state::{PhaseRecord, RunningRecord, StateFile};
 use crate::proto::status::RecentResult;
 use crate::sys::clock;
 
@@ -25,6 +27,13 @@ pub const RECENT_LIMIT: usize = 5;
 
 pub const AGENT_RESTARTED: &str = "AGENT_RESTARTED";
 pub const INVALID_ASSIGNMENT: &str = "INVALID_ASSIGNMENT";
+pub const REBOOT_NOT_OBSERVED: &str = "REBOOT_NOT_OBSERVED";
+pub const REBOOT_LOOP: &str = "REBOOT_LOOP";
+pub const POWER_COMMAND_FAILED: &str = "POWER_COMMAND_FAILED";
+/// Reboots one assignment may request; the next request fails with `REBOOT_LOOP`.
+pub const MAX_REBOOTS: u32 = 3;
+/// The exit code by which a script says "succeeded, please reboot".
+pub const EXIT_REBOOT: i32 = 194;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Running {
@@ -33,6 +42,12 @@ pub struct Running {
     pub pgid: Option<i32>,
     pub boot_id: String,
     pub cancel_requested: bool,
+    /// Where a script run is among its logoff, script and power steps.
+    pub phase: Option<PhaseRecord>,
+    /// Reboots requested for this assignment (loop guard).
+    pub reboots: u32,
+    /// Output so far; the final result while a post-finish power step is pending.
+    pub carry: Option<RunResult>,
 }
 
 /// Everything the agent must remember across restarts.
@@ -46,6 +61,8 @@ pub struct AgentState {
     /// The boot this process runs in; set by `Event::Boot`.
     pub boot_id: String,
     pub staged_commit: Option<String>,
+    /// How long to wait for a requested reboot (config; not persisted).
+    pub reboot_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,11 +77,24 @@ pub enum Event {
     CancelRequested(Vec<String>),
     /// A script of the running assignment was started in process group `pgid`.
     Spawned { assignment_id: String, pgid: i32 },
-    /// The running assignment ended.
+    /// The running assignment's scripts ended. `reboot_after`: script index that exited
+    /// with 194 ("succeeded, please reboot").
     Finished {
         assignment_id: String,
         result: RunResult,
+        reboot_after: Option<usize>,
     },
+    /// The logoff step ended: `Ok`, or `Err((error_code, message))`.
+    LogoffDone {
+        assignment_id: String,
+        outcome: Result<(), (String, String)>,
+    },
+    /// The power command ran (for a shutdown, the result may now be reported).
+    PowerIssued { assignment_id: String },
+    /// The power command could not be run or failed.
+    PowerFailed { assignment_id: String, msg: String },
+    /// The deadline for a requested reboot passed.
+    RebootTimeout { assignment_id: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +105,24 @@ pub enum Effect {
     Emit(AgentEvent),
     /// Start executing this assignment (it is `running` in the persisted state).
     Start(Assignment),
+    /// Run this assignment's scripts from index `from` (after a reboot or a logoff step).
+    Resume { assignment: Assignment, from: usize },
+    /// End or wait out user sessions under the assignment's logoff policy.
+    Logoff {
+        assignment_id: String,
+        spec: PowerSpec,
+    },
+    /// Run the power command (`reboot` or `stop`); report RebootTimeout at `deadline`.
+    Power {
+        assignment_id: String,
+        kind: String,
+        deadline: OffsetDateTime,
+    },
+    /// The agent restarted while a reboot was pending: report RebootTimeout at `deadline`.
+    WaitReboot {
+        assignment_id: String,
+        deadline: OffsetDateTime,
+    },
     /// Stop the running assignment; it will finish as `CANCELLED`.
     Cancel(String),
     /// Kill what is left of an interrupted run's process group.
@@ -213,12 +261,28 @@ impl AgentState {
         let Some(a) = self.queue.pop_front() else {
             return;
         };
+        let pre_start = a.power.as_ref().and_then(|p| p.pre_start.clone());
+        let phase = match (&a.kind, pre_start.as_deref()) {
+            (AssignmentKind::SoftwareStage, _) => None,
+            (_, Some("reboot")) => Some(PhaseRecord::Logoff {
+                next: "reboot:scripts:0".into(),
+                since: clock::rfc3339(now),
+            }),
+            (_, Some(_)) => Some(PhaseRecord::Logoff {
+                next: "scripts".into(),
+                since: clock::rfc3339(now),
+            }),
+            (_, None) => Some(PhaseRecord::Scripts { from: 0 }),
+        };
         self.running = Some(Running {
             assignment: a.clone(),
             started_at: clock::rfc3339(now),
             pgid: None,
             boot_id: self.boot_id.clone(),
             cancel_requested: false,
+            phase: phase.clone(),
+            reboots: 0,
+            carry: None,
         });
         fx.push(Effect::Persist);
         fx.push(Effect::Emit(AgentEvent {
@@ -227,7 +291,122 @@ impl AgentState {
             at: clock::rfc3339(now),
             body: EventBody::Started,
         }));
-        fx.push(Effect::Start(a));
+        match phase {
+            Some(PhaseRecord::Logoff { .. }) => fx.push(Effect::Logoff {
+                assignment_id: a.assignment_id.clone(),
+                spec: a.power.clone().expect("pre_start implies a power spec"),
+            }),
+            _ => fx.push(Effect::Start(a)),
+        }
+    }
+
+    /// Ends the running assignment with `result` and starts the next one.
+    fn finish_running(&mut self, result: RunResult, now: OffsetDateTime, fx: &mut Vec<Effect>) {
+        if let Some(r) = self.running.take() {
+            self.record(&r.assignment, &result);
+            fx.push(Effect::Emit(result_event(
+                &r.assignment.assignment_id,
+                result,
+                now,
+            )));
+            fx.push(Effect::Persist);
+        }
+        self.start_next(now, fx);
+    }
+
+    /// The failure of a power or logoff step, keeping the scripts' output so far.
+    fn fail_running(&mut self, code: &str, msg: String, now: OffsetDateTime, fx: &mut Vec<Effect>) {
+        let Some(r) = self.running.as_ref() else {
+            return;
+        };
+        let mut result = failed(code, msg, Some(r.started_at.clone()), now);
+        if let Some(c) = &r.carry {
+            result.stdout = c.stdout.clone();
+            result.stderr = c.stderr.clone();
+            result.output_truncated = c.output_truncated;
+            result.exit_code = c.exit_code;
+        }
+        self.finish_running(result, now, fx);
+    }
+
+    fn power_event(&self, phase: &str, now: OffsetDateTime) -> Option<AgentEvent> {
+        let r = self.running.as_ref()?;
+        let id = &r.assignment.assignment_id;
+        Some(AgentEvent {
+            idempotency_key: format!("{id}:power:{}:{phase}", r.reboots),
+            assignment_id: id.clone(),
+            at: clock::rfc3339(now),
+            body: EventBody::Power(PowerEvent {
+                phase: phase.into(),
+                boot_id: self.boot_id.clone(),
+                count: r.reboots,
+            }),
+        })
+    }
+
+    /// Moves to the step named by `next` (`scripts`, `scripts:<n>`, `reboot:<then>`,
+    /// `stop:<then>`, `finish`).
+    fn go(&mut self, next: &str, now: OffsetDateTime, fx: &mut Vec<Effect>) {
+        let Some(r) = self.running.as_mut() else {
+            return;
+        };
+        let id = r.assignment.assignment_id.clone();
+        if next == "finish" {
+            let result = r
+                .carry
+                .take()
+                .unwrap_or_else(|| failed("INTERNAL", "no result to report".into(), None, now));
+            self.finish_running(result, now, fx);
+            return;
+        }
+        if let Some(from) = next
+            .strip_prefix("scripts")
+            .map(|n| n.trim_start_matches(':').parse::<usize>().unwrap_or(0))
+        {
+            r.phase = Some(PhaseRecord::Scripts { from });
+            r.pgid = None;
+            let a = r.assignment.clone();
+            fx.push(Effect::Persist);
+            fx.push(if from == 0 {
+                Effect::Start(a)
+            } else {
+                Effect::Resume {
+                    assignment: a,
+                    from,
+                }
+            });
+            return;
+        }
+        let (kind, then) = next.split_once(':').unwrap_or((next, "finish"));
+        if kind == "reboot" && r.reboots >= MAX_REBOOTS {
+            let msg = format!(
+                "assignment {id} asked for more than {MAX_REBOOTS} reboots; refusing a reboot loop"
+            );
+            self.fail_running(REBOOT_LOOP, msg, now, fx);
+            return;
+        }
+        if kind == "reboot" {
+            r.reboots += 1;
+        }
+        let deadline = now + self.reboot_timeout;
+        r.phase = Some(PhaseRecord::Power {
+            kind: kind.into(),
+            then: then.into(),
+            boot_id: self.boot_id.clone(),
+            deadline: clock::rfc3339(deadline),
+        });
+        if kind == "reboot" {
+            if let Some(ev) = self.power_event("REBOOTING", now) {
+                fx.push(Effect::Emit(ev));
+            }
+        }
+        // Persist before the irreversible step.
+        fx.push(Effect::Persist);
+        fx.push(Effect::Power {
+            assignment_id: id,
+            kind: kind.into(),
+            deadline,
+        });
     }
 }
 
@@ -236,7 +415,76 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
     let mut fx = Vec::new();
     match ev {
         Event::Boot { boot_id } => {
+            let rebooted = s.running.as_ref().is_some_and(|r| r.boot_id != boot_id);
             s.boot_id = boot_id;
+            let phase = s.running.as_ref().and_then(|r| r.phase.clone());
+            match phase {
+                Some(PhaseRecord::Power {
+                    kind,
+                    then,
+                    boot_id: before,
+                    deadline: requested_at,
+                }) => {
+                    if before != s.boot_id {
+                        // The boot id changed: the reboot (or shutdown) really happened.
+                        if let Some(r) = s.running.as_mut() {
+                            r.boot_id = s.boot_id.clone();
+                        }
+                        if kind == "reboot" {
+                            if let Some(ev) = s.power_event("REBOOTED", now) {
+                                fx.push(Effect::Emit(ev));
+                            }
+                            s.go(&then, now, &mut fx);
+                        } else {
+                            // Shut down as asked. The result normally went out when the
+                            // command was issued; if the power went first, it goes now.
+                            let carry = s.running.as_mut().and_then(|r| r.carry.take());
+                            if let Some(result) = carry {
+                                if let Some(ev) = s.power_event("SHUTTING_DOWN", now) {
+                                    fx.push(Effect::Emit(ev));
+                                }
+                                s.finish_running(result, now, &mut fx);
+                            } else {
+                                s.running = None;
+                                fx.push(Effect::Persist);
+                                s.start_next(now, &mut fx);
+                            }
+                        }
+                    } else {
+                        // Only the agent restarted: keep waiting for the reboot, up to the deadline.
+                        let deadline = clock::parse_rfc3339(&requested_at).unwrap_or(now);
+                        if now >= deadline {
+                            let msg = format!(
+                                "the {kind} requested by this assignment did not happen before {requested_at} (boot id unchanged)"
+                            );
+                            s.fail_running(REBOOT_NOT_OBSERVED, msg, now, &mut fx);
+                        } else {
+                            let id = s
+                                .running
+                                .as_ref()
+                                .map(|r| r.assignment.assignment_id.clone());
+                            fx.push(Effect::WaitReboot {
+                                assignment_id: id.unwrap_or_default(),
+                                deadline,
+                            });
+                        }
+                    }
+                    return (s, fx);
+                }
+                Some(PhaseRecord::Logoff { .. }) => {
+                    // Ending sessions is idempotent: start it again.
+                    let r = s.running.as_ref().expect("phase implies running");
+                    if let Some(spec) = r.assignment.power.clone() {
+                        fx.push(Effect::Logoff {
+                            assignment_id: r.assignment.assignment_id.clone(),
+                            spec,
+                        });
+                        return (s, fx);
+                    }
+                }
+                _ => {}
+            }
+            let _ = rebooted;
             let resumable = s.running.as_ref().is_some_and(|r| {
                 r.assignment.kind == AssignmentKind::SoftwareStage && !r.cancel_requested
             });
@@ -310,6 +558,13 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
                         r.cancel_requested = true;
                         changed = true;
                         fx.push(Effect::Cancel(id.clone()));
+                        if matches!(r.phase, Some(PhaseRecord::Logoff { .. })) {
+                            // Nothing irreversible has started: stop waiting and report.
+                            let mut res =
+                                cancelled("cancelled by the operator during the logoff step", now);
+                            res.started_at = Some(r.started_at.clone());
+                            s.finish_running(res, now, &mut fx);
+                        }
                     }
                 } else if let Some(pos) = s.queue.iter().position(|a| &a.assignment_id == id) {
                     let a = s.queue.remove(pos).expect("position came from this queue");
@@ -355,7 +610,35 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
         Event::Finished {
             assignment_id,
             result,
+            reboot_after,
         } => {
+            let power_next = s
+                .running
+                .as_ref()
+                .filter(|r| r.assignment.assignment_id == assignment_id)
+                .and_then(|r| after_scripts(r, &result, reboot_after));
+            if let Some(next) = power_next {
+                let r = s.running.as_mut().expect("filtered above");
+                r.carry = Some(merge(r.carry.take(), result));
+                r.phase = Some(PhaseRecord::Logoff {
+                    next,
+                    since: clock::rfc3339(now),
+                });
+                r.pgid = None;
+                let spec = r.assignment.power.clone().unwrap_or_else(default_power);
+                fx.push(Effect::Persist);
+                fx.push(Effect::Logoff {
+                    assignment_id,
+                    spec,
+                });
+                return (s, fx);
+            }
+            let result = match s.running.as_mut() {
+                Some(r) if r.assignment.assignment_id == assignment_id => {
+                    merge(r.carry.take(), result)
+                }
+                _ => result,
+            };
             match s.running.take() {
                 Some(r) if r.assignment.assignment_id == assignment_id => {
                     s.record(&r.assignment, &result);
@@ -369,8 +652,120 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
             }
             s.start_next(now, &mut fx);
         }
+        Event::LogoffDone {
+            assignment_id,
+            outcome,
+        } => {
+            let next = match s.running.as_ref() {
+                Some(r) if r.assignment.assignment_id == assignment_id => match &r.phase {
+                    Some(PhaseRecord::Logoff { next, .. }) => next.clone(),
+                    _ => return (s, fx),
+                },
+                _ => return (s, fx),
+            };
+            match outcome {
+                Ok(()) => s.go(&next, now, &mut fx),
+                Err((code, msg)) => s.fail_running(&code, msg, now, &mut fx),
+            }
+        }
+        Event::PowerIssued { assignment_id } => {
+            let stop = matches!(
+                s.running.as_ref().filter(|r| r.assignment.assignment_id == assignment_id).and_then(|r| r.phase.as_ref()),
+                Some(PhaseRecord::Power { kind, .. }) if kind == "stop"
+            );
+            if stop {
+                // The machine may never come back: report the result now, then announce.
+                let r = s.running.as_mut().expect("checked above");
+                if let Some(result) = r.carry.take() {
+                    let a = r.assignment.clone();
+                    s.record(&a, &result);
+                    fx.push(Effect::Emit(result_event(&assignment_id, result, now)));
+                }
+                if let Some(ev) = s.power_event("SHUTTING_DOWN", now) {
+                    fx.push(Effect::Emit(ev));
+                }
+                fx.push(Effect::Persist);
+            }
+        }
+        Event::PowerFailed { assignment_id, msg } => {
+            let ours = s
+                .running
+                .as_ref()
+                .is_some_and(|r| r.assignment.assignment_id == assignment_id);
+            if ours {
+                s.fail_running(POWER_COMMAND_FAILED, msg, now, &mut fx);
+            }
+        }
+        Event::RebootTimeout { assignment_id } => {
+            let pending = s.running.as_ref().and_then(|r| {
+                (r.assignment.assignment_id == assignment_id).then_some(r.phase.clone())?
+            });
+            if let Some(PhaseRecord::Power {
+                kind,
+                boot_id,
+                deadline: requested_at,
+                ..
+            }) = pending
+            {
+                if boot_id == s.boot_id {
+                    let msg = format!(
+                        "the {kind} requested by this assignment did not happen before {requested_at} (boot id unchanged)"
+                    );
+                    if kind == "stop" {
+                        // The result was reported when the shutdown was issued.
+                        s.running = None;
+                        fx.push(Effect::Persist);
+                        s.start_next(now, &mut fx);
+                    } else {
+                        s.fail_running(REBOOT_NOT_OBSERVED, msg, now, &mut fx);
+                    }
+                }
+            }
+        }
     }
     (s, fx)
+}
+
+fn default_power() -> PowerSpec {
+    PowerSpec {
+        pre_start: None,
+        post_finish: None,
+        logoff_policy: "WAIT_FOR_LOGOFF".into(),
+        logoff_timeout_seconds: 3600,
+        force_logoff_grace_seconds: 300,
+    }
+}
+
+/// The step after a script run: a reboot asked for by exit code 194, or the post-finish
+/// power step. `None`: report the result now. A cancelled run does no power steps.
+fn after_scripts(r: &Running, result: &RunResult, reboot_after: Option<usize>) -> Option<String> {
+    if result.state == "CANCELLED" || r.assignment.kind != AssignmentKind::ScriptExecution {
+        return None;
+    }
+    let post = r
+        .assignment
+        .power
+        .as_ref()
+        .and_then(|p| p.post_finish.clone());
+    match reboot_after {
+        Some(i) if i + 1 < r.assignment.scripts.len() => Some(format!("reboot:scripts:{}", i + 1)),
+        Some(_) if post.as_deref() == Some("stop") => Some("stop:finish".into()),
+        Some(_) => Some("reboot:finish".into()),
+        None => post.map(|p| format!("{p}:finish")),
+    }
+}
+
+/// Joins the output of earlier script segments (before a reboot) with this one.
+fn merge(carry: Option<RunResult>, mut now: RunResult) -> RunResult {
+    if let Some(c) = carry {
+        now.stdout = c.stdout + &now.stdout;
+        now.stderr = c.stderr + &now.stderr;
+        now.output_truncated |= c.output_truncated;
+        if now.started_at.is_none() {
+            now.started_at = c.started_at;
+        }
+    }
+    now
 }
 
 impl From<StateFile> for AgentState {
@@ -383,11 +778,15 @@ impl From<StateFile> for AgentState {
                 pgid: r.pgid,
                 boot_id: r.boot_id,
                 cancel_requested: r.cancel_requested,
+                phase: r.phase,
+                reboots: r.reboots,
+                carry: r.carry,
             }),
             recent: f.recent.into(),
             seen: f.seen.into(),
             boot_id: String::new(),
             staged_commit: f.staged_commit,
+            reboot_timeout: std::time::Duration::from_secs(600),
         }
     }
 }
@@ -403,6 +802,9 @@ impl From<&AgentState> for StateFile {
                 pgid: r.pgid,
                 boot_id: r.boot_id.clone(),
                 cancel_requested: r.cancel_requested,
+                phase: r.phase.clone(),
+                reboots: r.reboots,
+                carry: r.carry.clone(),
             }),
             recent: s.recent.iter().cloned().collect(),
             seen: s.seen.iter().cloned().collect(),
@@ -434,6 +836,7 @@ mod tests {
             }],
             timeout_seconds: 60,
             stage: None,
+            power: None,
         }
     }
 
@@ -456,6 +859,7 @@ mod tests {
                     signature: None,
                 }],
             }),
+            power: None,
         }
     }
 
@@ -487,6 +891,7 @@ mod tests {
             Event::Finished {
                 assignment_id: "s1".into(),
                 result: done,
+                reboot_after: None,
             },
             now(),
         );
@@ -505,9 +910,205 @@ mod tests {
         assert!(validate(&bad).is_err());
     }
 
+    fn powered(id: &str, pre: Option<&str>, post: Option<&str>, scripts: usize) -> Assignment {
+        let mut a = assignment(id);
+        let one = a.scripts[0].clone();
+        a.scripts = vec![one; scripts];
+        a.power = Some(PowerSpec {
+            pre_start: pre.map(str::to_string),
+            post_finish: post.map(str::to_string),
+            logoff_policy: "WAIT_FOR_LOGOFF".into(),
+            logoff_timeout_seconds: 5,
+            force_logoff_grace_seconds: 0,
+        });
+        a
+    }
+
+    fn keys(fx: &[Effect]) -> Vec<String> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::Emit(ev) => Some(ev.idempotency_key.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn logoff_ok(s: AgentState, id: &str) -> (AgentState, Vec<Effect>) {
+        step(
+            s,
+            Event::LogoffDone {
+                assignment_id: id.into(),
+                outcome: Ok(()),
+            },
+            now(),
+        )
+    }
+
+    #[test]
+    fn post_finish_reboot_reports_once_after_the_new_boot() {
+        let (s, _) = step(
+            booted(),
+            Event::Offered(vec![powered("p", None, Some("reboot"), 1)]),
+            now(),
+        );
+        let (s, fx) = step(
+            s,
+            Event::Finished {
+                assignment_id: "p".into(),
+                result: result("SUCCEEDED"),
+                reboot_after: None,
+            },
+            now(),
+        );
+        assert!(keys(&fx).is_empty(), "no result before the reboot: {fx:?}");
+        assert!(fx.iter().any(|e| matches!(e, Effect::Logoff { .. })));
+        let (s, fx) = logoff_ok(s, "p");
+        let persist = pos(&fx, |e| *e == Effect::Persist);
+        let power = pos(
+            &fx,
+            |e| matches!(e, Effect::Power { kind, .. } if kind == "reboot"),
+        );
+        assert!(persist < power, "persist before the power command");
+        assert_eq!(keys(&fx), vec!["p:power:1:REBOOTING"]);
+        // A restart in the same boot is not a reboot.
+        let (s2, fx) = step(
+            s.clone(),
+            Event::Boot {
+                boot_id: "b1".into(),
+            },
+            now(),
+        );
+        assert!(fx.iter().any(|e| matches!(e, Effect::WaitReboot { .. })));
+        assert!(keys(&fx).is_empty());
+        let (_, fx) = step(
+            s2,
+            Event::RebootTimeout {
+                assignment_id: "p".into(),
+            },
+            now(),
+        );
+        let failed: Vec<_> = fx
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Emit(ev) => match &ev.body {
+                    EventBody::Result(r) => r.error_code.clone(),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        assert_eq!(failed, vec![REBOOT_NOT_OBSERVED.to_string()]);
+        // A new boot id proves the reboot: one REBOOTED, one result.
+        let (s3, fx) = step(
+            s,
+            Event::Boot {
+                boot_id: "b2".into(),
+            },
+            now(),
+        );
+        assert_eq!(keys(&fx), vec!["p:power:1:REBOOTED", "p:result"]);
+        assert!(s3.running.is_none());
+    }
+
+    #[test]
+    fn pre_start_reboot_runs_the_scripts_after_the_boot() {
+        let (s, fx) = step(
+            booted(),
+            Event::Offered(vec![powered("p", Some("reboot"), None, 1)]),
+            now(),
+        );
+        assert!(
+            !fx.iter().any(|e| matches!(e, Effect::Start(_))),
+            "scripts wait: {fx:?}"
+        );
+        let (s, _) = logoff_ok(s, "p");
+        let (s, fx) = step(
+            s,
+            Event::Boot {
+                boot_id: "b9".into(),
+            },
+            now(),
+        );
+        assert!(fx
+            .iter()
+            .any(|e| matches!(e, Effect::Start(a) if a.assignment_id == "p")));
+        let (_, fx) = step(
+            s,
+            Event::Finished {
+                assignment_id: "p".into(),
+                result: result("SUCCEEDED"),
+                reboot_after: None,
+            },
+            now(),
+        );
+        assert_eq!(keys(&fx), vec!["p:result"]);
+    }
+
+    #[test]
+    fn exit_194_continues_after_the_reboot_and_loops_are_refused() {
+        let (mut s, _) = step(
+            booted(),
+            Event::Offered(vec![powered("p", None, None, 6)]),
+            now(),
+        );
+        let mut boot = 1;
+        for i in 0..3 {
+            let (s1, fx) = step(
+                s,
+                Event::Finished {
+                    assignment_id: "p".into(),
+                    result: result("SUCCEEDED"),
+                    reboot_after: Some(i),
+                },
+                now(),
+            );
+            assert!(keys(&fx).is_empty());
+            let (s1, _) = logoff_ok(s1, "p");
+            boot += 1;
+            let (s1, fx) = step(
+                s1,
+                Event::Boot {
+                    boot_id: format!("b{boot}"),
+                },
+                now(),
+            );
+            assert!(
+                fx.iter()
+                    .any(|e| matches!(e, Effect::Resume { from, .. } if *from == i + 1)),
+                "{fx:?}"
+            );
+            s = s1;
+        }
+        let (s, _) = step(
+            s,
+            Event::Finished {
+                assignment_id: "p".into(),
+                result: result("SUCCEEDED"),
+                reboot_after: Some(3),
+            },
+            now(),
+        );
+        let (_, fx) = logoff_ok(s, "p");
+        assert!(!fx.iter().any(|e| matches!(e, Effect::Power { .. })));
+        let codes: Vec<_> = fx
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Emit(ev) => match &ev.body {
+                    EventBody::Result(r) => r.error_code.clone(),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        assert_eq!(codes, vec![REBOOT_LOOP.to_string()]);
+    }
+
     fn booted() -> AgentState {
         step(
-            AgentState::default(),
+            AgentState {
+                reboot_timeout: std::time::Duration::from_secs(600),
+                ..AgentState::default()
+            },
             Event::Boot {
                 boot_id: "b1".into(),
             },
@@ -572,6 +1173,7 @@ mod tests {
             Event::Finished {
                 assignment_id: "a1".into(),
                 result: result("SUCCEEDED"),
+                reboot_after: None,
             },
             now(),
         );

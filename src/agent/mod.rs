@@ -5,6 +5,7 @@
 
 pub mod executor;
 pub mod link;
+pub mod logoff;
 pub mod machine;
 pub mod stage;
 pub mod status;
@@ -13,6 +14,7 @@ pub mod store;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
@@ -21,7 +23,7 @@ use crate::pki::Role;
 use crate::proto::agent::Assignment;
 use crate::proto::agent::ComponentProgress;
 use crate::proto::state::StateFile;
-use crate::proto::status::{RunningStatus, StatusReport};
+use crate::proto::status::{RunningStatus, StatusReport, WaitingStatus};
 use crate::sys::clock;
 use executor::{ExecReport, ExecSettings};
 use link::{Link, LinkState};
@@ -61,6 +63,10 @@ pub enum Input {
     Cancels(Vec<String>, oneshot::Sender<Vec<String>>),
     /// From the executor of the running assignment.
     Exec(ExecReport),
+    /// From a logoff, power or timer task: fed to the state machine as is.
+    Event(Event),
+    /// What the running assignment waits for (for `fieldhand status`).
+    Waiting(String, Option<WaitingStatus>),
     /// A status-socket client.
     Status(oneshot::Sender<StatusReport>),
 }
@@ -81,6 +87,11 @@ struct Core {
     /// Latest staging progress of the running assignment (not persisted).
     progress: Option<(String, Vec<ComponentProgress>)>,
     progress_tx: watch::Sender<Option<(String, Vec<ComponentProgress>)>>,
+    power: crate::config::agent::PowerSettings,
+    sessions: crate::sys::sessions::SessionSource,
+    /// What the running assignment waits for, and the task doing the waiting.
+    waiting: Option<(String, WaitingStatus)>,
+    side_task: Option<(String, tokio::task::JoinHandle<()>)>,
 }
 
 /// Progress of the running assignment, as the link forwards it.
@@ -104,14 +115,37 @@ impl Core {
                     tracing::debug!(key, "event queued");
                     self.outbox_wake.notify_one();
                 }
-                Effect::Start(a) => self.start(a),
-                Effect::Cancel(id) => match &self.cancel {
-                    Some((running, tx)) if *running == id => {
-                        tracing::info!(assignment_id = %id, "cancelling the running assignment");
-                        let _ = tx.send(true);
+                Effect::Start(a) => self.start(a, 0),
+                Effect::Resume { assignment, from } => self.start(assignment, from),
+                Effect::Logoff {
+                    assignment_id,
+                    spec,
+                } => self.logoff(assignment_id, spec),
+                Effect::Power {
+                    assignment_id,
+                    kind,
+                    deadline,
+                } => self.power(assignment_id, kind, deadline),
+                Effect::WaitReboot {
+                    assignment_id,
+                    deadline,
+                } => self.wait_reboot(assignment_id, deadline, "the machine to reboot"),
+                Effect::Cancel(id) => {
+                    match &self.cancel {
+                        Some((running, tx)) if *running == id => {
+                            tracing::info!(assignment_id = %id, "cancelling the running assignment");
+                            let _ = tx.send(true);
+                        }
+                        _ => {}
                     }
-                    _ => {}
-                },
+                    if let Some((sid, h)) = self.side_task.take() {
+                        if sid == id {
+                            h.abort();
+                        } else {
+                            self.side_task = Some((sid, h));
+                        }
+                    }
+                }
                 Effect::KillGroup(pgid) => {
                     use nix::sys::signal::Signal;
                     match crate::sys::process::kill_group(pgid, Signal::SIGKILL) {
@@ -137,8 +171,127 @@ impl Core {
         Ok(acks)
     }
 
-    fn start(&mut self, a: Assignment) {
-        tracing::info!(task_id = %a.task_id, assignment_id = %a.assignment_id, scripts = a.scripts.len(), "starting assignment");
+    fn set_waiting(&mut self, id: String, w: Option<WaitingStatus>) {
+        self.waiting = w.map(|w| (id, w));
+    }
+
+    /// Runs the logoff step in the background; it reports `LogoffDone`.
+    fn logoff(&mut self, id: String, spec: crate::proto::agent::PowerSpec) {
+        tracing::info!(assignment_id = %id, policy = %spec.logoff_policy, "ending user sessions before the next step");
+        let inputs = self.exec_tx.clone();
+        let src = self.sessions.clone();
+        let task_id = self
+            .state
+            .running
+            .as_ref()
+            .map(|r| r.assignment.task_id.clone())
+            .unwrap_or_default();
+        let aid = id.clone();
+        let h = tokio::spawn(async move {
+            let w_inputs = inputs.clone();
+            let w_id = aid.clone();
+            let waiting = move |w: Option<WaitingStatus>| {
+                let _ = w_inputs.try_send(Input::Waiting(w_id.clone(), w));
+            };
+            let outcome = logoff::run(&src, &spec, &task_id, &waiting).await;
+            let _ = inputs
+                .send(Input::Event(Event::LogoffDone {
+                    assignment_id: aid,
+                    outcome,
+                }))
+                .await;
+        });
+        self.side_task = Some((id, h));
+    }
+
+    /// Announces, then runs the power command; reports `PowerIssued`/`PowerFailed`, and
+    /// `RebootTimeout` if this process is still alive at `deadline`.
+    fn power(&mut self, id: String, kind: String, deadline: time::OffsetDateTime) {
+        let argv = if kind == "stop" {
+            self.power.shutdown_command.clone()
+        } else {
+            self.power.reboot_command.clone()
+        };
+        tracing::warn!(assignment_id = %id, %kind, command = ?argv, "running the power command");
+        let inputs = self.exec_tx.clone();
+        let outbox = self.outbox.clone();
+        let wake = self.outbox_wake.clone();
+        let aid = id.clone();
+        let what = if kind == "stop" {
+            "the machine to shut down"
+        } else {
+            "the machine to reboot"
+        };
+        self.waiting = Some((
+            id.clone(),
+            WaitingStatus {
+                what: what.into(),
+                since: clock::now_rfc3339(),
+                until: Some(clock::rfc3339(deadline)),
+            },
+        ));
+        let h = tokio::spawn(async move {
+            // Give the announcement a few seconds to reach the controller, never longer.
+            wake.notify_one();
+            let flush_until = tokio::time::Instant::now() + Duration::from_secs(3);
+            while tokio::time::Instant::now() < flush_until {
+                let pending = outbox
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .counts()
+                    .map(|(e, _)| e)
+                    .unwrap_or(0);
+                if pending == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let ev = match crate::sys::power::run_command(&argv).await {
+                Ok(()) => Event::PowerIssued {
+                    assignment_id: aid.clone(),
+                },
+                Err(msg) => Event::PowerFailed {
+                    assignment_id: aid.clone(),
+                    msg,
+                },
+            };
+            let failed = matches!(ev, Event::PowerFailed { .. });
+            let _ = inputs.send(Input::Event(ev)).await;
+            if failed {
+                return;
+            }
+            sleep_until(deadline).await;
+            let _ = inputs
+                .send(Input::Event(Event::RebootTimeout { assignment_id: aid }))
+                .await;
+        });
+        self.side_task = Some((id, h));
+    }
+
+    fn wait_reboot(&mut self, id: String, deadline: time::OffsetDateTime, what: &str) {
+        tracing::warn!(assignment_id = %id, deadline = %clock::rfc3339(deadline), "restarted while a reboot was pending; waiting for it");
+        self.waiting = Some((
+            id.clone(),
+            WaitingStatus {
+                what: what.into(),
+                since: clock::now_rfc3339(),
+                until: Some(clock::rfc3339(deadline)),
+            },
+        ));
+        let inputs = self.exec_tx.clone();
+        let aid = id.clone();
+        let h = tokio::spawn(async move {
+            sleep_until(deadline).await;
+            let _ = inputs
+                .send(Input::Event(Event::RebootTimeout { assignment_id: aid }))
+                .await;
+        });
+        self.side_task = Some((id, h));
+    }
+
+    fn start(&mut self, a: Assignment, from: usize) {
+        self.waiting = None;
+        tracing::info!(task_id = %a.task_id, assignment_id = %a.assignment_id, scripts = a.scripts.len(), from, "starting assignment");
         let (tx, rx) = watch::channel(false);
         self.cancel = Some((a.assignment_id.clone(), tx));
         let (rtx, mut rrx) = mpsc::channel(8);
@@ -151,7 +304,7 @@ impl Core {
                 }
             }
         });
-        tokio::spawn(executor::run(self.exec.clone(), a, rx, rtx));
+        tokio::spawn(executor::run(self.exec.clone(), a, from, rx, rtx));
     }
 
     fn status(&self) -> StatusReport {
@@ -176,6 +329,11 @@ impl Core {
                 elapsed_seconds: clock::parse_rfc3339(&r.started_at)
                     .map(|t| (now - t).whole_seconds().max(0) as u64)
                     .unwrap_or(0),
+                waiting: self
+                    .waiting
+                    .as_ref()
+                    .filter(|(id, _)| *id == r.assignment.assignment_id)
+                    .map(|(_, w)| w.clone()),
                 components: self
                     .progress
                     .as_ref()
@@ -224,9 +382,26 @@ impl Core {
                     let _ = self.progress_tx.send(self.progress.clone());
                 }
             }
+            Input::Event(ev) => {
+                if matches!(ev, Event::LogoffDone { .. }) {
+                    self.waiting = None;
+                }
+                self.apply(ev)?;
+            }
+            Input::Waiting(id, w) => {
+                let current = self
+                    .state
+                    .running
+                    .as_ref()
+                    .is_some_and(|r| r.assignment.assignment_id == id);
+                if current {
+                    self.set_waiting(id, w);
+                }
+            }
             Input::Exec(ExecReport::Finished {
                 assignment_id,
                 result,
+                reboot_after,
             }) => {
                 self.progress = None;
                 let _ = self.progress_tx.send(None);
@@ -241,6 +416,7 @@ impl Core {
                 self.apply(Event::Finished {
                     assignment_id,
                     result,
+                    reboot_after,
                 })?;
             }
             Input::Status(reply) => {
@@ -249,6 +425,11 @@ impl Core {
         }
         Ok(())
     }
+}
+
+async fn sleep_until(t: time::OffsetDateTime) {
+    let left = (t - clock::now()).whole_milliseconds().max(0) as u64;
+    tokio::time::sleep(Duration::from_millis(left)).await;
 }
 
 /// Runs the agent until `shutdown` completes. Everything that can fail at start-up (certificate,
@@ -271,14 +452,15 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     crate::sys::fsutil::ensure_dir(&cfg.state_dir, 0o700).map_err(dir_err(&cfg.state_dir))?;
     let work_root = cfg.state_dir.join("work");
     crate::sys::fsutil::ensure_dir(&work_root, 0o700).map_err(dir_err(&work_root))?;
-    let boot_path = PathBuf::from(crate::sys::bootid::DEFAULT_BOOT_ID_PATH);
+    let boot_path = cfg.power.boot_id_path.clone();
     let boot_id =
         crate::sys::bootid::read_boot_id(&boot_path).map_err(|source| AgentError::BootId {
             path: boot_path.clone(),
             source,
         })?;
     let store = StateStore::new(&cfg.state_dir);
-    let state = AgentState::from(store.load()?);
+    let mut state = AgentState::from(store.load()?);
+    state.reboot_timeout = cfg.power.reboot_timeout;
     let outbox = Arc::new(Mutex::new(Outbox::open(&cfg.state_dir)?));
     let listener = status::bind(&cfg.socket_path)?;
 
@@ -303,6 +485,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         },
         progress: None,
         progress_tx,
+        power: cfg.power.clone(),
+        sessions: cfg.sessions.clone(),
+        waiting: None,
+        side_task: None,
         exec_tx: inputs_tx.clone(),
         cancel: None,
         link: link_state.clone(),
@@ -332,10 +518,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     }
     tracing::info!(%machine_id, pool_id = %cfg.pool_id, controller = %cfg.controller_url, socket = %cfg.socket_path.display(), "agent started");
 
+    let outbox_for_stop = outbox.clone();
+    let link_for_stop = link_state.clone();
     let link = Arc::new(Link {
         client,
         pool_id: cfg.pool_id.clone(),
-        state: link_state,
+        state: link_state.clone(),
         long_poll: cfg.long_poll,
         retry_initial: cfg.retry_initial,
         retry_max: cfg.retry_max,
@@ -374,6 +562,21 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             },
         }
     };
+    // Stopping (e.g. for a shutdown this agent asked for): give queued events a moment to
+    // reach the controller; whatever is left is delivered after the next start.
+    let flush_until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < flush_until {
+        let pending = outbox_for_stop
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .counts()
+            .map(|(e, _)| e)
+            .unwrap_or(0);
+        if pending == 0 || !link_for_stop.snapshot().0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let _ = stop_tx.send(true);
     // Stopping the agent stops the running script too (as systemd's control-group kill would);
     // its run stays recorded and is reported as AGENT_RESTARTED on the next start.

@@ -207,6 +207,14 @@ pub fn render(r: &StatusReport) -> String {
         },
     );
     if let Some(run) = &r.running {
+        if let Some(w) = &run.waiting {
+            let until = w.until.as_deref().unwrap_or("no limit");
+            line(
+                &mut out,
+                "waiting for:",
+                format!("{} (since {}, until {until})", w.what, w.since),
+            );
+        }
         for c in &run.components {
             let pct = (c.bytes_done as f64 * 100.0 / c.bytes_total.max(1) as f64).min(100.0);
             out.push_str(&format!(

@@ -24,6 +24,17 @@ pub struct AgentConfig {
     pub long_poll: Duration,
     pub heartbeat_every: Duration,
     pub payloads: PayloadSettings,
+    pub power: PowerSettings,
+    pub sessions: crate::sys::sessions::SessionSource,
+}
+
+/// `[power]`: how the agent reboots and shuts the machine down, and how it tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PowerSettings {
+    pub reboot_command: Vec<String>,
+    pub shutdown_command: Vec<String>,
+    pub boot_id_path: PathBuf,
+    pub reboot_timeout: Duration,
 }
 
 /// `[payloads]`: how the agent downloads, verifies and unpacks payloads.
@@ -52,6 +63,50 @@ impl Default for PayloadSettings {
             max_download_bytes_per_second: None,
         }
     }
+}
+
+fn power_settings(
+    origin: &Path,
+    raw: crate::proto::config::RawPower,
+) -> Result<PowerSettings, ConfigError> {
+    let command = |key: &'static str, v: Option<Vec<String>>, default: &[&str]| {
+        let v = v.unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect());
+        if v.is_empty() || v[0].trim().is_empty() {
+            return Err(invalid(
+                origin,
+                key,
+                format!("{v:?}"),
+                "must be a non-empty command, e.g. [\"systemctl\", \"reboot\"]",
+            ));
+        }
+        Ok(v)
+    };
+    let timeout = raw.reboot_timeout_seconds.unwrap_or(600);
+    if !(1..=86_400).contains(&timeout) {
+        return Err(invalid(
+            origin,
+            "power.reboot_timeout_seconds",
+            timeout,
+            "must be 1..=86400",
+        ));
+    }
+    Ok(PowerSettings {
+        reboot_command: command(
+            "power.reboot_command",
+            raw.reboot_command,
+            &["systemctl", "reboot"],
+        )?,
+        shutdown_command: command(
+            "power.shutdown_command",
+            raw.shutdown_command,
+            &["systemctl", "poweroff"],
+        )?,
+        boot_id_path: match raw.boot_id_path {
+            Some(p) => non_empty_path(origin, "power.boot_id_path", p)?,
+            None => PathBuf::from(crate::sys::bootid::DEFAULT_BOOT_ID_PATH),
+        },
+        reboot_timeout: Duration::from_secs(timeout),
+    })
 }
 
 fn payload_settings(
@@ -225,6 +280,18 @@ impl AgentConfig {
             long_poll: Duration::from_secs(long_poll),
             heartbeat_every: Duration::from_secs(heartbeat),
             payloads: payload_settings(origin, raw.payloads)?,
+            power: power_settings(origin, raw.power)?,
+            sessions: crate::sys::sessions::SessionSource {
+                logind: raw.sessions.logind.unwrap_or(true),
+                utmp_path: match raw.sessions.utmp_path {
+                    Some(p) => non_empty_path(origin, "sessions.utmp_path", p)?,
+                    None => PathBuf::from(crate::sys::sessions::DEFAULT_UTMP),
+                },
+                tty_dir: match raw.sessions.tty_dir {
+                    Some(p) => non_empty_path(origin, "sessions.tty_dir", p)?,
+                    None => PathBuf::from("/dev"),
+                },
+            },
         })
     }
 }

@@ -20,6 +20,8 @@ pub struct ControllerConfig {
     pub offline_after: Duration,
     /// Extra time past a machine's execution timeout before it counts as `MACHINE_UNREACHABLE`.
     pub unreachable_grace: Duration,
+    /// How long an announced reboot may take before the machine counts as unreachable.
+    pub reboot_grace: Duration,
     /// Payload signing key (PKCS#8 PEM), if payloads are signed.
     pub signing_key: Option<PathBuf>,
 }
@@ -72,6 +74,15 @@ impl ControllerConfig {
                 "must be at most 86400",
             ));
         }
+        let reboot_grace = raw.reboot_grace_seconds.unwrap_or(600);
+        if !(1..=86_400).contains(&reboot_grace) {
+            return Err(invalid(
+                origin,
+                "reboot_grace_seconds",
+                reboot_grace,
+                "must be 1..=86400",
+            ));
+        }
         Ok(ControllerConfig {
             listen,
             data_dir,
@@ -79,6 +90,7 @@ impl ControllerConfig {
             tls: TlsFiles::from_raw(origin, raw.tls)?,
             offline_after: Duration::from_secs(offline),
             unreachable_grace: Duration::from_secs(grace),
+            reboot_grace: Duration::from_secs(reboot_grace),
             signing_key: match raw.signing_key {
                 Some(p) => Some(non_empty_path(origin, "signing_key", p)?),
                 None => None,

@@ -46,6 +46,10 @@ pub fn assignment_of(row: &TaskMachineRow, task: &TaskRow) -> Result<Assignment,
         scripts,
         timeout_seconds: task.timeout_seconds,
         stage,
+        power: match &task.power_json {
+            Some(j) => Some(serde_json::from_str(j).map_err(corrupt)?),
+            None => None,
+        },
     })
 }
 

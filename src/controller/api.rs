@@ -9,7 +9,7 @@ use super::engine::{self, EngineError};
 use super::rollout::{batch_state, plan_batches, TaskState};
 use super::store::{ScriptRow, StoreError, TaskMachineRow, TaskRow};
 use super::Controller;
-use crate::proto::agent::{HostFacts, ScriptPayload};
+use crate::proto::agent::{HostFacts, PowerSpec, ScriptPayload};
 use crate::proto::api;
 use crate::sys::clock;
 
@@ -163,22 +163,57 @@ pub struct ExecutionSpec {
     pub gray_desktop_ids: Option<Vec<String>>,
     pub gray_fail_threshold: Option<u32>,
     pub timeout_seconds: u64,
+    /// The power and logoff plan (the grace period is filled in from settings).
+    pub power: PowerSpec,
+}
+
+pub const DEFAULT_LOGOFF_TIMEOUT_SECONDS: i64 = 3600;
+pub const DEFAULT_FORCE_LOGOFF_GRACE_SECONDS: i64 = 300;
+const GRACE_KEY: &str = "force_logoff_grace_seconds";
+
+fn one_of(field: &str, value: &str, allowed: &[&str]) -> Result<(), ApiError> {
+    if allowed.contains(&value) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "{field} {value:?} must be one of {}",
+            allowed.join(", ")
+        )))
+    }
 }
 
 /// Validates `POST /v1/pools/{pool_id}/script-executions` without touching the store.
 pub fn validate_execution(req: &api::CreateScriptExecution) -> Result<ExecutionSpec, ApiError> {
-    for (field, value) in [
-        ("pre_start", &req.pre_start),
-        ("post_finish", &req.post_finish),
-    ] {
-        if let Some(v) = value {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "UNSUPPORTED_PARAMETER",
-                format!("{field} {v:?} is not supported by this controller version yet"),
-            ));
-        }
+    if let Some(v) = &req.pre_start {
+        one_of("pre_start", v, &["reboot", "logoff"])?;
     }
+    if let Some(v) = &req.post_finish {
+        one_of("post_finish", v, &["reboot", "stop"])?;
+    }
+    let logoff_policy = req
+        .logoff_policy
+        .clone()
+        .unwrap_or_else(|| "WAIT_FOR_LOGOFF".into());
+    one_of(
+        "logoff_policy",
+        &logoff_policy,
+        &["WAIT_FOR_LOGOFF", "FORCE_LOGOFF"],
+    )?;
+    let logoff_timeout = req
+        .logoff_timeout_seconds
+        .unwrap_or(DEFAULT_LOGOFF_TIMEOUT_SECONDS);
+    if !(1..=86_400).contains(&logoff_timeout) {
+        return Err(ApiError::invalid(format!(
+            "logoff_timeout_seconds {logoff_timeout} must be 1..=86400"
+        )));
+    }
+    let power = PowerSpec {
+        pre_start: req.pre_start.clone(),
+        post_finish: req.post_finish.clone(),
+        logoff_policy,
+        logoff_timeout_seconds: logoff_timeout as u64,
+        force_logoff_grace_seconds: DEFAULT_FORCE_LOGOFF_GRACE_SECONDS as u64,
+    };
     let commands = match (&req.script_ids, &req.command_content) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid(
@@ -284,6 +319,7 @@ pub fn validate_execution(req: &api::CreateScriptExecution) -> Result<ExecutionS
         gray_desktop_ids: req.gray_desktop_ids.clone(),
         gray_fail_threshold,
         timeout_seconds: timeout_seconds as u64,
+        power,
     })
 }
 
@@ -351,6 +387,15 @@ pub async fn create_execution(
                     v
                 }
             };
+            let mut power = spec.power.clone();
+            power.force_logoff_grace_seconds = force_logoff_grace(tx)? as u64;
+            let power_json = serde_json::to_string(&power).map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "INTERNAL_ERROR",
+                    e.to_string(),
+                )
+            })?;
             let batches = plan_batches(&pool, spec.gray_count, spec.gray_desktop_ids.as_deref());
             let mut machines = Vec::with_capacity(pool.len());
             for (i, batch) in batches.iter().enumerate() {
@@ -376,6 +421,7 @@ pub async fn create_execution(
                     gray_fail_threshold: spec.gray_fail_threshold,
                     timeout_seconds: spec.timeout_seconds,
                     scripts_json,
+                    power_json: Some(power_json),
                 },
                 &machines,
             )?;
@@ -386,6 +432,34 @@ pub async fn create_execution(
         .await?;
     ctl.wake(&wake);
     Ok(api::TaskCreated { task_id })
+}
+
+fn force_logoff_grace(tx: &mut super::store::Tx<'_>) -> Result<i64, StoreError> {
+    Ok(tx
+        .setting(GRACE_KEY)?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_FORCE_LOGOFF_GRACE_SECONDS))
+}
+
+pub async fn get_settings(ctl: &Controller) -> Result<api::Settings, ApiError> {
+    let grace = ctl.store.tx(force_logoff_grace).await?;
+    Ok(api::Settings {
+        force_logoff_grace_seconds: grace,
+    })
+}
+
+/// Applies to tasks created afterwards; running tasks keep the value they started with.
+pub async fn put_settings(ctl: &Controller, s: api::Settings) -> Result<api::Settings, ApiError> {
+    let g = s.force_logoff_grace_seconds;
+    if !(0..=86_400).contains(&g) {
+        return Err(ApiError::invalid(format!(
+            "force_logoff_grace_seconds {g} must be 0..=86400"
+        )));
+    }
+    ctl.store
+        .tx(move |tx| tx.set_setting(GRACE_KEY, &g.to_string()))
+        .await?;
+    Ok(s)
 }
 
 fn ms_text(ms: Option<i64>) -> Option<String> {
@@ -429,6 +503,7 @@ pub fn task_view(task: &TaskRow, machines: &[TaskMachineRow]) -> api::Task {
                 error_code: m.outcome.error_code.clone(),
                 error_msg: m.outcome.error_msg.clone(),
                 components: crate::controller::software::component_view(task, m),
+                power_state: m.power_state.clone(),
             })
             .collect(),
     }
@@ -523,14 +598,21 @@ mod tests {
     #[test]
     fn rejections_name_field_and_value() {
         let (st, code, m) = msg(api::CreateScriptExecution {
-            post_finish: Some("reboot".into()),
+            post_finish: Some("hibernate".into()),
             ..req()
         });
-        assert_eq!(
-            (st, code),
-            (StatusCode::BAD_REQUEST, "UNSUPPORTED_PARAMETER")
-        );
-        assert!(m.contains("post_finish") && m.contains("reboot"));
+        assert_eq!((st, code), (StatusCode::BAD_REQUEST, "INVALID_PARAMETER"));
+        assert!(m.contains("post_finish") && m.contains("hibernate"));
+        let (_, _, m) = msg(api::CreateScriptExecution {
+            logoff_policy: Some("ASK_NICELY".into()),
+            ..req()
+        });
+        assert!(m.contains("logoff_policy") && m.contains("ASK_NICELY"));
+        let (_, _, m) = msg(api::CreateScriptExecution {
+            logoff_timeout_seconds: Some(0),
+            ..req()
+        });
+        assert!(m.contains("logoff_timeout_seconds 0"));
         let (_, _, m) = msg(api::CreateScriptExecution {
             script_ids: Some(vec!["x".into()]),
             ..req()

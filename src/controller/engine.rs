@@ -5,7 +5,7 @@
 
 use super::rollout::{next_step, MachineState, Step, TaskState};
 use super::store::{Outcome, StoreError, TaskRow, Tx};
-use crate::proto::agent::{AgentEvent, EventBody};
+use crate::proto::agent::{AgentEvent, EventBody, PowerSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -94,6 +94,25 @@ pub fn apply_event(
         });
     }
     let expected = |suffix: &str| format!("{}:{suffix}", ev.assignment_id);
+    if let EventBody::Power(p) = &ev.body {
+        let phases = ["REBOOTING", "REBOOTED", "SHUTTING_DOWN"];
+        if !phases.contains(&p.phase.as_str())
+            || ev.idempotency_key != expected(&format!("power:{}:{}", p.count, p.phase))
+        {
+            return Err(EngineError::BadEvent {
+                key: ev.idempotency_key.clone(),
+                reason: "a power event needs phase REBOOTING, REBOOTED or SHUTTING_DOWN and key \
+                         <assignment_id>:power:<count>:<phase>"
+                    .into(),
+            });
+        }
+        if !tx.claim_event(machine_id, &ev.idempotency_key, now_ms)? {
+            return Ok(Applied::Duplicate);
+        }
+        tx.set_power_state(&ev.assignment_id, &p.phase, now_ms)?;
+        tracing::info!(assignment_id = %ev.assignment_id, machine_id, phase = %p.phase, count = p.count, boot_id = %p.boot_id, "power step");
+        return Ok(Applied::Applied);
+    }
     if let EventBody::Progress(p) = &ev.body {
         // Progress is best effort and the newest wins, so it is not claimed as an event key.
         if ev.idempotency_key != expected(&format!("progress:{}", p.seq)) {
@@ -114,7 +133,7 @@ pub fn apply_event(
     };
     // Validate before claiming the key, so a rejected event can be fixed and resent.
     let result_state = match &ev.body {
-        EventBody::Started | EventBody::Progress(_) => None,
+        EventBody::Started | EventBody::Progress(_) | EventBody::Power(_) => None,
         EventBody::Result(r) => Some(match MachineState::parse(&r.state) {
             Some(
                 s @ (MachineState::Succeeded
@@ -133,7 +152,7 @@ pub fn apply_event(
     let key_ok = match &ev.body {
         EventBody::Started => ev.idempotency_key == expected("started"),
         EventBody::Result(_) => ev.idempotency_key == expected("result"),
-        EventBody::Progress(_) => false,
+        EventBody::Progress(_) | EventBody::Power(_) => false,
     };
     if !key_ok {
         return Err(bad(
@@ -144,7 +163,7 @@ pub fn apply_event(
         return Ok(Applied::Duplicate);
     }
     match (&ev.body, result_state) {
-        (EventBody::Progress(_), _) => {}
+        (EventBody::Progress(_) | EventBody::Power(_), _) => {}
         (EventBody::Started, _) => {
             if !row.state.is_final() {
                 tx.mark_running(&ev.assignment_id, &ev.at, now_ms)?;
@@ -213,16 +232,39 @@ pub fn cancel(
 
 /// Declares machines that stayed silent past their deadline: a running machine after its
 /// timeout plus `grace_ms`; a dispatched one when its agent has also been offline that long.
+/// Time a machine may take beyond its script timeout for the power and logoff steps it
+/// was asked for: each step may wait for sessions and then for a reboot.
+pub fn power_allowance_ms(power_json: Option<&str>, reboot_grace_ms: i64) -> i64 {
+    let Some(spec) = power_json.and_then(|j| serde_json::from_str::<PowerSpec>(j).ok()) else {
+        return 0;
+    };
+    let steps = i64::from(spec.pre_start.is_some()) + i64::from(spec.post_finish.is_some());
+    let logoff_s = if spec.logoff_policy == "FORCE_LOGOFF" {
+        spec.force_logoff_grace_seconds + 30
+    } else {
+        spec.logoff_timeout_seconds
+    };
+    steps * (logoff_s as i64 * 1000 + reboot_grace_ms)
+}
+
 pub fn reap(
     tx: &mut Tx<'_>,
     now_ms: i64,
     grace_ms: i64,
     offline_ms: i64,
+    reboot_grace_ms: i64,
     wake: &mut Wake,
 ) -> Result<usize, StoreError> {
     let mut reaped = 0;
-    for (row, timeout_s) in tx.in_flight()? {
-        let budget = timeout_s as i64 * 1000 + grace_ms;
+    for (row, timeout_s, power_json) in tx.in_flight()? {
+        let mut budget = timeout_s as i64 * 1000
+            + grace_ms
+            + power_allowance_ms(power_json.as_deref(), reboot_grace_ms);
+        // A power step announced late in the run (e.g. exit code 194) extends the deadline
+        // by one reboot from the announcement.
+        if let (Some(p), Some(start)) = (row.power_ms, row.started_received_ms) {
+            budget = budget.max(p - start + reboot_grace_ms + grace_ms);
+        }
         let overdue = match row.state {
             MachineState::Running => row.started_received_ms.is_some_and(|t| now_ms > t + budget),
             MachineState::Dispatched => {

@@ -179,6 +179,10 @@ impl Controller {
                 ok(&api::cancel_task(self, id.to_string()).await?)
             }
             (Role::Operator, &Method::GET, ["machines"]) => ok(&api::list_machines(self).await?),
+            (Role::Operator, &Method::GET, ["settings"]) => ok(&api::get_settings(self).await?),
+            (Role::Operator, &Method::PUT, ["settings"]) => {
+                ok(&api::put_settings(self, api::parse_json(&body)?).await?)
+            }
             (Role::Operator, &Method::PUT, ["hosts", id, "software", "desired"]) => {
                 ok(&software::put_desired(self, id.to_string(), api::parse_json(&body)?).await?)
             }
@@ -348,15 +352,16 @@ async fn reap_loop(ctl: Arc<Controller>) {
     loop {
         tick.tick().await;
         let now = clock::unix_ms(clock::now());
-        let (grace_ms, offline_ms) = (
+        let (grace_ms, offline_ms, reboot_ms) = (
             grace.as_millis() as i64,
             ctl.cfg.offline_after.as_millis() as i64,
+            ctl.cfg.reboot_grace.as_millis() as i64,
         );
         let res = ctl
             .store
             .tx(move |tx| {
                 let mut wake = Vec::new();
-                let n = engine::reap(tx, now, grace_ms, offline_ms, &mut wake)?;
+                let n = engine::reap(tx, now, grace_ms, offline_ms, reboot_ms, &mut wake)?;
                 Ok::<_, store::StoreError>((n, wake))
             })
             .await;

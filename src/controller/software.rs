@@ -256,6 +256,7 @@ pub async fn stage(
                     gray_fail_threshold: None,
                     timeout_seconds: timeout as u64,
                     scripts_json: payload_json,
+                    power_json: None,
                 },
                 &[(machine_id.clone(), uuid::Uuid::new_v4().to_string(), 0)],
             )?;

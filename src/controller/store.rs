@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished_ms         BIGINT,
     gray_fail_threshold BIGINT,
     timeout_seconds     BIGINT NOT NULL,
-    scripts_json        TEXT NOT NULL
+    scripts_json        TEXT NOT NULL,
+    power_json          TEXT
 );
 CREATE TABLE IF NOT EXISTS task_machines (
     task_id              TEXT NOT NULL,
@@ -87,6 +88,8 @@ CREATE TABLE IF NOT EXISTS task_machines (
     error_msg            TEXT,
     progress_seq         BIGINT NOT NULL DEFAULT -1,
     progress_json        TEXT,
+    power_state          TEXT,
+    power_ms             BIGINT,
     PRIMARY KEY (task_id, machine_id)
 );
 CREATE INDEX IF NOT EXISTS task_machines_machine ON task_machines (machine_id, state);
@@ -100,6 +103,10 @@ CREATE TABLE IF NOT EXISTS software_commits (
 CREATE TABLE IF NOT EXISTS host_software (
     machine_id     TEXT PRIMARY KEY,
     staged_commit  BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings (
+    key    TEXT PRIMARY KEY,
+    value  TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS applied_events (
     machine_id      TEXT NOT NULL,
@@ -141,6 +148,8 @@ pub struct TaskRow {
     /// `Vec<proto::agent::ScriptPayload>` as JSON: the scripts as they were when the task was
     /// created, so later edits never change a running task.
     pub scripts_json: String,
+    /// `proto::agent::PowerSpec` as JSON, for script executions.
+    pub power_json: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -169,6 +178,9 @@ pub struct TaskMachineRow {
     pub outcome: Outcome,
     /// Latest `proto::agent::Progress` components as JSON, if any arrived.
     pub progress_json: Option<String>,
+    /// The last power step the agent announced, and when it arrived.
+    pub power_state: Option<String>,
+    pub power_ms: Option<i64>,
 }
 
 /// Dispatched assignments (with their task) and cancellations an agent has not acknowledged.
@@ -254,16 +266,18 @@ fn task_row(r: &Row<'_>) -> rusqlite::Result<(TaskRow, String)> {
             gray_fail_threshold: r.get::<_, Option<i64>>(6)?.map(|v| v as u32),
             timeout_seconds: r.get::<_, i64>(7)? as u64,
             scripts_json: r.get(8)?,
+            power_json: r.get(9)?,
         },
         state,
     ))
 }
 
 const TASK_COLS: &str = "task_id, kind, pool_id, state, created_ms, finished_ms, \
-                         gray_fail_threshold, timeout_seconds, scripts_json";
+                         gray_fail_threshold, timeout_seconds, scripts_json, power_json";
 const TM_COLS: &str = "task_id, machine_id, assignment_id, batch, state, delivered, \
     cancel_requested, dispatched_ms, started_received_ms, exit_code, stdout, stderr, \
-    output_truncated, started_at, finished_at, error_code, error_msg, progress_json";
+    output_truncated, started_at, finished_at, error_code, error_msg, progress_json, \
+    power_state, power_ms";
 
 fn tm_row(r: &Row<'_>) -> rusqlite::Result<(TaskMachineRow, String)> {
     let state: String = r.get(4)?;
@@ -289,6 +303,8 @@ fn tm_row(r: &Row<'_>) -> rusqlite::Result<(TaskMachineRow, String)> {
                 error_msg: r.get(16)?,
             },
             progress_json: r.get(17)?,
+            power_state: r.get(18)?,
+            power_ms: r.get(19)?,
         },
         state,
     ))
@@ -424,7 +440,7 @@ impl Tx<'_> {
         self.tx
             .execute(
                 &format!(
-                    "INSERT INTO tasks ({TASK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+                    "INSERT INTO tasks ({TASK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
                 ),
                 params![
                     t.task_id,
@@ -435,7 +451,8 @@ impl Tx<'_> {
                     t.finished_ms,
                     t.gray_fail_threshold.map(i64::from),
                     t.timeout_seconds as i64,
-                    t.scripts_json
+                    t.scripts_json,
+                    t.power_json
                 ],
             )
             .ctx("saving a task")?;
@@ -732,11 +749,11 @@ impl Tx<'_> {
 
     /// Machines of active or cancelled tasks that an agent should be working on:
     /// `(machine row, task timeout seconds)`.
-    pub fn in_flight(&mut self) -> Result<Vec<(TaskMachineRow, u64)>, StoreError> {
+    pub fn in_flight(&mut self) -> Result<Vec<(TaskMachineRow, u64, Option<String>)>, StoreError> {
         let mut st = self
             .tx
             .prepare(&format!(
-                "SELECT {}, t.timeout_seconds FROM task_machines tm
+                "SELECT {}, t.timeout_seconds, t.power_json FROM task_machines tm
                  JOIN tasks t ON t.task_id = tm.task_id
                  WHERE tm.state IN ('DISPATCHED', 'RUNNING')",
                 TM_COLS
@@ -747,14 +764,22 @@ impl Tx<'_> {
             ))
             .ctx("scanning in-flight machines")?;
         let rows = st
-            .query_map([], |r| Ok((tm_row(r)?, r.get::<_, i64>(17)? as u64)))
+            .query_map([], |r| {
+                // timeout_seconds follows the task-machine columns.
+                let at = TM_COLS.split(',').count();
+                Ok((
+                    tm_row(r)?,
+                    r.get::<_, i64>(at)? as u64,
+                    r.get::<_, Option<String>>(at + 1)?,
+                ))
+            })
             .ctx("scanning in-flight machines")?;
         let pairs: Vec<_> = rows
             .collect::<Result<_, _>>()
             .ctx("scanning in-flight machines")?;
         pairs
             .into_iter()
-            .map(|(p, t)| Ok((finish_tm(p)?, t)))
+            .map(|(p, t, pj)| Ok((finish_tm(p)?, t, pj)))
             .collect()
     }
 
@@ -772,6 +797,43 @@ impl Tx<'_> {
                 params![assignment_id, seq as i64, json],
             )
             .ctx("saving progress")?;
+        Ok(())
+    }
+
+    pub fn set_power_state(
+        &mut self,
+        assignment_id: &str,
+        phase: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "UPDATE task_machines SET power_state = ?2, power_ms = ?3 WHERE assignment_id = ?1",
+                params![assignment_id, phase, now_ms],
+            )
+            .ctx("saving a power step")?;
+        Ok(())
+    }
+
+    pub fn setting(&mut self, key: &str) -> Result<Option<String>, StoreError> {
+        self.tx
+            .query_row(
+                "SELECT value FROM settings WHERE key = ?1",
+                params![key],
+                |r| r.get(0),
+            )
+            .optional()
+            .ctx("reading a setting")
+    }
+
+    pub fn set_setting(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )
+            .ctx("saving a setting")?;
         Ok(())
     }
 
@@ -900,6 +962,7 @@ mod tests {
                         gray_fail_threshold: Some(1),
                         timeout_seconds: 60,
                         scripts_json: "[]".into(),
+                        power_json: None,
                     },
                     &[("m1".into(), "a1".into(), 0)],
                 )?;

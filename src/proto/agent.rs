@@ -68,6 +68,33 @@ pub struct Assignment {
     /// The payloads to stage, for `SoftwareStage` assignments.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage: Option<StagePayload>,
+    /// Power and logoff steps around the scripts (seed 002 pre_start/post_finish, seed 000
+    /// logoff policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power: Option<PowerSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PowerSpec {
+    /// `reboot` or `logoff`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_start: Option<String>,
+    /// `reboot` or `stop`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_finish: Option<String>,
+    /// `WAIT_FOR_LOGOFF` or `FORCE_LOGOFF`.
+    pub logoff_policy: String,
+    pub logoff_timeout_seconds: u64,
+    pub force_logoff_grace_seconds: u64,
+}
+
+/// A power step the agent announces (`REBOOTING`, `SHUTTING_DOWN`) or observed
+/// (`REBOOTED`). Key: `<assignment_id>:power:<n>:<phase>`, n = the assignment's reboot count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PowerEvent {
+    pub phase: String,
+    pub boot_id: String,
+    pub count: u32,
 }
 
 /// What a `SoftwareStage` assignment stages: one desired-software commit.
@@ -169,6 +196,8 @@ pub enum EventBody {
     Result(RunResult),
     /// Progress (best effort, latest wins; key `<assignment_id>:progress:<seq>`).
     Progress(Progress),
+    /// A power step (durable, exactly once per key).
+    Power(PowerEvent),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

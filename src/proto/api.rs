@@ -51,6 +51,12 @@ pub struct CreateScriptExecution {
     pub execution_timeout: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub execution_timeout_seconds: Option<i64>,
+    /// Seed 000: `WAIT_FOR_LOGOFF` (default) or `FORCE_LOGOFF`.
+    #[serde(default)]
+    pub logoff_policy: Option<String>,
+    /// Under WAIT_FOR_LOGOFF: how long to wait for sessions to end (default 3600).
+    #[serde(default)]
+    pub logoff_timeout_seconds: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,9 +97,19 @@ pub struct TaskMachine {
     pub finished_at: Option<String>,
     pub error_code: Option<String>,
     pub error_msg: Option<String>,
+    /// The last power step: `REBOOTING`, `REBOOTED` or `SHUTTING_DOWN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_state: Option<String>,
     /// Per-component staging progress (software staging tasks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub components: Option<Vec<crate::proto::agent::ComponentProgress>>,
+}
+
+/// `GET/PUT /v1/settings`: global settings (seed 000 "Global Settings").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub force_logoff_grace_seconds: i64,
 }
 
 /// `POST /v1/blobs` answer, and `GET /v1/blobs/{sha256}` (with `bytes_served`).

@@ -27,6 +27,29 @@ pub struct RawAgent {
     pub connection: RawConnection,
     #[serde(default)]
     pub payloads: RawPayloads,
+    #[serde(default)]
+    pub power: RawPower,
+    #[serde(default)]
+    pub sessions: RawSessions,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPower {
+    pub reboot_command: Option<Vec<String>>,
+    pub shutdown_command: Option<Vec<String>>,
+    pub boot_id_path: Option<PathBuf>,
+    pub reboot_timeout_seconds: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSessions {
+    /// Ask systemd-logind (through loginctl) when it runs; else read utmp.
+    pub logind: Option<bool>,
+    pub utmp_path: Option<PathBuf>,
+    /// Where session terminals live (`/dev`): warnings are written to `<tty_dir>/<line>`.
+    pub tty_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -68,6 +91,8 @@ pub struct RawController {
     pub database_url: Option<String>,
     pub offline_after_seconds: Option<u64>,
     pub unreachable_grace_seconds: Option<u64>,
+    /// How long a machine may take to come back from a reboot it announced.
+    pub reboot_grace_seconds: Option<u64>,
     /// ed25519 PKCS#8 key (`pki signing-key`); when set, every payload reference is signed.
     pub signing_key: Option<PathBuf>,
     pub tls: RawTls,

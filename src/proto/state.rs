@@ -50,6 +50,36 @@ pub struct RunningRecord {
     pub boot_id: String,
     #[serde(default)]
     pub cancel_requested: bool,
+    /// Where a run with power steps is; absent for plain runs.
+    #[serde(default)]
+    pub phase: Option<PhaseRecord>,
+    /// Reboots requested for this assignment so far (loop guard).
+    #[serde(default)]
+    pub reboots: u32,
+    /// Output of the scripts so far, and the final result while a post-finish power step
+    /// is pending.
+    #[serde(default)]
+    pub carry: Option<super::agent::RunResult>,
+}
+
+/// The durable phase of a run with power steps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum PhaseRecord {
+    /// Ending user sessions before `next`.
+    Logoff { next: String, since: String },
+    /// Running scripts from index `from`.
+    Scripts { from: usize },
+    /// A power command ran in boot `boot_id`; `then` says what follows it.
+    Power {
+        /// `reboot` or `stop`.
+        kind: String,
+        /// `scripts:<n>` (run scripts from n) or `finish`.
+        then: String,
+        boot_id: String,
+        /// When to give up waiting for the boot id to change (RFC 3339).
+        deadline: String,
+    },
 }
 
 /// `state_dir/outbox/<seq>.json`: one event waiting for delivery.

@@ -37,6 +37,17 @@ pub struct RunningStatus {
     /// Staging progress per component (software stage assignments).
     #[serde(default)]
     pub components: Vec<super::agent::ComponentProgress>,
+    /// What the run is waiting for (sessions to end, a reboot), if anything.
+    #[serde(default)]
+    pub waiting: Option<WaitingStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitingStatus {
+    /// e.g. `users to log off (2 sessions)`, `the machine to reboot`.
+    pub what: String,
+    pub since: String,
+    pub until: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,4 +9,6 @@ pub mod child;
 pub mod clock;
 pub mod facts;
 pub mod fsutil;
+pub mod power;
 pub mod process;
+pub mod sessions;

@@ -5,6 +5,7 @@ mod batches;
 mod cli;
 mod durability;
 mod latency;
+mod power;
 mod security;
 mod staging;
 mod support;

@@ -504,6 +504,21 @@ impl Agent {
         self.launch();
     }
 
+    /// Waits until the agent process has exited on its own (e.g. a simulated power cut).
+    pub fn wait_exit(&mut self, timeout: Duration) {
+        let child = self.child.as_mut().expect("agent running");
+        wait_until("the agent to go down", timeout, || {
+            child.try_wait().ok().flatten().map(|_| ())
+        });
+        self.child = None;
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    /// Starts the agent again after it went down.
+    pub fn start_again(&mut self) {
+        self.launch();
+    }
+
     /// `fieldhand status --json` through the real CLI.
     pub fn status(&self) -> Value {
         let out = run(
