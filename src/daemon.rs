@@ -18,12 +18,20 @@ pub enum LogSink {
 /// Starts logging. The level comes from `FIELDHAND_LOG` (a tracing filter, default `info`).
 /// Under systemd (`JOURNAL_STREAM` set and the journald socket present) records go to journald
 /// with structured fields; otherwise plain text to stderr, without colours when not a terminal.
-pub fn init_logging() -> LogSink {
+pub fn init_logging(fields: &[(&str, String)]) -> LogSink {
     let filter =
         || EnvFilter::try_from_env("FIELDHAND_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
     if under_systemd && Path::new(JOURNALD_SOCKET).exists() {
         if let Ok(layer) = tracing_journald::layer() {
+            // Our fields become FIELDHAND_TASK_ID, FIELDHAND_ASSIGNMENT_ID, FIELDHAND_PHASE...
+            let layer = layer
+                .with_field_prefix(Some("FIELDHAND".into()))
+                .with_custom_fields(
+                    fields
+                        .iter()
+                        .map(|(k, v)| (format!("FIELDHAND_{}", k.to_uppercase()), v.clone())),
+                );
             if tracing_subscriber::registry()
                 .with(filter())
                 .with(layer)
@@ -54,7 +62,7 @@ pub fn init_logging() -> LogSink {
             .try_init()
     };
     if result.is_ok() {
-        tracing::debug!("logging to stderr");
+        tracing::info!("logging to stderr");
     }
     LogSink::Stderr
 }

@@ -171,13 +171,30 @@ impl Core {
         Ok(acks)
     }
 
+    /// One line for systemd's STATUS=.
+    fn summary(&self) -> String {
+        let link = if self.link.snapshot().0 {
+            "connected"
+        } else {
+            "controller not reachable"
+        };
+        let work = match (&self.state.running, &self.waiting) {
+            (Some(r), Some((_, w))) => {
+                format!("task {}: waiting for {}", r.assignment.task_id, w.what)
+            }
+            (Some(r), None) => format!("running task {}", r.assignment.task_id),
+            (None, _) => "idle".into(),
+        };
+        format!("{work}; {} queued; {link}", self.state.queue.len())
+    }
+
     fn set_waiting(&mut self, id: String, w: Option<WaitingStatus>) {
         self.waiting = w.map(|w| (id, w));
     }
 
     /// Runs the logoff step in the background; it reports `LogoffDone`.
     fn logoff(&mut self, id: String, spec: crate::proto::agent::PowerSpec) {
-        tracing::info!(assignment_id = %id, policy = %spec.logoff_policy, "ending user sessions before the next step");
+        tracing::info!(assignment_id = %id, phase = "logoff", policy = %spec.logoff_policy, "ending user sessions before the next step");
         let inputs = self.exec_tx.clone();
         let src = self.sessions.clone();
         let task_id = self
@@ -212,7 +229,7 @@ impl Core {
         } else {
             self.power.reboot_command.clone()
         };
-        tracing::warn!(assignment_id = %id, %kind, command = ?argv, "running the power command");
+        tracing::warn!(assignment_id = %id, phase = %kind, command = ?argv, "running the power command");
         let inputs = self.exec_tx.clone();
         let outbox = self.outbox.clone();
         let wake = self.outbox_wake.clone();
@@ -291,7 +308,12 @@ impl Core {
 
     fn start(&mut self, a: Assignment, from: usize) {
         self.waiting = None;
-        tracing::info!(task_id = %a.task_id, assignment_id = %a.assignment_id, scripts = a.scripts.len(), from, "starting assignment");
+        let phase = if a.kind == crate::proto::agent::AssignmentKind::SoftwareStage {
+            "staging"
+        } else {
+            "scripts"
+        };
+        tracing::info!(task_id = %a.task_id, assignment_id = %a.assignment_id, phase, scripts = a.scripts.len(), from, "starting assignment");
         let (tx, rx) = watch::channel(false);
         self.cancel = Some((a.assignment_id.clone(), tx));
         let (rtx, mut rrx) = mpsc::channel(8);
@@ -405,7 +427,13 @@ impl Core {
             }) => {
                 self.progress = None;
                 let _ = self.progress_tx.send(None);
-                tracing::info!(%assignment_id, state = %result.state, exit_code = ?result.exit_code, error_code = ?result.error_code, "assignment finished");
+                let task_id = self
+                    .state
+                    .running
+                    .as_ref()
+                    .map(|r| r.assignment.task_id.clone())
+                    .unwrap_or_default();
+                tracing::info!(%assignment_id, %task_id, phase = "finished", state = %result.state, exit_code = ?result.exit_code, error_code = ?result.error_code, "assignment finished");
                 if self
                     .cancel
                     .as_ref()
@@ -462,7 +490,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let mut state = AgentState::from(store.load()?);
     state.reboot_timeout = cfg.power.reboot_timeout;
     let outbox = Arc::new(Mutex::new(Outbox::open(&cfg.state_dir)?));
-    let listener = status::bind(&cfg.socket_path)?;
+    let listener = status::bind(&cfg.socket_path, cfg.socket_group.as_deref())?;
 
     let (inputs_tx, mut inputs) = mpsc::channel::<Input>(64);
     let (progress_tx, progress_rx) = watch::channel(None);
@@ -547,9 +575,16 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     drop(inputs_tx);
 
     tokio::pin!(shutdown);
+    let mut last_status = core.summary();
+    crate::sys::notify::ready(&last_status);
+    // The watchdog is fed from this loop, so a wedged core gets restarted by systemd.
+    let mut dog = crate::sys::notify::watchdog_interval().map(tokio::time::interval);
     let result = loop {
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
+            _ = async { match dog.as_mut() { Some(d) => { d.tick().await; } None => std::future::pending::<()>().await } } => {
+                crate::sys::notify::watchdog();
+            }
             input = inputs.recv() => match input {
                 Some(input) => {
                     if let Err(e) = core.handle(input) {
@@ -557,11 +592,17 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                         // without a durable record. systemd restarts it; recovery reports.
                         break Err(e);
                     }
+                    let now = core.summary();
+                    if now != last_status {
+                        crate::sys::notify::status(&now);
+                        last_status = now;
+                    }
                 }
                 None => break Ok(()),
             },
         }
     };
+    crate::sys::notify::stopping();
     // Stopping (e.g. for a shutdown this agent asked for): give queued events a moment to
     // reach the controller; whatever is left is delivered after the next start.
     let flush_until = tokio::time::Instant::now() + Duration::from_secs(3);

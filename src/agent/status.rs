@@ -20,6 +20,8 @@ pub enum StatusError {
     },
     #[error("{path} exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
+    #[error("socket_group {name:?} does not exist (create it, e.g. `groupadd --system {name}`)")]
+    NoGroup { name: String },
     #[error("cannot connect to the agent at {path}: {source} (is `fieldhand agent` running?)")]
     Connect {
         path: PathBuf,
@@ -41,7 +43,8 @@ pub enum StatusError {
 
 /// Binds the socket with mode 0660. It is bound under a temporary name and renamed into place,
 /// so no client ever sees it with looser permissions.
-pub fn bind(path: &Path) -> Result<UnixListener, StatusError> {
+/// Binds the socket (mode 0660, group `group` if given: its members may query status).
+pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, StatusError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let err = |source| StatusError::Bind {
         path: path.to_path_buf(),
@@ -63,6 +66,16 @@ pub fn bind(path: &Path) -> Result<UnixListener, StatusError> {
     let _ = std::fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp).map_err(err)?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    if let Some(name) = group {
+        let gid = nix::unistd::Group::from_name(name)
+            .ok()
+            .flatten()
+            .ok_or_else(|| StatusError::NoGroup {
+                name: name.to_string(),
+            })?
+            .gid;
+        nix::unistd::chown(&tmp, None, Some(gid)).map_err(|e| err(e.into()))?;
+    }
     std::fs::rename(&tmp, path).map_err(err)?;
     Ok(listener)
 }

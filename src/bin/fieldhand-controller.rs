@@ -107,7 +107,7 @@ fn serve(config: PathBuf) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e, Exit::Config),
     };
-    fieldhand::daemon::init_logging();
+    fieldhand::daemon::init_logging(&[]);
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -161,7 +161,7 @@ fn pki(cmd: PkiCmd) -> ExitCode {
 }
 
 fn quickstart(dir: PathBuf, agents: u32, exit: bool) -> ExitCode {
-    fieldhand::daemon::init_logging();
+    fieldhand::daemon::init_logging(&[]);
     let me = match std::env::current_exe() {
         Ok(p) => p,
         Err(e) => return fail(e, Exit::Software),

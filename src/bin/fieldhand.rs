@@ -75,7 +75,11 @@ fn agent(config: PathBuf) -> ExitCode {
             return Exit::Config.into();
         }
     };
-    fieldhand::daemon::init_logging();
+    // The machine id tags every journald record; a bad certificate is reported by `run`.
+    let fields: Vec<(&str, String)> = fieldhand::tls::identity_of_file(&cfg.tls.cert)
+        .map(|id| vec![("machine_id", id.name)])
+        .unwrap_or_default();
+    fieldhand::daemon::init_logging(&fields);
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,

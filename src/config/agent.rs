@@ -16,6 +16,7 @@ pub struct AgentConfig {
     pub pool_id: String,
     pub state_dir: PathBuf,
     pub socket_path: PathBuf,
+    pub socket_group: Option<String>,
     pub tls: TlsFiles,
     /// SIGTERM to SIGKILL grace for a script's process group.
     pub kill_grace: Duration,
@@ -273,6 +274,12 @@ impl AgentConfig {
                 raw.socket_path
                     .unwrap_or_else(|| DEFAULT_SOCKET_PATH.into()),
             )?,
+            socket_group: match raw.socket_group {
+                Some(g) if g.trim().is_empty() => {
+                    return Err(invalid(origin, "socket_group", "", "must not be empty"))
+                }
+                g => g,
+            },
             tls: TlsFiles::from_raw(origin, raw.tls)?,
             kill_grace: Duration::from_secs(kill_grace),
             retry_initial: Duration::from_millis(retry_initial),

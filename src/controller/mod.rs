@@ -316,14 +316,39 @@ pub async fn run(
     // A crash between two transactions cannot leave a task stuck, but a controller that was down
     // past deadlines must not punish agents for its own absence: the reaper starts after a grace.
     resume_tasks(&ctl).await?;
+    crate::sys::notify::ready(&format!(
+        "serving on {}",
+        listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    ));
     let reaper = tokio::spawn(reap_loop(ctl.clone()));
+    let dog = crate::sys::notify::watchdog_interval().map(|every| {
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            // Pinged only after a store round trip, so a wedged database or runtime is
+            // restarted by systemd rather than left serving errors.
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if ctl.store.tx(|tx| tx.setting("watchdog")).await.is_ok() {
+                    crate::sys::notify::watchdog();
+                }
+            }
+        })
+    });
     let result =
         crate::net::server::serve(listener, tls, Arc::new(Router(ctl.clone())), async move {
             shutdown.await;
             let _ = stop_tx.send(true);
         })
         .await;
+    crate::sys::notify::stopping();
     reaper.abort();
+    if let Some(d) = dog {
+        d.abort();
+    }
     tracing::info!("controller stopped");
     Ok(result?)
 }

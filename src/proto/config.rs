@@ -20,6 +20,8 @@ pub struct RawAgent {
     pub pool_id: String,
     pub state_dir: Option<PathBuf>,
     pub socket_path: Option<PathBuf>,
+    /// Group owning the status socket; its members may run `fieldhand status`.
+    pub socket_group: Option<String>,
     pub tls: RawTls,
     #[serde(default)]
     pub exec: RawExec,

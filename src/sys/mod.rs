@@ -9,6 +9,7 @@ pub mod child;
 pub mod clock;
 pub mod facts;
 pub mod fsutil;
+pub mod notify;
 pub mod power;
 pub mod process;
 pub mod sessions;

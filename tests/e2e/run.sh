@@ -1,0 +1,255 @@
+#!/usr/bin/env bash
+# End-to-end test of the installed package on a real systemd: a Debian 12 guest booted with
+# systemd-nspawn in its own network namespace (recipe: shared/reference/vm-rig.md). The
+# controller runs on the host side of a veth pair; the agent is installed with dpkg -i,
+# started by systemd (Type=notify), reboots the guest for real (post_finish: reboot makes
+# nspawn exit 133; the loop below boots it again), and must report exactly once.
+#
+# Usage (root): tests/e2e/run.sh [DEB_DIR]    (default: target/packages, built if missing)
+#               tests/e2e/run.sh --image-only (build or refresh the cached guest image)
+# Env: E2E_CACHE (guest image cache, default ~/.cache/fieldhand-e2e), BOOT_TIMEOUT (s, 120).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+DEBS=${1:-$ROOT/target/packages}
+CACHE_ROOT=${E2E_CACHE:-$HOME/.cache/fieldhand-e2e}
+BOOT_TIMEOUT=${BOOT_TIMEOUT:-120}
+SUITE=bookworm
+PASS=0
+FAIL=0
+
+log() { printf '[e2e %(%H:%M:%S)T +%ss] %s\n' -1 "$SECONDS" "$*" >&2; }
+die() { log "FAIL: $*"; FAIL=$((FAIL + 1)); exit 1; }
+ok() { log "ok: $*"; PASS=$((PASS + 1)); }
+
+apt_mirror() {
+    # Only live entries (URIs: lines and deb lines), never comments.
+    { cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null || true; } \
+        | grep -E '^(URIs:|deb )' | grep -oE 'https?://[^ ]+/debian/?' | grep -v security | head -1 \
+        | sed 's:/*$::' || true
+}
+MIRROR=${MIRROR:-$(apt_mirror)}
+
+need() {
+    local missing=()
+    command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
+    command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
+    command -v mke2fs >/dev/null || missing+=(e2fsprogs)
+    command -v ip >/dev/null || missing+=(iproute2)
+    command -v curl >/dev/null || missing+=(curl)
+    command -v python3 >/dev/null || missing+=(python3)
+    if [ ${#missing[@]} -gt 0 ]; then
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    fi
+}
+
+# ------------------------------------------------------------------ guest image (cached)
+build_into() {  # $1 = output dir; the text of this function is part of the cache key
+    local out=$1 root=$1/rootfs.tmp
+    mkdir -p "$out"; rm -rf "$root"
+    mmdebstrap --mode=root --variant=minbase \
+        --include="systemd,systemd-sysv,dbus,iproute2,procps,adduser,init-system-helpers" \
+        --customize-hook='echo e2e-guest > "$1/etc/hostname"' \
+        --customize-hook='printf "127.0.1.1 e2e-guest\n" >> "$1/etc/hosts"' \
+        --customize-hook=': > "$1/etc/fstab"' \
+        --customize-hook='chroot "$1" systemctl mask e2scrub_reap.service e2scrub_all.timer systemd-networkd.service systemd-resolved.service || true' \
+        --customize-hook='chroot "$1" passwd -d root' \
+        --customize-hook='mkdir -p "$1/var/log/journal"' \
+        "$SUITE" "$root" "$MIRROR"
+    rm -f "$out/base.raw"
+    mke2fs -q -t ext4 -L root -d "$root" "$out/base.raw" 1G
+    rm -rf "$root"
+}
+image() {
+    local key; key=$({ declare -f build_into; echo "$SUITE $MIRROR"; } | sha256sum | cut -c1-16)
+    CACHE=$CACHE_ROOT/img-$key
+    if [ -f "$CACHE/.complete" ]; then log "guest image cached: $CACHE"; return; fi
+    log "building the guest image into $CACHE"
+    build_into "$CACHE.tmp" && rm -rf "$CACHE" && mv "$CACHE.tmp" "$CACHE"
+    touch "$CACHE/.complete"
+}
+
+# ------------------------------------------------------------------ cleanup (by PID)
+RUN=
+NS=
+WRAP=
+CTL_PID=
+cleanup() {
+    set +e
+    local l; l=$(leader)
+    [ -n "$l" ] && { nsenter -t "$l" -m -p -- systemctl poweroff >/dev/null 2>&1 || kill -9 "$l"; }
+    for _ in $(seq 1 20); do [ -n "$WRAP" ] && kill -0 "$WRAP" 2>/dev/null || break; sleep 0.5; done
+    [ -n "$WRAP" ] && kill "$WRAP" 2>/dev/null
+    [ -n "$CTL_PID" ] && kill "$CTL_PID" 2>/dev/null
+    ip link del fhe2e0 2>/dev/null
+    [ -n "$NS" ] && ip netns del "$NS" 2>/dev/null
+    if [ -n "$RUN" ]; then
+        mountpoint -q "$RUN/root" && umount "$RUN/root"
+        mountpoint -q "$RUN/lower" && umount "$RUN/lower"
+        rm -rf "$RUN"
+    fi
+    echo "e2e: $PASS passed, $FAIL failed"
+}
+trap cleanup EXIT
+
+leader() {  # PID 1 of the guest
+    local np; np=$(cat "$RUN/nspawn.pid" 2>/dev/null) || return 0
+    kill -0 "$np" 2>/dev/null || return 0
+    pgrep -P "$np" | head -1
+}
+gx() {  # run a shell command inside the guest
+    local l; l=$(leader); [ -n "$l" ] || return 255
+    timeout 60 nsenter -t "$l" -m -u -i -n -p -- /bin/sh -c "$*"
+}
+wait_guest() {  # $1 = a boot id that must no longer be current ("" = any)
+    local old=$1 deadline=$((SECONDS + BOOT_TIMEOUT)) b
+    while [ $SECONDS -lt $deadline ]; do
+        if b=$(gx 'cat /proc/sys/kernel/random/boot_id' 2>/dev/null) && [ -n "$b" ] && [ "$b" != "$old" ]; then
+            gx 'systemctl is-system-running --wait' >/dev/null 2>&1 || true
+            echo "$b"; return 0
+        fi
+        sleep 0.5
+    done
+    die "guest not up within ${BOOT_TIMEOUT}s; see $RUN/console.log"
+}
+
+# ------------------------------------------------------------------ controller API
+api() {  # api METHOD PATH [JSON]
+    curl -sS --fail-with-body --cacert "$PKI/ca.pem" --cert "$PKI/operators/e2e.pem" \
+        --key "$PKI/operators/e2e-key.pem" -X "$1" -H 'content-type: application/json' \
+        ${3:+--data "$3"} "$URL$2"
+}
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1]))" "$1"; }
+
+main() {
+    [ "$(id -u)" -eq 0 ] || { echo "run as root" >&2; exit 2; }
+    need
+    if ! ls "$DEBS"/fieldhand_*.deb >/dev/null 2>&1; then
+        "$ROOT/packaging/build.sh"
+    fi
+    local deb cdeb; deb=$(ls "$DEBS"/fieldhand_*.deb | head -1); cdeb=$(ls "$DEBS"/fieldhand-controller_*.deb | head -1)
+    image
+
+    RUN=$(mktemp -d /tmp/fieldhand-e2e.XXXX)
+    PKI=$RUN/pki
+    local CTL=$ROOT/target/release/fieldhand-controller
+    "$CTL" pki init --dir "$PKI" --san 10.77.0.1 >/dev/null
+    "$CTL" pki issue --dir "$PKI" --agent e2e-guest >/dev/null
+    "$CTL" pki issue --dir "$PKI" --operator e2e >/dev/null
+
+    # Network: veth pair; the guest side lives in the guest's namespace.
+    NS=fhe2e-$$
+    ip netns add "$NS"
+    ip link add fhe2e0 type veth peer name host0 netns "$NS"
+    ip addr add 10.77.0.1/24 dev fhe2e0; ip link set fhe2e0 up
+    ip -n "$NS" addr add 10.77.0.2/24 dev host0; ip -n "$NS" link set host0 up; ip -n "$NS" link set lo up
+
+    # Controller on the host side.
+    mkdir -p "$RUN/ctl"
+    cat > "$RUN/ctl/controller.toml" <<TOML
+listen = "10.77.0.1:0"
+data_dir = "$RUN/ctl"
+offline_after_seconds = 30
+[tls]
+ca = "$PKI/ca.pem"
+cert = "$PKI/controller.pem"
+key = "$PKI/controller-key.pem"
+TOML
+    "$CTL" serve --config "$RUN/ctl/controller.toml" > "$RUN/ctl/controller.log" 2>&1 &
+    CTL_PID=$!
+    for _ in $(seq 1 100); do [ -s "$RUN/ctl/listen-addr" ] && break; sleep 0.1; done
+    URL="https://$(cat "$RUN/ctl/listen-addr")"
+    log "controller at $URL (pid $CTL_PID)"
+
+    # Guest root: the cached image, read-only, under a per-run overlay.
+    mkdir -p "$RUN/lower" "$RUN/upper" "$RUN/work" "$RUN/root"
+    mount -o loop,ro "$CACHE/base.raw" "$RUN/lower"
+    mount -t overlay overlay -o "lowerdir=$RUN/lower,upperdir=$RUN/upper,workdir=$RUN/work" "$RUN/root"
+    ( set +e; n=0
+      while :; do
+          n=$((n + 1)); echo "=== boot $n $(date +%s.%N)"
+          systemd-nspawn -b -D "$RUN/root" --register=no --keep-unit --console=passive \
+              -M e2e-guest --network-namespace-path="/run/netns/$NS" &
+          echo $! > "$RUN/nspawn.pid"; wait $!; rc=$?
+          echo "=== nspawn exit $rc"
+          [ $rc -eq 133 ] || break   # 133: the guest rebooted
+      done ) > "$RUN/console.log" 2>&1 &
+    WRAP=$!
+    local b1 b2
+    b1=$(wait_guest "")
+    log "guest up, boot $b1"
+
+    # Install both packages; certificates and config as an operator would drop them in.
+    cp "$deb" "$cdeb" "$RUN/root/root/"
+    install -d -m 0750 "$RUN/root/etc/fieldhand/tls"
+    cp "$PKI/ca.pem" "$RUN/root/etc/fieldhand/tls/ca.pem"
+    cp "$PKI/agents/e2e-guest.pem" "$RUN/root/etc/fieldhand/tls/agent.pem"
+    install -m 0600 "$PKI/agents/e2e-guest-key.pem" "$RUN/root/etc/fieldhand/tls/agent-key.pem"
+    gx "dpkg -i /root/$(basename "$deb") /root/$(basename "$cdeb")" > "$RUN/dpkg.log" 2>&1 \
+        || { cat "$RUN/dpkg.log" >&2; die "dpkg -i failed"; }
+    ok "dpkg -i installed both packages"
+    gx 'systemd-analyze verify /lib/systemd/system/fieldhand.service /lib/systemd/system/fieldhand-controller.service' \
+        || die "systemd-analyze verify"
+    ok "systemd-analyze verify passes on both units"
+    [ "$(gx 'systemctl is-enabled fieldhand.service' || true)" = enabled ] || die "fieldhand.service not enabled"
+    [ "$(gx 'systemctl is-active fieldhand-controller.service' || true)" != active ] \
+        || die "the controller started without a certificate"
+    [ "$(gx 'systemctl is-active fieldhand.service' || true)" != active ] \
+        || die "the agent started before its configuration was in place"
+    sed -i -e "s#^controller_url = .*#controller_url = \"$URL\"#" -e 's#^pool_id = .*#pool_id = "e2e"#' \
+        "$RUN/root/etc/fieldhand/agent.toml"
+    gx 'systemctl start fieldhand.service' || die "systemctl start fieldhand"
+    [ "$(gx 'systemctl is-active fieldhand.service')" = active ] || die "fieldhand not active"
+    gx 'systemctl show -p Type,NotifyAccess,WatchdogUSec fieldhand.service' | tr '\n' ' ' | grep -q 'Type=notify' \
+        || die "not Type=notify"
+    ok "the service reached active through Type=notify"
+    local status; status=$(gx 'systemctl show -p StatusText --value fieldhand.service')
+    [ -n "$status" ] || die "no STATUS= text"
+    ok "STATUS=: $status"
+    for _ in $(seq 1 50); do
+        api GET /v1/machines | grep -q '"online":true' && break; sleep 0.2
+    done
+    api GET /v1/machines | grep -q e2e-guest || die "the agent did not reach the controller"
+    gx 'journalctl -u fieldhand -o verbose --no-pager' | grep -q 'FIELDHAND_MACHINE_ID=e2e-guest' \
+        || die "journal lacks FIELDHAND_MACHINE_ID"
+    ok "journalctl -u fieldhand shows structured fields"
+
+    # A real reboot in the middle of a task.
+    local task; task=$(api POST /v1/pools/e2e/script-executions \
+        '{"command_content": "echo before-reboot", "command_type": "sh", "post_finish": "reboot", "logoff_timeout_seconds": 30}' \
+        | json 'd["task_id"]')
+    log "task $task submitted"
+    b2=$(wait_guest "$b1")
+    log "guest rebooted: boot $b2"
+    local state=""
+    for _ in $(seq 1 240); do
+        state=$(api GET "/v1/tasks/$task" | json 'd["state"]')
+        [ "$state" = SUCCEEDED ] || [ "$state" = FAILED ] && break
+        sleep 0.5
+    done
+    local t; t=$(api GET "/v1/tasks/$task")
+    [ "$state" = SUCCEEDED ] || die "task ended $state: $t"
+    [ "$(json 'd["machines"][0]["power_state"]' <<<"$t")" = REBOOTED ] || die "no REBOOTED step: $t"
+    [ "$(json 'd["machines"][0]["stdout"]' <<<"$t")" = before-reboot ] || die "wrong output: $t"
+    [ "$(gx 'journalctl --list-boots --no-pager | grep -c .')" -ge 2 ] || die "journalctl --list-boots shows one boot"
+    grep -q "$b2" "$RUN/ctl/controller.log" || die "controller did not record the new boot id"
+    local n; n=$(gx 'fieldhand status --json' | json "len([r for r in d['recent_results'] if r['task_id']=='$task'])")
+    [ "$n" = 1 ] || die "the agent recorded $n results for the task"
+    [ "$(gx 'fieldhand status --json' | json 'd["undelivered_results"]')" = 0 ] || die "results still queued"
+    ok "post_finish: reboot rebooted the guest (boot $b1 -> $b2) and reported once, after the reboot"
+
+    # The status socket: group fieldhand only.
+    gx 'useradd -M -G fieldhand alice && useradd -M bob'
+    gx 'runuser -u alice -- fieldhand status' | grep -q 'machine:' || die "alice (group fieldhand) was refused"
+    if gx 'runuser -u bob -- fieldhand status' >/dev/null 2>&1; then die "bob (not in the group) got the status"; fi
+    ok "fieldhand status: allowed for group fieldhand, refused to others"
+    log "PASS"
+}
+if [ "${1:-}" = "--image-only" ]; then
+    trap - EXIT
+    need
+    image
+    exit 0
+fi
+main "$@"
