@@ -7,6 +7,7 @@
 #
 # Usage (root): tests/e2e/run.sh [DEB_DIR]    (default: target/packages, built if missing)
 #               tests/e2e/run.sh --image-only (build or refresh the cached guest image)
+#               tests/e2e/run.sh --qemu [DEB_DIR] (the same in a full VM with a real kernel reboot)
 # Env: E2E_CACHE (guest image cache, default ~/.cache/fieldhand-e2e), BOOT_TIMEOUT (s, 120).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -244,8 +245,148 @@ TOML
     gx 'runuser -u alice -- fieldhand status' | grep -q 'machine:' || die "alice (group fieldhand) was refused"
     if gx 'runuser -u bob -- fieldhand status' >/dev/null 2>&1; then die "bob (not in the group) got the status"; fi
     ok "fieldhand status: allowed for group fieldhand, refused to others"
+
+    # The controller package, set up exactly as the README says.
+    gx 'fieldhand-controller pki init --dir /etc/fieldhand-controller/pki --san "$(hostname)" >/dev/null &&
+        chown -R fieldhand-controller: /etc/fieldhand-controller/pki &&
+        systemctl enable --now fieldhand-controller' >/dev/null 2>&1 || die "controller setup as documented failed"
+    [ "$(gx 'systemctl is-active fieldhand-controller' || true)" = active ] \
+        || { gx 'journalctl -u fieldhand-controller --no-pager -n 20' >&2; die "the packaged controller is not active"; }
+    gx 'test -s /var/lib/fieldhand-controller/listen-addr' || die "the sandboxed controller could not write its state"
+    ok "the packaged controller runs sandboxed (systemctl enable --now, Type=notify)"
     log "PASS"
 }
+# ------------------------------------------------------------------ qemu variant
+# A full VM under software emulation (about 2 minutes): its own kernel, a real reset.
+# Run: sudo tests/e2e/run.sh --qemu [DEB_DIR]
+need_qemu() {
+    if ! command -v qemu-system-x86_64 >/dev/null; then
+        if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+            # This machine's qemu-utils comes from backports; qemu-system must match it.
+            printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+                "$MIRROR" > /etc/apt/sources.list.d/fieldhand-e2e-backports.sources
+        fi
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+            -t bookworm-backports qemu-system-x86 qemu-utils
+    fi
+    command -v ssh >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssh-client
+}
+build_vm_into() {  # $1 = output dir; the text of this function is part of the cache key
+    local out=$1 root=$1/rootfs.tmp
+    mkdir -p "$out"; rm -rf "$root"
+    [ -f "$out/id_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -C fieldhand-e2e -f "$out/id_ed25519"
+    mmdebstrap --mode=root --variant=minbase \
+        --include="systemd,systemd-sysv,udev,dbus,linux-image-cloud-amd64,initramfs-tools,zstd,openssh-server,iproute2,procps,kmod,adduser" \
+        --setup-hook='mkdir -p "$1/etc/initramfs-tools/conf.d"' \
+        --setup-hook='printf "MODULES=list\nCOMPRESS=zstd\n" > "$1/etc/initramfs-tools/conf.d/e2e.conf"' \
+        --setup-hook='printf "virtio_pci\nvirtio_blk\nvirtio_net\next4\n" > "$1/etc/initramfs-tools/modules"' \
+        --customize-hook='echo e2e-vm > "$1/etc/hostname"' \
+        --customize-hook='printf "/dev/vda / ext4 rw,errors=remount-ro 0 1\n" > "$1/etc/fstab"' \
+        --customize-hook='mkdir -p "$1/etc/systemd/network" && printf "[Match]\nName=en* eth*\n[Network]\nDHCP=ipv4\n" > "$1/etc/systemd/network/20-wired.network"' \
+        --customize-hook='chroot "$1" systemctl enable systemd-networkd' \
+        --customize-hook='chroot "$1" systemctl mask e2scrub_reap.service e2scrub_all.timer' \
+        --customize-hook='install -d -m700 "$1/root/.ssh"' \
+        --customize-hook="install -m600 '$out/id_ed25519.pub' \"\$1/root/.ssh/authorized_keys\"" \
+        --customize-hook='mkdir -p "$1/var/log/journal"' \
+        --customize-hook="cp -L \"\$1/vmlinuz\" \"\$1/initrd.img\" '$out/'" \
+        "$SUITE" "$root" "$MIRROR"
+    rm -f "$out/base.raw"
+    mke2fs -q -t ext4 -L root -d "$root" "$out/base.raw" 2G
+    rm -rf "$root"
+}
+QEMU_PID=
+qemu_main() {
+    [ "$(id -u)" -eq 0 ] || { echo "run as root" >&2; exit 2; }
+    need; need_qemu
+    if ! ls "$DEBS"/fieldhand_*.deb >/dev/null 2>&1; then "$ROOT/packaging/build.sh"; fi
+    local deb; deb=$(ls "$DEBS"/fieldhand_*.deb | head -1)
+    local key; key=$({ declare -f build_vm_into; echo "$SUITE $MIRROR"; } | sha256sum | cut -c1-16)
+    local VM=$CACHE_ROOT/vm-$key
+    if [ ! -f "$VM/.complete" ]; then
+        log "building the VM image into $VM"
+        build_vm_into "$VM.tmp" && rm -rf "$VM" && mv "$VM.tmp" "$VM" && touch "$VM/.complete"
+    fi
+    RUN=$(mktemp -d /tmp/fieldhand-e2e.XXXX)
+    PKI=$RUN/pki
+    local CTL=$ROOT/target/release/fieldhand-controller
+    # The guest reaches the controller at 10.0.2.2, user-mode networking's alias for the
+    # host's loopback.
+    "$CTL" pki init --dir "$PKI" --san 10.0.2.2 >/dev/null
+    "$CTL" pki issue --dir "$PKI" --agent e2e-vm >/dev/null
+    "$CTL" pki issue --dir "$PKI" --operator e2e >/dev/null
+    mkdir -p "$RUN/ctl"
+    printf 'listen = "127.0.0.1:0"\ndata_dir = "%s"\n[tls]\nca = "%s"\ncert = "%s"\nkey = "%s"\n' \
+        "$RUN/ctl" "$PKI/ca.pem" "$PKI/controller.pem" "$PKI/controller-key.pem" > "$RUN/ctl/controller.toml"
+    "$CTL" serve --config "$RUN/ctl/controller.toml" > "$RUN/ctl/controller.log" 2>&1 &
+    CTL_PID=$!
+    for _ in $(seq 1 100); do [ -s "$RUN/ctl/listen-addr" ] && break; sleep 0.1; done
+    URL="https://$(cat "$RUN/ctl/listen-addr")"
+    local cport=${URL##*:}
+    local port; port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+    qemu-img create -q -f qcow2 -b "$VM/base.raw" -F raw "$RUN/disk.qcow2"
+    local accel=tcg cpu=max
+    if [ ! -d /sys/module/kvm_pvm ] && [ -w /dev/kvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo; then accel=kvm; cpu=host; fi
+    qemu-system-x86_64 -accel "$accel" -cpu "$cpu" -machine q35 -smp 2 -m 1024 \
+        -kernel "$VM/vmlinuz" -initrd "$VM/initrd.img" -append "root=/dev/vda rw console=ttyS0" \
+        -drive "file=$RUN/disk.qcow2,if=virtio,format=qcow2,cache=unsafe" \
+        -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$port-:22" \
+        -device virtio-net-pci,netdev=n0 -nographic -nodefaults -serial "file:$RUN/serial.log" \
+        -pidfile "$RUN/qemu.pid" -daemonize
+    QEMU_PID=$(cat "$RUN/qemu.pid")
+    gx() {
+        ssh -i "$VM/id_ed25519" -p "$port" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+            -o ConnectTimeout=3 -o ServerAliveInterval=2 -o ServerAliveCountMax=3 -o LogLevel=ERROR \
+            -o BatchMode=yes root@127.0.0.1 "$@"
+    }
+    BOOT_TIMEOUT=${BOOT_TIMEOUT:-300}
+    local b1 b2
+    b1=$(wait_guest "")
+    log "VM up, boot $b1"
+    gx 'mkdir -p /etc/fieldhand/tls'
+    scp -q -i "$VM/id_ed25519" -P "$port" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+        "$deb" "$PKI/ca.pem" "$PKI/agents/e2e-vm.pem" "$PKI/agents/e2e-vm-key.pem" root@127.0.0.1:/root/
+    gx 'cp /root/ca.pem /etc/fieldhand/tls/ca.pem && cp /root/e2e-vm.pem /etc/fieldhand/tls/agent.pem &&
+        install -m 0600 /root/e2e-vm-key.pem /etc/fieldhand/tls/agent-key.pem && dpkg -i /root/fieldhand_*.deb' >/dev/null
+    gx "sed -i -e 's#^controller_url = .*#controller_url = \"https://10.0.2.2:$cport\"#' -e 's#^pool_id = .*#pool_id = \"e2e\"#' /etc/fieldhand/agent.toml && systemctl start fieldhand"
+    [ "$(gx 'systemctl is-active fieldhand')" = active ] || die "fieldhand not active in the VM"
+    ok "installed and active in the VM"
+    for _ in $(seq 1 120); do api GET /v1/machines | grep -q '"online":true' && break; sleep 0.5; done
+    if ! api GET /v1/machines | grep -q e2e-vm; then
+        gx 'journalctl -u fieldhand --no-pager -n 30' >&2 || true
+        die "the agent in the VM did not reach the controller"
+    fi
+    local task; task=$(api POST /v1/pools/e2e/script-executions \
+        '{"command_content": "echo before-reboot", "command_type": "sh", "post_finish": "reboot", "logoff_timeout_seconds": 30}' \
+        | json 'd["task_id"]')
+    b2=$(wait_guest "$b1")
+    log "VM rebooted: boot $b2"
+    local state=""
+    for _ in $(seq 1 240); do
+        state=$(api GET "/v1/tasks/$task" | json 'd["state"]')
+        [ "$state" = SUCCEEDED ] || [ "$state" = FAILED ] && break
+        sleep 1
+    done
+    [ "$state" = SUCCEEDED ] || die "task ended $state"
+    [ "$(api GET "/v1/tasks/$task" | json 'd["machines"][0]["power_state"]')" = REBOOTED ] || die "no REBOOTED step"
+    [ "$(gx 'fieldhand status --json' | json "len([r for r in d['recent_results'] if r['task_id']=='$task'])")" = 1 ] \
+        || die "not exactly one result"
+    ok "a real kernel reboot (boot $b1 -> $b2); the result was reported once"
+    gx 'systemctl poweroff' || true
+    for _ in $(seq 1 30); do kill -0 "$QEMU_PID" 2>/dev/null || break; sleep 1; done
+    kill "$QEMU_PID" 2>/dev/null || true
+    QEMU_PID=
+    log "PASS (qemu)"
+}
+
+if [ "${1:-}" = "--qemu" ]; then
+    shift
+    DEBS=${1:-$ROOT/target/packages}
+    trap 'set +e; [ -n "$QEMU_PID" ] && kill "$QEMU_PID" 2>/dev/null; cleanup' EXIT
+    qemu_main
+    exit 0
+fi
+
 if [ "${1:-}" = "--image-only" ]; then
     trap - EXIT
     need
