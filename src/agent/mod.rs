@@ -250,19 +250,7 @@ impl Core {
         let h = tokio::spawn(async move {
             // Give the announcement a few seconds to reach the controller, never longer.
             wake.notify_one();
-            let flush_until = tokio::time::Instant::now() + Duration::from_secs(3);
-            while tokio::time::Instant::now() < flush_until {
-                let pending = outbox
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .counts()
-                    .map(|(e, _)| e)
-                    .unwrap_or(0);
-                if pending == 0 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            flush_outbox(&outbox, || true).await;
             let ev = match crate::sys::power::run_command(&argv).await {
                 Ok(()) => Event::PowerIssued {
                     assignment_id: aid.clone(),
@@ -455,6 +443,24 @@ impl Core {
     }
 }
 
+/// Waits up to 3 s for the outbox to empty (the delivery loop does the sending), while
+/// `worth_waiting` holds. Never longer: a power step or a stop must not hang on the network.
+async fn flush_outbox(outbox: &Mutex<Outbox>, worth_waiting: impl Fn() -> bool) {
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < until && worth_waiting() {
+        let pending = outbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .counts()
+            .map(|(e, _)| e)
+            .unwrap_or(0);
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn sleep_until(t: time::OffsetDateTime) {
     let left = (t - clock::now()).whole_milliseconds().max(0) as u64;
     tokio::time::sleep(Duration::from_millis(left)).await;
@@ -605,19 +611,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     crate::sys::notify::stopping();
     // Stopping (e.g. for a shutdown this agent asked for): give queued events a moment to
     // reach the controller; whatever is left is delivered after the next start.
-    let flush_until = tokio::time::Instant::now() + Duration::from_secs(3);
-    while tokio::time::Instant::now() < flush_until {
-        let pending = outbox_for_stop
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .counts()
-            .map(|(e, _)| e)
-            .unwrap_or(0);
-        if pending == 0 || !link_for_stop.snapshot().0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    flush_outbox(&outbox_for_stop, || link_for_stop.snapshot().0).await;
     let _ = stop_tx.send(true);
     // Stopping the agent stops the running script too (as systemd's control-group kill would);
     // its run stays recorded and is reported as AGENT_RESTARTED on the next start.
