@@ -8,6 +8,7 @@ pub mod agent_api;
 pub mod api;
 pub mod blobs;
 pub mod engine;
+pub mod images;
 pub mod quickstart;
 pub mod rollout;
 pub mod software;
@@ -180,6 +181,10 @@ impl Controller {
             }
             (Role::Operator, &Method::GET, ["machines"]) => ok(&api::list_machines(self).await?),
             (Role::Operator, &Method::GET, ["settings"]) => ok(&api::get_settings(self).await?),
+            (Role::Operator, &Method::POST, ["images"]) => {
+                ok(&images::create_image(self, api::parse_json(&body)?).await?)
+            }
+            (Role::Operator, &Method::GET, ["images"]) => ok(&images::list_images(self).await?),
             (Role::Operator, &Method::PUT, ["settings"]) => {
                 ok(&api::put_settings(self, api::parse_json(&body)?).await?)
             }

@@ -104,6 +104,16 @@ CREATE TABLE IF NOT EXISTS host_software (
     machine_id     TEXT PRIMARY KEY,
     staged_commit  BIGINT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS images (
+    image_id    TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    version     TEXT NOT NULL,
+    os_type     TEXT NOT NULL,
+    gpu         BIGINT NOT NULL,
+    sha256      TEXT NOT NULL,
+    size        BIGINT NOT NULL,
+    created_ms  BIGINT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS settings (
     key    TEXT PRIMARY KEY,
     value  TEXT NOT NULL
@@ -123,6 +133,18 @@ pub struct MachineRow {
     pub agent_version: String,
     pub last_seen_ms: i64,
     pub facts_json: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRow {
+    pub image_id: String,
+    pub name: String,
+    pub version: String,
+    pub os_type: String,
+    pub gpu: bool,
+    pub sha256: String,
+    pub size: u64,
+    pub created_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -813,6 +835,51 @@ impl Tx<'_> {
             )
             .ctx("saving a power step")?;
         Ok(())
+    }
+
+    pub fn insert_image(&mut self, i: &ImageRow) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "INSERT INTO images (image_id, name, version, os_type, gpu, sha256, size, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    i.image_id,
+                    i.name,
+                    i.version,
+                    i.os_type,
+                    i64::from(i.gpu),
+                    i.sha256,
+                    i.size as i64,
+                    i.created_ms
+                ],
+            )
+            .ctx("saving an image")?;
+        Ok(())
+    }
+
+    pub fn images(&mut self) -> Result<Vec<ImageRow>, StoreError> {
+        let mut st = self
+            .tx
+            .prepare(
+                "SELECT image_id, name, version, os_type, gpu, sha256, size, created_ms
+                 FROM images ORDER BY created_ms, image_id",
+            )
+            .ctx("listing images")?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(ImageRow {
+                    image_id: r.get(0)?,
+                    name: r.get(1)?,
+                    version: r.get(2)?,
+                    os_type: r.get(3)?,
+                    gpu: r.get::<_, i64>(4)? != 0,
+                    sha256: r.get(5)?,
+                    size: r.get::<_, i64>(6)? as u64,
+                    created_ms: r.get(7)?,
+                })
+            })
+            .ctx("listing images")?;
+        rows.collect::<Result<_, _>>().ctx("listing images")
     }
 
     pub fn setting(&mut self, key: &str) -> Result<Option<String>, StoreError> {

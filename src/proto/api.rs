@@ -105,6 +105,53 @@ pub struct TaskMachine {
     pub components: Option<Vec<crate::proto::agent::ComponentProgress>>,
 }
 
+/// `POST /v1/images`: register a tar.gz blob as an image (seed 000/001).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateImage {
+    pub name: String,
+    pub version: String,
+    /// Free text, e.g. `linux`.
+    pub os_type: String,
+    pub gpu: bool,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageCreated {
+    pub image_id: String,
+}
+
+/// One entry of `GET /v1/images`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Image {
+    pub image_id: String,
+    pub name: String,
+    pub version: String,
+    pub os_type: String,
+    pub gpu: bool,
+    pub sha256: String,
+    pub size: u64,
+    pub created_at: String,
+}
+
+/// `POST /v1/pools/{pool_id}/push-image`, with the field names of seed 000.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushImage {
+    pub image_id: Option<String>,
+    /// Epoch milliseconds; absent or in the past means now.
+    pub start_time: Option<i64>,
+    pub logoff_policy: Option<String>,
+    pub stop_on_first_error: Option<bool>,
+    pub selective_push_image: Option<bool>,
+    pub machine_ids: Option<Vec<String>>,
+    pub compute_profile_num_cpus: Option<i64>,
+    pub compute_profile_num_cores_per_socket: Option<i64>,
+    pub compute_profile_ram_mb: Option<i64>,
+    pub add_virtual_tpm: Option<bool>,
+}
+
 /// `GET/PUT /v1/settings`: global settings (seed 000 "Global Settings").
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

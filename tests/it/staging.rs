@@ -443,3 +443,45 @@ fn blobs_are_served_with_ranges_to_agents_only() {
     let (s, v) = op.get(&format!("/v1/blobs/{sum}"));
     assert_eq!((s, v["size"].as_u64()), (200, Some(100_000)));
 }
+
+#[test]
+fn images_are_registered_from_uploaded_blobs() {
+    let env = Env::new();
+    let ctl = env.controller();
+    let op = env.operator(&ctl);
+    let archive = targz(&[("fieldhand/health-check", b"#!/bin/sh\nexit 0\n")]);
+    let sum = op.upload(&archive);
+    let (s, v) = op.post(
+        "/v1/images",
+        json!({"name": "desk", "version": "2026.11", "os_type": "linux", "gpu": false, "sha256": sum}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let id = v["image_id"].as_str().unwrap().to_string();
+    let (s, list) = op.get("/v1/images");
+    assert_eq!(s, 200);
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["image_id"], id.as_str());
+    assert_eq!(list[0]["size"], archive.len() as u64);
+    let missing = "1".repeat(64);
+    let (s, v) = op.post(
+        "/v1/images",
+        json!({"name": "desk", "version": "1", "os_type": "linux", "gpu": true, "sha256": missing}),
+    );
+    assert_eq!(
+        (s, v["error_code"].as_str()),
+        (400, Some("INVALID_PARAMETER"))
+    );
+    assert!(v["error_msg"].as_str().unwrap().contains(&missing), "{v}");
+    let (s, v) = op.post(
+        "/v1/images",
+        json!({"name": "", "version": "1", "os_type": "linux", "gpu": true, "sha256": sum}),
+    );
+    assert_eq!(s, 400);
+    assert!(v["error_msg"].as_str().unwrap().contains("name"), "{v}");
+    let (s, v) = op.post(
+        "/v1/images",
+        json!({"name": "x", "version": "1", "os_type": "linux", "gpu": "yes", "sha256": sum}),
+    );
+    assert_eq!(s, 400, "{v}");
+}
