@@ -474,13 +474,11 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
                 Some(PhaseRecord::Logoff { .. }) => {
                     // Ending sessions is idempotent: start it again.
                     let r = s.running.as_ref().expect("phase implies running");
-                    if let Some(spec) = r.assignment.power.clone() {
-                        fx.push(Effect::Logoff {
-                            assignment_id: r.assignment.assignment_id.clone(),
-                            spec,
-                        });
-                        return (s, fx);
-                    }
+                    fx.push(Effect::Logoff {
+                        assignment_id: r.assignment.assignment_id.clone(),
+                        spec: r.assignment.power.clone().unwrap_or_else(default_power),
+                    });
+                    return (s, fx);
                 }
                 _ => {}
             }
@@ -1008,6 +1006,29 @@ mod tests {
         );
         assert_eq!(keys(&fx), vec!["p:power:1:REBOOTED", "p:result"]);
         assert!(s3.running.is_none());
+    }
+
+    #[test]
+    fn a_restart_during_the_logoff_step_resumes_it() {
+        let (s, _) = step(
+            booted(),
+            Event::Offered(vec![powered("q", Some("logoff"), None, 1)]),
+            now(),
+        );
+        let (s, fx) = step(
+            s,
+            Event::Boot {
+                boot_id: "b1".into(),
+            },
+            now(),
+        );
+        assert!(
+            fx.iter()
+                .any(|e| matches!(e, Effect::Logoff { assignment_id, .. } if assignment_id == "q")),
+            "{fx:?}"
+        );
+        assert!(keys(&fx).is_empty(), "nothing reported: {fx:?}");
+        assert!(s.running.is_some());
     }
 
     #[test]
