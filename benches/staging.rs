@@ -165,6 +165,45 @@ fn main() {
         signature: None,
     };
     let client = HttpsClient::new(&url, Arc::clone(&agent_tls)).unwrap();
+    // The controller serves a blob only to an agent with an assignment that uses it: register
+    // the bench agent and give it a stage task for the payload.
+    let op_tls = fieldhand::tls::client_config(
+        &pki.join("ca.pem"),
+        &pki.join("operators/bench.pem"),
+        &pki.join("operators/bench-key.pem"),
+    )
+    .unwrap();
+    let operator = HttpsClient::new(&url, op_tls).unwrap();
+    rt.block_on(async {
+        use http::Method;
+        let t = Duration::from_secs(30);
+        let hb = serde_json::json!({"pool_id": "bench", "agent_version": "bench",
+            "facts": fieldhand::sys::facts::gather(dir, "bench")});
+        client
+            .json::<_, ()>(Method::POST, "/agent/v1/heartbeat", Some(&hb), t)
+            .await
+            .unwrap();
+        let doc = serde_json::json!({"components": [
+            {"name": "bench", "version": "1", "sha256": sha256, "format": "tar.gz"}]});
+        operator
+            .json::<_, serde_json::Value>(
+                Method::PUT,
+                "/v1/hosts/bench-agent/software/desired",
+                Some(&doc),
+                t,
+            )
+            .await
+            .unwrap();
+        operator
+            .json::<_, serde_json::Value>(
+                Method::POST,
+                "/v1/hosts/bench-agent/software/stage",
+                Some(&serde_json::json!({})),
+                t,
+            )
+            .await
+            .unwrap();
+    });
     // Both pipelines start with no dirty pages pending, so neither pays for the other's
     // (or the generator's) writeback.
     nix::unistd::sync();

@@ -136,6 +136,21 @@ impl Controller {
                 return ok(&blob);
             }
             (Role::Agent, &Method::GET, ["v1", "blobs", sha]) => {
+                // An agent sees only its own work: a blob is served only while one of its
+                // in-flight assignments references it.
+                let (machine, blob) = (peer.name.clone(), sha.to_string());
+                let allowed = blobs::valid_sha256(sha)
+                    && self
+                        .store
+                        .tx(move |tx| tx.assigned_blob(&machine, &blob))
+                        .await?;
+                if !allowed {
+                    return Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "FORBIDDEN",
+                        format!("{peer} has no assignment in flight that uses blob {sha}"),
+                    ));
+                }
                 return self.blobs.download(sha, req.headers());
             }
             (Role::Operator, &Method::GET, ["blobs", sha]) => return ok(&self.blobs.info(sha)?),

@@ -822,6 +822,23 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Whether an in-flight assignment of `machine_id` references blob `sha256`.
+    pub fn assigned_blob(&mut self, machine_id: &str, sha256: &str) -> Result<bool, StoreError> {
+        // Payload JSON holds the digest as a quoted string; 64 hex digits cannot collide
+        // with any other field.
+        let needle = format!("\"{sha256}\"");
+        self.tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM task_machines tm JOIN tasks t ON t.task_id = tm.task_id
+                 WHERE tm.machine_id = ?1 AND tm.state IN ('DISPATCHED', 'RUNNING')
+                 AND instr(t.scripts_json, ?2) > 0)",
+                params![machine_id, needle],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|v| v != 0)
+            .ctx("checking a blob download")
+    }
+
     pub fn set_power_state(
         &mut self,
         assignment_id: &str,

@@ -405,8 +405,26 @@ fn blobs_are_served_with_ranges_to_agents_only() {
     let op = env.operator(&ctl);
     let blob = data(100_000, 7);
     let sum = op.upload(&blob);
+    let other = op.upload(&data(1000, 8));
     let agent = env.agent_client(&ctl, "h1");
     let path = format!("/agent/v1/blobs/{sum}");
+    // Blobs go only to an agent with an in-flight assignment that uses them.
+    let (s, v) = agent.get(&path);
+    assert_eq!((s, v["error_code"].as_str()), (403, Some("FORBIDDEN")), "{v}");
+    let facts = json!({"hostname": "h1", "os": "x", "kernel": "x", "cpu_count": 1,
+        "memory_total_bytes": 1, "memory_available_bytes": 1, "disk_free_bytes": 1,
+        "uptime_seconds": 1, "agent_version": "0"});
+    let (s, v) = agent.post(
+        "/agent/v1/heartbeat",
+        json!({"pool_id": "hosts", "agent_version": "0", "facts": facts}),
+    );
+    assert_eq!(s, 204, "{v}");
+    desired(&op, "h1", json!([{"name": "b", "version": "1", "sha256": sum}]));
+    stage(&op, "h1", json!({}));
+    let (s, _) = agent.get(&format!("/agent/v1/blobs/{other}"));
+    assert_eq!(s, 403, "a blob outside the assignment stays private");
+    let (s, _) = env.agent_client(&ctl, "h2").get(&path);
+    assert_eq!(s, 403, "another machine's assignment is not ours");
     let (s, h, body) = agent.get_with(&path, &[]);
     assert_eq!(s, 200);
     assert_eq!(body, blob);
