@@ -410,7 +410,11 @@ fn blobs_are_served_with_ranges_to_agents_only() {
     let path = format!("/agent/v1/blobs/{sum}");
     // Blobs go only to an agent with an in-flight assignment that uses them.
     let (s, v) = agent.get(&path);
-    assert_eq!((s, v["error_code"].as_str()), (403, Some("FORBIDDEN")), "{v}");
+    assert_eq!(
+        (s, v["error_code"].as_str()),
+        (403, Some("FORBIDDEN")),
+        "{v}"
+    );
     let facts = json!({"hostname": "h1", "os": "x", "kernel": "x", "cpu_count": 1,
         "memory_total_bytes": 1, "memory_available_bytes": 1, "disk_free_bytes": 1,
         "uptime_seconds": 1, "agent_version": "0"});
@@ -419,7 +423,11 @@ fn blobs_are_served_with_ranges_to_agents_only() {
         json!({"pool_id": "hosts", "agent_version": "0", "facts": facts}),
     );
     assert_eq!(s, 204, "{v}");
-    desired(&op, "h1", json!([{"name": "b", "version": "1", "sha256": sum}]));
+    desired(
+        &op,
+        "h1",
+        json!([{"name": "b", "version": "1", "sha256": sum}]),
+    );
     stage(&op, "h1", json!({}));
     let (s, _) = agent.get(&format!("/agent/v1/blobs/{other}"));
     assert_eq!(s, 403, "a blob outside the assignment stays private");
