@@ -240,6 +240,33 @@ TOML
     [ "$(gx 'fieldhand status --json' | json 'd["undelivered_results"]')" = 0 ] || die "results still queued"
     ok "post_finish: reboot rebooted the guest (boot $b1 -> $b2) and reported once, after the reboot"
 
+    # An upgrade while a result waits in the outbox: nothing is lost.
+    task=$(api POST /v1/pools/e2e/script-executions \
+        '{"command_content": "sleep 2; echo queued", "command_type": "sh"}' | json 'd["task_id"]')
+    for _ in $(seq 1 100); do
+        [ "$(api GET "/v1/tasks/$task" | json 'd["machines"][0]["state"]')" = RUNNING ] && break; sleep 0.1
+    done
+    local addr; addr=$(cat "$RUN/ctl/listen-addr")
+    kill "$CTL_PID"; wait "$CTL_PID" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+        [ "$(gx 'fieldhand status --json' | json 'd["undelivered_results"]')" = 1 ] && break; sleep 0.1
+    done
+    [ "$(gx 'fieldhand status --json' | json 'd["undelivered_results"]')" = 1 ] || die "no result waiting in the outbox"
+    local pid_before; pid_before=$(gx 'systemctl show -p MainPID --value fieldhand')
+    gx "dpkg -i /root/$(basename "$deb")" > "$RUN/upgrade.log" 2>&1 || { cat "$RUN/upgrade.log" >&2; die "upgrade failed"; }
+    [ "$(gx 'systemctl show -p MainPID --value fieldhand')" != "$pid_before" ] || die "the upgrade did not restart the agent"
+    sed -i "s#^listen = .*#listen = \"$addr\"#" "$RUN/ctl/controller.toml"
+    "$CTL" serve --config "$RUN/ctl/controller.toml" >> "$RUN/ctl/controller.log" 2>&1 &
+    CTL_PID=$!
+    state=""
+    for _ in $(seq 1 200); do
+        state=$(api GET "/v1/tasks/$task" 2>/dev/null | json 'd["state"]' 2>/dev/null || true)
+        [ "$state" = SUCCEEDED ] && break; sleep 0.2
+    done
+    [ "$state" = SUCCEEDED ] || die "the queued result did not arrive after the upgrade ($state)"
+    [ "$(api GET "/v1/tasks/$task" | json 'd["machines"][0]["stdout"]')" = queued ] || die "wrong output after the upgrade"
+    ok "an upgrade restarted the agent and the queued result still arrived"
+
     # The status socket: group fieldhand only.
     gx 'useradd -M -G fieldhand alice && useradd -M bob'
     gx 'runuser -u alice -- fieldhand status' | grep -q 'machine:' || die "alice (group fieldhand) was refused"
