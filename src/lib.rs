@@ -23,7 +23,7 @@
 //!   quickstart.
 //! - [`agent`]: `run`: one core task owning the state, the pure state machine
 //!   (`agent::machine::step`), the durable state file and outbox, the executor (scripts) and
-//!   `agent::stage` (software staging), `agent::logoff` (logoff policies), the links to
+//!   `agent::stage` (software staging), `agent::logoff` (logoff policies), `agent::image` (the image layout; not wired yet), the links to
 //!   the controller (long poll, heartbeat, event delivery) and the local status socket.
 //! - [`daemon`], [`exit`]: logging, shutdown signals and exit codes shared by the binaries.
 //!

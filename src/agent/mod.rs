@@ -4,6 +4,7 @@
 //! running assignment, and the status socket.
 
 pub mod executor;
+pub mod image;
 pub mod link;
 pub mod logoff;
 pub mod machine;
