@@ -15,16 +15,21 @@
 //! - [`payload`]: the payload engine shared by staging and image pushes: resumable,
 //!   verified downloads (`fetch`), ed25519 manifest signatures (`sign`), and hardened
 //!   tar.gz extraction (`extract`).
-//! - [`sys`]: every side effect on the host: processes (script runs in their own process
-//!   group), clock, boot id, host facts, crash-safe file writes.
-//! - [`controller`]: `serve` (router, operator API, agent protocol), the pure rollout rules
-//!   of gray batches, the engine that advances tasks, the SQLite store, the blob store
-//!   (`controller::blobs`), desired software by commit (`controller::software`), and the
-//!   quickstart.
+//! - [`sys`]: every side effect on the host: processes (`process`: script runs in their own
+//!   process group; `child`: the quickstart's daemons), `power` commands, user `sessions`
+//!   (logind or utmp), systemd `notify`, `clock`, `bootid`, host `facts`, crash-safe
+//!   file writes (`fsutil`).
+//! - [`controller`]: `serve` (router), the operator API (`api`), the agent protocol
+//!   (`agent_api`), the pure rollout rules
+//!   of gray batches (`rollout`), the `engine` that advances tasks, the SQLite `store`, the
+//!   blob store (`blobs`), desired software by commit (`software`), the image registry and
+//!   push-request rules (`images`; the push itself is not wired yet), and the `quickstart`.
 //! - [`agent`]: `run`: one core task owning the state, the pure state machine
-//!   (`agent::machine::step`), the durable state file and outbox, the executor (scripts) and
-//!   `agent::stage` (software staging), `agent::logoff` (logoff policies), `agent::image` (the image layout; not wired yet), the links to
-//!   the controller (long poll, heartbeat, event delivery) and the local status socket.
+//!   (`machine::step`; a run's phase is kept as the on-disk `proto::state::PhaseRecord`),
+//!   the durable state file and outbox (`store`), the `executor` (scripts), `stage`
+//!   (software staging), `logoff` (logoff policies), `image` (the image layout; not wired
+//!   yet), the `link` to the controller (long poll, heartbeat, events, progress) and the
+//!   local `status` socket.
 //! - [`daemon`], [`exit`]: logging, shutdown signals and exit codes shared by the binaries.
 //!
 //! Entry points: `src/bin/fieldhand.rs` (`agent`, `status`) and

@@ -107,14 +107,20 @@ pub async fn run(
     let started_at = clock::now_rfc3339();
     let id = a.assignment_id.clone();
     let dir = settings.work_root.join(&id);
-    let (result, reboot_after) = match a.kind {
+    let mut reboot_after = None;
+    let result = match a.kind {
         AssignmentKind::ScriptExecution => {
-            execute(&settings, &a, from, &dir, &mut cancel, &reports, started_at).await
+            let run = Run {
+                s: &settings,
+                a: &a,
+                dir: &dir,
+                reports: &reports,
+            };
+            execute(run, from, &mut cancel, started_at, &mut reboot_after).await
         }
-        AssignmentKind::SoftwareStage => (
-            super::stage::run(&settings, &a, &mut cancel, &reports, started_at).await,
-            None,
-        ),
+        AssignmentKind::SoftwareStage => {
+            super::stage::run(&settings, &a, &mut cancel, &reports, started_at).await
+        }
     };
     if let Err(e) = std::fs::remove_dir_all(&dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
@@ -130,33 +136,24 @@ pub async fn run(
         .await;
 }
 
-/// Runs the scripts from index `from`. The second value is the index of a script that
-/// exited with 194 ("succeeded, please reboot"): the run stops there.
-async fn execute(
-    s: &ExecSettings,
-    a: &Assignment,
-    from: usize,
-    dir: &Path,
-    cancel: &mut watch::Receiver<bool>,
-    reports: &mpsc::Sender<ExecReport>,
-    started_at: String,
-) -> (RunResult, Option<usize>) {
-    let mut reboot_at = None;
-    let r = execute_scripts(s, a, from, dir, cancel, reports, started_at, &mut reboot_at).await;
-    (r, reboot_at)
+/// What a script run works with.
+struct Run<'a> {
+    s: &'a ExecSettings,
+    a: &'a Assignment,
+    dir: &'a Path,
+    reports: &'a mpsc::Sender<ExecReport>,
 }
 
-#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
-async fn execute_scripts(
-    s: &ExecSettings,
-    a: &Assignment,
+/// Runs the scripts from index `from`. A script that exits with 194 ("succeeded, please
+/// reboot") ends the run there and its index goes to `reboot_at`.
+async fn execute(
+    run: Run<'_>,
     from: usize,
-    dir: &Path,
     cancel: &mut watch::Receiver<bool>,
-    reports: &mpsc::Sender<ExecReport>,
     started_at: String,
     reboot_at: &mut Option<usize>,
 ) -> RunResult {
+    let Run { s, a, dir, reports } = run;
     let mut stdout = Capture::new(CAPTURE_HEAD, CAPTURE_TAIL);
     let mut stderr = Capture::new(CAPTURE_HEAD, CAPTURE_TAIL);
     let finish = |state: &str,

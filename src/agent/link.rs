@@ -218,12 +218,20 @@ pub async fn progress_loop(
     let mut last_sent = tokio::time::Instant::now();
     let mut dirty = false;
     loop {
+        // Idle (nothing staging): sleep until there is progress, not on a timer.
+        let idle = feed.borrow().is_none();
+        let tick = async {
+            if idle {
+                std::future::pending::<()>().await
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await
+        };
         tokio::select! {
             r = feed.changed() => {
                 if r.is_err() { return; }
                 dirty = true;
             }
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = tick => {}
             _ = stop.changed() => return,
         }
         let now = tokio::time::Instant::now();

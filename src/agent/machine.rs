@@ -266,11 +266,9 @@ impl AgentState {
             (AssignmentKind::SoftwareStage, _) => None,
             (_, Some("reboot")) => Some(PhaseRecord::Logoff {
                 next: "reboot:scripts:0".into(),
-                since: clock::rfc3339(now),
             }),
             (_, Some(_)) => Some(PhaseRecord::Logoff {
                 next: "scripts".into(),
-                since: clock::rfc3339(now),
             }),
             (_, None) => Some(PhaseRecord::Scripts { from: 0 }),
         };
@@ -415,7 +413,6 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
     let mut fx = Vec::new();
     match ev {
         Event::Boot { boot_id } => {
-            let rebooted = s.running.as_ref().is_some_and(|r| r.boot_id != boot_id);
             s.boot_id = boot_id;
             let phase = s.running.as_ref().and_then(|r| r.phase.clone());
             match phase {
@@ -482,7 +479,6 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
                 }
                 _ => {}
             }
-            let _ = rebooted;
             let resumable = s.running.as_ref().is_some_and(|r| {
                 r.assignment.kind == AssignmentKind::SoftwareStage && !r.cancel_requested
             });
@@ -618,10 +614,7 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
             if let Some(next) = power_next {
                 let r = s.running.as_mut().expect("filtered above");
                 r.carry = Some(merge(r.carry.take(), result));
-                r.phase = Some(PhaseRecord::Logoff {
-                    next,
-                    since: clock::rfc3339(now),
-                });
+                r.phase = Some(PhaseRecord::Logoff { next });
                 r.pgid = None;
                 let spec = r.assignment.power.clone().unwrap_or_else(default_power);
                 fx.push(Effect::Persist);

@@ -85,8 +85,8 @@ struct Core {
     machine_id: String,
     pool_id: String,
     controller_url: String,
-    /// Latest staging progress of the running assignment (not persisted).
-    progress: Option<(String, Vec<ComponentProgress>)>,
+    /// Latest staging progress of the running assignment (not persisted); the link
+    /// forwards it to the controller, the status socket reads it here.
     progress_tx: watch::Sender<Option<(String, Vec<ComponentProgress>)>>,
     power: crate::config::agent::PowerSettings,
     sessions: crate::sys::sessions::SessionSource,
@@ -130,7 +130,7 @@ impl Core {
                 Effect::WaitReboot {
                     assignment_id,
                     deadline,
-                } => self.wait_reboot(assignment_id, deadline, "the machine to reboot"),
+                } => self.wait_reboot(assignment_id, deadline),
                 Effect::Cancel(id) => {
                     match &self.cancel {
                         Some((running, tx)) if *running == id => {
@@ -198,12 +198,7 @@ impl Core {
         tracing::info!(assignment_id = %id, phase = "logoff", policy = %spec.logoff_policy, "ending user sessions before the next step");
         let inputs = self.exec_tx.clone();
         let src = self.sessions.clone();
-        let task_id = self
-            .state
-            .running
-            .as_ref()
-            .map(|r| r.assignment.task_id.clone())
-            .unwrap_or_default();
+        let task_id = self.running_task_id();
         let aid = id.clone();
         let h = tokio::spawn(async move {
             let w_inputs = inputs.clone();
@@ -240,14 +235,7 @@ impl Core {
         } else {
             "the machine to reboot"
         };
-        self.waiting = Some((
-            id.clone(),
-            WaitingStatus {
-                what: what.into(),
-                since: clock::now_rfc3339(),
-                until: Some(clock::rfc3339(deadline)),
-            },
-        ));
+        self.wait_for(&id, what, deadline);
         let h = tokio::spawn(async move {
             // Give the announcement a few seconds to reach the controller, never longer.
             wake.notify_one();
@@ -263,36 +251,40 @@ impl Core {
             };
             let failed = matches!(ev, Event::PowerFailed { .. });
             let _ = inputs.send(Input::Event(ev)).await;
-            if failed {
-                return;
+            if !failed {
+                reboot_timeout_at(deadline, aid, inputs).await;
             }
-            sleep_until(deadline).await;
-            let _ = inputs
-                .send(Input::Event(Event::RebootTimeout { assignment_id: aid }))
-                .await;
         });
         self.side_task = Some((id, h));
     }
 
-    fn wait_reboot(&mut self, id: String, deadline: time::OffsetDateTime, what: &str) {
+    /// After a restart in the same boot: keep waiting for the requested reboot.
+    fn wait_reboot(&mut self, id: String, deadline: time::OffsetDateTime) {
         tracing::warn!(assignment_id = %id, deadline = %clock::rfc3339(deadline), "restarted while a reboot was pending; waiting for it");
-        self.waiting = Some((
+        self.wait_for(&id, "the machine to reboot", deadline);
+        let h = tokio::spawn(reboot_timeout_at(
+            deadline,
             id.clone(),
-            WaitingStatus {
-                what: what.into(),
-                since: clock::now_rfc3339(),
-                until: Some(clock::rfc3339(deadline)),
-            },
+            self.exec_tx.clone(),
         ));
-        let inputs = self.exec_tx.clone();
-        let aid = id.clone();
-        let h = tokio::spawn(async move {
-            sleep_until(deadline).await;
-            let _ = inputs
-                .send(Input::Event(Event::RebootTimeout { assignment_id: aid }))
-                .await;
-        });
         self.side_task = Some((id, h));
+    }
+
+    fn wait_for(&mut self, id: &str, what: &str, deadline: time::OffsetDateTime) {
+        let status = WaitingStatus {
+            what: what.into(),
+            since: clock::now_rfc3339(),
+            until: Some(clock::rfc3339(deadline)),
+        };
+        self.waiting = Some((id.to_string(), status));
+    }
+
+    fn running_task_id(&self) -> String {
+        self.state
+            .running
+            .as_ref()
+            .map(|r| r.assignment.task_id.clone())
+            .unwrap_or_default()
     }
 
     fn start(&mut self, a: Assignment, from: usize) {
@@ -346,7 +338,8 @@ impl Core {
                     .filter(|(id, _)| *id == r.assignment.assignment_id)
                     .map(|(_, w)| w.clone()),
                 components: self
-                    .progress
+                    .progress_tx
+                    .borrow()
                     .as_ref()
                     .filter(|(id, _)| *id == r.assignment.assignment_id)
                     .map(|(_, c)| c.clone())
@@ -389,8 +382,8 @@ impl Core {
                     .as_ref()
                     .is_some_and(|r| r.assignment.assignment_id == assignment_id);
                 if still_running {
-                    self.progress = Some((assignment_id, components));
-                    let _ = self.progress_tx.send(self.progress.clone());
+                    self.progress_tx
+                        .send_replace(Some((assignment_id, components)));
                 }
             }
             Input::Event(ev) => {
@@ -414,14 +407,8 @@ impl Core {
                 result,
                 reboot_after,
             }) => {
-                self.progress = None;
-                let _ = self.progress_tx.send(None);
-                let task_id = self
-                    .state
-                    .running
-                    .as_ref()
-                    .map(|r| r.assignment.task_id.clone())
-                    .unwrap_or_default();
+                self.progress_tx.send_replace(None);
+                let task_id = self.running_task_id();
                 tracing::info!(%assignment_id, %task_id, phase = "finished", state = %result.state, exit_code = ?result.exit_code, error_code = ?result.error_code, "assignment finished");
                 if self
                     .cancel
@@ -462,9 +449,17 @@ async fn flush_outbox(outbox: &Mutex<Outbox>, worth_waiting: impl Fn() -> bool) 
     }
 }
 
-async fn sleep_until(t: time::OffsetDateTime) {
-    let left = (t - clock::now()).whole_milliseconds().max(0) as u64;
+/// Reports `RebootTimeout` at `deadline`, unless the process is gone by then (the reboot).
+async fn reboot_timeout_at(
+    deadline: time::OffsetDateTime,
+    id: String,
+    inputs: mpsc::Sender<Input>,
+) {
+    let left = (deadline - clock::now()).whole_milliseconds().max(0) as u64;
     tokio::time::sleep(Duration::from_millis(left)).await;
+    let _ = inputs
+        .send(Input::Event(Event::RebootTimeout { assignment_id: id }))
+        .await;
 }
 
 /// Runs the agent until `shutdown` completes. Everything that can fail at start-up (certificate,
@@ -518,7 +513,6 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             client: client.clone(),
             payloads: cfg.payloads.clone(),
         },
-        progress: None,
         progress_tx,
         power: cfg.power.clone(),
         sessions: cfg.sessions.clone(),

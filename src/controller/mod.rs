@@ -280,9 +280,15 @@ pub async fn serve(
         }
     })?;
     let tls = crate::tls::server_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
-    if let Some(p) = &cfg.signing_key {
-        crate::payload::sign::Signer::load(p)?;
-    }
+    let signer = match &cfg.signing_key {
+        Some(p) => Some(crate::payload::sign::Signer::load(p)?),
+        None => None,
+    };
+    let blobs =
+        blobs::BlobStore::open(&cfg.data_dir).map_err(|source| ControllerError::DataDir {
+            path: cfg.data_dir.join("blobs"),
+            source,
+        })?;
     let store = Store::open(&cfg.database)?;
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -304,27 +310,35 @@ pub async fn serve(
         },
     )?;
     tracing::info!(%addr, database = %cfg.database.display(), "controller listening");
-    run(cfg, store, listener, tls, shutdown).await
+    let parts = Parts {
+        store,
+        blobs,
+        signer,
+    };
+    run(cfg, parts, listener, tls, shutdown).await
+}
+
+/// What `serve` opens and checks before it binds.
+pub struct Parts {
+    pub store: Store,
+    pub blobs: blobs::BlobStore,
+    pub signer: Option<crate::payload::sign::Signer>,
 }
 
 /// Runs the controller on a bound listener until `shutdown` completes.
 pub async fn run(
     cfg: ControllerConfig,
-    store: Store,
+    parts: Parts,
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ControllerError> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let blobs =
-        blobs::BlobStore::open(&cfg.data_dir).map_err(|source| ControllerError::DataDir {
-            path: cfg.data_dir.join("blobs"),
-            source,
-        })?;
-    let signer = match &cfg.signing_key {
-        Some(p) => Some(crate::payload::sign::Signer::load(p)?),
-        None => None,
-    };
+    let Parts {
+        store,
+        blobs,
+        signer,
+    } = parts;
     let ctl = Arc::new(Controller {
         store,
         blobs,

@@ -66,6 +66,4 @@ pub enum NetError {
     Decode { url: String, reason: String },
     #[error("cannot encode the request to {url}: {reason}")]
     Encode { url: String, reason: String },
-    #[error("accept failed: {0}")]
-    Accept(std::io::Error),
 }

@@ -743,7 +743,6 @@ mod tests {
         // 64 MiB of zeros compress to ~64 KiB; the cap is 1 MiB.
         let mut g = GzEncoder::new(Vec::new(), flate2::Compression::best());
         let mut b = tar::Builder::new(&mut g);
-        let zeros = vec![0u8; 1 << 20];
         for i in 0..2 {
             let h = header(
                 &format!("bomb{i}"),
@@ -756,7 +755,6 @@ mod tests {
         }
         b.finish().unwrap();
         drop(b);
-        drop(zeros);
         let bomb = g.finish().unwrap();
         assert!(bomb.len() < 1 << 20, "{}", bomb.len());
         let c = case(&bomb);

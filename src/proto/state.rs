@@ -67,7 +67,7 @@ pub struct RunningRecord {
 #[serde(tag = "phase", rename_all = "snake_case")]
 pub enum PhaseRecord {
     /// Ending user sessions before `next`.
-    Logoff { next: String, since: String },
+    Logoff { next: String },
     /// Running scripts from index `from`.
     Scripts { from: usize },
     /// A power command ran in boot `boot_id`; `then` says what follows it.

@@ -297,26 +297,28 @@ pub fn group_alive(pgid: i32) -> bool {
         return false;
     };
     dir.flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-        })
-        .any(|e| {
-            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-                return false;
-            };
-            // Fields after the command, which may itself contain spaces or ')'.
-            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-                return false;
-            };
-            let mut f = rest.split_whitespace();
-            let state = f.next();
-            let _ppid = f.next();
-            let pgrp = f.next().and_then(|p| p.parse::<i32>().ok());
-            pgrp == Some(pgid) && !matches!(state, Some("Z") | Some("X"))
-        })
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(proc_stat)
+        .any(|(state, pgrp)| pgrp == pgid && running(state))
+}
+
+/// Whether a process exists and is not a zombie (see `group_alive` for why).
+pub fn alive(pid: i32) -> bool {
+    proc_stat(pid).is_some_and(|(state, _)| running(state))
+}
+
+fn running(state: char) -> bool {
+    state != 'Z' && state != 'X'
+}
+
+/// `(state, process group)` from `/proc/<pid>/stat`.
+fn proc_stat(pid: i32) -> Option<(char, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command, which may itself contain spaces or ')'.
+    let mut f = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let _ppid = f.next();
+    Some((state, f.next()?.parse().ok()?))
 }
 
 #[cfg(test)]

@@ -124,7 +124,7 @@ pub fn list_utmp(path: &Path) -> Vec<Session> {
         .filter_map(|r| {
             let ut_type = i32::from_ne_bytes(r[0..4].try_into().ok()?);
             let pid = i32::from_ne_bytes(r[4..8].try_into().ok()?);
-            if ut_type != USER_PROCESS || pid <= 1 || !alive(pid) {
+            if ut_type != USER_PROCESS || pid <= 1 || !super::process::alive(pid) {
                 return None;
             }
             let line = cstr(&r[8..40]);
@@ -149,20 +149,6 @@ pub fn utmp_record(pid: i32, line: &str, user: &str) -> Vec<u8> {
     r
 }
 
-/// Alive and not a zombie (a zombie has logged off; only its parent has not noticed).
-pub fn alive(pid: i32) -> bool {
-    if kill(Pid::from_raw(pid), None).is_err() {
-        return false;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s
-            .rfind(')')
-            .and_then(|i| s[i + 1..].split_whitespace().next())
-            .is_some_and(|st| st != "Z" && st != "X"),
-        Err(_) => false,
-    }
-}
-
 /// Writes `msg` to the session's terminal, as `wall` does. Best effort.
 pub fn warn(src: &SessionSource, s: &Session, msg: &str) -> bool {
     let Some(tty) = &s.tty else {
@@ -174,9 +160,10 @@ pub fn warn(src: &SessionSource, s: &Session, msg: &str) -> bool {
     let path = src.tty_dir.join(tty);
     let text = format!("\r\n\x07Broadcast message from fieldhand:\r\n\r\n{msg}\r\n\r\n");
     // Never block on a stuck terminal, never make it our controlling terminal.
+    use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .append(true)
-        .custom_flags_nonblocking()
+        .custom_flags((nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOCTTY).bits())
         .open(&path);
     match file {
         Ok(mut f) => f.write_all(text.as_bytes()).is_ok(),
@@ -184,17 +171,6 @@ pub fn warn(src: &SessionSource, s: &Session, msg: &str) -> bool {
             tracing::debug!(path = %path.display(), error = %e, "cannot warn a session");
             false
         }
-    }
-}
-
-trait NonBlocking {
-    fn custom_flags_nonblocking(&mut self) -> &mut Self;
-}
-
-impl NonBlocking for std::fs::OpenOptions {
-    fn custom_flags_nonblocking(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags((nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOCTTY).bits())
     }
 }
 
@@ -208,7 +184,7 @@ pub fn terminate(s: &Session) {
     };
     let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
     for _ in 0..50 {
-        if !alive(pid) {
+        if !super::process::alive(pid) {
             return;
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -277,7 +277,18 @@ fn post_finish_stop_reports_and_is_not_lost() {
     std::thread::sleep(Duration::from_secs(1));
     let t = op.task(&task);
     assert_eq!(machine_of(&t, "m1")["exit_code"], 3);
-    assert_eq!(m.agent.status()["running"], Value::Null);
+    let s = m.agent.status();
+    assert_eq!(s["running"], Value::Null, "{s:#}");
+    let ours = s["recent_results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["task_id"] == task.as_str())
+        .count();
+    assert_eq!(
+        ours, 1,
+        "the result was recorded once, not again after the boot: {s:#}"
+    );
 }
 
 #[test]
@@ -389,7 +400,7 @@ fn force_logoff_warns_then_ends_sessions_after_the_grace_period() {
         m.tty(5).contains("logged off in 3 seconds").then_some(())
     });
     assert!(
-        fieldhand::sys::sessions::alive(pid),
+        fieldhand::sys::process::alive(pid),
         "not before the grace period"
     );
     let mm = finished(&op, &task, "m1");

@@ -549,18 +549,8 @@ impl Drop for Agent {
     }
 }
 
-/// Whether a process is still running. A zombie counts as dead: it runs nothing, and PID 1 in
-/// some sandboxes never reaps the orphans it inherits.
-pub fn alive(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // The state is the first field after the parenthesised command name.
-    let state = stat
-        .rsplit_once(") ")
-        .and_then(|(_, rest)| rest.chars().next());
-    !matches!(state, Some('Z') | Some('X') | None)
-}
+/// Whether a process is still running (a zombie counts as dead).
+pub use fieldhand::sys::process::alive;
 
 /// Reads a pid written by a script.
 pub fn read_pid(path: &Path, timeout: Duration) -> i32 {
