@@ -22,14 +22,16 @@
 //! - [`controller`]: `serve` (router), the operator API (`api`), the agent protocol
 //!   (`agent_api`), the pure rollout rules
 //!   of gray batches (`rollout`), the `engine` that advances tasks, the SQLite `store`, the
-//!   blob store (`blobs`), desired software by commit (`software`), the image registry and
-//!   push-request rules (`images`; the push itself is not wired yet), and the `quickstart`.
+//!   blob store (`blobs`), desired software by commit (`software`), images (`images`: the
+//!   registry, push-image with schedule/reschedule/cancel, unpublish, and the provisioning
+//!   status, as three ordinary tasks per push driven by one `pool_images` row), and the
+//!   `quickstart`.
 //! - [`agent`]: `run`: one core task owning the state, the pure state machine
 //!   (`machine::step`; a run's phase is kept as the on-disk `proto::state::PhaseRecord`),
 //!   the durable state file and outbox (`store`), the `executor` (scripts), `stage`
-//!   (software staging), `logoff` (logoff policies), `image` (the image layout; not wired
-//!   yet), the `link` to the controller (long poll, heartbeat, events, progress) and the
-//!   local `status` socket.
+//!   (software and image staging), `logoff` (logoff policies), `image` (the image layout
+//!   and the steps of an image apply: activate, health check, verify, undo), the `link` to
+//!   the controller (long poll, heartbeat, events, progress) and the local `status` socket.
 //! - [`daemon`], [`exit`]: logging, shutdown signals and exit codes shared by the binaries.
 //!
 //! Entry points: `src/bin/fieldhand.rs` (`agent`, `status`) and
@@ -62,6 +64,12 @@
 //!   or not at all.
 //! - An interrupted staging run resumes after a restart (it installs nothing); an
 //!   interrupted script run never re-runs.
+//! - An image is switched in only after it is staged complete, and only through the
+//!   `current` symlink (temp link + rename); `previous` stays until the health check in a
+//!   new boot passed. Every image step is persisted before it runs; an interrupted
+//!   activation is switched back, never left half-applied.
+//! - A push's apply task is held (never dispatched) until its start time has come and its
+//!   image is `READY` on every targeted machine; a pool has one image operation at a time.
 //! - Config is validated before any socket is bound.
 //! - Every file starts with a `//!` line saying what it is for (checked by `tests/it/tidy.rs`).
 

@@ -43,6 +43,8 @@ pub struct ExecSettings {
     /// HOME for scripts.
     pub home: String,
     pub state_dir: PathBuf,
+    /// Images (`<image_id>/`, `current`, `previous`).
+    pub image_root: PathBuf,
     /// For payload downloads.
     pub client: crate::net::client::HttpsClient,
     pub payloads: crate::config::agent::PayloadSettings,
@@ -50,6 +52,8 @@ pub struct ExecSettings {
 
 /// Messages from a run to the core.
 #[derive(Debug)]
+// A run sends one `Finished`; boxing its result would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum ExecReport {
     Spawned {
         assignment_id: String,
@@ -118,9 +122,21 @@ pub async fn run(
             };
             execute(run, from, &mut cancel, started_at, &mut reboot_after).await
         }
-        AssignmentKind::SoftwareStage => {
+        AssignmentKind::SoftwareStage | AssignmentKind::ImageStage => {
             super::stage::run(&settings, &a, &mut cancel, &reports, started_at).await
         }
+        AssignmentKind::ImageApply => {
+            // Cancel is not passed on: once an image is being switched in, the step runs
+            // to its end (the controller only cancels while users are being logged off).
+            let run = Run {
+                s: &settings,
+                a: &a,
+                dir: &dir,
+                reports: &reports,
+            };
+            super::image::apply(run, from, started_at, &mut reboot_after).await
+        }
+        AssignmentKind::ImageRemove => super::image::remove(&settings, &a, started_at),
     };
     if let Err(e) = std::fs::remove_dir_all(&dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
@@ -136,12 +152,74 @@ pub async fn run(
         .await;
 }
 
+/// A result with the captured output of a run and no error yet.
+pub(super) fn captured(state: &str, started_at: &str, out: &Capture, err: &Capture) -> RunResult {
+    RunResult {
+        state: state.into(),
+        exit_code: None,
+        stdout: out.to_text(),
+        stderr: err.to_text(),
+        output_truncated: out.is_truncated() || err.is_truncated(),
+        started_at: Some(started_at.to_string()),
+        finished_at: clock::now_rfc3339(),
+        error_code: None,
+        error_msg: None,
+        staged_commit: None,
+        image: None,
+    }
+}
+
 /// What a script run works with.
-struct Run<'a> {
-    s: &'a ExecSettings,
-    a: &'a Assignment,
-    dir: &'a Path,
-    reports: &'a mpsc::Sender<ExecReport>,
+pub(super) struct Run<'a> {
+    pub s: &'a ExecSettings,
+    pub a: &'a Assignment,
+    pub dir: &'a Path,
+    pub reports: &'a mpsc::Sender<ExecReport>,
+}
+
+/// The environment every script and hook starts with (nothing is inherited from the agent).
+pub(super) fn base_env(s: &ExecSettings, a: &Assignment) -> Vec<(String, String)> {
+    vec![
+        ("PATH".into(), SCRIPT_PATH.into()),
+        ("HOME".into(), s.home.clone()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("FIELDHAND_TASK_ID".into(), a.task_id.clone()),
+        ("FIELDHAND_MACHINE_ID".into(), s.machine_id.clone()),
+        ("FIELDHAND_ASSIGNMENT_ID".into(), a.assignment_id.clone()),
+    ]
+}
+
+/// Starts one process, reports its process group to the core (so a restart can kill it),
+/// and waits for it; `cancel`, when given, stops it.
+pub(super) async fn run_process(
+    spec: ScriptSpec,
+    assignment_id: &str,
+    reports: &mpsc::Sender<ExecReport>,
+    mut cancel: Option<&mut watch::Receiver<bool>>,
+) -> Result<process::Outcome, process::ProcessError> {
+    let run = process::spawn(spec, CAPTURE_HEAD, CAPTURE_TAIL).await?;
+    let _ = reports
+        .send(ExecReport::Spawned {
+            assignment_id: assignment_id.to_string(),
+            pgid: run.pgid,
+        })
+        .await;
+    let canceller = run.canceller();
+    let wait = run.wait();
+    tokio::pin!(wait);
+    Ok(loop {
+        let Some(c) = cancel.as_deref_mut() else {
+            break wait.await;
+        };
+        tokio::select! {
+            o = &mut wait => break o,
+            changed = c.changed() => {
+                if changed.is_err() || *c.borrow() {
+                    canceller.cancel();
+                }
+            }
+        }
+    })
 }
 
 /// Runs the scripts from index `from`. A script that exits with 194 ("succeeded, please
@@ -162,16 +240,10 @@ async fn execute(
                   msg: Option<String>,
                   out: &Capture,
                   err: &Capture| RunResult {
-        state: state.into(),
         exit_code,
-        stdout: out.to_text(),
-        stderr: err.to_text(),
-        output_truncated: out.is_truncated() || err.is_truncated(),
-        started_at: Some(started_at.clone()),
-        finished_at: clock::now_rfc3339(),
         error_code: code.map(str::to_string),
         error_msg: msg,
-        staged_commit: None,
+        ..captured(state, &started_at, out, err)
     };
     // A previous attempt's leftovers (an agent killed mid-run) must not leak into this run.
     let _ = std::fs::remove_dir_all(dir);
@@ -240,20 +312,13 @@ async fn execute(
         let spec = ScriptSpec {
             program: PathBuf::from(program),
             args: vec![OsString::from(&path)],
-            env: vec![
-                ("PATH".into(), SCRIPT_PATH.into()),
-                ("HOME".into(), s.home.clone()),
-                ("LANG".into(), "C.UTF-8".into()),
-                ("FIELDHAND_TASK_ID".into(), a.task_id.clone()),
-                ("FIELDHAND_MACHINE_ID".into(), s.machine_id.clone()),
-                ("FIELDHAND_ASSIGNMENT_ID".into(), a.assignment_id.clone()),
-            ],
+            env: base_env(s, a),
             cwd: dir.to_path_buf(),
             timeout: remaining,
             kill_grace: s.kill_grace,
         };
-        let run = match process::spawn(spec, CAPTURE_HEAD, CAPTURE_TAIL).await {
-            Ok(r) => r,
+        let outcome = match run_process(spec, &a.assignment_id, reports, Some(&mut *cancel)).await {
+            Ok(o) => o,
             Err(e) => {
                 return finish(
                     "FAILED",
@@ -263,25 +328,6 @@ async fn execute(
                     &stdout,
                     &stderr,
                 )
-            }
-        };
-        let _ = reports
-            .send(ExecReport::Spawned {
-                assignment_id: a.assignment_id.clone(),
-                pgid: run.pgid,
-            })
-            .await;
-        let canceller = run.canceller();
-        let wait = run.wait();
-        tokio::pin!(wait);
-        let outcome = loop {
-            tokio::select! {
-                o = &mut wait => break o,
-                changed = cancel.changed() => {
-                    if changed.is_err() || *cancel.borrow() {
-                        canceller.cancel();
-                    }
-                }
             }
         };
         stdout.append(&outcome.stdout);

@@ -1,6 +1,17 @@
-//! The on-disk image layout under `image_root` (issue 6 building block, not wired yet):
-//! one directory per staged image, `current` as an atomically switched symlink, and
-//! `previous` kept until the new image is committed so that it can be rolled back to.
+//! Images on the machine: the on-disk layout under `image_root` (one directory per staged
+//! image, `current` as an atomically switched symlink, and `previous` kept until the new
+//! image is committed so that it can be rolled back to), and the steps of an `ImageApply`
+//! and an `ImageRemove` assignment.
+//!
+//! An `ImageApply` runs as numbered steps, each started by the state machine (so every
+//! step is persisted before it starts, and a reboot sits between steps):
+//! - [`ACTIVATE_STEP`]: switch `current` to the image, run `fieldhand/activate`; success asks
+//!   for a reboot, failure switches back at once (the machine never booted the image);
+//! - [`HEALTH_STEP`] (new boot): run `fieldhand/health-check`; success commits (drops
+//!   `previous`), failure rolls back and asks for a reboot;
+//! - [`VERIFY_STEP`] (boot after a rollback): run the health check of the image that is
+//!   current again and report `IMAGE_HEALTH_CHECK_FAILED` with what it found;
+//! - [`UNDO_STEP`] (the agent restarted during activation): switch back and report.
 //!
 //! ```text
 //! image_root/
@@ -9,10 +20,28 @@
 //!   previous -> <image_id> the image to roll back to, until the new one is committed
 //! ```
 
+use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use crate::sys::fsutil;
+use super::executor::{self, ExecSettings, Run, CAPTURE_HEAD, CAPTURE_TAIL};
+use crate::proto::agent::{Assignment, ImageReport, RunResult};
+use crate::sys::process::{Capture, Ending, ScriptSpec};
+use crate::sys::{clock, fsutil};
+
+pub const ACTIVATE_STEP: usize = 0;
+pub const HEALTH_STEP: usize = 1;
+pub const VERIFY_STEP: usize = 2;
+pub const UNDO_STEP: usize = 3;
+
+pub const ACTIVATE_HOOK: &str = "activate";
+pub const HEALTH_HOOK: &str = "health-check";
+
+pub const IMAGE_NOT_STAGED: &str = "IMAGE_NOT_STAGED";
+pub const IMAGE_ACTIVATE_FAILED: &str = "IMAGE_ACTIVATE_FAILED";
+pub const IMAGE_HEALTH_CHECK_FAILED: &str = "IMAGE_HEALTH_CHECK_FAILED";
+pub const IMAGE_IO_ERROR: &str = "IMAGE_IO_ERROR";
 
 pub const CURRENT: &str = "current";
 pub const PREVIOUS: &str = "previous";
@@ -117,6 +146,400 @@ pub fn hook(root: &Path, image_id: &str, name: &str) -> Option<PathBuf> {
         .ok()
         .filter(|m| m.is_file())
         .map(|_| p)
+}
+
+/// Removes image directories (and half-extracted leftovers) that are neither current,
+/// previous nor in `keep`.
+pub fn prune(root: &Path, keep: &[&str]) {
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return;
+    };
+    let (cur, prev) = (current(root), previous(root));
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        let wanted = keep.contains(&name.as_str())
+            || cur.as_deref() == Some(name.as_str())
+            || prev.as_deref() == Some(name.as_str());
+        if is_dir && !wanted {
+            if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                tracing::warn!(path = %e.path().display(), error = %err, "cannot remove an unused image");
+            }
+        }
+    }
+}
+
+/// Start-up housekeeping: half-extracted images and temporary links left by a crash go.
+pub fn cleanup(root: &Path) {
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && (name.contains(".partial-") || name.contains(".tmp-")) {
+            let p = e.path();
+            let res = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            if let Err(err) = res {
+                tracing::warn!(path = %p.display(), error = %err, "cannot remove a leftover");
+            }
+        }
+    }
+}
+
+/// What one hook did.
+struct HookRun {
+    /// `None`: the image has no such hook (that counts as success).
+    ending: Option<Ending>,
+    stdout: Capture,
+    stderr: Capture,
+    error: Option<String>,
+}
+
+impl HookRun {
+    fn ok(&self) -> bool {
+        self.error.is_none() && matches!(self.ending, None | Some(Ending::Exited(0)))
+    }
+
+    fn describe(&self, hook: &str, image_id: &str) -> String {
+        match (&self.error, self.ending) {
+            (Some(e), _) => format!("{hook} of image {image_id} could not run: {e}"),
+            (None, None) => format!("image {image_id} has no {hook} hook"),
+            (None, Some(Ending::Exited(c))) => {
+                format!("{hook} of image {image_id} exited with {c}")
+            }
+            (None, Some(Ending::Signaled(sig))) => {
+                format!("{hook} of image {image_id} was killed by signal {sig}")
+            }
+            (None, Some(Ending::TimedOut)) => {
+                format!("{hook} of image {image_id} exceeded its timeout and was stopped")
+            }
+            (None, Some(Ending::Cancelled)) => format!("{hook} of image {image_id} was stopped"),
+        }
+    }
+}
+
+/// The environment of a hook: the base script environment, the image ids, and the push's
+/// parameters (`FIELDHAND_COMPUTE_PROFILE_*`, `FIELDHAND_ADD_VIRTUAL_TPM`, ...).
+fn hook_env(run: &Run<'_>, image_id: &str) -> Vec<(String, String)> {
+    let root = &run.s.image_root;
+    let mut env = executor::base_env(run.s, run.a);
+    env.push(("FIELDHAND_IMAGE_ID".into(), image_id.into()));
+    env.push((
+        "FIELDHAND_IMAGE_DIR".into(),
+        image_dir(root, image_id).display().to_string(),
+    ));
+    env.push(("FIELDHAND_IMAGE_ROOT".into(), root.display().to_string()));
+    if let Some(prev) = previous(root) {
+        env.push(("FIELDHAND_PREVIOUS_IMAGE_ID".into(), prev));
+    }
+    if let Some(img) = &run.a.image {
+        for (k, v) in &img.env {
+            if !env.iter().any(|(e, _)| e == k) {
+                env.push((k.clone(), v.clone()));
+            }
+        }
+    }
+    env
+}
+
+async fn run_hook(run: &Run<'_>, image_id: &str, hook_name: &str, timeout: Duration) -> HookRun {
+    let mut out = HookRun {
+        ending: None,
+        stdout: Capture::new(CAPTURE_HEAD, CAPTURE_TAIL),
+        stderr: Capture::new(CAPTURE_HEAD, CAPTURE_TAIL),
+        error: None,
+    };
+    let Some(path) = hook(&run.s.image_root, image_id, hook_name) else {
+        return out;
+    };
+    // Hooks run with /bin/sh unless they are executable (then their #! line decides), so
+    // a hook packed without the executable bit still runs.
+    let executable = std::fs::metadata(&path)
+        .is_ok_and(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0);
+    let (program, args) = if executable {
+        (path.clone(), Vec::new())
+    } else {
+        (PathBuf::from("/bin/sh"), vec![OsString::from(&path)])
+    };
+    let spec = ScriptSpec {
+        program,
+        args,
+        env: hook_env(run, image_id),
+        cwd: image_dir(&run.s.image_root, image_id),
+        timeout,
+        kill_grace: run.s.kill_grace,
+    };
+    match executor::run_process(spec, &run.a.assignment_id, run.reports, None).await {
+        Ok(o) => {
+            out.ending = Some(o.ending);
+            out.stdout = o.stdout;
+            out.stderr = o.stderr;
+        }
+        Err(e) => out.error = Some(e.to_string()),
+    }
+    out
+}
+
+/// One `ImageApply` step (see the module docs). `reboot_after` is set to the step when a
+/// reboot must follow it.
+pub(super) async fn apply(
+    run: Run<'_>,
+    step: usize,
+    started_at: String,
+    reboot_after: &mut Option<usize>,
+) -> RunResult {
+    let root = run.s.image_root.clone();
+    let image_id = run
+        .a
+        .image
+        .as_ref()
+        .map(|i| i.image_id.clone())
+        .unwrap_or_default();
+    let timeout = Duration::from_secs(run.a.timeout_seconds);
+    let mut stdout = Capture::new(CAPTURE_HEAD, CAPTURE_TAIL);
+    let mut stderr = Capture::new(CAPTURE_HEAD, CAPTURE_TAIL);
+    let mut notes = String::new();
+    let report = |root: &Path, state: Option<&str>| ImageReport {
+        current_image_id: current(root),
+        current_image_state: current(root).and(state.map(str::to_string)),
+    };
+    let finish = |ok: bool,
+                  code: Option<&str>,
+                  msg: String,
+                  out: &Capture,
+                  err: &Capture,
+                  image: Option<ImageReport>| RunResult {
+        error_code: code.map(str::to_string),
+        error_msg: Some(msg),
+        image,
+        ..executor::captured(
+            if ok { "SUCCEEDED" } else { "FAILED" },
+            &started_at,
+            out,
+            err,
+        )
+    };
+    let io_fail = |what: &str, e: io::Error| {
+        finish(
+            false,
+            Some(IMAGE_IO_ERROR),
+            format!("cannot {what} under {}: {e}", root.display()),
+            &Capture::new(0, 0),
+            &Capture::new(0, 0),
+            Some(report(&root, Some("READY"))),
+        )
+    };
+    match step {
+        ACTIVATE_STEP => {
+            if !image_dir(&root, &image_id).is_dir() {
+                let msg = format!(
+                    "image {image_id} is not staged under {}; stage it first",
+                    root.display()
+                );
+                return finish(false, Some(IMAGE_NOT_STAGED), msg, &stdout, &stderr, None);
+            }
+            let had_current = current(&root).is_some_and(|c| c != image_id);
+            if let Err(e) = switch_to(&root, &image_id) {
+                return io_fail("switch to the new image", e);
+            }
+            let h = run_hook(&run, &image_id, ACTIVATE_HOOK, timeout).await;
+            stdout.append(&h.stdout);
+            stderr.append(&h.stderr);
+            let what = h.describe(ACTIVATE_HOOK, &image_id);
+            if h.ok() {
+                *reboot_after = Some(ACTIVATE_STEP);
+                let msg = format!("switched to image {image_id} ({what}); rebooting into it");
+                return finish(true, None, msg, &stdout, &stderr, None);
+            }
+            // The machine never booted the image: switching back is the whole rollback.
+            let back = if had_current {
+                rollback(&root).map(Some)
+            } else {
+                remove_link(&root, CURRENT).map(|_| None)
+            };
+            if let Err(e) = back {
+                return io_fail("switch back after a failed activation", e);
+            }
+            let msg = format!("{what}; switched back, no reboot was needed");
+            finish(
+                false,
+                Some(IMAGE_ACTIVATE_FAILED),
+                msg,
+                &stdout,
+                &stderr,
+                Some(report(&root, Some("READY"))),
+            )
+        }
+        HEALTH_STEP => {
+            if current(&root).as_deref() != Some(image_id.as_str()) {
+                let msg = format!(
+                    "after the reboot, current is {:?}, not image {image_id}",
+                    current(&root)
+                );
+                return finish(
+                    false,
+                    Some(IMAGE_HEALTH_CHECK_FAILED),
+                    msg,
+                    &stdout,
+                    &stderr,
+                    Some(report(&root, Some("FAILED"))),
+                );
+            }
+            let h = run_hook(&run, &image_id, HEALTH_HOOK, timeout).await;
+            stdout.append(&h.stdout);
+            stderr.append(&h.stderr);
+            let what = h.describe(HEALTH_HOOK, &image_id);
+            if h.ok() {
+                if let Err(e) = commit(&root) {
+                    return io_fail("commit the new image", e);
+                }
+                let msg = format!("image {image_id} is current and committed ({what})");
+                return finish(
+                    true,
+                    None,
+                    msg,
+                    &stdout,
+                    &stderr,
+                    Some(report(&root, Some("READY"))),
+                );
+            }
+            let back = match previous(&root) {
+                Some(_) => rollback(&root).map(|p| format!("rolled back to image {p}")),
+                None => remove_link(&root, CURRENT)
+                    .map(|_| "no previous image: the machine has no current image now".into()),
+            };
+            match back {
+                Ok(b) => notes.push_str(&format!("{what}; {b}; rebooting")),
+                Err(e) => return io_fail("roll back", e),
+            }
+            *reboot_after = Some(HEALTH_STEP);
+            finish(
+                false,
+                Some(IMAGE_HEALTH_CHECK_FAILED),
+                notes,
+                &stdout,
+                &stderr,
+                Some(report(&root, Some("READY"))),
+            )
+        }
+        VERIFY_STEP => {
+            let (msg, state) = match current(&root) {
+                Some(cur) => {
+                    let h = run_hook(&run, &cur, HEALTH_HOOK, timeout).await;
+                    stdout.append(&h.stdout);
+                    stderr.append(&h.stderr);
+                    let healthy = h.ok();
+                    let what = h.describe(HEALTH_HOOK, &cur);
+                    let verdict = if healthy { "healthy" } else { "NOT healthy" };
+                    (
+                        format!(
+                            "image {image_id} failed its health check and was rolled back; image {cur} is current again and {verdict} ({what})"
+                        ),
+                        if healthy { "READY" } else { "FAILED" },
+                    )
+                }
+                None => (
+                    format!(
+                        "image {image_id} failed its health check and was rolled back; there is no previous image"
+                    ),
+                    "READY",
+                ),
+            };
+            finish(
+                false,
+                Some(IMAGE_HEALTH_CHECK_FAILED),
+                msg,
+                &stdout,
+                &stderr,
+                Some(report(&root, Some(state))),
+            )
+        }
+        _ => {
+            // UNDO_STEP: the agent restarted during activation.
+            let cur = current(&root);
+            if cur.as_deref() == Some(image_id.as_str()) {
+                let back = if previous(&root).is_some() {
+                    rollback(&root).map(|_| ())
+                } else {
+                    remove_link(&root, CURRENT)
+                };
+                if let Err(e) = back {
+                    return io_fail("switch back after an interrupted activation", e);
+                }
+            }
+            let msg = format!(
+                "the agent restarted while image {image_id} was being activated; switched back to {:?} and stopped",
+                current(&root)
+            );
+            finish(
+                false,
+                Some(super::machine::AGENT_RESTARTED),
+                msg,
+                &stdout,
+                &stderr,
+                Some(report(&root, Some("READY"))),
+            )
+        }
+    }
+}
+
+/// An `ImageRemove` assignment: drop a pending image (never the current or previous one),
+/// or every image (`remove_all`).
+pub(super) fn remove(s: &ExecSettings, a: &Assignment, started_at: String) -> RunResult {
+    let root = &s.image_root;
+    let image_id = a
+        .image
+        .as_ref()
+        .map(|i| i.image_id.clone())
+        .unwrap_or_default();
+    let remove_all = a.image.as_ref().is_some_and(|i| i.remove_all);
+    let res: io::Result<String> = (|| {
+        if remove_all {
+            remove_link(root, CURRENT)?;
+            remove_link(root, PREVIOUS)?;
+            prune(root, &[]);
+            return Ok(format!("removed every image under {}", root.display()));
+        }
+        if current(root).as_deref() == Some(image_id.as_str())
+            || previous(root).as_deref() == Some(image_id.as_str())
+        {
+            return Ok(format!("image {image_id} is in use; kept"));
+        }
+        match std::fs::remove_dir_all(image_dir(root, &image_id)) {
+            Ok(()) => Ok(format!("removed pending image {image_id}")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Ok(format!("image {image_id} was not staged here"))
+            }
+            Err(e) => Err(e),
+        }
+    })();
+    let (ok, msg) = match res {
+        Ok(m) => (true, m),
+        Err(e) => (
+            false,
+            format!("cannot remove images under {}: {e}", root.display()),
+        ),
+    };
+    RunResult {
+        state: if ok { "SUCCEEDED" } else { "FAILED" }.into(),
+        exit_code: None,
+        stdout: format!("{msg}\n"),
+        stderr: String::new(),
+        output_truncated: false,
+        started_at: Some(started_at),
+        finished_at: clock::now_rfc3339(),
+        error_code: (!ok).then(|| IMAGE_IO_ERROR.to_string()),
+        error_msg: (!ok).then_some(msg),
+        staged_commit: None,
+        image: Some(ImageReport {
+            current_image_id: current(root),
+            current_image_state: current(root).map(|_| "READY".to_string()),
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 use crate::proto::agent::{
     AgentEvent, Assignment, AssignmentKind, EventBody, PowerEvent, PowerSpec, RunResult,
 };
-use crate::proto::state::{PhaseRecord, RunningRecord, StateFile};
+use crate::proto::state::{ImageRecord, PhaseRecord, RunningRecord, StateFile};
 use crate::proto::status::RecentResult;
 use crate::sys::clock;
 
@@ -61,6 +61,8 @@ pub struct AgentState {
     /// The boot this process runs in; set by `Event::Boot`.
     pub boot_id: String,
     pub staged_commit: Option<String>,
+    /// The machine's images and their seed 001 states.
+    pub image: ImageRecord,
     /// How long to wait for a requested reboot (config; not persisted).
     pub reboot_timeout: std::time::Duration,
 }
@@ -155,6 +157,7 @@ fn failed(code: &str, msg: String, started_at: Option<String>, now: OffsetDateTi
         error_code: Some(code.into()),
         error_msg: Some(msg),
         staged_commit: None,
+        image: None,
     }
 }
 
@@ -170,8 +173,12 @@ fn cancelled(msg: &str, now: OffsetDateTime) -> RunResult {
 /// Checks what the agent can check before accepting: every script's content matches its digest
 /// and names a known interpreter.
 pub fn validate(a: &Assignment) -> Result<(), String> {
-    if a.kind == AssignmentKind::SoftwareStage {
-        return validate_stage(a);
+    match a.kind {
+        AssignmentKind::SoftwareStage => return validate_stage(a),
+        AssignmentKind::ImageStage | AssignmentKind::ImageApply | AssignmentKind::ImageRemove => {
+            return validate_image(a)
+        }
+        AssignmentKind::ScriptExecution => {}
     }
     if a.scripts.is_empty() {
         return Err("assignment has no scripts".into());
@@ -190,6 +197,39 @@ pub fn validate(a: &Assignment) -> Result<(), String> {
                 s.name, s.command_type
             ));
         }
+    }
+    if a.timeout_seconds == 0 {
+        return Err("timeout_seconds is 0".into());
+    }
+    Ok(())
+}
+
+fn validate_image(a: &Assignment) -> Result<(), String> {
+    let Some(img) = &a.image else {
+        return Err(format!("{:?} assignment without an image", a.kind));
+    };
+    crate::pki::validate_name("image_id", &img.image_id).map_err(|e| e.to_string())?;
+    if a.kind == AssignmentKind::ImageStage {
+        let Some(p) = &img.payload else {
+            return Err("image stage assignment without a payload".into());
+        };
+        let hex_ok = p.sha256.len() == 64 && p.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+        if !hex_ok || p.format != "tar.gz" {
+            return Err(format!(
+                "image payload must be a tar.gz with a sha256, not {:?} {:?}",
+                p.format, p.sha256
+            ));
+        }
+    }
+    if let Some(k) = img.env.keys().find(|k| {
+        !k.starts_with("FIELDHAND_")
+            || !k
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+    }) {
+        return Err(format!(
+            "image env {k:?} must be FIELDHAND_ followed by A-Z, 0-9 or _"
+        ));
     }
     if a.timeout_seconds == 0 {
         return Err("timeout_seconds is 0".into());
@@ -241,7 +281,38 @@ impl AgentState {
         self.seen.iter().any(|s| s == id)
     }
 
+    /// Keeps the image record in step with a finished image assignment.
+    fn record_image(&mut self, a: &Assignment, r: &RunResult) {
+        let Some(img) = &a.image else {
+            return;
+        };
+        let ok = r.state == "SUCCEEDED";
+        let pending_is_this = self.image.pending_image_id.as_deref() == Some(&img.image_id);
+        match a.kind {
+            AssignmentKind::ImageStage if pending_is_this => {
+                self.image.pending_image_state = Some(if ok { "READY" } else { "FAILED" }.into());
+            }
+            AssignmentKind::ImageApply if pending_is_this && ok => {
+                self.image.pending_image_id = None;
+                self.image.pending_image_state = None;
+            }
+            AssignmentKind::ImageApply if pending_is_this && r.image.is_some() => {
+                self.image.pending_image_state = Some("FAILED".into());
+            }
+            AssignmentKind::ImageRemove if ok && (img.remove_all || pending_is_this) => {
+                self.image.pending_image_id = None;
+                self.image.pending_image_state = None;
+            }
+            _ => {}
+        }
+        if let Some(rep) = &r.image {
+            self.image.current_image_id = rep.current_image_id.clone();
+            self.image.current_image_state = rep.current_image_state.clone();
+        }
+    }
+
     fn record(&mut self, a: &Assignment, r: &RunResult) {
+        self.record_image(a, r);
         self.recent.push_front(RecentResult {
             assignment_id: a.assignment_id.clone(),
             task_id: a.task_id.clone(),
@@ -263,7 +334,16 @@ impl AgentState {
         };
         let pre_start = a.power.as_ref().and_then(|p| p.pre_start.clone());
         let phase = match (&a.kind, pre_start.as_deref()) {
-            (AssignmentKind::SoftwareStage, _) => None,
+            (
+                AssignmentKind::SoftwareStage
+                | AssignmentKind::ImageStage
+                | AssignmentKind::ImageRemove,
+                _,
+            ) => None,
+            // Users leave (under the push's logoff policy) before the image is switched in.
+            (AssignmentKind::ImageApply, _) => Some(PhaseRecord::Logoff {
+                next: "scripts".into(),
+            }),
             (_, Some("reboot")) => Some(PhaseRecord::Logoff {
                 next: "reboot:scripts:0".into(),
             }),
@@ -289,10 +369,16 @@ impl AgentState {
             at: clock::rfc3339(now),
             body: EventBody::Started,
         }));
+        if a.kind == AssignmentKind::ImageStage {
+            if let Some(img) = &a.image {
+                self.image.pending_image_id = Some(img.image_id.clone());
+                self.image.pending_image_state = Some("PUBLISHING".into());
+            }
+        }
         match phase {
             Some(PhaseRecord::Logoff { .. }) => fx.push(Effect::Logoff {
                 assignment_id: a.assignment_id.clone(),
-                spec: a.power.clone().expect("pre_start implies a power spec"),
+                spec: a.power.clone().unwrap_or_else(default_power),
             }),
             _ => fx.push(Effect::Start(a)),
         }
@@ -480,8 +566,43 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
                 _ => {}
             }
             let resumable = s.running.as_ref().is_some_and(|r| {
-                r.assignment.kind == AssignmentKind::SoftwareStage && !r.cancel_requested
+                matches!(
+                    r.assignment.kind,
+                    AssignmentKind::SoftwareStage
+                        | AssignmentKind::ImageStage
+                        | AssignmentKind::ImageRemove
+                ) && !r.cancel_requested
             });
+            let image_step = s.running.as_ref().and_then(|r| match r.phase {
+                Some(PhaseRecord::Scripts { from })
+                    if r.assignment.kind == AssignmentKind::ImageApply =>
+                {
+                    Some(from)
+                }
+                _ => None,
+            });
+            if let Some(from) = image_step {
+                // An image step was interrupted. Health checks are checks, so they run again;
+                // an interrupted activation is undone (switched back) and reported.
+                let r = s.running.as_mut().expect("checked above");
+                if let Some(pgid) = r.pgid.take().filter(|_| r.boot_id == s.boot_id) {
+                    fx.push(Effect::KillGroup(pgid));
+                }
+                r.boot_id = s.boot_id.clone();
+                let from = if from == super::image::ACTIVATE_STEP {
+                    super::image::UNDO_STEP
+                } else {
+                    from
+                };
+                r.phase = Some(PhaseRecord::Scripts { from });
+                let a = r.assignment.clone();
+                fx.push(Effect::Persist);
+                fx.push(Effect::Resume {
+                    assignment: a,
+                    from,
+                });
+                return (s, fx);
+            }
             if resumable {
                 // Staging installs nothing and every step is idempotent (resumed downloads,
                 // extraction into a fresh directory), so it continues instead of failing.
@@ -730,6 +851,11 @@ fn default_power() -> PowerSpec {
 /// The step after a script run: a reboot asked for by exit code 194, or the post-finish
 /// power step. `None`: report the result now. A cancelled run does no power steps.
 fn after_scripts(r: &Running, result: &RunResult, reboot_after: Option<usize>) -> Option<String> {
+    if r.assignment.kind == AssignmentKind::ImageApply {
+        // Image steps ask for the reboot that follows them (after activation, after a
+        // rollback); the next step runs in the new boot.
+        return reboot_after.map(|i| format!("reboot:scripts:{}", i + 1));
+    }
     if result.state == "CANCELLED" || r.assignment.kind != AssignmentKind::ScriptExecution {
         return None;
     }
@@ -777,6 +903,7 @@ impl From<StateFile> for AgentState {
             seen: f.seen.into(),
             boot_id: String::new(),
             staged_commit: f.staged_commit,
+            image: f.image,
             reboot_timeout: std::time::Duration::from_secs(600),
         }
     }
@@ -800,6 +927,7 @@ impl From<&AgentState> for StateFile {
             recent: s.recent.iter().cloned().collect(),
             seen: s.seen.iter().cloned().collect(),
             staged_commit: s.staged_commit.clone(),
+            image: s.image.clone(),
         }
     }
 }
@@ -828,6 +956,7 @@ mod tests {
             timeout_seconds: 60,
             stage: None,
             power: None,
+            image: None,
         }
     }
 
@@ -851,6 +980,7 @@ mod tests {
                 }],
             }),
             power: None,
+            image: None,
         }
     }
 
@@ -1308,5 +1438,158 @@ mod tests {
         assert!(s.running.is_none());
         assert!(fx.iter().any(|e| matches!(e, Effect::Emit(ev)
             if matches!(&ev.body, EventBody::Result(r) if r.error_code.as_deref() == Some(INVALID_ASSIGNMENT)))));
+    }
+
+    fn image_apply(id: &str) -> Assignment {
+        Assignment {
+            kind: AssignmentKind::ImageApply,
+            scripts: Vec::new(),
+            power: Some(default_power()),
+            image: Some(crate::proto::agent::ImageAssignment {
+                image_id: "img-2".into(),
+                payload: None,
+                env: Default::default(),
+                remove_all: false,
+            }),
+            ..assignment(id)
+        }
+    }
+
+    fn done(s: AgentState, reboot_after: Option<usize>, r: RunResult) -> (AgentState, Vec<Effect>) {
+        step(
+            s,
+            Event::Finished {
+                assignment_id: "i1".into(),
+                result: r,
+                reboot_after,
+            },
+            now(),
+        )
+    }
+
+    fn reboot_into(s: AgentState, boot: &str) -> (AgentState, Vec<Effect>) {
+        step(
+            s,
+            Event::Boot {
+                boot_id: boot.into(),
+            },
+            now(),
+        )
+    }
+
+    fn report(id: &str, state: &str) -> Option<crate::proto::agent::ImageReport> {
+        Some(crate::proto::agent::ImageReport {
+            current_image_id: Some(id.into()),
+            current_image_state: Some(state.into()),
+        })
+    }
+
+    #[test]
+    fn image_apply_logs_off_activates_reboots_then_checks_health() {
+        let (s, fx) = step(booted(), Event::Offered(vec![image_apply("i1")]), now());
+        assert!(
+            fx.iter().any(|e| matches!(e, Effect::Logoff { .. })),
+            "users leave before the switch: {fx:?}"
+        );
+        assert!(!fx.iter().any(|e| matches!(e, Effect::Start(_))));
+        let (s, fx) = logoff_ok(s, "i1");
+        assert!(fx
+            .iter()
+            .any(|e| matches!(e, Effect::Start(a) if a.assignment_id == "i1")));
+        // Activation succeeded and asks for the reboot (after another logoff check).
+        let (s, fx) = done(
+            s,
+            Some(super::super::image::ACTIVATE_STEP),
+            result("SUCCEEDED"),
+        );
+        assert!(
+            fx.iter().any(|e| matches!(e, Effect::Logoff { .. })),
+            "{fx:?}"
+        );
+        let (s, fx) = logoff_ok(s, "i1");
+        let persist = pos(&fx, |e| *e == Effect::Persist);
+        let power = pos(
+            &fx,
+            |e| matches!(e, Effect::Power { kind, .. } if kind == "reboot"),
+        );
+        assert!(persist < power, "the step is on disk before the reboot");
+        // Only a new boot id runs the health check, as step 1.
+        let (s, fx) = reboot_into(s, "b2");
+        assert!(
+            fx.iter().any(|e| matches!(e, Effect::Resume { from, .. } if *from == super::super::image::HEALTH_STEP)),
+            "{fx:?}"
+        );
+        let mut ok = result("SUCCEEDED");
+        ok.image = report("img-2", "READY");
+        let (s, fx) = done(s, None, ok);
+        assert!(fx
+            .iter()
+            .any(|e| matches!(e, Effect::Emit(ev) if ev.idempotency_key == "i1:result")));
+        assert!(s.running.is_none());
+        assert_eq!(s.image.current_image_id.as_deref(), Some("img-2"));
+        assert_eq!(s.image.current_image_state.as_deref(), Some("READY"));
+    }
+
+    #[test]
+    fn failed_health_check_reboots_into_the_rollback_and_verifies() {
+        let (s, _) = step(booted(), Event::Offered(vec![image_apply("i1")]), now());
+        let (s, _) = logoff_ok(s, "i1");
+        let (s, _) = done(s, Some(0), result("SUCCEEDED"));
+        let (s, _) = logoff_ok(s, "i1");
+        let (s, _) = reboot_into(s, "b2");
+        let mut bad = result("FAILED");
+        bad.error_code = Some("IMAGE_HEALTH_CHECK_FAILED".into());
+        bad.stdout = "bad\n".into();
+        let (s, _) = done(s, Some(super::super::image::HEALTH_STEP), bad);
+        let (s, fx) = logoff_ok(s, "i1");
+        assert!(fx
+            .iter()
+            .any(|e| matches!(e, Effect::Power { kind, .. } if kind == "reboot")));
+        let (s, fx) = reboot_into(s, "b3");
+        assert!(fx.iter().any(|e| matches!(e, Effect::Resume { from, .. } if *from == super::super::image::VERIFY_STEP)));
+        let mut verified = result("FAILED");
+        verified.error_code = Some("IMAGE_HEALTH_CHECK_FAILED".into());
+        verified.stdout = "good\n".into();
+        verified.image = report("img-1", "READY");
+        let (s, fx) = done(s, None, verified);
+        let out = fx.iter().find_map(|e| match e {
+            Effect::Emit(ev) if ev.idempotency_key == "i1:result" => match &ev.body {
+                EventBody::Result(r) => Some(r.clone()),
+                _ => None,
+            },
+            _ => None,
+        });
+        let out = out.expect("one result");
+        assert_eq!(out.error_code.as_deref(), Some("IMAGE_HEALTH_CHECK_FAILED"));
+        assert_eq!(out.stdout, "bad\ngood\n", "output of every step");
+        assert_eq!(s.image.current_image_id.as_deref(), Some("img-1"));
+    }
+
+    #[test]
+    fn a_restart_during_activation_undoes_it_and_health_checks_run_again() {
+        let (s, _) = step(booted(), Event::Offered(vec![image_apply("i1")]), now());
+        let (s, _) = logoff_ok(s, "i1");
+        let (s, _) = step(
+            s,
+            Event::Spawned {
+                assignment_id: "i1".into(),
+                pgid: 4242,
+            },
+            now(),
+        );
+        // Same boot: the agent process died during the activate hook.
+        let (s2, fx) = reboot_into(s.clone(), "b1");
+        assert!(fx.contains(&Effect::KillGroup(4242)));
+        assert!(fx.iter().any(
+            |e| matches!(e, Effect::Resume { from, .. } if *from == super::super::image::UNDO_STEP)
+        ));
+        assert!(s2.running.is_some(), "not reported as a plain restart");
+        // During a health check (step 1): the check runs again.
+        let mut s3 = s;
+        s3.running.as_mut().unwrap().phase = Some(PhaseRecord::Scripts { from: 1 });
+        let (_, fx) = reboot_into(s3, "b1");
+        assert!(fx
+            .iter()
+            .any(|e| matches!(e, Effect::Resume { from: 1, .. })));
     }
 }

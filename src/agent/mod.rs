@@ -21,8 +21,8 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::config::agent::AgentConfig;
 use crate::pki::Role;
-use crate::proto::agent::Assignment;
 use crate::proto::agent::ComponentProgress;
+use crate::proto::agent::{Assignment, AssignmentKind};
 use crate::proto::state::StateFile;
 use crate::proto::status::{RunningStatus, StatusReport, WaitingStatus};
 use crate::sys::clock;
@@ -289,10 +289,11 @@ impl Core {
 
     fn start(&mut self, a: Assignment, from: usize) {
         self.waiting = None;
-        let phase = if a.kind == crate::proto::agent::AssignmentKind::SoftwareStage {
-            "staging"
-        } else {
-            "scripts"
+        let phase = match a.kind {
+            AssignmentKind::SoftwareStage | AssignmentKind::ImageStage => "staging",
+            AssignmentKind::ImageApply => "image step",
+            AssignmentKind::ImageRemove => "image removal",
+            AssignmentKind::ScriptExecution => "scripts",
         };
         tracing::info!(task_id = %a.task_id, assignment_id = %a.assignment_id, phase, scripts = a.scripts.len(), from, "starting assignment");
         let (tx, rx) = watch::channel(false);
@@ -346,6 +347,19 @@ impl Core {
                     .unwrap_or_default(),
             }),
             staged_commit: self.state.staged_commit.clone(),
+            image: self.state.image.clone(),
+            pending_image_progress: self
+                .state
+                .running
+                .as_ref()
+                .filter(|r| r.assignment.kind == AssignmentKind::ImageStage)
+                .and_then(|r| {
+                    let feed = self.progress_tx.borrow();
+                    let (id, comps) = feed.as_ref()?;
+                    (*id == r.assignment.assignment_id)
+                        .then(|| comps.first().cloned())
+                        .flatten()
+                }),
             queued: self.state.queue.len() as u32,
             undelivered_events: events,
             undelivered_results: results,
@@ -482,6 +496,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     crate::sys::fsutil::ensure_dir(&cfg.state_dir, 0o700).map_err(dir_err(&cfg.state_dir))?;
     let work_root = cfg.state_dir.join("work");
     crate::sys::fsutil::ensure_dir(&work_root, 0o700).map_err(dir_err(&work_root))?;
+    crate::sys::fsutil::ensure_dir(&cfg.image_root, 0o755).map_err(dir_err(&cfg.image_root))?;
     let boot_path = cfg.power.boot_id_path.clone();
     let boot_id =
         crate::sys::bootid::read_boot_id(&boot_path).map_err(|source| AgentError::BootId {
@@ -510,6 +525,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             kill_grace: cfg.kill_grace,
             home: std::env::var("HOME").unwrap_or_else(|_| "/".into()),
             state_dir: cfg.state_dir.clone(),
+            image_root: cfg.image_root.clone(),
             client: client.clone(),
             payloads: cfg.payloads.clone(),
         },
@@ -535,9 +551,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             .iter()
             .map(|r| &r.assignment)
             .chain(core.state.queue.iter())
-            .filter_map(|a| a.stage.as_ref())
-            .flat_map(|s| s.components.iter().map(|c| c.sha256.clone()))
+            .flat_map(|a| {
+                let stage = a.stage.iter().flat_map(|s| s.components.iter());
+                let image = a.image.iter().filter_map(|i| i.payload.as_ref());
+                stage.chain(image).map(|c| c.sha256.clone())
+            })
             .collect();
+        image::cleanup(&cfg.image_root);
         stage::cleanup(
             &cfg.state_dir,
             cfg.payloads.keep_versions as usize,

@@ -1,6 +1,6 @@
-//! Runs a `SoftwareStage` assignment: check signatures and disk space, download and verify
-//! every component, unpack it, and make `state_dir/software/<commit>/` appear complete in one
-//! rename. Staging installs nothing.
+//! Runs a `SoftwareStage` or `ImageStage` assignment: check signatures and disk space,
+//! download and verify every payload, unpack it, and make `state_dir/software/<commit>/` (or
+//! `image_root/<image_id>/`) appear complete in one rename. Staging installs nothing.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -11,7 +11,9 @@ use tokio::sync::{mpsc, watch};
 use super::executor::{ExecReport, ExecSettings};
 use crate::payload::extract::{self, Limits};
 use crate::payload::fetch::{self, Cache, FetchError};
-use crate::proto::agent::{Assignment, ComponentProgress, PayloadRef, RunResult, StagePayload};
+use crate::proto::agent::{
+    Assignment, ComponentProgress, ImageAssignment, PayloadRef, RunResult, StagePayload,
+};
 use crate::sys::{clock, facts, fsutil};
 
 pub const INSUFFICIENT_DISK_SPACE: &str = "INSUFFICIENT_DISK_SPACE";
@@ -105,21 +107,30 @@ pub async fn run(
             error_code: code,
             error_msg: msg,
             staged_commit: commit,
+            image: None,
         };
-    let Some(stage) = a.stage.clone() else {
-        return finish(
-            "FAILED",
-            Some("INVALID_ASSIGNMENT".into()),
-            Some("no stage payload".into()),
-            String::new(),
+    let components: Vec<PayloadRef> = match (&a.stage, &a.image) {
+        (Some(stage), _) => stage.components.clone(),
+        (
             None,
-        );
+            Some(ImageAssignment {
+                payload: Some(p), ..
+            }),
+        ) => vec![p.clone()],
+        _ => {
+            return finish(
+                "FAILED",
+                Some("INVALID_ASSIGNMENT".into()),
+                Some("no stage payload".into()),
+                String::new(),
+                None,
+            )
+        }
     };
     let progress = Progress {
         id: a.assignment_id.clone(),
         table: Arc::new(Mutex::new(
-            stage
-                .components
+            components
                 .iter()
                 .map(|c| ComponentProgress {
                     name: c.name.clone(),
@@ -133,7 +144,13 @@ pub async fn run(
         last: Arc::new(Mutex::new(None)),
     };
     let timeout = Duration::from_secs(a.timeout_seconds);
-    let work = stage_commit(s, &stage, &progress);
+    let work = async {
+        match (&a.stage, &a.image) {
+            (Some(stage), _) => stage_commit(s, stage, &progress).await,
+            (None, Some(img)) => stage_image(s, &img.image_id, &components[0], &progress).await,
+            (None, None) => unreachable!("checked above"),
+        }
+    };
     tokio::pin!(work);
     let outcome = tokio::select! {
         r = &mut work => r,
@@ -149,9 +166,12 @@ pub async fn run(
         }),
     };
     // Leave nothing half-built behind; completed downloads stay cached for a retry.
-    let _ = std::fs::remove_dir_all(partial_dir(s, &stage.commit));
+    if let Some(stage) = &a.stage {
+        let _ = std::fs::remove_dir_all(partial_dir(s, &stage.commit));
+    }
+    let commit = a.stage.as_ref().map(|st| st.commit.clone());
     match outcome {
-        Ok(summary) => finish("SUCCEEDED", None, None, summary, Some(stage.commit.clone())),
+        Ok(summary) => finish("SUCCEEDED", None, None, summary, commit),
         Err(f) => {
             let code = (!f.code.is_empty()).then_some(f.code);
             finish(f.state, code, Some(f.msg), String::new(), None)
@@ -258,6 +278,67 @@ async fn stage_commit(
     fsutil::fsync_dir(&root).map_err(|e| io("sync", &root, e))?;
     retain(&root, s.payloads.keep_versions as usize, &stage.commit);
     Ok(summary(stage))
+}
+
+/// Downloads and unpacks an image into `image_root/<image_id>` (one rename when complete).
+/// Other images that are neither current, previous nor this one are removed first: an
+/// image left behind by a failed or cancelled push is never needed again.
+async fn stage_image(
+    s: &ExecSettings,
+    image_id: &str,
+    p: &PayloadRef,
+    progress: &Progress,
+) -> Result<String, Failure> {
+    let root = &s.image_root;
+    let io = |what: &str, path: &Path, e: std::io::Error| {
+        Failure::new(
+            STAGING_IO_ERROR,
+            format!("cannot {what} {}: {e}", path.display()),
+        )
+    };
+    fsutil::ensure_dir(root, 0o755).map_err(|e| io("create", root, e))?;
+    let dest = super::image::image_dir(root, image_id);
+    let summary = format!(
+        "staged image {image_id} ({} bytes) in {}\n",
+        p.size,
+        dest.display()
+    );
+    if dest.is_dir() {
+        progress.set(&p.name, "STAGED", p.size, false);
+        return Ok(summary);
+    }
+    super::image::prune(root, &[image_id]);
+    let cache = payload_cache(&s.state_dir);
+    cache.ensure().map_err(|e| io("create", &cache.root, e))?;
+    let fetch_settings = fetch::FetchSettings {
+        trusted_keys: s.payloads.trusted_keys.clone(),
+        require_signed: s.payloads.require_signed,
+        max_bytes_per_second: s.payloads.max_download_bytes_per_second,
+    };
+    fetch::check_signature(p, &fetch_settings, clock::now())?;
+    check_space(s, &cache, std::slice::from_ref(p))?;
+    let name = p.name.clone();
+    let pr = progress.clone();
+    let mut report = move |done: u64| pr.set(&name, "DOWNLOADING", done, false);
+    let blob = fetch::fetch(&s.client, &cache, p, &fetch_settings, &mut report).await?;
+    progress.set(&p.name, "EXTRACTING", 0, true);
+    let limits = Limits {
+        max_entries: s.payloads.max_archive_entries,
+        max_unpacked_bytes: s.payloads.max_unpacked_bytes,
+    };
+    let (blob2, dest2, name) = (blob.clone(), dest.clone(), p.name.clone());
+    let pr = progress.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut report = |done: u64| pr.set(&name, "EXTRACTING", done, false);
+        extract::extract_tar_gz(&blob2, &dest2, &limits, &mut report)
+    })
+    .await
+    .map_err(|e| Failure::new(STAGING_IO_ERROR, format!("extraction task failed: {e}")))?
+    .map_err(|e| Failure::new(e.code(), format!("image {image_id}: {e}")))?;
+    fsutil::fsync_dir(root).map_err(|e| io("sync", root, e))?;
+    let _ = std::fs::remove_file(&blob);
+    progress.set(&p.name, "STAGED", p.size, true);
+    Ok(summary)
 }
 
 /// Needed = what is left to download + the declared unpacked size + the reserve.

@@ -15,6 +15,8 @@ pub struct AgentConfig {
     pub controller_url: String,
     pub pool_id: String,
     pub state_dir: PathBuf,
+    /// Images: `<image_id>/`, `current` and `previous` (boot tooling reads these).
+    pub image_root: PathBuf,
     pub socket_path: PathBuf,
     pub socket_group: Option<String>,
     pub tls: TlsFiles,
@@ -260,14 +262,20 @@ impl AgentConfig {
                 "must be at least 1",
             ));
         }
+        let state_dir = non_empty_path(
+            origin,
+            "state_dir",
+            raw.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+        )?;
+        let image_root = match raw.image_root {
+            Some(p) => non_empty_path(origin, "image_root", p)?,
+            None => state_dir.join("images"),
+        };
         Ok(AgentConfig {
             controller_url: format!("https://{host}"),
             pool_id: raw.pool_id,
-            state_dir: non_empty_path(
-                origin,
-                "state_dir",
-                raw.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
-            )?,
+            state_dir,
+            image_root,
             socket_path: non_empty_path(
                 origin,
                 "socket_path",

@@ -31,9 +31,13 @@ pub fn assignment_of(row: &TaskMachineRow, task: &TaskRow) -> Result<Assignment,
         what: "task payload",
         value: format!("{}: {e}", task.task_id),
     };
+    let mut image = None;
     let (kind, scripts, stage) = if task.kind == crate::controller::software::TASK_KIND {
         let stage: StagePayload = serde_json::from_str(&task.scripts_json).map_err(corrupt)?;
         (AssignmentKind::SoftwareStage, Vec::new(), Some(stage))
+    } else if let Some(kind) = crate::controller::images::assignment_kind(&task.kind) {
+        image = Some(serde_json::from_str(&task.scripts_json).map_err(corrupt)?);
+        (kind, Vec::new(), None)
     } else {
         let scripts: Vec<ScriptPayload> =
             serde_json::from_str(&task.scripts_json).map_err(corrupt)?;
@@ -50,6 +54,7 @@ pub fn assignment_of(row: &TaskMachineRow, task: &TaskRow) -> Result<Assignment,
             Some(j) => Some(serde_json::from_str(j).map_err(corrupt)?),
             None => None,
         },
+        image,
     })
 }
 

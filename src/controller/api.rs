@@ -40,6 +40,17 @@ impl ApiError {
     pub fn not_found(code: &'static str, msg: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, code, msg)
     }
+    /// 409: the request is valid but the target's state does not allow it now.
+    pub fn conflict(msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "NOT_ALLOWED_IN_CURRENT_STATE", msg)
+    }
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL_ERROR",
+            e.to_string(),
+        )
+    }
 }
 
 impl From<StoreError> for ApiError {
@@ -434,7 +445,7 @@ pub async fn create_execution(
     Ok(api::TaskCreated { task_id })
 }
 
-fn force_logoff_grace(tx: &mut super::store::Tx<'_>) -> Result<i64, StoreError> {
+pub(super) fn force_logoff_grace(tx: &mut super::store::Tx<'_>) -> Result<i64, StoreError> {
     Ok(tx
         .setting(GRACE_KEY)?
         .and_then(|v| v.parse().ok())
@@ -540,15 +551,45 @@ pub async fn cancel_task(ctl: &Controller, task_id: String) -> Result<api::Task,
 }
 
 pub async fn list_machines(ctl: &Controller) -> Result<Vec<api::Machine>, ApiError> {
+    machines(ctl, None).await
+}
+
+/// `GET /v1/machines/{machine_id}`.
+pub async fn get_machine(ctl: &Controller, machine_id: String) -> Result<api::Machine, ApiError> {
+    crate::pki::validate_name("machine_id", &machine_id)
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
+    machines(ctl, Some(machine_id.clone()))
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "NOT_FOUND",
+                format!("machine_id {machine_id:?}: no such machine has ever connected"),
+            )
+        })
+}
+
+async fn machines(ctl: &Controller, only: Option<String>) -> Result<Vec<api::Machine>, ApiError> {
     let offline_ms = ctl.cfg.offline_after.as_millis() as i64;
     let now_ms = clock::unix_ms(clock::now());
     let rows = ctl
         .store
-        .tx(|tx| tx.machines().map_err(ApiError::from))
+        .tx(move |tx| {
+            let mut out = Vec::new();
+            for m in tx.machines()? {
+                if only.as_ref().is_some_and(|id| *id != m.machine_id) {
+                    continue;
+                }
+                let image = super::images::machine_view(tx, &m.machine_id, &m.pool_id)?;
+                out.push((m, image));
+            }
+            Ok::<_, ApiError>(out)
+        })
         .await?;
     Ok(rows
         .into_iter()
-        .map(|m| api::Machine {
+        .map(|(m, image)| api::Machine {
             online: now_ms - m.last_seen_ms <= offline_ms,
             last_seen: ms_text(Some(m.last_seen_ms)).unwrap_or_default(),
             facts: m
@@ -558,6 +599,7 @@ pub async fn list_machines(ctl: &Controller) -> Result<Vec<api::Machine>, ApiErr
             machine_id: m.machine_id,
             pool_id: m.pool_id,
             agent_version: m.agent_version,
+            image,
         })
         .collect())
 }

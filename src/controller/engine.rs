@@ -48,7 +48,8 @@ pub fn advance(
     let Some(task) = tx.task(task_id)? else {
         return Ok(());
     };
-    if task.finished_ms.is_some() {
+    if task.finished_ms.is_some() || tx.task_held(task_id)? {
+        // A held task is a push waiting for its start time (`images::reconcile` releases it).
         return Ok(());
     }
     let machines = tx.task_machines(task_id)?;
@@ -203,6 +204,9 @@ pub fn apply_event(
         (EventBody::Result(_), None) => unreachable!("result_state is Some for every Result"),
     }
     advance(tx, &row.task_id, now_ms, wake)?;
+    if let Some(task) = tx.task(&row.task_id)? {
+        super::images::observe(tx, &task, machine_id, Some(&ev.body), now_ms, wake)?;
+    }
     Ok(Applied::Applied)
 }
 
@@ -302,6 +306,9 @@ pub fn reap(
         };
         tx.set_final(&row.assignment_id, state, &outcome)?;
         advance(tx, &row.task_id, now_ms, wake)?;
+        if let Some(task) = tx.task(&row.task_id)? {
+            super::images::observe(tx, &task, &row.machine_id, None, now_ms, wake)?;
+        }
         reaped += 1;
     }
     Ok(reaped)

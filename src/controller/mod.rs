@@ -200,6 +200,21 @@ impl Controller {
                 ok(&images::create_image(self, api::parse_json(&body)?).await?)
             }
             (Role::Operator, &Method::GET, ["images"]) => ok(&images::list_images(self).await?),
+            (Role::Operator, &Method::POST, ["pools", pool, "push-image"]) => {
+                ok(&images::push(self, pool.to_string(), api::parse_json(&body)?).await?)
+            }
+            (Role::Operator, &Method::POST, ["pools", pool, "push-image", "cancel"]) => {
+                ok(&images::cancel_push(self, pool.to_string()).await?)
+            }
+            (Role::Operator, &Method::GET, ["pools", pool, "provisioning-status"]) => {
+                ok(&images::provisioning_status(self, pool.to_string()).await?)
+            }
+            (Role::Operator, &Method::DELETE, ["pools", pool, "image"]) => {
+                ok(&images::unpublish(self, pool.to_string()).await?)
+            }
+            (Role::Operator, &Method::GET, ["machines", id]) => {
+                ok(&api::get_machine(self, id.to_string()).await?)
+            }
             (Role::Operator, &Method::PUT, ["settings"]) => {
                 ok(&api::put_settings(self, api::parse_json(&body)?).await?)
             }
@@ -358,6 +373,7 @@ pub async fn run(
             .unwrap_or_default()
     ));
     let reaper = tokio::spawn(reap_loop(ctl.clone()));
+    let scheduler = tokio::spawn(schedule_loop(ctl.clone()));
     let dog = crate::sys::notify::watchdog_interval().map(|every| {
         let ctl = ctl.clone();
         tokio::spawn(async move {
@@ -380,6 +396,7 @@ pub async fn run(
         .await;
     crate::sys::notify::stopping();
     reaper.abort();
+    scheduler.abort();
     if let Some(d) = dog {
         d.abort();
     }
@@ -401,6 +418,31 @@ async fn resume_tasks(ctl: &Controller) -> Result<(), store::StoreError> {
         .await?;
     ctl.wake(&wake);
     Ok(())
+}
+
+/// How often scheduled pushes are checked for their start time.
+const SCHEDULE_EVERY: Duration = Duration::from_millis(250);
+
+/// Starts scheduled image pushes when their start time comes.
+async fn schedule_loop(ctl: Arc<Controller>) {
+    let mut tick = tokio::time::interval(SCHEDULE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = clock::unix_ms(clock::now());
+        let res = ctl
+            .store
+            .tx(move |tx| {
+                let mut wake = Vec::new();
+                images::tick(tx, now, &mut wake)?;
+                Ok::<_, store::StoreError>(wake)
+            })
+            .await;
+        match res {
+            Ok(wake) => ctl.wake(&wake),
+            Err(e) => tracing::error!(error = %e, "image scheduler failed; retrying"),
+        }
+    }
 }
 
 async fn reap_loop(ctl: Arc<Controller>) {

@@ -25,14 +25,6 @@ fn invalid_argument(msg: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", msg)
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "INTERNAL_ERROR",
-        e.to_string(),
-    )
-}
-
 fn check_host(machine_id: &str) -> Result<(), ApiError> {
     crate::pki::validate_name("machine_id", machine_id).map_err(|e| invalid_argument(e.to_string()))
 }
@@ -110,7 +102,7 @@ pub async fn put_desired(
         // The commit pins the size: a stored blob that changes later is caught by the agent.
         c.size = Some(size);
     }
-    let json = serde_json::to_string(&doc).map_err(internal)?;
+    let json = serde_json::to_string(&doc).map_err(ApiError::internal)?;
     let now = clock::unix_ms(clock::now());
     let commit = ctl
         .store
@@ -135,7 +127,7 @@ fn parse_commit(s: &str) -> Result<i64, ApiError> {
 }
 
 fn parse_doc(json: &str) -> Result<api::DesiredSoftware, ApiError> {
-    serde_json::from_str(json).map_err(internal)
+    serde_json::from_str(json).map_err(ApiError::internal)
 }
 
 pub async fn stage(
@@ -191,14 +183,10 @@ pub async fn stage(
     let mut components = Vec::with_capacity(doc.components.len());
     for c in &doc.components {
         let stored = ctl.blobs.size(&c.sha256).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::CONFLICT,
-                "NOT_ALLOWED_IN_CURRENT_STATE",
-                format!(
-                    "component {:?}: blob {} is no longer stored",
-                    c.name, c.sha256
-                ),
-            )
+            ApiError::conflict(format!(
+                "component {:?}: blob {} is no longer stored",
+                c.name, c.sha256
+            ))
         })?;
         let size = c.size.unwrap_or(stored);
         let signature = ctl.signer.as_ref().map(|s| {
@@ -227,23 +215,19 @@ pub async fn stage(
         commit: commit.to_string(),
         components,
     };
-    let payload_json = serde_json::to_string(&payload).map_err(internal)?;
+    let payload_json = serde_json::to_string(&payload).map_err(ApiError::internal)?;
     let wake = ctl
         .store
         .tx(move |tx| {
             if tx.latest_commit(&machine_id)?.map(|(c, _)| c) != Some(commit) {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "NOT_ALLOWED_IN_CURRENT_STATE",
-                    format!("a newer commit for {machine_id:?} arrived meanwhile; retry"),
-                ));
+                return Err(ApiError::conflict(format!(
+                    "a newer commit for {machine_id:?} arrived meanwhile; retry"
+                )));
             }
             if tx.machine_busy(&machine_id)? {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "NOT_ALLOWED_IN_CURRENT_STATE",
-                    format!("machine_id {machine_id:?} has another operation in progress"),
-                ));
+                return Err(ApiError::conflict(format!(
+                    "machine_id {machine_id:?} has another operation in progress"
+                )));
             }
             tx.insert_task(
                 &TaskRow {

@@ -114,6 +114,29 @@ CREATE TABLE IF NOT EXISTS images (
     size        BIGINT NOT NULL,
     created_ms  BIGINT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS pool_images (
+    pool_id           TEXT PRIMARY KEY,
+    operation         TEXT NOT NULL,
+    task_id           TEXT,
+    stage_task_id     TEXT,
+    apply_task_id     TEXT,
+    remove_task_id    TEXT,
+    released          BIGINT NOT NULL DEFAULT 0,
+    request_json      TEXT,
+    start_ms          BIGINT,
+    selective         BIGINT NOT NULL DEFAULT 0,
+    pending_image_id  TEXT,
+    pending_state     TEXT,
+    current_image_id  TEXT,
+    current_state     TEXT
+);
+CREATE TABLE IF NOT EXISTS machine_images (
+    machine_id        TEXT PRIMARY KEY,
+    current_image_id  TEXT,
+    current_state     TEXT,
+    pending_image_id  TEXT,
+    pending_state     TEXT
+);
 CREATE TABLE IF NOT EXISTS settings (
     key    TEXT PRIMARY KEY,
     value  TEXT NOT NULL
@@ -145,6 +168,63 @@ pub struct ImageRow {
     pub sha256: String,
     pub size: u64,
     pub created_ms: i64,
+}
+
+/// A pool's image operation and images (seed 001), one row per pool that ever had one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolImageRow {
+    pub pool_id: String,
+    /// `NONE`, `INITIAL_PUBLISH`, `SCHEDULE_PUSH_IMAGE`, `CANCEL_SCHEDULED_PUSH_IMAGE`,
+    /// `FINAL_UNPUBLISH`.
+    pub operation: String,
+    /// The operator's task of the last operation (a push's apply task, or a removal).
+    pub task_id: Option<String>,
+    pub stage_task_id: Option<String>,
+    pub apply_task_id: Option<String>,
+    pub remove_task_id: Option<String>,
+    /// Whether the apply task may run (its start time came and the image is `READY`).
+    pub released: bool,
+    /// The push request (`proto::api::PushImage` JSON), for reschedule comparisons.
+    pub request_json: Option<String>,
+    pub start_ms: Option<i64>,
+    pub selective: bool,
+    pub pending_image_id: Option<String>,
+    pub pending_state: Option<String>,
+    pub current_image_id: Option<String>,
+    pub current_state: Option<String>,
+}
+
+/// One machine's images as the controller last heard of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MachineImageRow {
+    pub machine_id: String,
+    pub current_image_id: Option<String>,
+    pub current_state: Option<String>,
+    pub pending_image_id: Option<String>,
+    pub pending_state: Option<String>,
+}
+
+const POOL_IMAGE_COLS: &str = "pool_id, operation, task_id, stage_task_id, apply_task_id, \
+    remove_task_id, released, request_json, start_ms, selective, pending_image_id, \
+    pending_state, current_image_id, current_state";
+
+fn pool_image_row(r: &Row<'_>) -> rusqlite::Result<PoolImageRow> {
+    Ok(PoolImageRow {
+        pool_id: r.get(0)?,
+        operation: r.get(1)?,
+        task_id: r.get(2)?,
+        stage_task_id: r.get(3)?,
+        apply_task_id: r.get(4)?,
+        remove_task_id: r.get(5)?,
+        released: r.get::<_, i64>(6)? != 0,
+        request_json: r.get(7)?,
+        start_ms: r.get(8)?,
+        selective: r.get::<_, i64>(9)? != 0,
+        pending_image_id: r.get(10)?,
+        pending_state: r.get(11)?,
+        current_image_id: r.get(12)?,
+        current_state: r.get(13)?,
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -926,7 +1006,9 @@ impl Tx<'_> {
         self.tx
             .query_row(
                 "SELECT EXISTS (SELECT 1 FROM task_machines WHERE machine_id = ?1
-                 AND state IN ('PENDING', 'DISPATCHED', 'RUNNING'))",
+                 AND state IN ('PENDING', 'DISPATCHED', 'RUNNING')
+                 AND task_id NOT IN (SELECT apply_task_id FROM pool_images
+                                     WHERE released = 0 AND apply_task_id IS NOT NULL))",
                 params![machine_id],
                 |r| r.get::<_, i64>(0),
             )
@@ -1007,6 +1089,133 @@ impl Tx<'_> {
             )
             .optional()
             .ctx("reading the staged commit")
+    }
+
+    pub fn pool_image(&mut self, pool_id: &str) -> Result<Option<PoolImageRow>, StoreError> {
+        self.tx
+            .query_row(
+                &format!("SELECT {POOL_IMAGE_COLS} FROM pool_images WHERE pool_id = ?1"),
+                params![pool_id],
+                pool_image_row,
+            )
+            .optional()
+            .ctx("reading a pool's images")
+    }
+
+    /// Pools with an image operation in progress.
+    pub fn busy_pool_images(&mut self) -> Result<Vec<PoolImageRow>, StoreError> {
+        let mut st = self
+            .tx
+            .prepare(&format!(
+                "SELECT {POOL_IMAGE_COLS} FROM pool_images WHERE operation <> 'NONE' ORDER BY pool_id"
+            ))
+            .ctx("listing image operations")?;
+        let rows = st
+            .query_map([], pool_image_row)
+            .ctx("listing image operations")?;
+        rows.collect::<Result<_, _>>()
+            .ctx("listing image operations")
+    }
+
+    pub fn put_pool_image(&mut self, p: &PoolImageRow) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                &format!(
+                    "INSERT INTO pool_images ({POOL_IMAGE_COLS})
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                     ON CONFLICT (pool_id) DO UPDATE SET operation = excluded.operation,
+                     task_id = excluded.task_id, stage_task_id = excluded.stage_task_id,
+                     apply_task_id = excluded.apply_task_id,
+                     remove_task_id = excluded.remove_task_id, released = excluded.released,
+                     request_json = excluded.request_json, start_ms = excluded.start_ms,
+                     selective = excluded.selective,
+                     pending_image_id = excluded.pending_image_id,
+                     pending_state = excluded.pending_state,
+                     current_image_id = excluded.current_image_id,
+                     current_state = excluded.current_state"
+                ),
+                params![
+                    p.pool_id,
+                    p.operation,
+                    p.task_id,
+                    p.stage_task_id,
+                    p.apply_task_id,
+                    p.remove_task_id,
+                    i64::from(p.released),
+                    p.request_json,
+                    p.start_ms,
+                    i64::from(p.selective),
+                    p.pending_image_id,
+                    p.pending_state,
+                    p.current_image_id,
+                    p.current_state
+                ],
+            )
+            .ctx("saving a pool's images")?;
+        Ok(())
+    }
+
+    /// Whether `task_id` is a push's apply task still waiting for its start time.
+    pub fn task_held(&mut self, task_id: &str) -> Result<bool, StoreError> {
+        self.tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM pool_images WHERE apply_task_id = ?1 AND released = 0)",
+                params![task_id],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|v| v != 0)
+            .ctx("checking a held task")
+    }
+
+    pub fn machine_image(&mut self, machine_id: &str) -> Result<MachineImageRow, StoreError> {
+        Ok(self
+            .tx
+            .query_row(
+                "SELECT current_image_id, current_state, pending_image_id, pending_state
+                 FROM machine_images WHERE machine_id = ?1",
+                params![machine_id],
+                |r| {
+                    Ok(MachineImageRow {
+                        machine_id: machine_id.to_string(),
+                        current_image_id: r.get(0)?,
+                        current_state: r.get(1)?,
+                        pending_image_id: r.get(2)?,
+                        pending_state: r.get(3)?,
+                    })
+                },
+            )
+            .optional()
+            .ctx("reading a machine's images")?
+            .unwrap_or_else(|| MachineImageRow {
+                machine_id: machine_id.to_string(),
+                ..MachineImageRow::default()
+            }))
+    }
+
+    pub fn put_machine_image(&mut self, m: &MachineImageRow) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "INSERT INTO machine_images (machine_id, current_image_id, current_state,
+                 pending_image_id, pending_state) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (machine_id) DO UPDATE SET
+                 current_image_id = excluded.current_image_id,
+                 current_state = excluded.current_state,
+                 pending_image_id = excluded.pending_image_id,
+                 pending_state = excluded.pending_state",
+                params![
+                    m.machine_id,
+                    m.current_image_id,
+                    m.current_state,
+                    m.pending_image_id,
+                    m.pending_state
+                ],
+            )
+            .ctx("saving a machine's images")?;
+        Ok(())
+    }
+
+    pub fn image(&mut self, image_id: &str) -> Result<Option<ImageRow>, StoreError> {
+        Ok(self.images()?.into_iter().find(|i| i.image_id == image_id))
     }
 
     /// Tasks that have not reached their end (`finished_ms` unset).

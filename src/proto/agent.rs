@@ -72,6 +72,34 @@ pub struct Assignment {
     /// logoff policy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub power: Option<PowerSpec>,
+    /// What an image assignment (`ImageStage`, `ImageApply`, `ImageRemove`) works on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageAssignment>,
+}
+
+/// The image part of an image assignment (seeds 000 and 001).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageAssignment {
+    pub image_id: String,
+    /// The image's tar.gz, for `ImageStage`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<PayloadRef>,
+    /// Passed to the `fieldhand/activate` hook as environment variables, for `ImageApply`
+    /// (the push's compute profile, `add_virtual_tpm`, the image ids).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// For `ImageRemove`: remove every image (`FINAL_UNPUBLISH`), not just `image_id`
+    /// while it is pending (`CANCEL_SCHEDULED_PUSH_IMAGE`).
+    #[serde(default)]
+    pub remove_all: bool,
+}
+
+/// The machine's current image after an image assignment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageReport {
+    pub current_image_id: Option<String>,
+    /// `READY` or `FAILED` (its health check failed), or none without a current image.
+    pub current_image_state: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,6 +188,12 @@ pub struct Progress {
 pub enum AssignmentKind {
     ScriptExecution,
     SoftwareStage,
+    /// Download and unpack an image into `image_root/<image_id>` (pending image).
+    ImageStage,
+    /// Switch to a staged image, run its hooks around a reboot, commit or roll back.
+    ImageApply,
+    /// Drop a pending image, or every image.
+    ImageRemove,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,6 +249,9 @@ pub struct RunResult {
     /// The commit now staged, for a successful `SoftwareStage`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staged_commit: Option<String>,
+    /// The machine's current image, after an image assignment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageReport>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

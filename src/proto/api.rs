@@ -150,6 +150,52 @@ pub struct PushImage {
     pub compute_profile_num_cores_per_socket: Option<i64>,
     pub compute_profile_ram_mb: Option<i64>,
     pub add_virtual_tpm: Option<bool>,
+    /// fieldhand extension: the limit for staging the image and for each hook run on a
+    /// machine, in seconds (default 3600).
+    pub timeout_seconds: Option<i64>,
+}
+
+/// `GET /v1/pools/{pool_id}/provisioning-status` (seed 001 names and values).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProvisioningStatus {
+    /// `NONE`, `INITIAL_PUBLISH`, `SCHEDULE_PUSH_IMAGE`, `CANCEL_SCHEDULED_PUSH_IMAGE` or
+    /// `FINAL_UNPUBLISH` (`INFRASTRUCTURE_CHANGE` is never produced).
+    pub operation: String,
+    /// `PENDING_PUBLISH`, `PUBLISHING`, `READY`, `FAILED`, or null without a pending image.
+    pub pending_image_state: Option<String>,
+    /// `READY`, `FAILED`, `PENDING_UNPUBLISH`, `UNPUBLISHING`, or null without an image.
+    pub current_image_state: Option<String>,
+    pub pending_image_id: Option<String>,
+    pub current_image_id: Option<String>,
+    /// Percent of the pending image's bytes staged across the targeted machines.
+    pub pending_image_progress: Option<u32>,
+    /// When the scheduled push applies (epoch ms).
+    pub start_time: Option<i64>,
+    /// The task of the current (or last) operation.
+    pub task_id: Option<String>,
+    pub machines: MachineCounts,
+}
+
+/// Machines of the current (or last) operation, by outcome.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineCounts {
+    pub total: u32,
+    pub pending: u32,
+    pub succeeded: u32,
+    pub failed: u32,
+    /// Skipped (stop_on_first_error) or cancelled.
+    pub skipped: u32,
+}
+
+/// A machine's images (seed 001 states), in `GET /v1/machines[/{machine_id}]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineImage {
+    pub current_image_id: Option<String>,
+    pub current_image_state: Option<String>,
+    pub pending_image_id: Option<String>,
+    pub pending_image_state: Option<String>,
+    /// Percent of the pending image staged on this machine, while it is `PUBLISHING`.
+    pub pending_image_progress: Option<u32>,
 }
 
 /// `GET/PUT /v1/settings`: global settings (seed 000 "Global Settings").
@@ -234,4 +280,7 @@ pub struct Machine {
     pub last_seen: String,
     pub agent_version: String,
     pub facts: Option<HostFacts>,
+    /// The machine's images, once it has had any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<MachineImage>,
 }

@@ -19,6 +19,8 @@ pub struct RawAgent {
     pub controller_url: String,
     pub pool_id: String,
     pub state_dir: Option<PathBuf>,
+    /// Where images live (`<image_id>/`, `current`, `previous`); default `state_dir/images`.
+    pub image_root: Option<PathBuf>,
     pub socket_path: Option<PathBuf>,
     /// Group owning the status socket; its members may run `fieldhand status`.
     pub socket_group: Option<String>,

@@ -26,6 +26,12 @@ pub struct StatusReport {
     /// The desired-software commit staged under `state_dir/software/`.
     #[serde(default)]
     pub staged_commit: Option<String>,
+    /// The current and pending image, with their seed 001 states.
+    #[serde(default)]
+    pub image: super::state::ImageRecord,
+    /// Staging progress of the pending image, while it is `PUBLISHING`.
+    #[serde(default)]
+    pub pending_image_progress: Option<super::agent::ComponentProgress>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

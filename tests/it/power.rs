@@ -2,118 +2,13 @@
 //! writing a new boot id into the agent's boot-id file and SIGKILLing the agent (a power
 //! cut); the test then starts the agent again, as the machine's init would.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{machine_of, wait_until, Agent, Client, Controller, Env};
+use crate::support::{machine, machine_of, wait_until, Client, Env, Reboot};
 
 const T: Duration = Duration::from_secs(60);
-
-struct Machine {
-    agent: Agent,
-    boot_file: PathBuf,
-    power_log: PathBuf,
-    utmp: PathBuf,
-    ttys: PathBuf,
-}
-
-/// How the fake reboot command behaves.
-#[derive(Clone, Copy, PartialEq)]
-enum Reboot {
-    /// New boot id, then a power cut.
-    Real,
-    /// A power cut but the same boot id: only the agent restarted.
-    Fake,
-}
-
-fn write_script(path: &Path, body: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
-fn machine(env: &Env, ctl: &Controller, id: &str, pool: &str, reboot: Reboot) -> Machine {
-    let dir = env.path().join("hw").join(id);
-    std::fs::create_dir_all(dir.join("ttys/pts")).unwrap();
-    let boot_file = dir.join("boot_id");
-    std::fs::write(&boot_file, "boot-0\n").unwrap();
-    let power_log = dir.join("power.log");
-    let new_boot = if reboot == Reboot::Real {
-        format!("echo \"boot-$(date +%s%N)\" > {}", boot_file.display())
-    } else {
-        String::new()
-    };
-    let reboot_cmd = dir.join("reboot.sh");
-    write_script(
-        &reboot_cmd,
-        &format!(
-            "echo reboot >> {log}\n{new_boot}\nkill -9 $PPID",
-            log = power_log.display()
-        ),
-    );
-    let stop_cmd = dir.join("poweroff.sh");
-    write_script(&stop_cmd, &format!("echo stop >> {}", power_log.display()));
-    let utmp = dir.join("utmp");
-    let ttys = dir.join("ttys");
-    let extra = format!(
-        "[power]\nreboot_command = [\"{}\"]\nshutdown_command = [\"{}\"]\nboot_id_path = \"{}\"\nreboot_timeout_seconds = 3\n[sessions]\nlogind = false\nutmp_path = \"{}\"\ntty_dir = \"{}\"\n",
-        reboot_cmd.display(),
-        stop_cmd.display(),
-        boot_file.display(),
-        utmp.display(),
-        ttys.display()
-    );
-    let agent = env.agent_with(ctl, id, pool, &extra);
-    Machine {
-        agent,
-        boot_file,
-        power_log,
-        utmp,
-        ttys,
-    }
-}
-
-impl Machine {
-    fn boot_id(&self) -> String {
-        std::fs::read_to_string(&self.boot_file)
-            .unwrap()
-            .trim()
-            .to_string()
-    }
-
-    fn power_log(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.power_log)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
-
-    /// Waits for the power cut the reboot command causes, then boots the agent again.
-    fn survive_reboot(&mut self) {
-        self.agent.wait_exit(T);
-        self.agent.start_again();
-    }
-
-    /// A logged-in user: a live process recorded in utmp on terminal `pts/<n>`.
-    fn login(&self, user: &str, n: u32) -> Child {
-        let child = Command::new("sleep").arg("1000").spawn().unwrap();
-        let line = format!("pts/{n}");
-        std::fs::write(self.ttys.join(&line), b"").unwrap();
-        let rec = fieldhand::sys::sessions::utmp_record(child.id() as i32, &line, user);
-        let mut data = std::fs::read(&self.utmp).unwrap_or_default();
-        data.extend(rec);
-        std::fs::write(&self.utmp, data).unwrap();
-        child
-    }
-
-    fn tty(&self, n: u32) -> String {
-        std::fs::read_to_string(self.ttys.join(format!("pts/{n}"))).unwrap_or_default()
-    }
-}
 
 fn run(op: &Client, pool: &str, body: Value) -> String {
     op.execute(pool, body)

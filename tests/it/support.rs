@@ -514,6 +514,19 @@ impl Agent {
         let _ = std::fs::remove_file(&self.socket);
     }
 
+    /// Whether the agent process has exited on its own (e.g. a simulated power cut).
+    pub fn exited(&mut self) -> bool {
+        let gone = match self.child.as_mut() {
+            Some(c) => c.try_wait().ok().flatten().is_some(),
+            None => true,
+        };
+        if gone {
+            self.child = None;
+            let _ = std::fs::remove_file(&self.socket);
+        }
+        gone
+    }
+
     /// Starts the agent again after it went down.
     pub fn start_again(&mut self) {
         self.launch();
@@ -557,4 +570,121 @@ pub fn read_pid(path: &Path, timeout: Duration) -> i32 {
     wait_until(&format!("pid file {}", path.display()), timeout, || {
         std::fs::read_to_string(path).ok()?.trim().parse().ok()
     })
+}
+
+/// A fake machine for power tests: a reboot command that writes a new boot id (or not) and
+/// cuts the agent's power, a shutdown command that only logs, and utmp sessions.
+pub struct Machine {
+    pub agent: Agent,
+    pub boot_file: PathBuf,
+    pub power_log: PathBuf,
+    pub utmp: PathBuf,
+    pub ttys: PathBuf,
+}
+
+/// How the fake reboot command behaves.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Reboot {
+    /// New boot id, then a power cut.
+    Real,
+    /// A power cut but the same boot id: only the agent restarted.
+    Fake,
+}
+
+pub fn write_script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+pub fn machine(env: &Env, ctl: &Controller, id: &str, pool: &str, reboot: Reboot) -> Machine {
+    machine_with(env, ctl, id, pool, reboot, "")
+}
+
+/// [`machine`] with more agent config (TOML tables after `[power]` and `[sessions]`).
+pub fn machine_with(
+    env: &Env,
+    ctl: &Controller,
+    id: &str,
+    pool: &str,
+    reboot: Reboot,
+    more: &str,
+) -> Machine {
+    let dir = env.path().join("hw").join(id);
+    std::fs::create_dir_all(dir.join("ttys/pts")).unwrap();
+    let boot_file = dir.join("boot_id");
+    std::fs::write(&boot_file, "boot-0\n").unwrap();
+    let power_log = dir.join("power.log");
+    let new_boot = if reboot == Reboot::Real {
+        format!("echo \"boot-$(date +%s%N)\" > {}", boot_file.display())
+    } else {
+        String::new()
+    };
+    let reboot_cmd = dir.join("reboot.sh");
+    write_script(
+        &reboot_cmd,
+        &format!(
+            "echo reboot >> {log}\n{new_boot}\nkill -9 $PPID",
+            log = power_log.display()
+        ),
+    );
+    let stop_cmd = dir.join("poweroff.sh");
+    write_script(&stop_cmd, &format!("echo stop >> {}", power_log.display()));
+    let utmp = dir.join("utmp");
+    let ttys = dir.join("ttys");
+    let extra = format!(
+        "[power]\nreboot_command = [\"{}\"]\nshutdown_command = [\"{}\"]\nboot_id_path = \"{}\"\nreboot_timeout_seconds = 3\n[sessions]\nlogind = false\nutmp_path = \"{}\"\ntty_dir = \"{}\"\n{more}\n",
+        reboot_cmd.display(),
+        stop_cmd.display(),
+        boot_file.display(),
+        utmp.display(),
+        ttys.display()
+    );
+    let agent = env.agent_with(ctl, id, pool, &extra);
+    Machine {
+        agent,
+        boot_file,
+        power_log,
+        utmp,
+        ttys,
+    }
+}
+
+impl Machine {
+    pub fn boot_id(&self) -> String {
+        std::fs::read_to_string(&self.boot_file)
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    pub fn power_log(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.power_log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Waits for the power cut the reboot command causes, then boots the agent again.
+    pub fn survive_reboot(&mut self) {
+        self.agent.wait_exit(Duration::from_secs(60));
+        self.agent.start_again();
+    }
+
+    /// A logged-in user: a live process recorded in utmp on terminal `pts/<n>`.
+    pub fn login(&self, user: &str, n: u32) -> Child {
+        let child = Command::new("sleep").arg("1000").spawn().unwrap();
+        let line = format!("pts/{n}");
+        std::fs::write(self.ttys.join(&line), b"").unwrap();
+        let rec = fieldhand::sys::sessions::utmp_record(child.id() as i32, &line, user);
+        let mut data = std::fs::read(&self.utmp).unwrap_or_default();
+        data.extend(rec);
+        std::fs::write(&self.utmp, data).unwrap();
+        child
+    }
+
+    pub fn tty(&self, n: u32) -> String {
+        std::fs::read_to_string(self.ttys.join(format!("pts/{n}"))).unwrap_or_default()
+    }
 }
