@@ -245,6 +245,22 @@ pub fn render(r: &StatusReport) -> String {
             .map(|c| format!("commit {c}"))
             .unwrap_or_else(|| "none".into()),
     );
+    let img = &r.image;
+    let with_state = |id: &Option<String>, state: &Option<String>| match id {
+        Some(id) => format!("{id} ({})", state.as_deref().unwrap_or("?")),
+        None => "none".into(),
+    };
+    line(
+        &mut out,
+        "current image:",
+        with_state(&img.current_image_id, &img.current_image_state),
+    );
+    let mut pending = with_state(&img.pending_image_id, &img.pending_image_state);
+    if let Some(p) = &r.pending_image_progress {
+        let pct = (p.bytes_done as f64 * 100.0 / p.bytes_total.max(1) as f64).min(100.0);
+        pending.push_str(&format!(", {} {pct:.0}%", p.phase));
+    }
+    line(&mut out, "pending image:", pending);
     line(
         &mut out,
         "undelivered:",
@@ -274,4 +290,49 @@ pub fn render(r: &StatusReport) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::agent::ComponentProgress;
+    use crate::proto::state::ImageRecord;
+
+    #[test]
+    fn render_shows_the_images_and_staging_progress() {
+        let r = StatusReport {
+            machine_id: "m1".into(),
+            pool_id: "p".into(),
+            controller_url: "https://c".into(),
+            connected: true,
+            last_contact: None,
+            running: None,
+            queued: 0,
+            undelivered_events: 0,
+            undelivered_results: 0,
+            recent_results: Vec::new(),
+            staged_commit: None,
+            image: ImageRecord {
+                current_image_id: Some("img-1".into()),
+                current_image_state: Some("READY".into()),
+                pending_image_id: Some("img-2".into()),
+                pending_image_state: Some("PUBLISHING".into()),
+            },
+            pending_image_progress: Some(ComponentProgress {
+                name: "img-2".into(),
+                phase: "DOWNLOADING".into(),
+                bytes_done: 25,
+                bytes_total: 100,
+            }),
+        };
+        let text = render(&r);
+        assert!(
+            text.contains("current image:       img-1 (READY)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pending image:       img-2 (PUBLISHING), DOWNLOADING 25%"),
+            "{text}"
+        );
+    }
 }
