@@ -178,7 +178,7 @@ fn main() {
         use http::Method;
         let t = Duration::from_secs(30);
         let hb = serde_json::json!({"pool_id": "bench", "agent_version": "bench",
-            "facts": fieldhand::sys::facts::gather(dir, "bench")});
+            "facts": fieldhand::sys::facts::gather(dir, "bench", None)});
         client
             .json::<_, ()>(Method::POST, "/agent/v1/heartbeat", Some(&hb), t)
             .await

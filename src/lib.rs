@@ -24,13 +24,15 @@
 //!   of gray batches (`rollout`), the `engine` that advances tasks, the SQLite `store`, the
 //!   blob store (`blobs`), desired software by commit (`software`), images (`images`: the
 //!   registry, push-image with schedule/reschedule/cancel, unpublish, and the provisioning
-//!   status, as three ordinary tasks per push driven by one `pool_images` row), and the
-//!   `quickstart`.
+//!   status, as three ordinary tasks per push driven by one `pool_images` row), desktop
+//!   `rebuild` (seed 003: per-desktop codes, one `image_rebuild` task whose assignments each
+//!   carry their own image payload), and the `quickstart`.
 //! - [`agent`]: `run`: one core task owning the state, the pure state machine
 //!   (`machine::step`; a run's phase is kept as the on-disk `proto::state::PhaseRecord`),
 //!   the durable state file and outbox (`store`), the `executor` (scripts), `stage`
 //!   (software and image staging), `logoff` (logoff policies), `image` (the image layout
-//!   and the steps of an image apply: activate, health check, verify, undo), the `link` to
+//!   and the steps of an image apply: activate, health check, verify, undo; a rebuild's
+//!   fresh slot and its data area moved aside until the commit), the `link` to
 //!   the controller (long poll, heartbeat, events, progress) and the local `status` socket.
 //! - [`daemon`], [`exit`]: logging, shutdown signals and exit codes shared by the binaries.
 //!
@@ -68,6 +70,8 @@
 //!   `current` symlink (temp link + rename); `previous` stays until the health check in a
 //!   new boot passed. Every image step is persisted before it runs; an interrupted
 //!   activation is switched back, never left half-applied.
+//! - A rebuild never reuses a slot and never deletes the old slot or the old data before
+//!   the new image passed its health check; a rollback restores both.
 //! - A push's apply task is held (never dispatched) until its start time has come and its
 //!   image is `READY` on every targeted machine; a pool has one image operation at a time.
 //! - Config is validated before any socket is bound.

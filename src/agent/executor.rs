@@ -45,6 +45,8 @@ pub struct ExecSettings {
     pub state_dir: PathBuf,
     /// Images (`<image_id>/`, `current`, `previous`).
     pub image_root: PathBuf,
+    /// The data area a rebuild keeps or empties.
+    pub data_dir: PathBuf,
     /// For payload downloads.
     pub client: crate::net::client::HttpsClient,
     pub payloads: crate::config::agent::PayloadSettings,

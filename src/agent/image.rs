@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::executor::{self, ExecSettings, Run, CAPTURE_HEAD, CAPTURE_TAIL};
-use crate::proto::agent::{Assignment, ImageReport, RunResult};
+use crate::proto::agent::{Assignment, ImageAssignment, ImageReport, RunResult};
 use crate::sys::process::{Capture, Ending, ScriptSpec};
 use crate::sys::{clock, fsutil};
 
@@ -222,21 +222,37 @@ impl HookRun {
     }
 }
 
+/// The image id a directory under `image_root` holds: a push stages into `<image_id>`, a
+/// rebuild into a fresh slot `<image_id>.<tag>`.
+pub fn image_of(dir: &str) -> String {
+    dir.split('.').next().unwrap_or(dir).to_string()
+}
+
 /// The environment of a hook: the base script environment, the image ids, and the push's
 /// parameters (`FIELDHAND_COMPUTE_PROFILE_*`, `FIELDHAND_ADD_VIRTUAL_TPM`, ...).
-fn hook_env(run: &Run<'_>, image_id: &str) -> Vec<(String, String)> {
+fn hook_env(run: &Run<'_>, dir: &str) -> Vec<(String, String)> {
     let root = &run.s.image_root;
     let mut env = executor::base_env(run.s, run.a);
-    env.push(("FIELDHAND_IMAGE_ID".into(), image_id.into()));
+    env.push(("FIELDHAND_IMAGE_ID".into(), image_of(dir)));
     env.push((
         "FIELDHAND_IMAGE_DIR".into(),
-        image_dir(root, image_id).display().to_string(),
+        image_dir(root, dir).display().to_string(),
     ));
     env.push(("FIELDHAND_IMAGE_ROOT".into(), root.display().to_string()));
+    env.push((
+        "FIELDHAND_DATA_DIR".into(),
+        run.s.data_dir.display().to_string(),
+    ));
     if let Some(prev) = previous(root) {
-        env.push(("FIELDHAND_PREVIOUS_IMAGE_ID".into(), prev));
+        env.push(("FIELDHAND_PREVIOUS_IMAGE_ID".into(), image_of(&prev)));
     }
     if let Some(img) = &run.a.image {
+        if let Some(lang) = &img.language {
+            // Seed 003: the rebuild's language reaches the image as its locale.
+            env.retain(|(k, _)| k != "LANG");
+            env.push(("LANG".into(), lang.clone()));
+            env.push(("FIELDHAND_LANGUAGE".into(), lang.clone()));
+        }
         for (k, v) in &img.env {
             if !env.iter().any(|(e, _)| e == k) {
                 env.push((k.clone(), v.clone()));
@@ -246,14 +262,14 @@ fn hook_env(run: &Run<'_>, image_id: &str) -> Vec<(String, String)> {
     env
 }
 
-async fn run_hook(run: &Run<'_>, image_id: &str, hook_name: &str, timeout: Duration) -> HookRun {
+async fn run_hook(run: &Run<'_>, dir: &str, hook_name: &str, timeout: Duration) -> HookRun {
     let mut out = HookRun {
         ending: None,
         stdout: Capture::new(CAPTURE_HEAD, CAPTURE_TAIL),
         stderr: Capture::new(CAPTURE_HEAD, CAPTURE_TAIL),
         error: None,
     };
-    let Some(path) = hook(&run.s.image_root, image_id, hook_name) else {
+    let Some(path) = hook(&run.s.image_root, dir, hook_name) else {
         return out;
     };
     // Hooks run with /bin/sh unless they are executable (then their #! line decides), so
@@ -268,8 +284,8 @@ async fn run_hook(run: &Run<'_>, image_id: &str, hook_name: &str, timeout: Durat
     let spec = ScriptSpec {
         program,
         args,
-        env: hook_env(run, image_id),
-        cwd: image_dir(&run.s.image_root, image_id),
+        env: hook_env(run, dir),
+        cwd: image_dir(&run.s.image_root, dir),
         timeout,
         kill_grace: run.s.kill_grace,
     };
@@ -284,6 +300,85 @@ async fn run_hook(run: &Run<'_>, image_id: &str, hook_name: &str, timeout: Durat
     out
 }
 
+/// The data area during a rebuild that empties it: the old contents are moved aside (same
+/// filesystem, so one rename each) and deleted only when the new image is committed; a
+/// rollback moves them back. The directory itself (often a mount point) is never removed.
+pub mod data {
+    use std::io;
+    use std::path::{Path, PathBuf};
+
+    use crate::sys::fsutil;
+
+    const ASIDE_PREFIX: &str = ".fieldhand-aside-";
+
+    fn aside(data: &Path, tag: &str) -> PathBuf {
+        data.join(format!("{ASIDE_PREFIX}{tag}"))
+    }
+
+    fn entries(data: &Path) -> io::Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(data)? {
+            let e = e?;
+            if !e.file_name().to_string_lossy().starts_with(ASIDE_PREFIX) {
+                out.push(e.path());
+            }
+        }
+        Ok(out)
+    }
+
+    fn remove(p: &Path) -> io::Result<()> {
+        let res = if std::fs::symlink_metadata(p)?.is_dir() {
+            std::fs::remove_dir_all(p)
+        } else {
+            std::fs::remove_file(p)
+        };
+        match res {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Empties `data` by moving its contents into an aside directory. Idempotent.
+    pub fn move_aside(data: &Path, tag: &str) -> io::Result<()> {
+        fsutil::ensure_dir(data, 0o755)?;
+        let a = aside(data, tag);
+        fsutil::ensure_dir(&a, 0o700)?;
+        for p in entries(data)? {
+            if let Some(name) = p.file_name() {
+                std::fs::rename(&p, a.join(name))?;
+            }
+        }
+        fsutil::fsync_dir(&a)?;
+        fsutil::fsync_dir(data)
+    }
+
+    /// Undoes [`move_aside`]: what the failed attempt wrote goes, the old contents return.
+    pub fn restore(data: &Path, tag: &str) -> io::Result<()> {
+        let a = aside(data, tag);
+        if !a.is_dir() {
+            return Ok(());
+        }
+        for p in entries(data)? {
+            remove(&p)?;
+        }
+        for e in std::fs::read_dir(&a)? {
+            let e = e?;
+            std::fs::rename(e.path(), data.join(e.file_name()))?;
+        }
+        std::fs::remove_dir(&a)?;
+        fsutil::fsync_dir(data)
+    }
+
+    /// The new image is committed: the old contents go for good.
+    pub fn drop_aside(data: &Path, tag: &str) -> io::Result<()> {
+        let a = aside(data, tag);
+        match std::fs::remove_dir_all(&a) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => fsutil::fsync_dir(data),
+        }
+    }
+}
+
 /// One `ImageApply` step (see the module docs). `reboot_after` is set to the step when a
 /// reboot must follow it.
 pub(super) async fn apply(
@@ -293,19 +388,18 @@ pub(super) async fn apply(
     reboot_after: &mut Option<usize>,
 ) -> RunResult {
     let root = run.s.image_root.clone();
-    let image_id = run
-        .a
-        .image
-        .as_ref()
-        .map(|i| i.image_id.clone())
-        .unwrap_or_default();
+    let data_dir = run.s.data_dir.clone();
+    let tag = run.a.assignment_id.clone();
+    let img: ImageAssignment = run.a.image.clone().unwrap_or_default();
+    let image_id = img.image_id.clone();
+    // Where the image lives: its own id for a push, a fresh slot for a rebuild.
+    let dir = img.slot.clone().unwrap_or_else(|| image_id.clone());
     let timeout = Duration::from_secs(run.a.timeout_seconds);
     let mut stdout = Capture::new(CAPTURE_HEAD, CAPTURE_TAIL);
     let mut stderr = Capture::new(CAPTURE_HEAD, CAPTURE_TAIL);
-    let mut notes = String::new();
-    let report = |root: &Path, state: Option<&str>| ImageReport {
-        current_image_id: current(root),
-        current_image_state: current(root).and(state.map(str::to_string)),
+    let report = |root: &Path, state: &str| ImageReport {
+        current_image_id: current(root).map(|c| image_of(&c)),
+        current_image_state: current(root).map(|_| state.to_string()),
     };
     let finish = |ok: bool,
                   code: Option<&str>,
@@ -330,23 +424,55 @@ pub(super) async fn apply(
             format!("cannot {what} under {}: {e}", root.display()),
             &Capture::new(0, 0),
             &Capture::new(0, 0),
-            Some(report(&root, Some("READY"))),
+            Some(report(&root, "READY")),
         )
+    };
+    // Switches away from `dir` (to `previous`, or to nothing) and brings the data back.
+    let switch_back = |root: &Path| -> io::Result<Option<String>> {
+        let back = if current(root).as_deref() == Some(dir.as_str()) {
+            match previous(root) {
+                Some(_) => rollback(root).map(Some)?,
+                None => {
+                    remove_link(root, CURRENT)?;
+                    None
+                }
+            }
+        } else {
+            current(root)
+        };
+        if img.empty_data {
+            data::restore(&data_dir, &tag)?;
+        }
+        Ok(back)
     };
     match step {
         ACTIVATE_STEP => {
-            if !image_dir(&root, &image_id).is_dir() {
+            if let Some(p) = &img.payload {
+                // A rebuild: the system area is extracted afresh into a new slot.
+                if let Err((code, msg)) =
+                    super::stage::stage_image_into(run.s, &dir, p, run.reports, &tag).await
+                {
+                    return finish(false, Some(&code), msg, &stdout, &stderr, None);
+                }
+            }
+            if !image_dir(&root, &dir).is_dir() {
                 let msg = format!(
                     "image {image_id} is not staged under {}; stage it first",
                     root.display()
                 );
                 return finish(false, Some(IMAGE_NOT_STAGED), msg, &stdout, &stderr, None);
             }
-            let had_current = current(&root).is_some_and(|c| c != image_id);
-            if let Err(e) = switch_to(&root, &image_id) {
+            if img.empty_data {
+                if let Err(e) = data::move_aside(&data_dir, &tag) {
+                    let _ = data::restore(&data_dir, &tag);
+                    return io_fail("empty the data area", e);
+                }
+            }
+            if let Err(e) = switch_to(&root, &dir) {
+                let _ = switch_back(&root);
                 return io_fail("switch to the new image", e);
             }
-            let h = run_hook(&run, &image_id, ACTIVATE_HOOK, timeout).await;
+            let h = run_hook(&run, &dir, ACTIVATE_HOOK, timeout).await;
             stdout.append(&h.stdout);
             stderr.append(&h.stderr);
             let what = h.describe(ACTIVATE_HOOK, &image_id);
@@ -356,12 +482,7 @@ pub(super) async fn apply(
                 return finish(true, None, msg, &stdout, &stderr, None);
             }
             // The machine never booted the image: switching back is the whole rollback.
-            let back = if had_current {
-                rollback(&root).map(Some)
-            } else {
-                remove_link(&root, CURRENT).map(|_| None)
-            };
-            if let Err(e) = back {
+            if let Err(e) = switch_back(&root) {
                 return io_fail("switch back after a failed activation", e);
             }
             let msg = format!("{what}; switched back, no reboot was needed");
@@ -371,11 +492,11 @@ pub(super) async fn apply(
                 msg,
                 &stdout,
                 &stderr,
-                Some(report(&root, Some("READY"))),
+                Some(report(&root, "READY")),
             )
         }
         HEALTH_STEP => {
-            if current(&root).as_deref() != Some(image_id.as_str()) {
+            if current(&root).as_deref() != Some(dir.as_str()) {
                 let msg = format!(
                     "after the reboot, current is {:?}, not image {image_id}",
                     current(&root)
@@ -386,15 +507,22 @@ pub(super) async fn apply(
                     msg,
                     &stdout,
                     &stderr,
-                    Some(report(&root, Some("FAILED"))),
+                    Some(report(&root, "FAILED")),
                 );
             }
-            let h = run_hook(&run, &image_id, HEALTH_HOOK, timeout).await;
+            let h = run_hook(&run, &dir, HEALTH_HOOK, timeout).await;
             stdout.append(&h.stdout);
             stderr.append(&h.stderr);
             let what = h.describe(HEALTH_HOOK, &image_id);
             if h.ok() {
-                if let Err(e) = commit(&root) {
+                let committed = commit(&root).and_then(|()| {
+                    if img.empty_data {
+                        data::drop_aside(&data_dir, &tag)
+                    } else {
+                        Ok(())
+                    }
+                });
+                if let Err(e) = committed {
                     return io_fail("commit the new image", e);
                 }
                 let msg = format!("image {image_id} is current and committed ({what})");
@@ -404,18 +532,16 @@ pub(super) async fn apply(
                     msg,
                     &stdout,
                     &stderr,
-                    Some(report(&root, Some("READY"))),
+                    Some(report(&root, "READY")),
                 );
             }
-            let back = match previous(&root) {
-                Some(_) => rollback(&root).map(|p| format!("rolled back to image {p}")),
-                None => remove_link(&root, CURRENT)
-                    .map(|_| "no previous image: the machine has no current image now".into()),
-            };
-            match back {
-                Ok(b) => notes.push_str(&format!("{what}; {b}; rebooting")),
+            let notes = match switch_back(&root) {
+                Ok(Some(p)) => format!("{what}; rolled back to image {}; rebooting", image_of(&p)),
+                Ok(None) => format!(
+                    "{what}; no previous image: the machine has no current image now; rebooting"
+                ),
                 Err(e) => return io_fail("roll back", e),
-            }
+            };
             *reboot_after = Some(HEALTH_STEP);
             finish(
                 false,
@@ -423,7 +549,7 @@ pub(super) async fn apply(
                 notes,
                 &stdout,
                 &stderr,
-                Some(report(&root, Some("READY"))),
+                Some(report(&root, "READY")),
             )
         }
         VERIFY_STEP => {
@@ -433,11 +559,12 @@ pub(super) async fn apply(
                     stdout.append(&h.stdout);
                     stderr.append(&h.stderr);
                     let healthy = h.ok();
-                    let what = h.describe(HEALTH_HOOK, &cur);
+                    let cur_id = image_of(&cur);
+                    let what = h.describe(HEALTH_HOOK, &cur_id);
                     let verdict = if healthy { "healthy" } else { "NOT healthy" };
                     (
                         format!(
-                            "image {image_id} failed its health check and was rolled back; image {cur} is current again and {verdict} ({what})"
+                            "image {image_id} failed its health check and was rolled back; image {cur_id} is current again and {verdict} ({what})"
                         ),
                         if healthy { "READY" } else { "FAILED" },
                     )
@@ -455,25 +582,17 @@ pub(super) async fn apply(
                 msg,
                 &stdout,
                 &stderr,
-                Some(report(&root, Some(state))),
+                Some(report(&root, state)),
             )
         }
         _ => {
             // UNDO_STEP: the agent restarted during activation.
-            let cur = current(&root);
-            if cur.as_deref() == Some(image_id.as_str()) {
-                let back = if previous(&root).is_some() {
-                    rollback(&root).map(|_| ())
-                } else {
-                    remove_link(&root, CURRENT)
-                };
-                if let Err(e) = back {
-                    return io_fail("switch back after an interrupted activation", e);
-                }
+            if let Err(e) = switch_back(&root) {
+                return io_fail("switch back after an interrupted activation", e);
             }
             let msg = format!(
                 "the agent restarted while image {image_id} was being activated; switched back to {:?} and stopped",
-                current(&root)
+                current(&root).map(|c| image_of(&c))
             );
             finish(
                 false,
@@ -481,7 +600,7 @@ pub(super) async fn apply(
                 msg,
                 &stdout,
                 &stderr,
-                Some(report(&root, Some("READY"))),
+                Some(report(&root, "READY")),
             )
         }
     }
@@ -536,7 +655,7 @@ pub(super) fn remove(s: &ExecSettings, a: &Assignment, started_at: String) -> Ru
         error_msg: (!ok).then_some(msg),
         staged_commit: None,
         image: Some(ImageReport {
-            current_image_id: current(root),
+            current_image_id: current(root).map(|c| image_of(&c)),
             current_image_state: current(root).map(|_| "READY".to_string()),
         }),
     }

@@ -171,14 +171,16 @@ pub async fn heartbeat_loop(
     link: Arc<Link>,
     every: Duration,
     state_dir: std::path::PathBuf,
+    gpu: Option<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
         let dir = state_dir.clone();
-        let facts =
-            tokio::task::spawn_blocking(move || crate::sys::facts::gather(&dir, AGENT_VERSION))
-                .await
-                .unwrap_or_default();
+        let facts = tokio::task::spawn_blocking(move || {
+            crate::sys::facts::gather(&dir, AGENT_VERSION, gpu)
+        })
+        .await
+        .unwrap_or_default();
         let hb = Heartbeat {
             pool_id: link.pool_id.clone(),
             agent_version: AGENT_VERSION.into(),

@@ -209,10 +209,21 @@ fn validate_image(a: &Assignment) -> Result<(), String> {
         return Err(format!("{:?} assignment without an image", a.kind));
     };
     crate::pki::validate_name("image_id", &img.image_id).map_err(|e| e.to_string())?;
-    if a.kind == AssignmentKind::ImageStage {
-        let Some(p) = &img.payload else {
-            return Err("image stage assignment without a payload".into());
-        };
+    if a.kind == AssignmentKind::ImageStage && img.payload.is_none() {
+        return Err("image stage assignment without a payload".into());
+    }
+    if let Some(slot) = &img.slot {
+        crate::pki::validate_name("slot", slot).map_err(|e| e.to_string())?;
+        if !slot.starts_with(&format!("{}.", img.image_id)) {
+            return Err(format!(
+                "slot {slot:?} is not a slot of image {}",
+                img.image_id
+            ));
+        }
+    } else if a.kind == AssignmentKind::ImageApply && img.payload.is_some() {
+        return Err("a rebuild (image apply with a payload) needs a fresh slot".into());
+    }
+    if let Some(p) = &img.payload {
         let hex_ok = p.sha256.len() == 64 && p.sha256.bytes().all(|b| b.is_ascii_hexdigit());
         if !hex_ok || p.format != "tar.gz" {
             return Err(format!(
@@ -1450,6 +1461,7 @@ mod tests {
                 payload: None,
                 env: Default::default(),
                 remove_all: false,
+                ..Default::default()
             }),
             ..assignment(id)
         }

@@ -147,7 +147,10 @@ pub async fn run(
     let work = async {
         match (&a.stage, &a.image) {
             (Some(stage), _) => stage_commit(s, stage, &progress).await,
-            (None, Some(img)) => stage_image(s, &img.image_id, &components[0], &progress).await,
+            (None, Some(img)) => {
+                let dir = img.slot.as_deref().unwrap_or(&img.image_id);
+                stage_image(s, dir, &components[0], &progress).await
+            }
             (None, None) => unreachable!("checked above"),
         }
     };
@@ -280,12 +283,37 @@ async fn stage_commit(
     Ok(summary(stage))
 }
 
-/// Downloads and unpacks an image into `image_root/<image_id>` (one rename when complete).
+/// Stages an image into `image_root/<dir>` for a rebuild's first step; errors are
+/// `(error_code, message)`. Progress goes to the core like a stage assignment's.
+pub(super) async fn stage_image_into(
+    s: &ExecSettings,
+    dir: &str,
+    p: &PayloadRef,
+    reports: &mpsc::Sender<ExecReport>,
+    assignment_id: &str,
+) -> Result<String, (String, String)> {
+    let progress = Progress {
+        id: assignment_id.to_string(),
+        table: Arc::new(Mutex::new(vec![ComponentProgress {
+            name: p.name.clone(),
+            phase: "PENDING".into(),
+            bytes_done: 0,
+            bytes_total: p.size,
+        }])),
+        reports: reports.clone(),
+        last: Arc::new(Mutex::new(None)),
+    };
+    stage_image(s, dir, p, &progress)
+        .await
+        .map_err(|f| (f.code, f.msg))
+}
+
+/// Downloads and unpacks an image into `image_root/<dir>` (one rename when complete).
 /// Other images that are neither current, previous nor this one are removed first: an
 /// image left behind by a failed or cancelled push is never needed again.
 async fn stage_image(
     s: &ExecSettings,
-    image_id: &str,
+    dir: &str,
     p: &PayloadRef,
     progress: &Progress,
 ) -> Result<String, Failure> {
@@ -297,9 +325,9 @@ async fn stage_image(
         )
     };
     fsutil::ensure_dir(root, 0o755).map_err(|e| io("create", root, e))?;
-    let dest = super::image::image_dir(root, image_id);
+    let dest = super::image::image_dir(root, dir);
     let summary = format!(
-        "staged image {image_id} ({} bytes) in {}\n",
+        "staged image {dir} ({} bytes) in {}\n",
         p.size,
         dest.display()
     );
@@ -307,7 +335,7 @@ async fn stage_image(
         progress.set(&p.name, "STAGED", p.size, false);
         return Ok(summary);
     }
-    super::image::prune(root, &[image_id]);
+    super::image::prune(root, &[dir]);
     let cache = payload_cache(&s.state_dir);
     cache.ensure().map_err(|e| io("create", &cache.root, e))?;
     let fetch_settings = fetch::FetchSettings {
@@ -334,7 +362,7 @@ async fn stage_image(
     })
     .await
     .map_err(|e| Failure::new(STAGING_IO_ERROR, format!("extraction task failed: {e}")))?
-    .map_err(|e| Failure::new(e.code(), format!("image {image_id}: {e}")))?;
+    .map_err(|e| Failure::new(e.code(), format!("image {dir}: {e}")))?;
     fsutil::fsync_dir(root).map_err(|e| io("sync", root, e))?;
     let _ = std::fs::remove_file(&blob);
     progress.set(&p.name, "STAGED", p.size, true);

@@ -17,6 +17,10 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Images: `<image_id>/`, `current` and `previous` (boot tooling reads these).
     pub image_root: PathBuf,
+    /// The data area: kept or emptied by a rebuild (seed 003).
+    pub data_dir: PathBuf,
+    /// Declared GPU; `None`: detected.
+    pub gpu: Option<bool>,
     pub socket_path: PathBuf,
     pub socket_group: Option<String>,
     pub tls: TlsFiles,
@@ -271,11 +275,29 @@ impl AgentConfig {
             Some(p) => non_empty_path(origin, "image_root", p)?,
             None => state_dir.join("images"),
         };
+        let data_dir = match raw.data_dir {
+            Some(p) => non_empty_path(origin, "data_dir", p)?,
+            None => state_dir.join("data"),
+        };
+        if data_dir == Path::new("/") || image_root == Path::new("/") {
+            return Err(invalid(
+                origin,
+                if data_dir == Path::new("/") {
+                    "data_dir"
+                } else {
+                    "image_root"
+                },
+                "/",
+                "must not be the root directory",
+            ));
+        }
         Ok(AgentConfig {
             controller_url: format!("https://{host}"),
             pool_id: raw.pool_id,
             state_dir,
             image_root,
+            data_dir,
+            gpu: raw.gpu,
             socket_path: non_empty_path(
                 origin,
                 "socket_path",

@@ -25,8 +25,14 @@ fn check_pool(pool_id: &str) -> Result<(), ApiError> {
 }
 
 /// Builds the wire assignment from its rows. `scripts_json` holds the task's frozen payload:
-/// the scripts of a script execution, or the (signed) `StagePayload` of a software stage.
-pub fn assignment_of(row: &TaskMachineRow, task: &TaskRow) -> Result<Assignment, StoreError> {
+/// the scripts of a script execution, the (signed) `StagePayload` of a software stage, or
+/// the `ImageAssignment` of an image task; `own` is a payload of this assignment alone
+/// (a rebuild's machines each get their own image and data rule).
+pub fn assignment_of(
+    row: &TaskMachineRow,
+    task: &TaskRow,
+    own: Option<&str>,
+) -> Result<Assignment, StoreError> {
     let corrupt = |e: serde_json::Error| StoreError::Corrupt {
         what: "task payload",
         value: format!("{}: {e}", task.task_id),
@@ -36,7 +42,8 @@ pub fn assignment_of(row: &TaskMachineRow, task: &TaskRow) -> Result<Assignment,
         let stage: StagePayload = serde_json::from_str(&task.scripts_json).map_err(corrupt)?;
         (AssignmentKind::SoftwareStage, Vec::new(), Some(stage))
     } else if let Some(kind) = crate::controller::images::assignment_kind(&task.kind) {
-        image = Some(serde_json::from_str(&task.scripts_json).map_err(corrupt)?);
+        let json = own.unwrap_or(&task.scripts_json);
+        image = Some(serde_json::from_str(json).map_err(corrupt)?);
         (kind, Vec::new(), None)
     } else {
         let scripts: Vec<ScriptPayload> =
@@ -109,7 +116,8 @@ pub async fn poll(
                 let (rows, cancels) = tx.undelivered_for(&m)?;
                 let mut out = Vec::with_capacity(rows.len());
                 for (row, task) in &rows {
-                    out.push(assignment_of(row, task)?);
+                    let own = tx.assignment_payload(&row.assignment_id)?;
+                    out.push(assignment_of(row, task, own.as_deref())?);
                 }
                 Ok::<_, ApiError>((out, cancels))
             })
@@ -179,7 +187,8 @@ pub async fn get_assignment(
                 what: "assignment without task",
                 value: assignment_id.clone(),
             })?;
-            Ok(assignment_of(&row, &task)?)
+            let own = tx.assignment_payload(&row.assignment_id)?;
+            Ok(assignment_of(&row, &task, own.as_deref())?)
         })
         .await
 }

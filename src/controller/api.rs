@@ -573,6 +573,7 @@ pub async fn get_machine(ctl: &Controller, machine_id: String) -> Result<api::Ma
 async fn machines(ctl: &Controller, only: Option<String>) -> Result<Vec<api::Machine>, ApiError> {
     let offline_ms = ctl.cfg.offline_after.as_millis() as i64;
     let now_ms = clock::unix_ms(clock::now());
+    let polling = ctl.polling();
     let rows = ctl
         .store
         .tx(move |tx| {
@@ -590,7 +591,7 @@ async fn machines(ctl: &Controller, only: Option<String>) -> Result<Vec<api::Mac
     Ok(rows
         .into_iter()
         .map(|(m, image)| api::Machine {
-            online: now_ms - m.last_seen_ms <= offline_ms,
+            online: now_ms - m.last_seen_ms <= offline_ms || polling.contains(&m.machine_id),
             last_seen: ms_text(Some(m.last_seen_ms)).unwrap_or_default(),
             facts: m
                 .facts_json

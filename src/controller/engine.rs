@@ -205,7 +205,15 @@ pub fn apply_event(
     }
     advance(tx, &row.task_id, now_ms, wake)?;
     if let Some(task) = tx.task(&row.task_id)? {
-        super::images::observe(tx, &task, machine_id, Some(&ev.body), now_ms, wake)?;
+        super::images::observe(
+            tx,
+            &task,
+            &row.assignment_id,
+            machine_id,
+            Some(&ev.body),
+            now_ms,
+            wake,
+        )?;
     }
     Ok(Applied::Applied)
 }
@@ -307,7 +315,15 @@ pub fn reap(
         tx.set_final(&row.assignment_id, state, &outcome)?;
         advance(tx, &row.task_id, now_ms, wake)?;
         if let Some(task) = tx.task(&row.task_id)? {
-            super::images::observe(tx, &task, &row.machine_id, None, now_ms, wake)?;
+            super::images::observe(
+                tx,
+                &task,
+                &row.assignment_id,
+                &row.machine_id,
+                None,
+                now_ms,
+                wake,
+            )?;
         }
         reaped += 1;
     }

@@ -32,6 +32,8 @@ use crate::sys::clock;
 pub const STAGE_KIND: &str = "image_stage";
 pub const APPLY_KIND: &str = "image_apply";
 pub const REMOVE_KIND: &str = "image_remove";
+/// A rebuild (seed 003, `controller::rebuild`): an `ImageApply` that stages a fresh slot.
+pub const REBUILD_KIND: &str = "image_rebuild";
 
 pub const NONE: &str = "NONE";
 pub const INITIAL_PUBLISH: &str = "INITIAL_PUBLISH";
@@ -58,7 +60,7 @@ const SIGNATURE_SLACK_SECONDS: i64 = 86_400;
 pub fn assignment_kind(task_kind: &str) -> Option<AssignmentKind> {
     match task_kind {
         STAGE_KIND => Some(AssignmentKind::ImageStage),
-        APPLY_KIND => Some(AssignmentKind::ImageApply),
+        APPLY_KIND | REBUILD_KIND => Some(AssignmentKind::ImageApply),
         REMOVE_KIND => Some(AssignmentKind::ImageRemove),
         _ => None,
     }
@@ -323,7 +325,11 @@ pub fn hook_env(
     env
 }
 
-fn image_payload(ctl: &Controller, image: &ImageRow, timeout: u64) -> Result<PayloadRef, ApiError> {
+pub(super) fn image_payload(
+    ctl: &Controller,
+    image: &ImageRow,
+    timeout: u64,
+) -> Result<PayloadRef, ApiError> {
     let size = ctl.blobs.size(&image.sha256).ok_or_else(|| {
         ApiError::conflict(format!(
             "image {}: its blob {} is no longer stored",
@@ -353,7 +359,7 @@ fn image_payload(ctl: &Controller, image: &ImageRow, timeout: u64) -> Result<Pay
     })
 }
 
-fn new_task(
+pub(super) fn new_task(
     kind: &str,
     pool_id: &str,
     now_ms: i64,
@@ -489,6 +495,7 @@ pub async fn push(
                 payload: Some(payload),
                 env: Default::default(),
                 remove_all: false,
+                ..Default::default()
             };
             let apply_img = ImageAssignment {
                 payload: None,
@@ -617,6 +624,7 @@ pub async fn cancel_push(
                 payload: None,
                 env: Default::default(),
                 remove_all: false,
+                ..Default::default()
             };
             op.remove_task_id = Some(start_removal(tx, &pid, &machines, img, now_ms, &mut wake)?);
             tx.put_pool_image(&op)?;
@@ -662,6 +670,7 @@ pub async fn unpublish(ctl: &Controller, pool_id: String) -> Result<api::TaskCre
                 payload: None,
                 env: Default::default(),
                 remove_all: true,
+                ..Default::default()
             };
             let task_id = start_removal(tx, &pool_id, &machines, img, now_ms, &mut wake)?;
             op.operation = FINAL_UNPUBLISH.into();
@@ -794,6 +803,7 @@ pub fn reconcile(
 pub fn observe(
     tx: &mut Tx<'_>,
     task: &TaskRow,
+    assignment_id: &str,
     machine_id: &str,
     body: Option<&EventBody>,
     now_ms: i64,
@@ -802,7 +812,9 @@ pub fn observe(
     let Some(kind) = assignment_kind(&task.kind) else {
         return Ok(());
     };
-    let img: Option<ImageAssignment> = serde_json::from_str(&task.scripts_json).ok();
+    let own = tx.assignment_payload(assignment_id)?;
+    let img: Option<ImageAssignment> =
+        serde_json::from_str(own.as_deref().unwrap_or(&task.scripts_json)).ok();
     if let (Some(body), Some(img)) = (body, img) {
         let mut m = tx.machine_image(machine_id)?;
         let before = m.clone();
@@ -820,6 +832,9 @@ pub fn observe(
                 }
             }
             (AssignmentKind::ImageApply, EventBody::Result(r)) => {
+                if r.state == "SUCCEEDED" && img.language.is_some() {
+                    m.language = img.language.clone();
+                }
                 if r.state == "SUCCEEDED" && pending_is_this {
                     m.pending_image_id = None;
                     m.pending_state = None;
@@ -950,6 +965,7 @@ pub fn machine_view(
         pending_image_id: m.pending_image_id,
         pending_image_state: m.pending_state,
         pending_image_progress: progress,
+        language: m.language,
     }))
 }
 

@@ -10,6 +10,7 @@ pub mod blobs;
 pub mod engine;
 pub mod images;
 pub mod quickstart;
+pub mod rebuild;
 pub mod rollout;
 pub mod software;
 pub mod store;
@@ -79,6 +80,16 @@ impl Controller {
         w.entry(machine_id.to_string())
             .or_insert_with(|| Arc::new(Notify::new()))
             .clone()
+    }
+
+    /// Machines with a long-poll open right now: online however long ago the poll began. A
+    /// poll holds a clone of its machine's `Notify` for as long as it is open.
+    pub fn polling(&self) -> std::collections::HashSet<String> {
+        let w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        w.iter()
+            .filter(|(_, n)| Arc::strong_count(n) > 1)
+            .map(|(m, _)| m.clone())
+            .collect()
     }
 
     /// Wakes the long-polls of these machines (after the change they need to see committed).
@@ -211,6 +222,9 @@ impl Controller {
             }
             (Role::Operator, &Method::DELETE, ["pools", pool, "image"]) => {
                 ok(&images::unpublish(self, pool.to_string()).await?)
+            }
+            (Role::Operator, &Method::POST, ["desktops", "rebuild"]) => {
+                ok(&rebuild::rebuild(self, api::parse_json(&body)?).await?)
             }
             (Role::Operator, &Method::GET, ["machines", id]) => {
                 ok(&api::get_machine(self, id.to_string()).await?)

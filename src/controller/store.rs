@@ -135,7 +135,12 @@ CREATE TABLE IF NOT EXISTS machine_images (
     current_image_id  TEXT,
     current_state     TEXT,
     pending_image_id  TEXT,
-    pending_state     TEXT
+    pending_state     TEXT,
+    language          TEXT
+);
+CREATE TABLE IF NOT EXISTS assignment_payloads (
+    assignment_id  TEXT PRIMARY KEY,
+    payload_json   TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS settings (
     key    TEXT PRIMARY KEY,
@@ -202,6 +207,8 @@ pub struct MachineImageRow {
     pub current_state: Option<String>,
     pub pending_image_id: Option<String>,
     pub pending_state: Option<String>,
+    /// The language of the last rebuild that set one.
+    pub language: Option<String>,
 }
 
 const POOL_IMAGE_COLS: &str = "pool_id, operation, task_id, stage_task_id, apply_task_id, \
@@ -910,8 +917,9 @@ impl Tx<'_> {
         self.tx
             .query_row(
                 "SELECT EXISTS (SELECT 1 FROM task_machines tm JOIN tasks t ON t.task_id = tm.task_id
+                 LEFT JOIN assignment_payloads ap ON ap.assignment_id = tm.assignment_id
                  WHERE tm.machine_id = ?1 AND tm.state IN ('DISPATCHED', 'RUNNING')
-                 AND instr(t.scripts_json, ?2) > 0)",
+                 AND (instr(t.scripts_json, ?2) > 0 OR instr(COALESCE(ap.payload_json, ''), ?2) > 0))",
                 params![machine_id, needle],
                 |r| r.get::<_, i64>(0),
             )
@@ -1171,7 +1179,7 @@ impl Tx<'_> {
         Ok(self
             .tx
             .query_row(
-                "SELECT current_image_id, current_state, pending_image_id, pending_state
+                "SELECT current_image_id, current_state, pending_image_id, pending_state, language
                  FROM machine_images WHERE machine_id = ?1",
                 params![machine_id],
                 |r| {
@@ -1181,6 +1189,7 @@ impl Tx<'_> {
                         current_state: r.get(1)?,
                         pending_image_id: r.get(2)?,
                         pending_state: r.get(3)?,
+                        language: r.get(4)?,
                     })
                 },
             )
@@ -1196,22 +1205,53 @@ impl Tx<'_> {
         self.tx
             .execute(
                 "INSERT INTO machine_images (machine_id, current_image_id, current_state,
-                 pending_image_id, pending_state) VALUES (?1, ?2, ?3, ?4, ?5)
+                 pending_image_id, pending_state, language) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (machine_id) DO UPDATE SET
                  current_image_id = excluded.current_image_id,
                  current_state = excluded.current_state,
                  pending_image_id = excluded.pending_image_id,
-                 pending_state = excluded.pending_state",
+                 pending_state = excluded.pending_state,
+                 language = excluded.language",
                 params![
                     m.machine_id,
                     m.current_image_id,
                     m.current_state,
                     m.pending_image_id,
-                    m.pending_state
+                    m.pending_state,
+                    m.language
                 ],
             )
             .ctx("saving a machine's images")?;
         Ok(())
+    }
+
+    /// A payload for one assignment, when its task's machines get different ones (rebuild).
+    pub fn put_assignment_payload(
+        &mut self,
+        assignment_id: &str,
+        json: &str,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "INSERT INTO assignment_payloads (assignment_id, payload_json) VALUES (?1, ?2)",
+                params![assignment_id, json],
+            )
+            .ctx("saving an assignment payload")?;
+        Ok(())
+    }
+
+    pub fn assignment_payload(
+        &mut self,
+        assignment_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.tx
+            .query_row(
+                "SELECT payload_json FROM assignment_payloads WHERE assignment_id = ?1",
+                params![assignment_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .ctx("reading an assignment payload")
     }
 
     pub fn image(&mut self, image_id: &str) -> Result<Option<ImageRow>, StoreError> {

@@ -25,6 +25,9 @@ pub struct HostFacts {
     pub disk_free_bytes: u64,
     pub uptime_seconds: u64,
     pub agent_version: String,
+    /// Whether the machine has a GPU (declared in `agent.toml`, or detected on the PCI bus).
+    #[serde(default)]
+    pub gpu: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,8 +80,8 @@ pub struct Assignment {
     pub image: Option<ImageAssignment>,
 }
 
-/// The image part of an image assignment (seeds 000 and 001).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The image part of an image assignment (seeds 000, 001 and 003).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageAssignment {
     pub image_id: String,
     /// The image's tar.gz, for `ImageStage`.
@@ -92,6 +95,17 @@ pub struct ImageAssignment {
     /// while it is pending (`CANCEL_SCHEDULED_PUSH_IMAGE`).
     #[serde(default)]
     pub remove_all: bool,
+    /// For a rebuild (seed 003): the fresh directory under `image_root` the image is
+    /// extracted into (`<image_id>.<tag>`, never used before); `payload` is staged there
+    /// as the first step of the `ImageApply`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    /// For a rebuild: empty the data area (kept aside until the commit).
+    #[serde(default)]
+    pub empty_data: bool,
+    /// For a rebuild: the hooks' `LANG` (`en-US`, `zh-HK`, `zh-CN`, `ja-JP`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
 }
 
 /// The machine's current image after an image assignment.

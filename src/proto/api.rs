@@ -155,6 +155,38 @@ pub struct PushImage {
     pub timeout_seconds: Option<i64>,
 }
 
+/// `POST /v1/desktops/rebuild` (seed 003 "RebuildDesktops").
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebuildDesktops {
+    /// 1 to 20 machine ids.
+    #[serde(default)]
+    pub desktop_ids: Vec<String>,
+    /// Default: each machine's current image (a fresh copy of it).
+    pub image_id: Option<String>,
+    /// `replace` (empty the data area), or absent.
+    pub operate_type: Option<String>,
+    /// `en-US`, `zh-HK`, `zh-CN` or `ja-JP`.
+    pub language: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RebuildResponse {
+    /// The task that follows the started rebuilds (`GET /v1/tasks/{request_id}`).
+    pub request_id: String,
+    pub rebuild_results: Vec<RebuildResult>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildResult {
+    pub desktop_id: String,
+    /// `Success`, `IncorrectDesktopStatus` or `IncompatibleImage`.
+    pub code: String,
+    /// Why, when `code` is not `Success`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
 /// `GET /v1/pools/{pool_id}/provisioning-status` (seed 001 names and values).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProvisioningStatus {
@@ -196,6 +228,9 @@ pub struct MachineImage {
     pub pending_image_state: Option<String>,
     /// Percent of the pending image staged on this machine, while it is `PUBLISHING`.
     pub pending_image_progress: Option<u32>,
+    /// The language of the last rebuild that set one (seed 003).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
 }
 
 /// `GET/PUT /v1/settings`: global settings (seed 000 "Global Settings").

@@ -21,6 +21,10 @@ pub struct RawAgent {
     pub state_dir: Option<PathBuf>,
     /// Where images live (`<image_id>/`, `current`, `previous`); default `state_dir/images`.
     pub image_root: Option<PathBuf>,
+    /// The data area a rebuild keeps or empties (seed 003); default `state_dir/data`.
+    pub data_dir: Option<PathBuf>,
+    /// Whether this machine has a GPU; unset: detected on the PCI bus.
+    pub gpu: Option<bool>,
     pub socket_path: Option<PathBuf>,
     /// Group owning the status socket; its members may run `fieldhand status`.
     pub socket_group: Option<String>,

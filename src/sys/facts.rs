@@ -9,7 +9,8 @@ use crate::proto::agent::HostFacts;
 
 /// Blocking (reads /proc); call it from `spawn_blocking`. Missing facts become empty or
 /// zero rather than failing the heartbeat: liveness matters more than completeness.
-pub fn gather(state_dir: &Path, agent_version: &str) -> HostFacts {
+/// `gpu`: what the machine's config declares; `None` detects it.
+pub fn gather(state_dir: &Path, agent_version: &str, gpu: Option<bool>) -> HostFacts {
     let sys = System::new_with_specifics(
         RefreshKind::nothing()
             .with_cpu(CpuRefreshKind::nothing())
@@ -25,7 +26,30 @@ pub fn gather(state_dir: &Path, agent_version: &str) -> HostFacts {
         disk_free_bytes: disk_free(state_dir).unwrap_or(0),
         uptime_seconds: System::uptime(),
         agent_version: agent_version.to_string(),
+        gpu: gpu.unwrap_or_else(|| has_gpu(Path::new("/sys/bus/pci/devices"))),
     }
+}
+
+/// PCI vendors whose display controllers are GPUs (NVIDIA, AMD, Intel discrete cards are
+/// class 0x0302); an emulated VGA adapter (e.g. QEMU's, vendor 0x1234) is not a GPU.
+const GPU_VENDORS: [&str; 2] = ["0x10de", "0x1002"];
+
+/// Whether a PCI device under `pci` (sysfs layout) is a GPU: a 3D controller (class
+/// 0x0302), or a display controller (0x03xx) from a GPU vendor.
+pub fn has_gpu(pci: &Path) -> bool {
+    let Ok(rd) = std::fs::read_dir(pci) else {
+        return false;
+    };
+    rd.flatten().any(|dev| {
+        let read = |f: &str| {
+            std::fs::read_to_string(dev.path().join(f))
+                .map(|s| s.trim().to_ascii_lowercase())
+                .unwrap_or_default()
+        };
+        let class = read("class");
+        class.starts_with("0x0302")
+            || (class.starts_with("0x03") && GPU_VENDORS.contains(&read("vendor").as_str()))
+    })
 }
 
 /// Free bytes available to unprivileged writers on the filesystem holding `path`.
@@ -47,7 +71,7 @@ mod tests {
     #[test]
     fn facts_describe_this_host() {
         let dir = tempfile::tempdir().unwrap();
-        let f = gather(dir.path(), "9.9.9");
+        let f = gather(dir.path(), "9.9.9", None);
         // sysinfo counts online CPUs; the scheduler may allow us fewer, never more.
         let usable = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -59,5 +83,24 @@ mod tests {
         assert_eq!(f.agent_version, "9.9.9");
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
         assert_eq!(f.kernel, kernel.trim());
+    }
+
+    #[test]
+    fn gpus_are_found_by_pci_class_and_vendor() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = |name: &str, class: &str, vendor: &str| {
+            let d = dir.path().join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("class"), format!("{class}\n")).unwrap();
+            std::fs::write(d.join("vendor"), format!("{vendor}\n")).unwrap();
+        };
+        dev("0000:00:02.0", "0x030000", "0x1234"); // emulated VGA
+        dev("0000:00:03.0", "0x020000", "0x10de"); // an NVIDIA NIC is not a GPU
+        assert!(!has_gpu(dir.path()));
+        dev("0000:01:00.0", "0x030000", "0x10de");
+        assert!(has_gpu(dir.path()));
+        assert!(!has_gpu(&dir.path().join("missing")));
+        let f = gather(dir.path(), "9.9.9", Some(true));
+        assert!(f.gpu, "the declaration wins");
     }
 }

@@ -18,7 +18,7 @@ fn image_targz(name: &str, log: &std::path::Path, health_exit: i32, padding: usi
     let enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     let mut b = tar::Builder::new(enc);
     let activate = format!(
-        "#!/bin/sh\necho \"$FIELDHAND_MACHINE_ID activate {name}\" >> {log}\nenv | grep ^FIELDHAND_ | sort > \"$FIELDHAND_IMAGE_ROOT/../activate-{name}.env\"\necho activated {name}\n",
+        "#!/bin/sh\necho \"$FIELDHAND_MACHINE_ID activate {name}\" >> {log}\nenv | grep ^FIELDHAND_ | sort > \"$FIELDHAND_IMAGE_ROOT/../activate-{name}.env\"\necho \"LANG=$LANG\" >> \"$FIELDHAND_IMAGE_ROOT/../activate-{name}.env\"\nif [ -d \"$FIELDHAND_DATA_DIR\" ]; then touch \"$FIELDHAND_DATA_DIR/written-by-{name}\"; fi\necho activated {name}\n",
         log = log.display()
     );
     let health = format!(
@@ -53,31 +53,44 @@ fn image_targz(name: &str, log: &std::path::Path, health_exit: i32, padding: usi
     b.into_inner().unwrap().finish().unwrap()
 }
 
-struct Fleet {
+/// Registered test images whose hooks log to one file.
+pub struct Fleet {
     log: PathBuf,
 }
 
 impl Fleet {
-    fn new(env: &Env) -> Fleet {
+    pub fn new(env: &Env) -> Fleet {
         Fleet {
             log: env.path().join("hooks.log"),
         }
     }
 
-    /// Uploads and registers an image; returns its id.
-    fn image(&self, op: &Client, name: &str, healthy: bool, padding: usize) -> String {
+    /// Uploads and registers a linux, non-GPU image; returns its id.
+    pub fn image(&self, op: &Client, name: &str, healthy: bool, padding: usize) -> String {
+        self.image_as(op, name, healthy, padding, "linux", false)
+    }
+
+    pub fn image_as(
+        &self,
+        op: &Client,
+        name: &str,
+        healthy: bool,
+        padding: usize,
+        os_type: &str,
+        gpu: bool,
+    ) -> String {
         let data = image_targz(name, &self.log, if healthy { 0 } else { 1 }, padding);
         let sha = op.upload(&data);
         let (s, v) = op.post(
             "/v1/images",
-            json!({"name": name, "version": "1", "os_type": "linux", "gpu": false, "sha256": sha}),
+            json!({"name": name, "version": "1", "os_type": os_type, "gpu": gpu, "sha256": sha}),
         );
         assert_eq!(s, 200, "{v}");
         v["image_id"].as_str().unwrap().to_string()
     }
 
     /// Hook runs so far, as `<machine> <hook> <image name>` lines.
-    fn hooks(&self) -> Vec<String> {
+    pub fn hooks(&self) -> Vec<String> {
         std::fs::read_to_string(&self.log)
             .unwrap_or_default()
             .lines()
@@ -85,7 +98,7 @@ impl Fleet {
             .collect()
     }
 
-    fn hooks_of(&self, m: &str) -> Vec<String> {
+    pub fn hooks_of(&self, m: &str) -> Vec<String> {
         self.hooks()
             .into_iter()
             .filter(|l| l.starts_with(&format!("{m} ")))
@@ -93,7 +106,7 @@ impl Fleet {
     }
 }
 
-fn push(op: &Client, pool: &str, body: Value) -> String {
+pub fn push(op: &Client, pool: &str, body: Value) -> String {
     let (s, v) = op.post(&format!("/v1/pools/{pool}/push-image"), body);
     assert_eq!(s, 200, "push refused: {v}");
     v["task_id"].as_str().unwrap().to_string()
@@ -105,24 +118,24 @@ fn status(op: &Client, pool: &str) -> Value {
     v
 }
 
-fn machine_image(op: &Client, id: &str) -> Value {
+pub fn machine_image(op: &Client, id: &str) -> Value {
     let (s, v) = op.get(&format!("/v1/machines/{id}"));
     assert_eq!(s, 200, "{v}");
     v["image"].clone()
 }
 
-fn image_root(m: &Machine) -> PathBuf {
+pub fn image_root(m: &Machine) -> PathBuf {
     m.agent.dir.join("state/images")
 }
 
-fn current_link(m: &Machine) -> Option<String> {
+pub fn current_link(m: &Machine) -> Option<String> {
     std::fs::read_link(image_root(m).join("current"))
         .ok()
         .map(|p| p.to_string_lossy().into_owned())
 }
 
 /// Restarts every agent that went down (a fake reboot cuts its power) until `done`.
-fn pump<T>(ms: &mut [&mut Machine], what: &str, mut done: impl FnMut() -> Option<T>) -> T {
+pub fn pump<T>(ms: &mut [&mut Machine], what: &str, mut done: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
         for m in ms.iter_mut() {
@@ -139,7 +152,7 @@ fn pump<T>(ms: &mut [&mut Machine], what: &str, mut done: impl FnMut() -> Option
 }
 
 /// Waits for the pool's operation to return to `NONE`, rebooting agents on the way.
-fn settle(op: &Client, pool: &str, ms: &mut [&mut Machine]) -> Value {
+pub fn settle(op: &Client, pool: &str, ms: &mut [&mut Machine]) -> Value {
     pump(ms, "the pool's operation to end", || {
         let s = status(op, pool);
         (s["operation"] == "NONE").then_some(s)

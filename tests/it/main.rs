@@ -7,6 +7,7 @@ mod durability;
 mod images;
 mod latency;
 mod power;
+mod rebuild;
 mod security;
 mod staging;
 mod support;

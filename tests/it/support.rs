@@ -455,10 +455,25 @@ impl Agent {
         let config = dir.join("agent.toml");
         let pki = &env.pki;
         let socket = dir.join("agent.sock");
+        // Top-level keys at the head of `extra` must come before the first table.
+        let split = extra
+            .lines()
+            .position(|l| l.trim_start().starts_with('['))
+            .unwrap_or(extra.lines().count());
+        let top: String = extra
+            .lines()
+            .take(split)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let extra: String = extra
+            .lines()
+            .skip(split)
+            .map(|l| format!("{l}\n"))
+            .collect();
         std::fs::write(
             &config,
             format!(
-                "controller_url = \"{url}\"\npool_id = \"{pool}\"\nstate_dir = \"{}\"\nsocket_path = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[exec]\nkill_grace_seconds = 1\n[connection]\nretry_initial_ms = 100\nretry_max_ms = 500\n{extra}\n",
+                "controller_url = \"{url}\"\npool_id = \"{pool}\"\nstate_dir = \"{}\"\nsocket_path = \"{}\"\n{top}[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[exec]\nkill_grace_seconds = 1\n[connection]\nretry_initial_ms = 100\nretry_max_ms = 500\n{extra}\n",
                 dir.join("state").display(),
                 socket.display(),
                 pki.join("ca.pem").display(),
@@ -601,7 +616,7 @@ pub fn machine(env: &Env, ctl: &Controller, id: &str, pool: &str, reboot: Reboot
     machine_with(env, ctl, id, pool, reboot, "")
 }
 
-/// [`machine`] with more agent config (TOML tables after `[power]` and `[sessions]`).
+/// [`machine`] with more agent config: top-level keys first, then tables.
 pub fn machine_with(
     env: &Env,
     ctl: &Controller,
@@ -633,7 +648,7 @@ pub fn machine_with(
     let utmp = dir.join("utmp");
     let ttys = dir.join("ttys");
     let extra = format!(
-        "[power]\nreboot_command = [\"{}\"]\nshutdown_command = [\"{}\"]\nboot_id_path = \"{}\"\nreboot_timeout_seconds = 3\n[sessions]\nlogind = false\nutmp_path = \"{}\"\ntty_dir = \"{}\"\n{more}\n",
+        "{more}\n[power]\nreboot_command = [\"{}\"]\nshutdown_command = [\"{}\"]\nboot_id_path = \"{}\"\nreboot_timeout_seconds = 3\n[sessions]\nlogind = false\nutmp_path = \"{}\"\ntty_dir = \"{}\"\n",
         reboot_cmd.display(),
         stop_cmd.display(),
         boot_file.display(),

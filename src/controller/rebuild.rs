@@ -1,0 +1,351 @@
+//! Rebuilding desktops onto an image (seed 003, "RebuildDesktops"): the request is checked as
+//! a whole (a 4xx touches no machine), then each desktop gets its own result code, and the
+//! desktops that can start get one `image_rebuild` task. On each machine a rebuild is an
+//! `ImageApply` that first extracts the image into a fresh slot, so it reuses the image
+//! lifecycle (logoff, switch-in, reboot, health check, rollback) of `images`.
+
+use super::api::ApiError;
+use super::engine;
+use super::images::{self, REBUILD_KIND};
+use super::rollout::TaskState;
+use super::store::{MachineRow, Tx};
+use super::Controller;
+use crate::proto::agent::{HostFacts, ImageAssignment, PowerSpec};
+use crate::proto::api;
+use crate::sys::clock;
+
+/// Seed 003: "You can specify 1 to 20 IDs".
+pub const MAX_DESKTOPS: usize = 20;
+pub const LANGUAGES: [&str; 4] = ["en-US", "zh-HK", "zh-CN", "ja-JP"];
+const TIMEOUT_SECONDS: u64 = 3600;
+
+pub const SUCCESS: &str = "Success";
+pub const INCORRECT_DESKTOP_STATUS: &str = "IncorrectDesktopStatus";
+pub const INCOMPATIBLE_IMAGE: &str = "IncompatibleImage";
+
+/// A valid request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildSpec {
+    pub desktop_ids: Vec<String>,
+    pub image_id: Option<String>,
+    pub replace: bool,
+    pub language: Option<String>,
+}
+
+/// The request-wide rules; a broken one is a 400 naming the field and value.
+pub fn validate(req: &api::RebuildDesktops) -> Result<RebuildSpec, ApiError> {
+    let ids = &req.desktop_ids;
+    if ids.is_empty() || ids.len() > MAX_DESKTOPS {
+        return Err(ApiError::invalid(format!(
+            "desktop_ids has {} ids; give 1 to {MAX_DESKTOPS}",
+            ids.len()
+        )));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        crate::pki::validate_name("desktop_ids", id)
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
+        if ids[..i].contains(id) {
+            return Err(ApiError::invalid(format!("desktop_ids lists {id:?} twice")));
+        }
+    }
+    let replace = match req.operate_type.as_deref() {
+        None => false,
+        Some("replace") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "operate_type {other:?} must be \"replace\" or absent"
+            )))
+        }
+    };
+    if let Some(l) = &req.language {
+        if !LANGUAGES.contains(&l.as_str()) {
+            return Err(ApiError::invalid(format!(
+                "language {l:?} must be one of {}",
+                LANGUAGES.join(", ")
+            )));
+        }
+    }
+    if let Some(id) = &req.image_id {
+        crate::pki::validate_name("image_id", id).map_err(|e| ApiError::invalid(e.to_string()))?;
+    }
+    Ok(RebuildSpec {
+        desktop_ids: ids.clone(),
+        image_id: req.image_id.clone(),
+        replace,
+        language: req.language.clone(),
+    })
+}
+
+/// Whether the data area is emptied (seed 003, `OperateType`): always for `replace`; without
+/// it, when the operating system changes. With no known current image there is no OS change
+/// to speak of, and the data area is kept.
+pub fn empties_data(replace: bool, old_os: Option<&str>, new_os: &str) -> bool {
+    replace || old_os.is_some_and(|o| o != new_os)
+}
+
+fn result(desktop_id: &str, code: &str, message: Option<String>) -> api::RebuildResult {
+    api::RebuildResult {
+        desktop_id: desktop_id.to_string(),
+        code: code.to_string(),
+        message,
+    }
+}
+
+/// Decides one desktop: `Ok((image_id, empty_data))` to start it, or its result code.
+fn check(
+    tx: &mut Tx<'_>,
+    spec: &RebuildSpec,
+    machine: Option<&MachineRow>,
+    id: &str,
+    online: bool,
+) -> Result<Result<(String, bool), api::RebuildResult>, ApiError> {
+    let status = |msg: String| Ok(Err(result(id, INCORRECT_DESKTOP_STATUS, Some(msg))));
+    let Some(m) = machine else {
+        return status(format!(
+            "desktop {id:?} is unknown: no such machine has ever connected"
+        ));
+    };
+    if !online {
+        return status(format!(
+            "desktop {id:?} is offline (last seen {})",
+            clock::from_unix_ms(m.last_seen_ms)
+                .map(clock::rfc3339)
+                .unwrap_or_default()
+        ));
+    }
+    let pool_op = tx
+        .pool_image(&m.pool_id)?
+        .map(|p| p.operation)
+        .filter(|o| o != images::NONE);
+    if let Some(op) = pool_op {
+        return status(format!(
+            "desktop {id:?}: its pool {:?} has image operation {op} in progress",
+            m.pool_id
+        ));
+    }
+    if tx.machine_busy(id)? {
+        return status(format!("desktop {id:?} has another operation in progress"));
+    }
+    let current = tx.machine_image(id)?.current_image_id;
+    let Some(image_id) = spec.image_id.clone().or(current.clone()) else {
+        return status(format!(
+            "desktop {id:?} has no current image to re-initialize onto; give image_id"
+        ));
+    };
+    let Some(image) = tx.image(&image_id)? else {
+        return status(format!(
+            "desktop {id:?}: its image {image_id} is no longer registered"
+        ));
+    };
+    let gpu = m
+        .facts_json
+        .as_deref()
+        .and_then(|j| serde_json::from_str::<HostFacts>(j).ok())
+        .is_some_and(|f| f.gpu);
+    if image.gpu != gpu {
+        let (img, mach) = (
+            if image.gpu {
+                "a GPU image"
+            } else {
+                "a non-GPU image"
+            },
+            if gpu { "has a GPU" } else { "has no GPU" },
+        );
+        return Ok(Err(result(
+            id,
+            INCOMPATIBLE_IMAGE,
+            Some(format!(
+                "image {image_id} is {img} and desktop {id:?} {mach}; GPU and non-GPU images cannot be swapped"
+            )),
+        )));
+    }
+    let old_os = match &current {
+        Some(c) => tx.image(c)?.map(|i| i.os_type),
+        None => None,
+    };
+    Ok(Ok((
+        image_id,
+        empties_data(spec.replace, old_os.as_deref(), &image.os_type),
+    )))
+}
+
+/// `POST /v1/desktops/rebuild`.
+pub async fn rebuild(
+    ctl: &Controller,
+    req: api::RebuildDesktops,
+) -> Result<api::RebuildResponse, ApiError> {
+    let spec = validate(&req)?;
+    if let Some(id) = &spec.image_id {
+        let iid = id.clone();
+        if ctl.store.tx(move |tx| tx.image(&iid)).await?.is_none() {
+            return Err(ApiError::invalid(format!(
+                "image_id {id:?}: no such image (see GET /v1/images)"
+            )));
+        }
+    }
+    // Payloads are signed outside the transaction; every registered image may be needed.
+    let all_images = ctl.store.tx(|tx| tx.images()).await?;
+    let mut payloads = std::collections::HashMap::new();
+    for image in &all_images {
+        if let Ok(p) = images::image_payload(ctl, image, TIMEOUT_SECONDS) {
+            payloads.insert(image.image_id.clone(), p);
+        }
+    }
+    let now_ms = clock::unix_ms(clock::now());
+    let offline_ms = ctl.cfg.offline_after.as_millis() as i64;
+    let polling = ctl.polling();
+    let (resp, wake) = ctl
+        .store
+        .tx(move |tx| {
+            let machines = tx.machines()?;
+            let mut results = Vec::new();
+            let mut starts = Vec::new();
+            for id in &spec.desktop_ids {
+                let m = machines.iter().find(|m| &m.machine_id == id);
+                let online = m.is_some_and(|m| {
+                    now_ms - m.last_seen_ms <= offline_ms || polling.contains(&m.machine_id)
+                });
+                match check(tx, &spec, m, id, online)? {
+                    Err(r) => results.push(r),
+                    Ok((image_id, empty)) => match payloads.get(&image_id) {
+                        Some(p) => {
+                            let pool = m.map(|m| m.pool_id.clone()).unwrap_or_default();
+                            starts.push((id.clone(), pool, image_id, p.clone(), empty));
+                            results.push(result(id, SUCCESS, None));
+                        }
+                        None => results.push(result(
+                            id,
+                            INCORRECT_DESKTOP_STATUS,
+                            Some(format!("image {image_id}: its blob is no longer stored")),
+                        )),
+                    },
+                }
+            }
+            let mut pools: Vec<&str> = starts.iter().map(|s| s.1.as_str()).collect();
+            pools.sort_unstable();
+            pools.dedup();
+            let pool = if pools.len() == 1 { pools[0] } else { "" };
+            let power = PowerSpec {
+                pre_start: Some("logoff".into()),
+                post_finish: Some("reboot".into()),
+                // Seed 003: a rebuild erases the system disk, so users are logged off after
+                // the global grace period (and warned), never waited for.
+                logoff_policy: "FORCE_LOGOFF".into(),
+                logoff_timeout_seconds: super::api::DEFAULT_LOGOFF_TIMEOUT_SECONDS as u64,
+                force_logoff_grace_seconds: super::api::force_logoff_grace(tx)? as u64,
+            };
+            let task = images::new_task(
+                REBUILD_KIND,
+                pool,
+                now_ms,
+                TIMEOUT_SECONDS,
+                &ImageAssignment::default(),
+                Some(&power),
+                None,
+            )?;
+            let rows: Vec<(String, String, u32)> = starts
+                .iter()
+                .map(|s| (s.0.clone(), uuid::Uuid::new_v4().to_string(), 0))
+                .collect();
+            tx.insert_task(&task, &rows)?;
+            for ((machine, _, image_id, payload, empty), (_, assignment_id, _)) in
+                starts.into_iter().zip(&rows)
+            {
+                let img = ImageAssignment {
+                    // A slot never used before: the image id and this assignment.
+                    slot: Some(format!("{image_id}.{}", &assignment_id[..8])),
+                    image_id,
+                    payload: Some(payload),
+                    empty_data: empty,
+                    language: spec.language.clone(),
+                    env: [(
+                        "FIELDHAND_OPERATE_TYPE".to_string(),
+                        if spec.replace { "replace" } else { "" }.to_string(),
+                    )]
+                    .into_iter()
+                    .filter(|(_, v)| !v.is_empty())
+                    .collect(),
+                    remove_all: false,
+                };
+                let json = serde_json::to_string(&img).map_err(ApiError::internal)?;
+                tx.put_assignment_payload(assignment_id, &json)?;
+                tracing::info!(task_id = %task.task_id, machine_id = %machine, image_id = %img.image_id, empty_data = empty, "rebuild started");
+            }
+            let mut wake = Vec::new();
+            if rows.is_empty() {
+                // Nothing started: the request is over at once.
+                tx.set_task_state(&task.task_id, TaskState::Failed, Some(now_ms))?;
+            } else {
+                engine::advance(tx, &task.task_id, now_ms, &mut wake)?;
+            }
+            Ok::<_, ApiError>((
+                api::RebuildResponse {
+                    request_id: task.task_id,
+                    rebuild_results: results,
+                },
+                wake,
+            ))
+        })
+        .await?;
+    ctl.wake(&wake);
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(ids: &[&str]) -> api::RebuildDesktops {
+        api::RebuildDesktops {
+            desktop_ids: ids.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn request_rules_name_the_field() {
+        let msg = |r: api::RebuildDesktops| validate(&r).unwrap_err().msg;
+        assert!(msg(req(&[])).contains("desktop_ids has 0"));
+        let many: Vec<String> = (0..21).map(|i| format!("m{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(msg(req(&many)).contains("desktop_ids has 21"));
+        assert!(validate(&req(&many[..20])).is_ok(), "20 is allowed");
+        assert!(msg(req(&["m1", "m1"])).contains("twice"));
+        assert!(msg(req(&["../x"])).contains("desktop_ids"));
+        let m = msg(api::RebuildDesktops {
+            operate_type: Some("keep".into()),
+            ..req(&["m1"])
+        });
+        assert!(m.contains("operate_type") && m.contains("keep"), "{m}");
+        let m = msg(api::RebuildDesktops {
+            language: Some("fr-FR".into()),
+            ..req(&["m1"])
+        });
+        assert!(m.contains("language") && m.contains("fr-FR"), "{m}");
+        let ok = validate(&api::RebuildDesktops {
+            operate_type: Some("replace".into()),
+            language: Some("ja-JP".into()),
+            ..req(&["m1"])
+        })
+        .unwrap();
+        assert!(ok.replace);
+    }
+
+    #[test]
+    fn data_area_rules_follow_the_seed() {
+        assert!(
+            !empties_data(false, Some("linux"), "linux"),
+            "same OS: kept"
+        );
+        assert!(
+            empties_data(false, Some("windows"), "linux"),
+            "OS changes: erased"
+        );
+        assert!(
+            empties_data(true, Some("linux"), "linux"),
+            "replace: replaced"
+        );
+        assert!(empties_data(true, None, "linux"));
+        assert!(!empties_data(false, None, "linux"), "no known OS: kept");
+    }
+}
