@@ -139,6 +139,17 @@ pub async fn run(
             super::image::apply(run, from, started_at, &mut reboot_after).await
         }
         AssignmentKind::ImageRemove => super::image::remove(&settings, &a, started_at),
+        // Refused by `machine::validate` before it could be queued.
+        AssignmentKind::Unknown => RunResult {
+            error_code: Some(super::machine::INVALID_ASSIGNMENT.into()),
+            error_msg: Some("unknown assignment kind".into()),
+            ..captured(
+                "FAILED",
+                &started_at,
+                &Capture::new(0, 0),
+                &Capture::new(0, 0),
+            )
+        },
     };
     if let Err(e) = std::fs::remove_dir_all(&dir) {
         if e.kind() != std::io::ErrorKind::NotFound {

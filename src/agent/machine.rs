@@ -179,6 +179,12 @@ pub fn validate(a: &Assignment) -> Result<(), String> {
             return validate_image(a)
         }
         AssignmentKind::ScriptExecution => {}
+        AssignmentKind::Unknown => {
+            return Err(
+                "unknown assignment kind: this agent is older than the controller; upgrade it"
+                    .into(),
+            )
+        }
     }
     if a.scripts.is_empty() {
         return Err("assignment has no scripts".into());
@@ -1603,5 +1609,28 @@ mod tests {
         assert!(fx
             .iter()
             .any(|e| matches!(e, Effect::Resume { from: 1, .. })));
+    }
+
+    #[test]
+    fn an_unknown_kind_from_a_newer_controller_is_refused_not_fatal() {
+        let mut wire = serde_json::to_value(assignment("u1")).unwrap();
+        wire["kind"] = "quantum_teleport".into();
+        wire["some_new_field"] = 1.into();
+        let a: Assignment = serde_json::from_value(wire).expect("still parses");
+        assert_eq!(a.kind, AssignmentKind::Unknown);
+        let (s, fx) = step(booted(), Event::Offered(vec![a]), now());
+        assert!(s.running.is_none() && s.queue.is_empty());
+        let code = fx.iter().find_map(|e| match e {
+            Effect::Emit(ev) => match &ev.body {
+                EventBody::Result(r) => r.error_code.clone(),
+                _ => None,
+            },
+            _ => None,
+        });
+        assert_eq!(code.as_deref(), Some(INVALID_ASSIGNMENT));
+        assert!(
+            fx.iter().any(|e| matches!(e, Effect::Ack { .. })),
+            "acknowledged"
+        );
     }
 }

@@ -294,6 +294,7 @@ impl Core {
             AssignmentKind::ImageApply => "image step",
             AssignmentKind::ImageRemove => "image removal",
             AssignmentKind::ScriptExecution => "scripts",
+            AssignmentKind::Unknown => "unknown",
         };
         tracing::info!(task_id = %a.task_id, assignment_id = %a.assignment_id, phase, scripts = a.scripts.len(), from, "starting assignment");
         let (tx, rx) = watch::channel(false);

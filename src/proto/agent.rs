@@ -208,6 +208,10 @@ pub enum AssignmentKind {
     ImageApply,
     /// Drop a pending image, or every image.
     ImageRemove,
+    /// A kind this agent does not know (sent by a newer controller): refused with
+    /// `INVALID_ASSIGNMENT` instead of failing the whole poll. Never sent.
+    #[serde(other)]
+    Unknown,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

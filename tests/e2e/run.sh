@@ -123,6 +123,55 @@ api() {  # api METHOD PATH [JSON]
 }
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1]))" "$1"; }
 
+# An image push (used by both variants): staged, switched in by its activate hook in boot
+# $1, a real reboot, the health check in the new boot, committed.
+image_push_check() {
+    local prev=$1 img_dir="$RUN/image" image_id sha task t
+    mkdir -p "$img_dir/fieldhand" "$img_dir/etc"
+    echo e2e-image > "$img_dir/etc/image-name"
+    cat > "$img_dir/fieldhand/activate" <<'HOOK'
+#!/bin/sh
+cat /proc/sys/kernel/random/boot_id > "$FIELDHAND_IMAGE_DIR/activated-in"
+env | grep '^FIELDHAND_' | sort > "$FIELDHAND_IMAGE_DIR/activate.env"
+HOOK
+    cat > "$img_dir/fieldhand/health-check" <<'HOOK'
+#!/bin/sh
+# Healthy only in a boot other than the one that activated the image.
+now=$(cat /proc/sys/kernel/random/boot_id)
+[ "$now" != "$(cat "$FIELDHAND_IMAGE_DIR/activated-in")" ] || exit 1
+echo "$now" > "$FIELDHAND_IMAGE_DIR/healthy-in"
+HOOK
+    chmod 0755 "$img_dir/fieldhand/activate" "$img_dir/fieldhand/health-check"
+    tar -C "$img_dir" -czf "$RUN/image.tar.gz" .
+    sha=$(curl -sS --fail-with-body --cacert "$PKI/ca.pem" --cert "$PKI/operators/e2e.pem" \
+        --key "$PKI/operators/e2e-key.pem" --data-binary @"$RUN/image.tar.gz" \
+        -H 'content-type: application/octet-stream' "$URL/v1/blobs" | json 'd["sha256"]')
+    image_id=$(api POST /v1/images "{\"name\": \"e2e\", \"version\": \"1\", \"os_type\": \"linux\", \"gpu\": false, \"sha256\": \"$sha\"}" \
+        | json 'd["image_id"]')
+    task=$(api POST /v1/pools/e2e/push-image "{\"image_id\": \"$image_id\"}" | json 'd["task_id"]')
+    log "image $image_id pushed (task $task)"
+    local b3; b3=$(wait_guest "$prev")
+    log "guest rebooted into the image: boot $b3"
+    local op=""
+    for _ in $(seq 1 240); do
+        op=$(api GET /v1/pools/e2e/provisioning-status | json 'd["operation"]')
+        [ "$op" = NONE ] && break; sleep 0.5
+    done
+    local ps; ps=$(api GET /v1/pools/e2e/provisioning-status)
+    [ "$op" = NONE ] || die "the push did not end: $ps"
+    [ "$(json 'd["current_image_id"]' <<<"$ps")" = "$image_id" ] || die "not committed: $ps"
+    [ "$(json 'd["current_image_state"]' <<<"$ps")" = READY ] || die "current image not READY: $ps"
+    t=$(api GET "/v1/tasks/$task")
+    [ "$(json 'd["machines"][0]["state"]' <<<"$t")" = SUCCEEDED ] || die "push task: $t"
+    [ "$(json 'd["machines"][0]["power_state"]' <<<"$t")" = REBOOTED ] || die "no REBOOTED step: $t"
+    [ "$(gx 'readlink /var/lib/fieldhand/images/current')" = "$image_id" ] || die "current does not point at the image"
+    [ "$(gx "cat /var/lib/fieldhand/images/$image_id/activated-in")" = "$prev" ] || die "activate did not run before the reboot"
+    [ "$(gx "cat /var/lib/fieldhand/images/$image_id/healthy-in")" = "$b3" ] || die "the health check did not run in the new boot"
+    gx "grep -qx FIELDHAND_IMAGE_ID=$image_id /var/lib/fieldhand/images/$image_id/activate.env" || die "activate env"
+    [ "$(gx 'fieldhand status --json' | json 'd["image"]["current_image_id"]')" = "$image_id" ] || die "fieldhand status: no current image"
+    ok "push-image: staged, activated in boot $prev, health-checked in boot $b3 after a real reboot, committed"
+}
+
 main() {
     [ "$(id -u)" -eq 0 ] || { echo "run as root" >&2; exit 2; }
     need
@@ -240,52 +289,7 @@ TOML
     [ "$(gx 'fieldhand status --json' | json 'd["undelivered_results"]')" = 0 ] || die "results still queued"
     ok "post_finish: reboot rebooted the guest (boot $b1 -> $b2) and reported once, after the reboot"
 
-    # An image push: staged, switched in, a real reboot, the health check in the new boot,
-    # committed.
-    local img_dir="$RUN/image" image_id sha
-    mkdir -p "$img_dir/fieldhand" "$img_dir/etc"
-    echo e2e-image > "$img_dir/etc/image-name"
-    cat > "$img_dir/fieldhand/activate" <<'HOOK'
-#!/bin/sh
-cat /proc/sys/kernel/random/boot_id > "$FIELDHAND_IMAGE_DIR/activated-in"
-env | grep '^FIELDHAND_' | sort > "$FIELDHAND_IMAGE_DIR/activate.env"
-HOOK
-    cat > "$img_dir/fieldhand/health-check" <<'HOOK'
-#!/bin/sh
-# Healthy only in a boot other than the one that activated the image.
-now=$(cat /proc/sys/kernel/random/boot_id)
-[ "$now" != "$(cat "$FIELDHAND_IMAGE_DIR/activated-in")" ] || exit 1
-echo "$now" > "$FIELDHAND_IMAGE_DIR/healthy-in"
-HOOK
-    chmod 0755 "$img_dir/fieldhand/activate" "$img_dir/fieldhand/health-check"
-    tar -C "$img_dir" -czf "$RUN/image.tar.gz" .
-    sha=$(curl -sS --fail-with-body --cacert "$PKI/ca.pem" --cert "$PKI/operators/e2e.pem" \
-        --key "$PKI/operators/e2e-key.pem" --data-binary @"$RUN/image.tar.gz" \
-        -H 'content-type: application/octet-stream' "$URL/v1/blobs" | json 'd["sha256"]')
-    image_id=$(api POST /v1/images "{\"name\": \"e2e\", \"version\": \"1\", \"os_type\": \"linux\", \"gpu\": false, \"sha256\": \"$sha\"}" \
-        | json 'd["image_id"]')
-    task=$(api POST /v1/pools/e2e/push-image "{\"image_id\": \"$image_id\"}" | json 'd["task_id"]')
-    log "image $image_id pushed (task $task)"
-    local b3; b3=$(wait_guest "$b2")
-    log "guest rebooted into the image: boot $b3"
-    local op=""
-    for _ in $(seq 1 240); do
-        op=$(api GET /v1/pools/e2e/provisioning-status | json 'd["operation"]')
-        [ "$op" = NONE ] && break; sleep 0.5
-    done
-    local ps; ps=$(api GET /v1/pools/e2e/provisioning-status)
-    [ "$op" = NONE ] || die "the push did not end: $ps"
-    [ "$(json 'd["current_image_id"]' <<<"$ps")" = "$image_id" ] || die "not committed: $ps"
-    [ "$(json 'd["current_image_state"]' <<<"$ps")" = READY ] || die "current image not READY: $ps"
-    t=$(api GET "/v1/tasks/$task")
-    [ "$(json 'd["machines"][0]["state"]' <<<"$t")" = SUCCEEDED ] || die "push task: $t"
-    [ "$(json 'd["machines"][0]["power_state"]' <<<"$t")" = REBOOTED ] || die "no REBOOTED step: $t"
-    [ "$(gx 'readlink /var/lib/fieldhand/images/current')" = "$image_id" ] || die "current does not point at the image"
-    [ "$(gx "cat /var/lib/fieldhand/images/$image_id/activated-in")" = "$b2" ] || die "activate did not run before the reboot"
-    [ "$(gx "cat /var/lib/fieldhand/images/$image_id/healthy-in")" = "$b3" ] || die "the health check did not run in the new boot"
-    gx "grep -qx FIELDHAND_IMAGE_ID=$image_id /var/lib/fieldhand/images/$image_id/activate.env" || die "activate env"
-    [ "$(gx 'fieldhand status --json' | json 'd["image"]["current_image_id"]')" = "$image_id" ] || die "fieldhand status: no current image"
-    ok "push-image: staged, activated in boot $b2, health-checked in boot $b3 after a real reboot, committed"
+    image_push_check "$b2"
 
     # An upgrade while a result waits in the outbox: nothing is lost.
     task=$(api POST /v1/pools/e2e/script-executions \
@@ -446,6 +450,7 @@ qemu_main() {
     [ "$(gx 'fieldhand status --json' | json "len([r for r in d['recent_results'] if r['task_id']=='$task'])")" = 1 ] \
         || die "not exactly one result"
     ok "a real kernel reboot (boot $b1 -> $b2); the result was reported once"
+    image_push_check "$b2"
     gx 'systemctl poweroff' || true
     for _ in $(seq 1 30); do kill -0 "$QEMU_PID" 2>/dev/null || break; sleep 1; done
     kill "$QEMU_PID" 2>/dev/null || true
