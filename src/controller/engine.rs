@@ -268,10 +268,18 @@ pub fn reap(
     wake: &mut Wake,
 ) -> Result<usize, StoreError> {
     let mut reaped = 0;
-    for (row, timeout_s, power_json) in tx.in_flight()? {
-        let mut budget = timeout_s as i64 * 1000
+    for f in tx.in_flight()? {
+        let (row, timeout_s) = (f.row, f.timeout_seconds);
+        // An image apply runs up to three hooks (activate, health check, verify), a rebuild
+        // also stages; each may take the whole timeout.
+        let runs = match f.kind.as_str() {
+            super::images::APPLY_KIND => 3,
+            super::images::REBUILD_KIND => 4,
+            _ => 1,
+        };
+        let mut budget = runs * timeout_s as i64 * 1000
             + grace_ms
-            + power_allowance_ms(power_json.as_deref(), reboot_grace_ms);
+            + power_allowance_ms(f.power_json.as_deref(), reboot_grace_ms);
         // A power step announced late in the run (e.g. exit code 194) extends the deadline
         // by one reboot from the announcement.
         if let (Some(p), Some(start)) = (row.power_ms, row.started_received_ms) {

@@ -292,6 +292,16 @@ pub struct TaskMachineRow {
     pub power_ms: Option<i64>,
 }
 
+/// A machine an agent holds (dispatched or running), with what its deadline depends on.
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    pub row: TaskMachineRow,
+    pub timeout_seconds: u64,
+    pub power_json: Option<String>,
+    /// The task's kind.
+    pub kind: String,
+}
+
 /// Dispatched assignments (with their task) and cancellations an agent has not acknowledged.
 pub type Undelivered = (Vec<(TaskMachineRow, TaskRow)>, Vec<String>);
 
@@ -858,11 +868,11 @@ impl Tx<'_> {
 
     /// Machines of active or cancelled tasks that an agent should be working on:
     /// `(machine row, task timeout seconds)`.
-    pub fn in_flight(&mut self) -> Result<Vec<(TaskMachineRow, u64, Option<String>)>, StoreError> {
+    pub fn in_flight(&mut self) -> Result<Vec<InFlight>, StoreError> {
         let mut st = self
             .tx
             .prepare(&format!(
-                "SELECT {}, t.timeout_seconds, t.power_json FROM task_machines tm
+                "SELECT {}, t.timeout_seconds, t.power_json, t.kind FROM task_machines tm
                  JOIN tasks t ON t.task_id = tm.task_id
                  WHERE tm.state IN ('DISPATCHED', 'RUNNING')",
                 TM_COLS
@@ -880,6 +890,7 @@ impl Tx<'_> {
                     tm_row(r)?,
                     r.get::<_, i64>(at)? as u64,
                     r.get::<_, Option<String>>(at + 1)?,
+                    r.get::<_, String>(at + 2)?,
                 ))
             })
             .ctx("scanning in-flight machines")?;
@@ -888,7 +899,14 @@ impl Tx<'_> {
             .ctx("scanning in-flight machines")?;
         pairs
             .into_iter()
-            .map(|(p, t, pj)| Ok((finish_tm(p)?, t, pj)))
+            .map(|(p, timeout_seconds, power_json, kind)| {
+                Ok(InFlight {
+                    row: finish_tm(p)?,
+                    timeout_seconds,
+                    power_json,
+                    kind,
+                })
+            })
             .collect()
     }
 
