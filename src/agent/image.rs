@@ -13,6 +13,11 @@
 //!   current again and report `IMAGE_HEALTH_CHECK_FAILED` with what it found;
 //! - [`UNDO_STEP`] (the agent restarted during activation): switch back and report.
 //!
+//! A rebuild (seed 003) is the same apply with a payload: [`ACTIVATE_STEP`] first extracts
+//! the image into a fresh slot `<image_id>.<tag>`, and empties the data area when asked by
+//! moving its contents aside ([`data`]); the commit deletes them, every switch back restores
+//! them.
+//!
 //! ```text
 //! image_root/
 //!   <image_id>/            an extracted image (fieldhand/activate, fieldhand/health-check)
@@ -26,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::executor::{self, ExecSettings, Run, CAPTURE_HEAD, CAPTURE_TAIL};
-use crate::proto::agent::{Assignment, ImageAssignment, ImageReport, RunResult};
+use crate::proto::agent::{Assignment, ImageAssignment, ImageRecord, RunResult};
 use crate::sys::process::{Capture, Ending, ScriptSpec};
 use crate::sys::{clock, fsutil};
 
@@ -228,6 +233,17 @@ pub fn image_of(dir: &str) -> String {
     dir.split('.').next().unwrap_or(dir).to_string()
 }
 
+/// What the executor reports after an image step: the image `current` now holds, in
+/// `state` (the state machine adds the pending image).
+fn current_image(root: &Path, state: &str) -> ImageRecord {
+    let cur = current(root);
+    ImageRecord {
+        current_image_state: cur.as_ref().map(|_| state.to_string()),
+        current_image_id: cur.map(|c| image_of(&c)),
+        ..ImageRecord::default()
+    }
+}
+
 /// The environment of a hook: the base script environment, the image ids, and the push's
 /// parameters (`FIELDHAND_COMPUTE_PROFILE_*`, `FIELDHAND_ADD_VIRTUAL_TPM`, ...).
 fn hook_env(run: &Run<'_>, dir: &str) -> Vec<(String, String)> {
@@ -397,19 +413,16 @@ pub(super) async fn apply(
     let timeout = Duration::from_secs(run.a.timeout_seconds);
     let mut stdout = Capture::new(CAPTURE_HEAD, CAPTURE_TAIL);
     let mut stderr = Capture::new(CAPTURE_HEAD, CAPTURE_TAIL);
-    let report = |root: &Path, state: &str| ImageReport {
-        current_image_id: current(root).map(|c| image_of(&c)),
-        current_image_state: current(root).map(|_| state.to_string()),
-    };
+    let report = |root: &Path, state: &str| current_image(root, state);
     let finish = |ok: bool,
                   code: Option<&str>,
                   msg: String,
                   out: &Capture,
                   err: &Capture,
-                  image: Option<ImageReport>| RunResult {
+                  image: Option<ImageRecord>| RunResult {
         error_code: code.map(str::to_string),
         error_msg: Some(msg),
-        image,
+        image: image.map(Box::new),
         ..executor::captured(
             if ok { "SUCCEEDED" } else { "FAILED" },
             &started_at,
@@ -654,10 +667,7 @@ pub(super) fn remove(s: &ExecSettings, a: &Assignment, started_at: String) -> Ru
         error_code: (!ok).then(|| IMAGE_IO_ERROR.to_string()),
         error_msg: (!ok).then_some(msg),
         staged_commit: None,
-        image: Some(ImageReport {
-            current_image_id: current(root).map(|c| image_of(&c)),
-            current_image_state: current(root).map(|_| "READY".to_string()),
-        }),
+        image: Some(Box::new(current_image(root, "READY"))),
     }
 }
 

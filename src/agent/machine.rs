@@ -13,10 +13,11 @@ use std::collections::VecDeque;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
+use crate::proto::agent::ImageRecord;
 use crate::proto::agent::{
     AgentEvent, Assignment, AssignmentKind, EventBody, PowerEvent, PowerSpec, RunResult,
 };
-use crate::proto::state::{ImageRecord, PhaseRecord, RunningRecord, StateFile};
+use crate::proto::state::{PhaseRecord, RunningRecord, StateFile};
 use crate::proto::status::RecentResult;
 use crate::sys::clock;
 
@@ -298,8 +299,9 @@ impl AgentState {
         self.seen.iter().any(|s| s == id)
     }
 
-    /// Keeps the image record in step with a finished image assignment.
-    fn record_image(&mut self, a: &Assignment, r: &RunResult) {
+    /// Keeps the image record in step with a finished image assignment, and attaches it to
+    /// the result: the controller copies it rather than applying these rules again.
+    fn record_image(&mut self, a: &Assignment, r: &mut RunResult) {
         let Some(img) = &a.image else {
             return;
         };
@@ -326,9 +328,10 @@ impl AgentState {
             self.image.current_image_id = rep.current_image_id.clone();
             self.image.current_image_state = rep.current_image_state.clone();
         }
+        r.image = Some(Box::new(self.image.clone()));
     }
 
-    fn record(&mut self, a: &Assignment, r: &RunResult) {
+    fn record(&mut self, a: &Assignment, r: &mut RunResult) {
         self.record_image(a, r);
         self.recent.push_front(RecentResult {
             assignment_id: a.assignment_id.clone(),
@@ -402,9 +405,9 @@ impl AgentState {
     }
 
     /// Ends the running assignment with `result` and starts the next one.
-    fn finish_running(&mut self, result: RunResult, now: OffsetDateTime, fx: &mut Vec<Effect>) {
+    fn finish_running(&mut self, mut result: RunResult, now: OffsetDateTime, fx: &mut Vec<Effect>) {
         if let Some(r) = self.running.take() {
-            self.record(&r.assignment, &result);
+            self.record(&r.assignment, &mut result);
             fx.push(Effect::Emit(result_event(
                 &r.assignment.assignment_id,
                 result,
@@ -632,7 +635,7 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
                 if let Some(pgid) = r.pgid.filter(|_| r.boot_id == s.boot_id) {
                     fx.push(Effect::KillGroup(pgid));
                 }
-                let result = failed(
+                let mut result = failed(
                     AGENT_RESTARTED,
                     "the agent restarted while this assignment was running; its scripts were \
                      stopped and not re-run"
@@ -640,7 +643,7 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
                     Some(r.started_at.clone()),
                     now,
                 );
-                s.record(&r.assignment, &result);
+                s.record(&r.assignment, &mut result);
                 fx.push(Effect::Emit(result_event(
                     &r.assignment.assignment_id,
                     result,
@@ -663,8 +666,8 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
                 match validate(&a) {
                     Ok(()) => s.queue.push_back(a),
                     Err(why) => {
-                        let r = failed(INVALID_ASSIGNMENT, why, None, now);
-                        s.record(&a, &r);
+                        let mut r = failed(INVALID_ASSIGNMENT, why, None, now);
+                        s.record(&a, &mut r);
                         fx.push(Effect::Emit(result_event(&a.assignment_id, r, now)));
                     }
                 }
@@ -700,8 +703,8 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
                     }
                 } else if let Some(pos) = s.queue.iter().position(|a| &a.assignment_id == id) {
                     let a = s.queue.remove(pos).expect("position came from this queue");
-                    let r = cancelled("cancelled before it started", now);
-                    s.record(&a, &r);
+                    let mut r = cancelled("cancelled before it started", now);
+                    s.record(&a, &mut r);
                     fx.push(Effect::Emit(result_event(id, r, now)));
                     changed = true;
                 } else if !s.knows(id) {
@@ -762,7 +765,7 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
                 });
                 return (s, fx);
             }
-            let result = match s.running.as_mut() {
+            let mut result = match s.running.as_mut() {
                 Some(r) if r.assignment.assignment_id == assignment_id => {
                     merge(r.carry.take(), result)
                 }
@@ -770,7 +773,7 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
             };
             match s.running.take() {
                 Some(r) if r.assignment.assignment_id == assignment_id => {
-                    s.record(&r.assignment, &result);
+                    s.record(&r.assignment, &mut result);
                     if result.state == "SUCCEEDED" && result.staged_commit.is_some() {
                         s.staged_commit = result.staged_commit.clone();
                     }
@@ -805,9 +808,9 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
             if stop {
                 // The machine may never come back: report the result now, then announce.
                 let r = s.running.as_mut().expect("checked above");
-                if let Some(result) = r.carry.take() {
+                if let Some(mut result) = r.carry.take() {
                     let a = r.assignment.clone();
-                    s.record(&a, &result);
+                    s.record(&a, &mut result);
                     fx.push(Effect::Emit(result_event(&assignment_id, result, now)));
                 }
                 if let Some(ev) = s.power_event("SHUTTING_DOWN", now) {
@@ -1464,9 +1467,6 @@ mod tests {
             power: Some(default_power()),
             image: Some(crate::proto::agent::ImageAssignment {
                 image_id: "img-2".into(),
-                payload: None,
-                env: Default::default(),
-                remove_all: false,
                 ..Default::default()
             }),
             ..assignment(id)
@@ -1495,11 +1495,12 @@ mod tests {
         )
     }
 
-    fn report(id: &str, state: &str) -> Option<crate::proto::agent::ImageReport> {
-        Some(crate::proto::agent::ImageReport {
+    fn report(id: &str, state: &str) -> Option<Box<ImageRecord>> {
+        Some(Box::new(ImageRecord {
             current_image_id: Some(id.into()),
             current_image_state: Some(state.into()),
-        })
+            ..ImageRecord::default()
+        }))
     }
 
     #[test]
@@ -1540,9 +1541,18 @@ mod tests {
         let mut ok = result("SUCCEEDED");
         ok.image = report("img-2", "READY");
         let (s, fx) = done(s, None, ok);
-        assert!(fx
-            .iter()
-            .any(|e| matches!(e, Effect::Emit(ev) if ev.idempotency_key == "i1:result")));
+        let sent = fx.iter().find_map(|e| match e {
+            Effect::Emit(ev) if ev.idempotency_key == "i1:result" => match &ev.body {
+                EventBody::Result(r) => r.image.clone(),
+                _ => None,
+            },
+            _ => None,
+        });
+        assert_eq!(
+            sent.as_deref(),
+            Some(&s.image),
+            "the agent's record goes with the result"
+        );
         assert!(s.running.is_none());
         assert_eq!(s.image.current_image_id.as_deref(), Some("img-2"));
         assert_eq!(s.image.current_image_state.as_deref(), Some("READY"));

@@ -11,9 +11,7 @@ use tokio::sync::{mpsc, watch};
 use super::executor::{ExecReport, ExecSettings};
 use crate::payload::extract::{self, Limits};
 use crate::payload::fetch::{self, Cache, FetchError};
-use crate::proto::agent::{
-    Assignment, ComponentProgress, ImageAssignment, PayloadRef, RunResult, StagePayload,
-};
+use crate::proto::agent::{Assignment, ComponentProgress, PayloadRef, RunResult, StagePayload};
 use crate::sys::{clock, facts, fsutil};
 
 pub const INSUFFICIENT_DISK_SPACE: &str = "INSUFFICIENT_DISK_SPACE";
@@ -63,6 +61,25 @@ struct Progress {
 }
 
 impl Progress {
+    fn new(assignment_id: &str, comps: &[PayloadRef], reports: &mpsc::Sender<ExecReport>) -> Self {
+        Progress {
+            id: assignment_id.to_string(),
+            table: Arc::new(Mutex::new(
+                comps
+                    .iter()
+                    .map(|c| ComponentProgress {
+                        name: c.name.clone(),
+                        phase: "PENDING".into(),
+                        bytes_done: 0,
+                        bytes_total: c.size,
+                    })
+                    .collect(),
+            )),
+            reports: reports.clone(),
+            last: Arc::new(Mutex::new(None)),
+        }
+    }
+
     fn set(&self, name: &str, phase: &str, done: u64, force: bool) {
         {
             let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
@@ -109,15 +126,15 @@ pub async fn run(
             staged_commit: commit,
             image: None,
         };
-    let components: Vec<PayloadRef> = match (&a.stage, &a.image) {
-        (Some(stage), _) => stage.components.clone(),
-        (
-            None,
-            Some(ImageAssignment {
-                payload: Some(p), ..
-            }),
-        ) => vec![p.clone()],
-        _ => {
+    // What to stage: a software commit, or an image into its directory.
+    let image = a.image.as_ref().and_then(|img| {
+        let dir = img.slot.as_deref().unwrap_or(&img.image_id);
+        Some((dir, img.payload.as_ref()?))
+    });
+    let components: &[PayloadRef] = match (&a.stage, image) {
+        (Some(stage), _) => &stage.components,
+        (None, Some((_, p))) => std::slice::from_ref(p),
+        (None, None) => {
             return finish(
                 "FAILED",
                 Some("INVALID_ASSIGNMENT".into()),
@@ -127,31 +144,13 @@ pub async fn run(
             )
         }
     };
-    let progress = Progress {
-        id: a.assignment_id.clone(),
-        table: Arc::new(Mutex::new(
-            components
-                .iter()
-                .map(|c| ComponentProgress {
-                    name: c.name.clone(),
-                    phase: "PENDING".into(),
-                    bytes_done: 0,
-                    bytes_total: c.size,
-                })
-                .collect(),
-        )),
-        reports: reports.clone(),
-        last: Arc::new(Mutex::new(None)),
-    };
+    let progress = Progress::new(&a.assignment_id, components, reports);
     let timeout = Duration::from_secs(a.timeout_seconds);
     let work = async {
-        match (&a.stage, &a.image) {
+        match (&a.stage, image) {
             (Some(stage), _) => stage_commit(s, stage, &progress).await,
-            (None, Some(img)) => {
-                let dir = img.slot.as_deref().unwrap_or(&img.image_id);
-                stage_image(s, dir, &components[0], &progress).await
-            }
-            (None, None) => unreachable!("checked above"),
+            (None, Some((dir, p))) => stage_image(s, dir, p, &progress).await,
+            (None, None) => unreachable!("returned above"),
         }
     };
     tokio::pin!(work);
@@ -184,6 +183,54 @@ pub async fn run(
 
 fn partial_dir(s: &ExecSettings, commit: &str) -> PathBuf {
     software_root(&s.state_dir).join(format!(".{commit}.partial"))
+}
+
+fn fetch_settings(s: &ExecSettings) -> fetch::FetchSettings {
+    fetch::FetchSettings {
+        trusted_keys: s.payloads.trusted_keys.clone(),
+        require_signed: s.payloads.require_signed,
+        max_bytes_per_second: s.payloads.max_download_bytes_per_second,
+    }
+}
+
+/// Unpacks a verified tar.gz into `dest` (which appears in one rename) on a blocking
+/// thread, then drops the download.
+async fn unpack(
+    s: &ExecSettings,
+    blob: PathBuf,
+    dest: &Path,
+    name: &str,
+    progress: &Progress,
+) -> Result<(), Failure> {
+    progress.set(name, "EXTRACTING", 0, true);
+    let limits = Limits {
+        max_entries: s.payloads.max_archive_entries,
+        max_unpacked_bytes: s.payloads.max_unpacked_bytes,
+    };
+    let (blob2, dest2, name2) = (blob.clone(), dest.to_path_buf(), name.to_string());
+    let p = progress.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut report = |done: u64| p.set(&name2, "EXTRACTING", done, false);
+        extract::extract_tar_gz(&blob2, &dest2, &limits, &mut report)
+    })
+    .await
+    .map_err(|e| Failure::new(STAGING_IO_ERROR, format!("extraction task failed: {e}")))?
+    .map_err(|e| Failure::new(e.code(), format!("payload {name:?}: {e}")))?;
+    let _ = std::fs::remove_file(&blob);
+    Ok(())
+}
+
+/// Downloads and verifies one payload, reporting progress.
+async fn download(
+    s: &ExecSettings,
+    cache: &Cache,
+    c: &PayloadRef,
+    settings: &fetch::FetchSettings,
+    progress: &Progress,
+) -> Result<PathBuf, Failure> {
+    let (name, p) = (c.name.clone(), progress.clone());
+    let mut report = move |done: u64| p.set(&name, "DOWNLOADING", done, false);
+    Ok(fetch::fetch(&s.client, cache, c, settings, &mut report).await?)
 }
 
 async fn stage_commit(
@@ -220,11 +267,7 @@ async fn stage_commit(
         }
         return Ok(summary(stage));
     }
-    let fetch_settings = fetch::FetchSettings {
-        trusted_keys: s.payloads.trusted_keys.clone(),
-        require_signed: s.payloads.require_signed,
-        max_bytes_per_second: s.payloads.max_download_bytes_per_second,
-    };
+    let fetch_settings = fetch_settings(s);
     let now = clock::now();
     for c in &stage.components {
         fetch::check_signature(c, &fetch_settings, now)?;
@@ -235,32 +278,10 @@ async fn stage_commit(
     let _ = std::fs::remove_dir_all(&work);
     fsutil::ensure_dir(&work, 0o700).map_err(|e| io("create", &work, e))?;
     for c in &stage.components {
-        let name = c.name.clone();
-        let p = progress.clone();
-        let mut report = move |done: u64| p.set(&name, "DOWNLOADING", done, false);
-        let blob = fetch::fetch(&s.client, &cache, c, &fetch_settings, &mut report).await?;
+        let blob = download(s, &cache, c, &fetch_settings, progress).await?;
         let target = work.join(&c.name);
         if c.format == "tar.gz" {
-            progress.set(&c.name, "EXTRACTING", 0, true);
-            let limits = Limits {
-                max_entries: s.payloads.max_archive_entries,
-                max_unpacked_bytes: s.payloads.max_unpacked_bytes,
-            };
-            let (blob2, target2, name) = (blob.clone(), target.clone(), c.name.clone());
-            let p = progress.clone();
-            let res = tokio::task::spawn_blocking(move || {
-                let mut report = |done: u64| p.set(&name, "EXTRACTING", done, false);
-                extract::extract_tar_gz(&blob2, &target2, &limits, &mut report)
-            })
-            .await
-            .map_err(|e| Failure::new(STAGING_IO_ERROR, format!("extraction task failed: {e}")))?;
-            if let Err(e) = res {
-                return Err(Failure::new(
-                    e.code(),
-                    format!("component {:?}: {e}", c.name),
-                ));
-            }
-            let _ = std::fs::remove_file(&blob);
+            unpack(s, blob, &target, &c.name, progress).await?;
         } else {
             fsutil::ensure_dir(&target, 0o755).map_err(|e| io("create", &target, e))?;
             let file = target.join(&c.name);
@@ -292,17 +313,7 @@ pub(super) async fn stage_image_into(
     reports: &mpsc::Sender<ExecReport>,
     assignment_id: &str,
 ) -> Result<String, (String, String)> {
-    let progress = Progress {
-        id: assignment_id.to_string(),
-        table: Arc::new(Mutex::new(vec![ComponentProgress {
-            name: p.name.clone(),
-            phase: "PENDING".into(),
-            bytes_done: 0,
-            bytes_total: p.size,
-        }])),
-        reports: reports.clone(),
-        last: Arc::new(Mutex::new(None)),
-    };
+    let progress = Progress::new(assignment_id, std::slice::from_ref(p), reports);
     stage_image(s, dir, p, &progress)
         .await
         .map_err(|f| (f.code, f.msg))
@@ -338,33 +349,12 @@ async fn stage_image(
     super::image::prune(root, &[dir]);
     let cache = payload_cache(&s.state_dir);
     cache.ensure().map_err(|e| io("create", &cache.root, e))?;
-    let fetch_settings = fetch::FetchSettings {
-        trusted_keys: s.payloads.trusted_keys.clone(),
-        require_signed: s.payloads.require_signed,
-        max_bytes_per_second: s.payloads.max_download_bytes_per_second,
-    };
+    let fetch_settings = fetch_settings(s);
     fetch::check_signature(p, &fetch_settings, clock::now())?;
     check_space(s, &cache, std::slice::from_ref(p))?;
-    let name = p.name.clone();
-    let pr = progress.clone();
-    let mut report = move |done: u64| pr.set(&name, "DOWNLOADING", done, false);
-    let blob = fetch::fetch(&s.client, &cache, p, &fetch_settings, &mut report).await?;
-    progress.set(&p.name, "EXTRACTING", 0, true);
-    let limits = Limits {
-        max_entries: s.payloads.max_archive_entries,
-        max_unpacked_bytes: s.payloads.max_unpacked_bytes,
-    };
-    let (blob2, dest2, name) = (blob.clone(), dest.clone(), p.name.clone());
-    let pr = progress.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut report = |done: u64| pr.set(&name, "EXTRACTING", done, false);
-        extract::extract_tar_gz(&blob2, &dest2, &limits, &mut report)
-    })
-    .await
-    .map_err(|e| Failure::new(STAGING_IO_ERROR, format!("extraction task failed: {e}")))?
-    .map_err(|e| Failure::new(e.code(), format!("image {dir}: {e}")))?;
+    let blob = download(s, &cache, p, &fetch_settings, progress).await?;
+    unpack(s, blob, &dest, &p.name, progress).await?;
     fsutil::fsync_dir(root).map_err(|e| io("sync", root, e))?;
-    let _ = std::fs::remove_file(&blob);
     progress.set(&p.name, "STAGED", p.size, true);
     Ok(summary)
 }

@@ -296,7 +296,7 @@ pub fn render(r: &StatusReport) -> String {
 mod tests {
     use super::*;
     use crate::proto::agent::ComponentProgress;
-    use crate::proto::state::ImageRecord;
+    use crate::proto::agent::ImageRecord;
 
     #[test]
     fn render_shows_the_images_and_staging_progress() {

@@ -48,7 +48,8 @@ pub fn advance(
     let Some(task) = tx.task(task_id)? else {
         return Ok(());
     };
-    if task.finished_ms.is_some() || tx.task_held(task_id)? {
+    let held = task.kind == super::images::APPLY_KIND && tx.task_held(task_id)?;
+    if task.finished_ms.is_some() || held {
         // A held task is a push waiting for its start time (`images::reconcile` releases it).
         return Ok(());
     }

@@ -493,14 +493,12 @@ pub async fn push(
             let stage_img = ImageAssignment {
                 image_id: spec.image_id.clone(),
                 payload: Some(payload),
-                env: Default::default(),
-                remove_all: false,
                 ..Default::default()
             };
             let apply_img = ImageAssignment {
-                payload: None,
+                image_id: spec.image_id.clone(),
                 env: hook_env(&spec, op.current_image_id.as_deref()),
-                ..stage_img.clone()
+                ..Default::default()
             };
             let grace = super::api::force_logoff_grace(tx)? as u64;
             let power = PowerSpec {
@@ -554,15 +552,22 @@ pub async fn push(
     Ok(api::TaskCreated { task_id })
 }
 
-/// Starts a remove task for `machines`; returns its id.
+/// Starts a remove task for `machines` (`image_id` while pending, or every image); returns
+/// its id.
 fn start_removal(
     tx: &mut Tx<'_>,
     pool_id: &str,
     machines: &[String],
-    img: ImageAssignment,
+    image_id: String,
+    remove_all: bool,
     now_ms: i64,
     wake: &mut engine::Wake,
 ) -> Result<String, ApiError> {
+    let img = ImageAssignment {
+        image_id,
+        remove_all,
+        ..Default::default()
+    };
     let task = new_task(
         REMOVE_KIND,
         pool_id,
@@ -619,14 +624,9 @@ pub async fn cancel_push(
                 }
             }
             let machines: Vec<String> = tx.task_machines(&stage_id)?.into_iter().map(|m| m.machine_id).collect();
-            let img = ImageAssignment {
-                image_id,
-                payload: None,
-                env: Default::default(),
-                remove_all: false,
-                ..Default::default()
-            };
-            op.remove_task_id = Some(start_removal(tx, &pid, &machines, img, now_ms, &mut wake)?);
+            op.remove_task_id = Some(start_removal(
+                tx, &pid, &machines, image_id, false, now_ms, &mut wake,
+            )?);
             tx.put_pool_image(&op)?;
             reconcile(tx, &pid, now_ms, &mut wake)?;
             tracing::info!(pool_id = %pid, task_id = ?op.task_id, "scheduled push cancelled");
@@ -665,14 +665,8 @@ pub async fn unpublish(ctl: &Controller, pool_id: String) -> Result<api::TaskCre
                     "pool {pool_id:?} has no machines"
                 )));
             }
-            let img = ImageAssignment {
-                image_id,
-                payload: None,
-                env: Default::default(),
-                remove_all: true,
-                ..Default::default()
-            };
-            let task_id = start_removal(tx, &pool_id, &machines, img, now_ms, &mut wake)?;
+            let task_id =
+                start_removal(tx, &pool_id, &machines, image_id, true, now_ms, &mut wake)?;
             op.operation = FINAL_UNPUBLISH.into();
             op.current_state = Some(PENDING_UNPUBLISH.into());
             op.task_id = Some(task_id.clone());
@@ -799,7 +793,8 @@ pub fn reconcile(
 }
 
 /// Keeps a machine's image states in step with an event of an image task, then moves the
-/// pool's operation on.
+/// pool's operation on. The agent's own record, attached to each image result, is the truth;
+/// only the start of staging is known here first.
 pub fn observe(
     tx: &mut Tx<'_>,
     task: &TaskRow,
@@ -812,49 +807,31 @@ pub fn observe(
     let Some(kind) = assignment_kind(&task.kind) else {
         return Ok(());
     };
-    let own = tx.assignment_payload(assignment_id)?;
-    let img: Option<ImageAssignment> =
-        serde_json::from_str(own.as_deref().unwrap_or(&task.scripts_json)).ok();
-    if let (Some(body), Some(img)) = (body, img) {
+    if let Some(body) = body {
         let mut m = tx.machine_image(machine_id)?;
         let before = m.clone();
-        let pending_is_this = m.pending_image_id.as_deref() == Some(img.image_id.as_str());
-        match (kind, body) {
-            (AssignmentKind::ImageStage, EventBody::Started) => {
-                m.pending_image_id = Some(img.image_id.clone());
+        match body {
+            EventBody::Started if kind == AssignmentKind::ImageStage => {
                 m.pending_state = Some(PUBLISHING.into());
             }
-            (AssignmentKind::ImageStage, EventBody::Result(r)) if pending_is_this => {
-                match r.state.as_str() {
-                    "SUCCEEDED" => m.pending_state = Some(READY.into()),
-                    "CANCELLED" => {}
-                    _ => m.pending_state = Some(FAILED.into()),
+            EventBody::Result(r) => {
+                if let Some(rec) = &r.image {
+                    m.current_image_id = rec.current_image_id.clone();
+                    m.current_state = rec.current_image_state.clone();
+                    m.pending_image_id = rec.pending_image_id.clone();
+                    m.pending_state = rec.pending_image_state.clone();
                 }
-            }
-            (AssignmentKind::ImageApply, EventBody::Result(r)) => {
-                if r.state == "SUCCEEDED" && img.language.is_some() {
-                    m.language = img.language.clone();
+                let own = tx.assignment_payload(assignment_id)?;
+                let img: Option<ImageAssignment> =
+                    serde_json::from_str(own.as_deref().unwrap_or(&task.scripts_json)).ok();
+                if let Some(lang) = img
+                    .and_then(|i| i.language)
+                    .filter(|_| r.state == "SUCCEEDED")
+                {
+                    m.language = Some(lang);
                 }
-                if r.state == "SUCCEEDED" && pending_is_this {
-                    m.pending_image_id = None;
-                    m.pending_state = None;
-                } else if pending_is_this && r.state != "CANCELLED" {
-                    m.pending_state = Some(FAILED.into());
-                }
-            }
-            (AssignmentKind::ImageRemove, EventBody::Result(r))
-                if r.state == "SUCCEEDED" && (img.remove_all || pending_is_this) =>
-            {
-                m.pending_image_id = None;
-                m.pending_state = None;
             }
             _ => {}
-        }
-        if let EventBody::Result(r) = body {
-            if let Some(rep) = &r.image {
-                m.current_image_id = rep.current_image_id.clone();
-                m.current_state = rep.current_image_state.clone();
-            }
         }
         if m != before {
             tx.put_machine_image(&m)?;

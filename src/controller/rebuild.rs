@@ -8,7 +8,7 @@ use super::api::ApiError;
 use super::engine;
 use super::images::{self, REBUILD_KIND};
 use super::rollout::TaskState;
-use super::store::{MachineRow, Tx};
+use super::store::{ImageRow, MachineRow, StoreError, Tx};
 use super::Controller;
 use crate::proto::agent::{HostFacts, ImageAssignment, PowerSpec};
 use crate::proto::api;
@@ -91,14 +91,38 @@ fn result(desktop_id: &str, code: &str, message: Option<String>) -> api::Rebuild
     }
 }
 
-/// Decides one desktop: `Ok((image_id, empty_data))` to start it, or its result code.
+/// Why a known, online desktop cannot start now, if it cannot.
+fn busy(tx: &mut Tx<'_>, id: &str, pool_id: &str) -> Result<Option<String>, StoreError> {
+    let pool_op = tx
+        .pool_image(pool_id)?
+        .map(|p| p.operation)
+        .filter(|o| o != images::NONE);
+    if let Some(op) = pool_op {
+        return Ok(Some(format!(
+            "desktop {id:?}: its pool {pool_id:?} has image operation {op} in progress"
+        )));
+    }
+    Ok(tx
+        .machine_busy(id)?
+        .then(|| format!("desktop {id:?} has another operation in progress")))
+}
+
+/// A desktop that can start: its pool, the image, and whether its data area is emptied.
+struct Start {
+    machine_id: String,
+    pool_id: String,
+    image: ImageRow,
+    empty_data: bool,
+}
+
+/// Decides one desktop: a [`Start`], or its result code.
 fn check(
     tx: &mut Tx<'_>,
     spec: &RebuildSpec,
     machine: Option<&MachineRow>,
     id: &str,
     online: bool,
-) -> Result<Result<(String, bool), api::RebuildResult>, ApiError> {
+) -> Result<Result<Start, api::RebuildResult>, StoreError> {
     let status = |msg: String| Ok(Err(result(id, INCORRECT_DESKTOP_STATUS, Some(msg))));
     let Some(m) = machine else {
         return status(format!(
@@ -113,18 +137,8 @@ fn check(
                 .unwrap_or_default()
         ));
     }
-    let pool_op = tx
-        .pool_image(&m.pool_id)?
-        .map(|p| p.operation)
-        .filter(|o| o != images::NONE);
-    if let Some(op) = pool_op {
-        return status(format!(
-            "desktop {id:?}: its pool {:?} has image operation {op} in progress",
-            m.pool_id
-        ));
-    }
-    if tx.machine_busy(id)? {
-        return status(format!("desktop {id:?} has another operation in progress"));
+    if let Some(why) = busy(tx, id, &m.pool_id)? {
+        return status(why);
     }
     let current = tx.machine_image(id)?.current_image_id;
     let Some(image_id) = spec.image_id.clone().or(current.clone()) else {
@@ -143,14 +157,12 @@ fn check(
         .and_then(|j| serde_json::from_str::<HostFacts>(j).ok())
         .is_some_and(|f| f.gpu);
     if image.gpu != gpu {
-        let (img, mach) = (
-            if image.gpu {
-                "a GPU image"
-            } else {
-                "a non-GPU image"
-            },
-            if gpu { "has a GPU" } else { "has no GPU" },
-        );
+        let img = if image.gpu {
+            "a GPU image"
+        } else {
+            "a non-GPU image"
+        };
+        let mach = if gpu { "has a GPU" } else { "has no GPU" };
         return Ok(Err(result(
             id,
             INCOMPATIBLE_IMAGE,
@@ -163,10 +175,12 @@ fn check(
         Some(c) => tx.image(c)?.map(|i| i.os_type),
         None => None,
     };
-    Ok(Ok((
-        image_id,
-        empties_data(spec.replace, old_os.as_deref(), &image.os_type),
-    )))
+    Ok(Ok(Start {
+        machine_id: id.to_string(),
+        pool_id: m.pool_id.clone(),
+        empty_data: empties_data(spec.replace, old_os.as_deref(), &image.os_type),
+        image,
+    }))
 }
 
 /// `POST /v1/desktops/rebuild`.
@@ -183,45 +197,63 @@ pub async fn rebuild(
             )));
         }
     }
-    // Payloads are signed outside the transaction; every registered image may be needed.
-    let all_images = ctl.store.tx(|tx| tx.images()).await?;
-    let mut payloads = std::collections::HashMap::new();
-    for image in &all_images {
-        if let Ok(p) = images::image_payload(ctl, image, TIMEOUT_SECONDS) {
-            payloads.insert(image.image_id.clone(), p);
-        }
-    }
     let now_ms = clock::unix_ms(clock::now());
     let offline_ms = ctl.cfg.offline_after.as_millis() as i64;
     let polling = ctl.polling();
-    let (resp, wake) = ctl
+    // First decide every desktop, then sign the payloads of the images that are needed
+    // (outside any transaction), then start them, checking again that nothing started on
+    // those machines in between.
+    let ids = spec.desktop_ids.clone();
+    let sp = spec.clone();
+    let decisions = ctl
         .store
         .tx(move |tx| {
             let machines = tx.machines()?;
-            let mut results = Vec::new();
-            let mut starts = Vec::new();
-            for id in &spec.desktop_ids {
+            let mut out = Vec::with_capacity(ids.len());
+            for id in &ids {
                 let m = machines.iter().find(|m| &m.machine_id == id);
                 let online = m.is_some_and(|m| {
                     now_ms - m.last_seen_ms <= offline_ms || polling.contains(&m.machine_id)
                 });
-                match check(tx, &spec, m, id, online)? {
-                    Err(r) => results.push(r),
-                    Ok((image_id, empty)) => match payloads.get(&image_id) {
-                        Some(p) => {
-                            let pool = m.map(|m| m.pool_id.clone()).unwrap_or_default();
-                            starts.push((id.clone(), pool, image_id, p.clone(), empty));
-                            results.push(result(id, SUCCESS, None));
-                        }
-                        None => results.push(result(
-                            id,
-                            INCORRECT_DESKTOP_STATUS,
-                            Some(format!("image {image_id}: its blob is no longer stored")),
-                        )),
-                    },
+                out.push(check(tx, &sp, m, id, online)?);
+            }
+            Ok::<_, StoreError>(out)
+        })
+        .await?;
+    let mut payloads = std::collections::HashMap::new();
+    for d in decisions.iter().flatten() {
+        if !payloads.contains_key(&d.image.image_id) {
+            let p = images::image_payload(ctl, &d.image, TIMEOUT_SECONDS);
+            payloads.insert(d.image.image_id.clone(), p);
+        }
+    }
+    let (resp, wake) = ctl
+        .store
+        .tx(move |tx| {
+            let mut results = Vec::new();
+            let mut starts = Vec::new();
+            for d in decisions {
+                let start = match d {
+                    Err(r) => {
+                        results.push(r);
+                        continue;
+                    }
+                    Ok(s) => s,
+                };
+                let id = start.machine_id.clone();
+                if let Some(why) = busy(tx, &id, &start.pool_id)? {
+                    results.push(result(&id, INCORRECT_DESKTOP_STATUS, Some(why)));
+                    continue;
+                }
+                match &payloads[&start.image.image_id] {
+                    Ok(p) => {
+                        results.push(result(&id, SUCCESS, None));
+                        starts.push((start, p.clone()));
+                    }
+                    Err(e) => results.push(result(&id, INCORRECT_DESKTOP_STATUS, Some(e.msg.clone()))),
                 }
             }
-            let mut pools: Vec<&str> = starts.iter().map(|s| s.1.as_str()).collect();
+            let mut pools: Vec<&str> = starts.iter().map(|(s, _)| s.pool_id.as_str()).collect();
             pools.sort_unstable();
             pools.dedup();
             let pool = if pools.len() == 1 { pools[0] } else { "" };
@@ -245,31 +277,28 @@ pub async fn rebuild(
             )?;
             let rows: Vec<(String, String, u32)> = starts
                 .iter()
-                .map(|s| (s.0.clone(), uuid::Uuid::new_v4().to_string(), 0))
+                .map(|(s, _)| (s.machine_id.clone(), uuid::Uuid::new_v4().to_string(), 0))
                 .collect();
             tx.insert_task(&task, &rows)?;
-            for ((machine, _, image_id, payload, empty), (_, assignment_id, _)) in
-                starts.into_iter().zip(&rows)
-            {
+            for ((start, payload), (_, assignment_id, _)) in starts.into_iter().zip(&rows) {
+                let image_id = start.image.image_id;
                 let img = ImageAssignment {
                     // A slot never used before: the image id and this assignment.
                     slot: Some(format!("{image_id}.{}", &assignment_id[..8])),
                     image_id,
                     payload: Some(payload),
-                    empty_data: empty,
+                    empty_data: start.empty_data,
                     language: spec.language.clone(),
-                    env: [(
-                        "FIELDHAND_OPERATE_TYPE".to_string(),
-                        if spec.replace { "replace" } else { "" }.to_string(),
-                    )]
-                    .into_iter()
-                    .filter(|(_, v)| !v.is_empty())
-                    .collect(),
+                    env: spec
+                        .replace
+                        .then(|| ("FIELDHAND_OPERATE_TYPE".to_string(), "replace".to_string()))
+                        .into_iter()
+                        .collect(),
                     remove_all: false,
                 };
                 let json = serde_json::to_string(&img).map_err(ApiError::internal)?;
                 tx.put_assignment_payload(assignment_id, &json)?;
-                tracing::info!(task_id = %task.task_id, machine_id = %machine, image_id = %img.image_id, empty_data = empty, "rebuild started");
+                tracing::info!(task_id = %task.task_id, machine_id = %start.machine_id, image_id = %img.image_id, empty_data = img.empty_data, "rebuild started");
             }
             let mut wake = Vec::new();
             if rows.is_empty() {

@@ -108,12 +108,17 @@ pub struct ImageAssignment {
     pub language: Option<String>,
 }
 
-/// The machine's current image after an image assignment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageReport {
+/// A machine's images with their seed 001 states. The agent keeps it (state file, `fieldhand
+/// status`) and attaches it to every image result, so the controller copies it instead of
+/// re-deriving it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
     pub current_image_id: Option<String>,
-    /// `READY` or `FAILED` (its health check failed), or none without a current image.
+    /// `READY` or `FAILED` (its health check failed after a rollback).
     pub current_image_state: Option<String>,
+    pub pending_image_id: Option<String>,
+    /// `PUBLISHING`, `READY` or `FAILED`.
+    pub pending_image_state: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -267,9 +272,10 @@ pub struct RunResult {
     /// The commit now staged, for a successful `SoftwareStage`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staged_commit: Option<String>,
-    /// The machine's current image, after an image assignment.
+    /// The machine's images after an image assignment. The executor fills in the current
+    /// image it left on disk; the state machine adds the pending one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<ImageReport>,
+    pub image: Option<Box<ImageRecord>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::agent::{AgentEvent, Assignment};
+use super::agent::{AgentEvent, Assignment, ImageRecord};
 use super::status::RecentResult;
 
 /// `state_dir/state.json`, rewritten atomically before every irreversible step.
@@ -29,17 +29,6 @@ pub struct StateFile {
     /// The images on this machine, as image assignments left them.
     #[serde(default)]
     pub image: ImageRecord,
-}
-
-/// The machine's images (seed 001 states), kept by the state machine.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageRecord {
-    pub current_image_id: Option<String>,
-    /// `READY` or `FAILED`.
-    pub current_image_state: Option<String>,
-    pub pending_image_id: Option<String>,
-    /// `PUBLISHING`, `READY` or `FAILED`.
-    pub pending_image_state: Option<String>,
 }
 
 /// `state_dir/payloads/partial/<sha256>.json`: how far a download got, so it can resume

@@ -28,7 +28,7 @@ pub struct StatusReport {
     pub staged_commit: Option<String>,
     /// The current and pending image, with their seed 001 states.
     #[serde(default)]
-    pub image: super::state::ImageRecord,
+    pub image: super::agent::ImageRecord,
     /// Staging progress of the pending image, while it is `PUBLISHING`.
     #[serde(default)]
     pub pending_image_progress: Option<super::agent::ComponentProgress>,

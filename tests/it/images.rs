@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{machine, machine_of, machine_with, wait_until, Client, Env, Machine, Reboot};
+use crate::support::{
+    machine, machine_of, machine_with, one_machine, wait_until, Client, Env, Machine, Reboot,
+};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -348,10 +350,8 @@ fn a_scheduled_push_stages_first_applies_on_time_and_commits() {
 #[test]
 fn reschedule_cancel_and_conflicts() {
     let env = Env::new();
-    let ctl = env.controller();
-    let mut m = machine(&env, &ctl, "m1", "p", Reboot::Real);
+    let (ctl, mut m) = one_machine(&env);
     let op = env.operator(&ctl);
-    op.wait_online(&["m1"], T);
     let fleet = Fleet::new(&env);
     let a = fleet.image(&op, "alpha", true, 16);
     let b = fleet.image(&op, "beta", true, 16);
@@ -443,10 +443,8 @@ fn reschedule_cancel_and_conflicts() {
 #[test]
 fn a_failed_health_check_rolls_back_to_the_healthy_previous_image() {
     let env = Env::new();
-    let ctl = env.controller();
-    let mut m = machine(&env, &ctl, "m1", "p", Reboot::Real);
+    let (ctl, mut m) = one_machine(&env);
     let op = env.operator(&ctl);
-    op.wait_online(&["m1"], T);
     let fleet = Fleet::new(&env);
     let good = fleet.image(&op, "good", true, 16);
     let bad = fleet.image(&op, "bad", false, 16);
@@ -558,10 +556,8 @@ fn selective_push_with_stop_on_first_error_skips_the_rest() {
 #[test]
 fn force_logoff_ends_the_session_before_the_image_is_switched() {
     let env = Env::new();
-    let ctl = env.controller();
-    let mut m = machine(&env, &ctl, "m1", "p", Reboot::Real);
+    let (ctl, mut m) = one_machine(&env);
     let op = env.operator(&ctl);
-    op.wait_online(&["m1"], T);
     let (s, _) = op.put("/v1/settings", json!({"force_logoff_grace_seconds": 1}));
     assert_eq!(s, 200);
     let fleet = Fleet::new(&env);
@@ -632,10 +628,8 @@ fn a_machine_offline_at_start_time_catches_up() {
 #[test]
 fn push_requests_are_validated_with_the_field_named() {
     let env = Env::new();
-    let ctl = env.controller();
-    let _m = machine(&env, &ctl, "m1", "p", Reboot::Real);
+    let (ctl, _m) = one_machine(&env);
     let op = env.operator(&ctl);
-    op.wait_online(&["m1"], T);
     let fleet = Fleet::new(&env);
     let a = fleet.image(&op, "alpha", true, 16);
     let cases: Vec<(Value, u16, &str)> = vec![

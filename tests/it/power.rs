@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{machine, machine_of, wait_until, Client, Env, Reboot};
+use crate::support::{machine, machine_of, one_machine, wait_until, Client, Env, Reboot};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -22,10 +22,8 @@ fn finished(op: &Client, task: &str, id: &str) -> Value {
 #[test]
 fn post_finish_reboot_reports_one_result_after_the_new_boot() {
     let env = Env::new();
-    let ctl = env.controller();
-    let mut m = machine(&env, &ctl, "m1", "p", Reboot::Real);
+    let (ctl, mut m) = one_machine(&env);
     let op = env.operator(&ctl);
-    op.wait_online(&["m1"], T);
     let before = m.boot_id();
     let task = run(
         &op,
@@ -58,10 +56,8 @@ fn post_finish_reboot_reports_one_result_after_the_new_boot() {
 #[test]
 fn pre_start_reboot_runs_the_script_once_after_the_reboot() {
     let env = Env::new();
-    let ctl = env.controller();
-    let mut m = machine(&env, &ctl, "m1", "p", Reboot::Real);
+    let (ctl, mut m) = one_machine(&env);
     let op = env.operator(&ctl);
-    op.wait_online(&["m1"], T);
     let marker = env.path().join("runs");
     let task = run(
         &op,
@@ -109,10 +105,8 @@ fn a_restart_without_a_new_boot_id_is_not_a_reboot() {
 #[test]
 fn exit_194_reboots_and_a_reboot_loop_is_refused() {
     let env = Env::new();
-    let ctl = env.controller();
-    let mut m = machine(&env, &ctl, "m1", "p", Reboot::Real);
+    let (ctl, mut m) = one_machine(&env);
     let op = env.operator(&ctl);
-    op.wait_online(&["m1"], T);
 
     let task = run(
         &op,
@@ -148,10 +142,8 @@ fn exit_194_reboots_and_a_reboot_loop_is_refused() {
 #[test]
 fn post_finish_stop_reports_and_is_not_lost() {
     let env = Env::new();
-    let ctl = env.controller();
-    let mut m = machine(&env, &ctl, "m1", "p", Reboot::Real);
+    let (ctl, mut m) = one_machine(&env);
     let op = env.operator(&ctl);
-    op.wait_online(&["m1"], T);
     let task = run(
         &op,
         "p",

@@ -612,6 +612,15 @@ pub fn write_script(path: &Path, body: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
+/// A controller and one online machine, `m1` in pool `p`, that really reboots.
+pub fn one_machine(env: &Env) -> (Controller, Machine) {
+    let ctl = env.controller();
+    let m = machine(env, &ctl, "m1", "p", Reboot::Real);
+    env.operator(&ctl)
+        .wait_online(&["m1"], Duration::from_secs(60));
+    (ctl, m)
+}
+
 pub fn machine(env: &Env, ctl: &Controller, id: &str, pool: &str, reboot: Reboot) -> Machine {
     machine_with(env, ctl, id, pool, reboot, "")
 }
