@@ -87,8 +87,8 @@ fn main() {
     let dir = tmp.path();
     let pki = dir.join("pki");
     fieldhand::pki::init(&pki, &[]).unwrap();
-    fieldhand::pki::issue(&pki, &Identity::operator("bench")).unwrap();
-    fieldhand::pki::issue(&pki, &Identity::agent("bench-agent")).unwrap();
+    fieldhand::pki::issue(&pki, &Identity::operator("bench"), None).unwrap();
+    fieldhand::pki::issue(&pki, &Identity::agent("bench-agent"), None).unwrap();
 
     let archive = dir.join("payload.tar.gz");
     let t = Instant::now();

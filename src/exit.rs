@@ -18,6 +18,8 @@ pub enum Exit {
     CantCreate,
     /// An I/O error (EX_IOERR).
     IoErr,
+    /// Try again later: e.g. another agent holds the state directory (EX_TEMPFAIL).
+    TempFail,
     /// Configuration is missing or invalid (EX_CONFIG).
     Config,
 }
@@ -33,6 +35,7 @@ impl Exit {
             Exit::Software => 70,
             Exit::CantCreate => 73,
             Exit::IoErr => 74,
+            Exit::TempFail => 75,
             Exit::Config => 78,
         }
     }

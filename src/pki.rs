@@ -21,6 +21,10 @@ use crate::exit::Exit;
 
 /// Prefix of the URI SAN that names a fieldhand identity.
 pub const URI_PREFIX: &str = "urn:fieldhand:";
+/// Prefix of the URI SAN that binds a hand-issued agent certificate to a pool at issue time
+/// (`pki issue --agent ID --pool P`). A separate prefix, so controllers that only know
+/// identity URIs still find exactly one of those.
+pub const POOL_URI_PREFIX: &str = "urn:fieldhand-pool:";
 
 /// CA lifetime; rotating the CA means re-issuing every machine, so it is long.
 const CA_DAYS: i64 = 3650;
@@ -115,6 +119,8 @@ pub enum PkiError {
     BadCa { path: PathBuf, reason: String },
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("the certificate signing request is not usable: {reason}")]
+    BadCsr { reason: String },
 }
 
 impl PkiError {
@@ -122,7 +128,9 @@ impl PkiError {
         match self {
             PkiError::InvalidName { .. } | PkiError::InvalidSan { .. } => Exit::Usage,
             PkiError::Exists { .. } | PkiError::Write { .. } => Exit::CantCreate,
-            PkiError::Read { .. } | PkiError::BadCa { .. } => Exit::DataErr,
+            PkiError::Read { .. } | PkiError::BadCa { .. } | PkiError::BadCsr { .. } => {
+                Exit::DataErr
+            }
             PkiError::Generate(_) => Exit::Software,
         }
     }
@@ -155,15 +163,20 @@ pub fn validate_name(field: &str, value: &str) -> Result<(), PkiError> {
 pub struct InitOutcome {
     pub ca_cert: PathBuf,
     pub ca_key: PathBuf,
+    /// The issuing CA the controller signs enrollments and renewals with; the root key
+    /// (`ca_key`) can then be kept offline.
+    pub issuing_cert: PathBuf,
+    pub issuing_key: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
-fn validity(params: &mut CertificateParams, days: i64) {
+fn validity(params: &mut CertificateParams, lifetime: Duration) {
     let now = OffsetDateTime::now_utc();
-    // Tolerate small clock skew between the CA host and the fleet.
-    params.not_before = now - Duration::hours(1);
-    params.not_after = now + Duration::days(days);
+    // Tolerate small clock skew between the CA host and the fleet; a tenth of the lifetime at
+    // most, so renewal at two thirds of it still lands after the issue time.
+    params.not_before = now - Duration::hours(1).min(lifetime / 10);
+    params.not_after = now + lifetime;
     params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
 }
 
@@ -182,10 +195,19 @@ pub fn init(dir: &Path, extra_sans: &[String]) -> Result<InitOutcome, PkiError> 
     let out = InitOutcome {
         ca_cert: dir.join("ca.pem"),
         ca_key: dir.join("ca-key.pem"),
+        issuing_cert: dir.join("issuing-ca.pem"),
+        issuing_key: dir.join("issuing-ca-key.pem"),
         cert: dir.join("controller.pem"),
         key: dir.join("controller-key.pem"),
     };
-    for p in [&out.ca_cert, &out.ca_key, &out.cert, &out.key] {
+    for p in [
+        &out.ca_cert,
+        &out.ca_key,
+        &out.issuing_cert,
+        &out.issuing_key,
+        &out.cert,
+        &out.key,
+    ] {
         refuse_existing(p)?;
     }
     let mut sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
@@ -207,14 +229,23 @@ pub fn init(dir: &Path, extra_sans: &[String]) -> Result<InitOutcome, PkiError> 
     ca_params
         .distinguished_name
         .push(DnType::CommonName, "fieldhand fleet CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    validity(&mut ca_params, CA_DAYS);
+    // Path length 1: the root signs one level of issuing CA (the controller's), which
+    // signs only leaves.
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    ca_params.key_usages = ca_usages();
+    validity(&mut ca_params, Duration::days(CA_DAYS));
     let ca = ca_params.self_signed(&ca_key)?;
+
+    let issuing_key = KeyPair::generate()?;
+    let mut ip = CertificateParams::new(Vec::<String>::new())?;
+    ip.distinguished_name = rcgen::DistinguishedName::new();
+    ip.distinguished_name
+        .push(DnType::CommonName, "fieldhand issuing CA");
+    ip.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ip.key_usages = ca_usages();
+    ip.use_authority_key_identifier_extension = true;
+    validity(&mut ip, Duration::days(CA_DAYS));
+    let issuing = ip.signed_by(&issuing_key, &ca, &ca_key)?;
 
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(sans).map_err(|e| PkiError::InvalidSan {
@@ -226,7 +257,7 @@ pub fn init(dir: &Path, extra_sans: &[String]) -> Result<InitOutcome, PkiError> 
         .distinguished_name
         .push(DnType::CommonName, "fieldhand-controller");
     leaf_usages(&mut params, ExtendedKeyUsagePurpose::ServerAuth);
-    validity(&mut params, LEAF_DAYS);
+    validity(&mut params, Duration::days(LEAF_DAYS));
     let cert = params.signed_by(&key, &ca, &ca_key)?;
 
     std::fs::create_dir_all(dir).map_err(|source| PkiError::Write {
@@ -237,9 +268,23 @@ pub fn init(dir: &Path, extra_sans: &[String]) -> Result<InitOutcome, PkiError> 
     // instead of silently pairing a new cert with an unknown key.
     write_new(&out.ca_key, ca_key.serialize_pem().as_bytes(), 0o600)?;
     write_new(&out.ca_cert, ca.pem().as_bytes(), 0o644)?;
+    write_new(
+        &out.issuing_key,
+        issuing_key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    write_new(&out.issuing_cert, issuing.pem().as_bytes(), 0o644)?;
     write_new(&out.key, key.serialize_pem().as_bytes(), 0o600)?;
     write_new(&out.cert, cert.pem().as_bytes(), 0o644)?;
     Ok(out)
+}
+
+fn ca_usages() -> Vec<KeyUsagePurpose> {
+    vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ]
 }
 
 fn leaf_usages(params: &mut CertificateParams, eku: ExtendedKeyUsagePurpose) {
@@ -250,12 +295,21 @@ fn leaf_usages(params: &mut CertificateParams, eku: ExtendedKeyUsagePurpose) {
 }
 
 /// Issues a client certificate for `who`, signed by the CA in `dir`. Returns (cert, key).
-pub fn issue(dir: &Path, who: &Identity) -> Result<(PathBuf, PathBuf), PkiError> {
+/// An agent certificate may carry the pool its machine joins when the controller first
+/// hears of it (`pool`); after that only an operator moves it.
+pub fn issue(
+    dir: &Path,
+    who: &Identity,
+    pool: Option<&str>,
+) -> Result<(PathBuf, PathBuf), PkiError> {
     let field = match who.role {
         Role::Agent => "--agent",
         Role::Operator => "--operator",
     };
     validate_name(field, &who.name)?;
+    if let Some(p) = pool {
+        validate_name("--pool", p)?;
+    }
     let sub = dir.join(match who.role {
         Role::Agent => "agents",
         Role::Operator => "operators",
@@ -265,32 +319,10 @@ pub fn issue(dir: &Path, who: &Identity) -> Result<(PathBuf, PathBuf), PkiError>
     refuse_existing(&cert_path)?;
     refuse_existing(&key_path)?;
 
-    let ca_cert_path = dir.join("ca.pem");
-    let ca_key_path = dir.join("ca-key.pem");
-    let ca_pem = read(&ca_cert_path)?;
-    let ca_key_pem = read(&ca_key_path)?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| PkiError::BadCa {
-        path: ca_key_path.clone(),
-        reason: e.to_string(),
-    })?;
-    let ca_params = CertificateParams::from_ca_cert_pem(&ca_pem).map_err(|e| PkiError::BadCa {
-        path: ca_cert_path.clone(),
-        reason: e.to_string(),
-    })?;
-    // Re-signing the parsed CA params yields an issuer with the same subject and key,
-    // which is all chain building needs; the original ca.pem stays the trust anchor.
-    let ca = ca_params.self_signed(&ca_key)?;
-
+    let issuer = Issuer::load(&dir.join("ca.pem"), &dir.join("ca-key.pem"))?;
     let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, who.to_string());
-    params.subject_alt_names = vec![SanType::URI(who.uri().try_into()?)];
-    leaf_usages(&mut params, ExtendedKeyUsagePurpose::ClientAuth);
-    validity(&mut params, LEAF_DAYS);
-    let cert = params.signed_by(&key, &ca, &ca_key)?;
+    let params = leaf_params(who, pool, Duration::days(LEAF_DAYS))?;
+    let cert = params.signed_by(&key, &issuer.cert, &issuer.key)?;
 
     std::fs::create_dir_all(&sub).map_err(|source| PkiError::Write {
         path: sub.clone(),
@@ -299,6 +331,133 @@ pub fn issue(dir: &Path, who: &Identity) -> Result<(PathBuf, PathBuf), PkiError>
     write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
     write_new(&cert_path, cert.pem().as_bytes(), 0o644)?;
     Ok((cert_path, key_path))
+}
+
+/// The parameters of a client certificate for `who`: the identity (and pool) as URI SANs,
+/// client-auth only.
+fn leaf_params(
+    who: &Identity,
+    pool: Option<&str>,
+    lifetime: Duration,
+) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, who.to_string());
+    params.subject_alt_names = vec![SanType::URI(who.uri().try_into()?)];
+    if let (Role::Agent, Some(p)) = (who.role, pool) {
+        params
+            .subject_alt_names
+            .push(SanType::URI(format!("{POOL_URI_PREFIX}{p}").try_into()?));
+    }
+    leaf_usages(&mut params, ExtendedKeyUsagePurpose::ClientAuth);
+    validity(&mut params, lifetime);
+    Ok(params)
+}
+
+/// A CA that signs certificates: the root for `pki issue`, the issuing CA for the
+/// controller's enrollments and renewals.
+pub struct Issuer {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    /// The issuer's own certificate when it is not the trust root: sent after the leaf, so
+    /// peers that trust only the root can build the chain.
+    intermediate_pem: Option<String>,
+}
+
+/// A certificate the controller signed.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The leaf, then the issuing CA when there is one.
+    pub chain_pem: String,
+    /// Lower-case hex of the serial number, as [`crate::tls::CertInfo::serial`] reads it.
+    pub serial: String,
+    pub not_after: OffsetDateTime,
+}
+
+impl Issuer {
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Issuer, PkiError> {
+        let pem = read(cert_path)?;
+        let key_pem = read(key_path)?;
+        let bad = |path: &Path, reason: String| PkiError::BadCa {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| bad(key_path, e.to_string()))?;
+        let params =
+            CertificateParams::from_ca_cert_pem(&pem).map_err(|e| bad(cert_path, e.to_string()))?;
+        // Re-signing the parsed CA params yields an issuer with the same subject and key,
+        // which is all chain building needs; the file on disk stays what peers see.
+        let cert = params.self_signed(&key)?;
+        let der = {
+            use rustls::pki_types::pem::PemObject;
+            rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+                .map_err(|e| bad(cert_path, e.to_string()))?
+        };
+        let self_signed = crate::tls::is_self_signed(&der);
+        if !crate::tls::public_key_matches(&der, &key.public_key_der()) {
+            return Err(bad(
+                key_path,
+                format!("is not the key of {}", cert_path.display()),
+            ));
+        }
+        Ok(Issuer {
+            cert,
+            key,
+            intermediate_pem: (!self_signed).then_some(pem),
+        })
+    }
+
+    /// Signs a certificate for `who` over the public key of `csr_pem`. Only the key is taken
+    /// from the request (its signature proves the requester holds it); the identity, pool
+    /// and lifetime are the controller's.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        who: &Identity,
+        pool: Option<&str>,
+        lifetime: std::time::Duration,
+    ) -> Result<Issued, PkiError> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+            PkiError::BadCsr {
+                reason: e.to_string(),
+            }
+        })?;
+        let lifetime = Duration::try_from(lifetime).unwrap_or(Duration::days(LEAF_DAYS));
+        csr.params = leaf_params(who, pool, lifetime)?;
+        let not_after = csr.params.not_after;
+        let serial = csr
+            .params
+            .serial_number
+            .as_ref()
+            .map(|s| hex::encode(s.as_ref()))
+            .unwrap_or_default();
+        let cert = csr.signed_by(&self.cert, &self.key)?;
+        let mut chain_pem = cert.pem();
+        if let Some(i) = &self.intermediate_pem {
+            chain_pem.push_str(i);
+        }
+        Ok(Issued {
+            chain_pem,
+            serial,
+            not_after,
+        })
+    }
+}
+
+/// A new key pair and a certificate signing request over it, for enrollment and renewal:
+/// `(key_pem, csr_pem)`. The key never leaves the machine; the request carries no identity
+/// (the controller decides it).
+pub fn new_key_and_csr() -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "fieldhand agent");
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
 }
 
 /// Creates the payload signing key pair in `dir`: `signing-key.pem` (PKCS#8, 0600) for the
@@ -404,11 +563,11 @@ mod tests {
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&out.ca_key), 0o600);
         assert_eq!(mode(&out.key), 0o600);
-        let (cert, key) = issue(dir.path(), &Identity::agent("m1")).unwrap();
+        let (cert, key) = issue(dir.path(), &Identity::agent("m1"), None).unwrap();
         assert_eq!(cert, dir.path().join("agents/m1.pem"));
         assert_eq!(mode(&key), 0o600);
         let before = std::fs::read(&cert).unwrap();
-        let e = issue(dir.path(), &Identity::agent("m1")).unwrap_err();
+        let e = issue(dir.path(), &Identity::agent("m1"), None).unwrap_err();
         assert!(matches!(e, PkiError::Exists { .. }), "{e}");
         assert_eq!(std::fs::read(&cert).unwrap(), before);
         let e = init(dir.path(), &[]).unwrap_err();
@@ -418,9 +577,49 @@ mod tests {
     }
 
     #[test]
+    fn the_issuing_ca_signs_a_csr_with_the_controllers_identity_and_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = init(dir.path(), &[]).unwrap();
+        let issuer = Issuer::load(&out.issuing_cert, &out.issuing_key).unwrap();
+        let (_key, csr) = new_key_and_csr().unwrap();
+        let issued = issuer
+            .sign_csr(
+                &csr,
+                &Identity::agent("m7"),
+                Some("pool-a"),
+                std::time::Duration::from_secs(60),
+            )
+            .unwrap();
+        let certs: Vec<rustls::pki_types::CertificateDer<'static>> =
+            rustls::pki_types::pem::PemObject::pem_slice_iter(issued.chain_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .unwrap();
+        assert_eq!(certs.len(), 2, "leaf and issuing CA");
+        let info = crate::tls::cert_info(&certs[0]).unwrap();
+        assert_eq!(info.identity, Some(Identity::agent("m7")));
+        assert_eq!(info.pool.as_deref(), Some("pool-a"));
+        assert_eq!(info.serial, issued.serial);
+        let left = info.not_after_ms - crate::sys::clock::unix_ms(crate::sys::clock::now());
+        assert!((0..=61_000).contains(&left), "{left}");
+        // A request that is not a CSR is refused with a reason.
+        let e = issuer
+            .sign_csr(
+                "junk",
+                &Identity::agent("m7"),
+                None,
+                std::time::Duration::from_secs(60),
+            )
+            .unwrap_err();
+        assert!(matches!(e, PkiError::BadCsr { .. }), "{e}");
+        // The issuing key does not pass for the root's.
+        let e = Issuer::load(&out.ca_cert, &out.issuing_key).err().unwrap();
+        assert!(e.to_string().contains("is not the key"), "{e}");
+    }
+
+    #[test]
     fn issue_without_ca_names_the_missing_file() {
         let dir = tempfile::tempdir().unwrap();
-        let e = issue(dir.path(), &Identity::operator("ops")).unwrap_err();
+        let e = issue(dir.path(), &Identity::operator("ops"), None).unwrap_err();
         assert!(e.to_string().contains("ca.pem"), "{e}");
     }
 }

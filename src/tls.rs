@@ -74,7 +74,9 @@ fn roots(ca: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(store))
 }
 
-/// Server side: a client certificate chaining to `ca` is required on every connection.
+/// Server side: a client certificate, when one is sent, must chain to `ca`. A client without
+/// one completes the handshake but reaches nothing except enrollment (the router refuses it
+/// everything else), so a machine with only a token can ask for its first certificate.
 pub fn server_config(
     ca: &Path,
     cert: &Path,
@@ -86,6 +88,7 @@ pub fn server_config(
         reason,
     };
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
+        .allow_unauthenticated()
         .build()
         .map_err(|e| TlsError::Ca {
             path: ca.to_path_buf(),
@@ -154,6 +157,68 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Option<Identity> {
         return None;
     }
     first
+}
+
+/// What the controller reads from a verified client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// `None` when the certificate names no (or an ambiguous) fieldhand identity.
+    pub identity: Option<Identity>,
+    /// The pool bound at issue time (`urn:fieldhand-pool:P`), for hand-issued agent certs.
+    pub pool: Option<String>,
+    /// Lower-case hex of the serial number: what revocation lists name.
+    pub serial: String,
+    pub not_before_ms: i64,
+    pub not_after_ms: i64,
+}
+
+/// Reads identity, pool, serial and validity from a certificate (DER).
+pub fn cert_info(cert: &CertificateDer<'_>) -> Option<CertInfo> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let pool = parsed
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => u
+                    .strip_prefix(crate::pki::POOL_URI_PREFIX)
+                    .filter(|p| crate::pki::validate_name("pool_id", p).is_ok())
+                    .map(str::to_string),
+                _ => None,
+            })
+        });
+    let validity = parsed.validity();
+    Some(CertInfo {
+        identity: identity_of(cert),
+        pool,
+        serial: hex::encode(parsed.raw_serial()),
+        not_before_ms: validity.not_before.timestamp() * 1000,
+        not_after_ms: validity.not_after.timestamp() * 1000,
+    })
+}
+
+/// The first certificate of a PEM file, read as [`CertInfo`].
+pub fn cert_info_of_file(path: &Path) -> Result<CertInfo, TlsError> {
+    let certs = load_certs(path)?;
+    cert_info(&certs[0]).ok_or_else(|| TlsError::Certs {
+        path: path.to_path_buf(),
+        reason: "not an X.509 certificate".into(),
+    })
+}
+
+/// Whether a certificate's issuer is its subject (a root).
+pub fn is_self_signed(cert: &CertificateDer<'_>) -> bool {
+    x509_parser::parse_x509_certificate(cert.as_ref())
+        .map(|(_, c)| c.issuer() == c.subject())
+        .unwrap_or(false)
+}
+
+/// Whether `spki_der` (a SubjectPublicKeyInfo) is the certificate's public key.
+pub fn public_key_matches(cert: &CertificateDer<'_>, spki_der: &[u8]) -> bool {
+    x509_parser::parse_x509_certificate(cert.as_ref())
+        .map(|(_, c)| c.public_key().raw == spki_der)
+        .unwrap_or(false)
 }
 
 pub fn identity_of_file(path: &Path) -> Result<Identity, TlsError> {

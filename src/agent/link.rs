@@ -9,6 +9,7 @@ use http::Method;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
+use super::identity::IdentityState;
 use super::store::Outbox;
 use super::Input;
 use crate::net::client::HttpsClient;
@@ -17,6 +18,7 @@ use crate::proto::agent::{
     AgentEvent, EventBatch, EventBody, EventsApplied, Heartbeat, PollRequest, PollResponse,
     Progress,
 };
+use crate::proto::status::{IdentityPhase, LinkPhase};
 use crate::sys::clock;
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -53,6 +55,7 @@ struct LinkInner {
     connected: bool,
     reported: bool,
     last_contact: Option<OffsetDateTime>,
+    last_error: Option<String>,
 }
 
 /// What the agent knows about its connection, shared by the loops and the status socket.
@@ -70,6 +73,7 @@ impl LinkState {
         i.connected = true;
         i.reported = true;
         i.last_contact = Some(clock::now());
+        i.last_error = None;
     }
 
     pub fn down(&self, err: &NetError) {
@@ -79,18 +83,33 @@ impl LinkState {
         }
         i.connected = false;
         i.reported = true;
+        i.last_error = Some(err.to_string());
     }
 
     pub fn snapshot(&self) -> (bool, Option<OffsetDateTime>) {
         let i = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         (i.connected, i.last_contact)
     }
+
+    /// `connecting` until the first answer or error (a first long poll may be open for
+    /// its whole wait), then connected or unreachable; and the last error.
+    pub fn phase(&self) -> (LinkPhase, Option<String>) {
+        let i = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let phase = match (i.connected, &i.last_error) {
+            (true, _) => LinkPhase::Connected,
+            (false, None) => LinkPhase::Connecting,
+            (false, Some(_)) => LinkPhase::Unreachable,
+        };
+        (phase, i.last_error.clone())
+    }
 }
 
 /// Everything the loops share.
 pub struct Link {
     pub client: HttpsClient,
-    pub pool_id: String,
+    pub identity: Arc<IdentityState>,
+    /// Becomes `true` once a usable certificate is in place.
+    pub ready: watch::Receiver<bool>,
     pub state: Arc<LinkState>,
     pub long_poll: Duration,
     pub retry_initial: Duration,
@@ -104,6 +123,21 @@ async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
     }
 }
 
+/// Waits until the agent has a certificate; `true` if stopped first.
+async fn wait_ready(link: &Link, stop: &mut watch::Receiver<bool>) -> bool {
+    let mut ready = link.ready.clone();
+    tokio::select! {
+        r = ready.wait_for(|r| *r) => r.is_err(),
+        _ = stop.changed() => true,
+    }
+}
+
+/// How long an agent the controller refuses for its identity (a conflict, a revocation)
+/// waits before asking again: slowly, it takes no work meanwhile.
+fn refused_wait(link: &Link) -> Duration {
+    (link.retry_max * 10).clamp(Duration::from_secs(5), Duration::from_secs(60))
+}
+
 /// Long-polls for work, hands it to the core, and acknowledges what the core persisted in the
 /// next poll.
 pub async fn poll_loop(
@@ -113,9 +147,12 @@ pub async fn poll_loop(
 ) {
     let mut backoff = Backoff::new(link.retry_initial, link.retry_max);
     let (mut ack_a, mut ack_c) = (Vec::new(), Vec::new());
+    if wait_ready(&link, &mut stop).await {
+        return;
+    }
+    let mut identity_changed = link.identity.subscribe();
     loop {
         let req = PollRequest {
-            pool_id: link.pool_id.clone(),
             agent_version: AGENT_VERSION.into(),
             wait_ms: link.long_poll.as_millis() as u64,
             ack_assignments: ack_a.clone(),
@@ -134,6 +171,7 @@ pub async fn poll_loop(
         match res {
             Ok(resp) => {
                 link.state.up();
+                link.identity.accepted();
                 backoff.reset();
                 ack_a.clear();
                 ack_c.clear();
@@ -156,6 +194,34 @@ pub async fn poll_loop(
                     ack_c = rx.await.unwrap_or_default();
                 }
             }
+            Err(NetError::Status {
+                status,
+                error_code,
+                error_msg,
+                ..
+            }) if matches!(
+                error_code.as_str(),
+                "IDENTITY_CONFLICT" | "CERT_REVOKED" | "MACHINE_DECOMMISSIONED"
+            ) =>
+            {
+                link.state.up();
+                let phase = if status == 409 {
+                    IdentityPhase::Conflict
+                } else {
+                    IdentityPhase::Revoked
+                };
+                link.identity
+                    .refused(phase, format!("the controller takes no work from this identity: {error_code}: {error_msg}"));
+                if phase == IdentityPhase::Conflict {
+                    link.identity.request_reenroll();
+                }
+                identity_changed.borrow_and_update();
+                tokio::select! {
+                    _ = tokio::time::sleep(refused_wait(&link)) => {}
+                    _ = identity_changed.changed() => {}
+                    _ = stop.changed() => return,
+                }
+            }
             Err(e) => {
                 link.state.down(&e);
                 if sleep_or_stop(backoff.next_delay(), &mut stop).await {
@@ -172,8 +238,12 @@ pub async fn heartbeat_loop(
     every: Duration,
     state_dir: std::path::PathBuf,
     gpu: Option<bool>,
+    outbox: Arc<Mutex<Outbox>>,
     mut stop: watch::Receiver<bool>,
 ) {
+    if wait_ready(&link, &mut stop).await {
+        return;
+    }
     loop {
         let dir = state_dir.clone();
         let facts = tokio::task::spawn_blocking(move || {
@@ -181,10 +251,16 @@ pub async fn heartbeat_loop(
         })
         .await
         .unwrap_or_default();
+        let pending = outbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .counts()
+            .map(|(e, _)| e)
+            .unwrap_or(0);
         let hb = Heartbeat {
-            pool_id: link.pool_id.clone(),
             agent_version: AGENT_VERSION.into(),
             facts,
+            outbox: pending,
         };
         let res = link
             .client
@@ -196,7 +272,10 @@ pub async fn heartbeat_loop(
             )
             .await;
         let wait = match res {
-            Ok(()) => every,
+            Ok(()) => {
+                link.state.up();
+                every
+            }
             // Retry sooner so facts appear soon after the controller comes back.
             Err(e) => {
                 tracing::debug!(error = %e, "heartbeat failed");
@@ -219,6 +298,9 @@ pub async fn progress_loop(
 ) {
     let mut last_sent = tokio::time::Instant::now();
     let mut dirty = false;
+    if wait_ready(&link, &mut stop).await {
+        return;
+    }
     loop {
         // Idle (nothing staging): sleep until there is progress, not on a timer.
         let idle = feed.borrow().is_none();
@@ -286,6 +368,9 @@ pub async fn deliver_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(link.retry_initial, link.retry_max);
+    if wait_ready(&link, &mut stop).await {
+        return;
+    }
     loop {
         let notified = wake.notified();
         tokio::pin!(notified);

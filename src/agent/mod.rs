@@ -4,6 +4,7 @@
 //! running assignment, and the status socket.
 
 pub mod executor;
+pub mod identity;
 pub mod image;
 pub mod link;
 pub mod logoff;
@@ -53,6 +54,19 @@ pub enum AgentError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Status(#[from] status::StatusError),
+    #[error("another agent (pid {pid}) is running on state_dir {dir}; it keeps its files (stop it first)")]
+    Locked { dir: PathBuf, pid: String },
+    #[error(transparent)]
+    Lock(crate::sys::fsutil::LockError),
+    #[error("no certificate at {path} and no enrollment token configured: set enrollment_token_file, or put a certificate there (pki issue --agent)")]
+    NoIdentity { path: PathBuf },
+    #[error("machine_id {value:?} (the host name) is not a usable machine id: {reason}; set machine_id in the config")]
+    BadMachineId { value: String, reason: String },
+    #[error("cannot finish the certificate swap at {path}: {source}")]
+    Swap {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Inputs of the core loop: a closed set.
@@ -70,6 +84,9 @@ pub enum Input {
     Waiting(String, Option<WaitingStatus>),
     /// A status-socket client.
     Status(oneshot::Sender<StatusReport>),
+    /// The certificate in place names this machine id (after enrollment, or a re-enrollment
+    /// under the machine's own id).
+    Identity(String),
 }
 
 /// The core: owns the state and performs effects.
@@ -82,8 +99,7 @@ struct Core {
     exec_tx: mpsc::Sender<Input>,
     cancel: Option<(String, watch::Sender<bool>)>,
     link: Arc<LinkState>,
-    machine_id: String,
-    pool_id: String,
+    identity: Arc<identity::IdentityState>,
     controller_url: String,
     /// Latest staging progress of the running assignment (not persisted); the link
     /// forwards it to the controller, the status socket reads it here.
@@ -172,12 +188,22 @@ impl Core {
         Ok(acks)
     }
 
+    /// Whether an assignment runs or waits.
+    fn busy(&self) -> bool {
+        self.state.running.is_some() || !self.state.queue.is_empty()
+    }
+
     /// One line for systemd's STATUS=.
     fn summary(&self) -> String {
-        let link = if self.link.snapshot().0 {
-            "connected"
-        } else {
-            "controller not reachable"
+        use crate::proto::status::{IdentityPhase, LinkPhase};
+        let link = match (self.identity.snapshot().phase, self.link.phase().0) {
+            (IdentityPhase::Enrolling, _) => "enrolling",
+            (IdentityPhase::CertificateInvalid, _) => "certificate not valid",
+            (IdentityPhase::Conflict, _) => "identity conflict: taking no work",
+            (IdentityPhase::Revoked, _) => "revoked: taking no work",
+            (IdentityPhase::Enrolled, LinkPhase::Connected) => "connected",
+            (IdentityPhase::Enrolled, LinkPhase::Connecting) => "connecting",
+            (IdentityPhase::Enrolled, LinkPhase::Unreachable) => "controller not reachable",
         };
         let work = match (&self.state.running, &self.waiting) {
             (Some(r), Some((_, w))) => {
@@ -314,6 +340,7 @@ impl Core {
 
     fn status(&self) -> StatusReport {
         let (connected, last_contact) = self.link.snapshot();
+        let (link, last_error) = self.link.phase();
         let (events, results) = self
             .outbox
             .lock()
@@ -322,11 +349,13 @@ impl Core {
             .unwrap_or((0, 0));
         let now = clock::now();
         StatusReport {
-            machine_id: self.machine_id.clone(),
-            pool_id: self.pool_id.clone(),
+            machine_id: self.identity.machine_id(),
             controller_url: self.controller_url.clone(),
             connected,
+            link,
             last_contact: last_contact.map(clock::rfc3339),
+            last_error,
+            identity: self.identity.snapshot(),
             running: self.state.running.as_ref().map(|r| RunningStatus {
                 assignment_id: r.assignment.assignment_id.clone(),
                 task_id: r.assignment.task_id.clone(),
@@ -441,6 +470,10 @@ impl Core {
             Input::Status(reply) => {
                 let _ = reply.send(self.status());
             }
+            Input::Identity(machine_id) => {
+                // Scripts started from now on see the id the controller knows this machine by.
+                self.exec.machine_id = machine_id;
+            }
         }
         Ok(())
     }
@@ -480,21 +513,74 @@ async fn reboot_timeout_at(
 /// Runs the agent until `shutdown` completes. Everything that can fail at start-up (certificate,
 /// directories, state, status socket) fails before any work is taken.
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
-    let identity = crate::tls::identity_of_file(&cfg.tls.cert)?;
-    if identity.role != Role::Agent {
-        return Err(AgentError::NotAnAgent {
-            path: cfg.tls.cert.clone(),
-            identity: identity.to_string(),
-        });
-    }
-    let machine_id = identity.name.clone();
-    let tls = crate::tls::client_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
-    let client = crate::net::client::HttpsClient::new(&cfg.controller_url, tls)?;
     let dir_err = |path: &PathBuf| {
         let path = path.clone();
         move |source| AgentError::Dir { path, source }
     };
     crate::sys::fsutil::ensure_dir(&cfg.state_dir, 0o700).map_err(dir_err(&cfg.state_dir))?;
+    // One agent per state directory: a second one would run every assignment again. Taken
+    // before anything else is touched (the status socket, the state, the certificate).
+    let _lock = crate::sys::fsutil::lock_exclusive(&cfg.state_dir.join("agent.lock")).map_err(
+        |e| match e {
+            crate::sys::fsutil::LockError::Held { pid, .. } => AgentError::Locked {
+                dir: cfg.state_dir.clone(),
+                pid,
+            },
+            e => AgentError::Lock(e),
+        },
+    )?;
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
+    let files = identity::Files {
+        ca: cfg.tls.ca.clone(),
+        cert: cfg.tls.cert.clone(),
+        key: cfg.tls.key.clone(),
+    };
+    files.recover().map_err(|source| AgentError::Swap {
+        path: cfg.tls.cert.clone(),
+        source,
+    })?;
+    let own_machine_id = cfg
+        .machine_id
+        .clone()
+        .unwrap_or_else(crate::sys::facts::hostname);
+    // The client starts with the certificate in place, or with none until enrollment.
+    let (machine_id, tls) = match files.current() {
+        Some(info) => {
+            let info = info?;
+            let name = match &info.identity {
+                Some(id) if id.role == Role::Agent => id.name.clone(),
+                other => {
+                    return Err(AgentError::NotAnAgent {
+                        path: cfg.tls.cert.clone(),
+                        identity: other
+                            .as_ref()
+                            .map(|i| i.to_string())
+                            .unwrap_or_else(|| "no fieldhand identity".into()),
+                    })
+                }
+            };
+            (name, files.client_config()?)
+        }
+        None if cfg.enrollment.is_none() => {
+            return Err(AgentError::NoIdentity {
+                path: cfg.tls.cert.clone(),
+            })
+        }
+        None => {
+            crate::pki::validate_name("machine_id", &own_machine_id).map_err(|e| {
+                AgentError::BadMachineId {
+                    value: own_machine_id.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            (
+                own_machine_id.clone(),
+                crate::tls::client_config_without_cert(&cfg.tls.ca)?,
+            )
+        }
+    };
     let work_root = cfg.state_dir.join("work");
     crate::sys::fsutil::ensure_dir(&work_root, 0o700).map_err(dir_err(&work_root))?;
     crate::sys::fsutil::ensure_dir(&cfg.image_root, 0o755).map_err(dir_err(&cfg.image_root))?;
@@ -504,6 +590,22 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             path: boot_path.clone(),
             source,
         })?;
+    let instance = instance_id(&cfg.state_dir)?;
+    let session = format!("{instance}.{}", session_safe(&boot_id));
+    let client = crate::net::client::HttpsClient::new(&cfg.controller_url, tls)?
+        .with_header(
+            http::header::HeaderName::from_static(crate::proto::agent::SESSION_HEADER),
+            session,
+        )
+        .with_header(
+            http::header::HeaderName::from_static(crate::proto::agent::PROTOCOL_HEADER),
+            crate::proto::agent::PROTOCOL_VERSION.to_string(),
+        );
+    let anon = crate::net::client::HttpsClient::new(
+        &cfg.controller_url,
+        crate::tls::client_config_without_cert(&cfg.tls.ca)?,
+    )?;
+    let identity_state = Arc::new(identity::IdentityState::new(machine_id.clone()));
     let store = StateStore::new(&cfg.state_dir);
     let mut state = AgentState::from(store.load()?);
     state.reboot_timeout = cfg.power.reboot_timeout;
@@ -539,8 +641,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         exec_tx: inputs_tx.clone(),
         cancel: None,
         link: link_state.clone(),
-        machine_id: machine_id.clone(),
-        pool_id: cfg.pool_id.clone(),
+        identity: identity_state.clone(),
         controller_url: cfg.controller_url.clone(),
     };
     core.apply(Event::Boot { boot_id })?;
@@ -567,13 +668,30 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             &needed,
         );
     }
-    tracing::info!(%machine_id, pool_id = %cfg.pool_id, controller = %cfg.controller_url, socket = %cfg.socket_path.display(), "agent started");
+    tracing::info!(%machine_id, %instance, controller = %cfg.controller_url, socket = %cfg.socket_path.display(), "agent started");
 
     let outbox_for_stop = outbox.clone();
     let link_for_stop = link_state.clone();
+    let (ready_tx, ready) = watch::channel(false);
+    let (busy_tx, busy) = watch::channel(core.busy());
+    let enroller = identity::Enroller {
+        files,
+        token: cfg.enrollment.clone(),
+        own_machine_id,
+        client: client.clone(),
+        anon,
+        state: identity_state.clone(),
+        ready: ready_tx,
+        inputs: inputs_tx.clone(),
+        busy,
+        outbox: outbox.clone(),
+        retry_initial: cfg.retry_initial,
+        retry_max: cfg.retry_max,
+    };
     let link = Arc::new(Link {
         client,
-        pool_id: cfg.pool_id.clone(),
+        identity: identity_state,
+        ready,
         state: link_state.clone(),
         long_poll: cfg.long_poll,
         retry_initial: cfg.retry_initial,
@@ -590,8 +708,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             cfg.heartbeat_every,
             cfg.state_dir.clone(),
             cfg.gpu,
+            outbox.clone(),
             stop.clone(),
         )),
+        tokio::spawn(enroller.run(stop.clone())),
         tokio::spawn(link::progress_loop(link.clone(), progress_rx, stop.clone())),
         tokio::spawn(link::deliver_loop(link, outbox, outbox_wake, stop.clone())),
         tokio::spawn(status::serve(listener, inputs_tx.clone(), stop.clone())),
@@ -616,6 +736,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                         // without a durable record. systemd restarts it; recovery reports.
                         break Err(e);
                     }
+                    busy_tx.send_if_modified(|b| std::mem::replace(b, core.busy()) != *b);
                     let now = core.summary();
                     if now != last_status {
                         crate::sys::notify::status(&now);
@@ -644,15 +765,115 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     result
 }
 
+/// The id of this state directory's agent: made once (random), kept across restarts and
+/// reboots, gone with `fieldhand seal`. Two agents behind one certificate differ in it (or in
+/// the boot id), which is how the controller tells them apart.
+fn instance_id(state_dir: &std::path::Path) -> Result<String, AgentError> {
+    let path = state_dir.join("instance-id");
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        let s = s.trim();
+        if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Ok(s.to_string());
+        }
+    }
+    let mut b = [0u8; 12];
+    use ring::rand::SecureRandom;
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| AgentError::Dir {
+            path: path.clone(),
+            source: std::io::Error::other("the system random source failed"),
+        })?;
+    let id = hex::encode(b);
+    crate::sys::fsutil::atomic_write(&path, format!("{id}\n").as_bytes(), 0o600)
+        .map_err(|source| AgentError::Dir { path, source })?;
+    Ok(id)
+}
+
+/// A boot id as it may stand in the session header (letters, digits, `-`).
+fn session_safe(boot_id: &str) -> String {
+    boot_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+/// The files `seal` removes: everything that makes this machine itself to the controller
+/// (certificate, key, instance id) and its record of work (state, outbox). Staged software,
+/// images and the data area stay: they are the golden image's content.
+pub fn seal(cfg: &AgentConfig) -> Result<Vec<PathBuf>, AgentError> {
+    let lock = cfg.state_dir.join("agent.lock");
+    let _guard = if cfg.state_dir.exists() {
+        Some(
+            crate::sys::fsutil::lock_exclusive(&lock).map_err(|e| match e {
+                crate::sys::fsutil::LockError::Held { pid, .. } => AgentError::Locked {
+                    dir: cfg.state_dir.clone(),
+                    pid,
+                },
+                e => AgentError::Lock(e),
+            })?,
+        )
+    } else {
+        None
+    };
+    let with = |p: &PathBuf, s: &str| {
+        let mut o = p.as_os_str().to_owned();
+        o.push(s);
+        PathBuf::from(o)
+    };
+    let mut candidates = vec![
+        cfg.tls.cert.clone(),
+        cfg.tls.key.clone(),
+        with(&cfg.tls.cert, ".new"),
+        with(&cfg.tls.key, ".new"),
+    ];
+    for name in [
+        "state.json",
+        "instance-id",
+        "outbox",
+        "outbox-rejected",
+        "work",
+    ] {
+        candidates.push(cfg.state_dir.join(name));
+    }
+    let mut removed = Vec::new();
+    for p in candidates {
+        let res = match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&p),
+            Ok(_) => std::fs::remove_file(&p),
+            Err(_) => continue,
+        };
+        res.map_err(|source| AgentError::Dir {
+            path: p.clone(),
+            source,
+        })?;
+        removed.push(p);
+    }
+    Ok(removed)
+}
+
 impl AgentError {
     /// The process exit code for this failure.
     pub fn exit(&self) -> crate::exit::Exit {
         use crate::exit::Exit;
         match self {
-            AgentError::Tls(_) | AgentError::NotAnAgent { .. } | AgentError::Net(_) => Exit::Config,
-            AgentError::Dir { .. } => Exit::CantCreate,
+            AgentError::Tls(_)
+            | AgentError::NotAnAgent { .. }
+            | AgentError::Net(_)
+            | AgentError::NoIdentity { .. }
+            | AgentError::BadMachineId { .. } => Exit::Config,
+            AgentError::Dir { .. } | AgentError::Lock(_) | AgentError::Swap { .. } => {
+                Exit::CantCreate
+            }
             AgentError::BootId { .. } | AgentError::Store(_) => Exit::IoErr,
             AgentError::Status(_) => Exit::CantCreate,
+            AgentError::Locked { .. } => Exit::TempFail,
         }
     }
 }

@@ -190,22 +190,38 @@ fn elapsed(secs: u64) -> String {
 pub fn render(r: &StatusReport) -> String {
     let mut out = String::new();
     let line = |out: &mut String, k: &str, v: String| out.push_str(&format!("{k:<20} {v}\n"));
+    use crate::proto::status::{IdentityPhase, LinkPhase};
     line(&mut out, "machine:", r.machine_id.clone());
-    line(&mut out, "pool:", r.pool_id.clone());
+    let id = &r.identity;
+    let cert = match (&id.certificate_serial, &id.certificate_not_after) {
+        (Some(s), Some(t)) => format!("serial {s}, expires {t}"),
+        _ => "none yet".into(),
+    };
+    let phase = match id.phase {
+        IdentityPhase::Enrolled => "enrolled",
+        IdentityPhase::Enrolling => "ENROLLING",
+        IdentityPhase::CertificateInvalid => "CERTIFICATE NOT VALID",
+        IdentityPhase::Conflict => "IDENTITY CONFLICT, taking no work",
+        IdentityPhase::Revoked => "REVOKED, taking no work",
+    };
+    line(&mut out, "identity:", format!("{phase} ({cert})"));
+    if let Some(p) = &id.problem {
+        line(&mut out, "  why:", p.clone());
+    }
     let contact = r.last_contact.clone().unwrap_or_else(|| "never".into());
+    let link = match r.link {
+        LinkPhase::Connecting => "connecting".to_string(),
+        LinkPhase::Connected => format!("connected; last contact {contact}"),
+        LinkPhase::Unreachable => format!("NOT connected; last contact {contact}"),
+    };
     line(
         &mut out,
         "controller:",
-        format!(
-            "{} ({}; last contact {contact})",
-            r.controller_url,
-            if r.connected {
-                "connected"
-            } else {
-                "NOT connected"
-            }
-        ),
+        format!("{} ({link})", r.controller_url),
     );
+    if let (Some(e), false) = (&r.last_error, r.connected) {
+        line(&mut out, "  last error:", e.clone());
+    }
     line(
         &mut out,
         "running:",
@@ -302,10 +318,17 @@ mod tests {
     fn render_shows_the_images_and_staging_progress() {
         let r = StatusReport {
             machine_id: "m1".into(),
-            pool_id: "p".into(),
             controller_url: "https://c".into(),
-            connected: true,
+            connected: false,
+            link: crate::proto::status::LinkPhase::Connecting,
             last_contact: None,
+            last_error: None,
+            identity: crate::proto::status::IdentityStatus {
+                phase: crate::proto::status::IdentityPhase::Enrolled,
+                certificate_serial: Some("ab".into()),
+                certificate_not_after: Some("2027-01-01T00:00:00Z".into()),
+                problem: None,
+            },
             running: None,
             queued: 0,
             undelivered_events: 0,
@@ -328,6 +351,13 @@ mod tests {
         let text = render(&r);
         assert!(
             text.contains("current image:       img-1 (READY)"),
+            "{text}"
+        );
+        assert!(text.contains("(connecting)"), "{text}");
+        assert!(
+            text.contains(
+                "identity:            enrolled (serial ab, expires 2027-01-01T00:00:00Z)"
+            ),
             "{text}"
         );
         assert!(

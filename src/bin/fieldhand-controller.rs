@@ -54,7 +54,9 @@ enum PkiCmd {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Create DIR/ca.pem, DIR/ca-key.pem, DIR/controller.pem and DIR/controller-key.pem.
+    /// Create the root CA (DIR/ca.pem, DIR/ca-key.pem: keep this key offline), the issuing CA
+    /// the controller signs enrollments with (DIR/issuing-ca.pem, DIR/issuing-ca-key.pem),
+    /// and the controller's certificate (DIR/controller.pem, DIR/controller-key.pem).
     Init {
         #[arg(long)]
         dir: PathBuf,
@@ -73,6 +75,10 @@ enum PkiCmd {
         /// Operator name: writes DIR/operators/NAME.pem and DIR/operators/NAME-key.pem.
         #[arg(long)]
         operator: Option<String>,
+        /// With --agent: the pool the machine joins when the controller first hears of it
+        /// (without it, the machine is in no pool until an operator moves it).
+        #[arg(long, requires = "agent")]
+        pool: Option<String>,
     },
 }
 
@@ -131,7 +137,14 @@ fn pki(cmd: PkiCmd) -> ExitCode {
             println!("wrote {}", public.display());
         }),
         PkiCmd::Init { dir, sans } => fieldhand::pki::init(&dir, &sans).map(|o| {
-            for p in [o.ca_cert, o.ca_key, o.cert, o.key] {
+            for p in [
+                o.ca_cert,
+                o.ca_key,
+                o.issuing_cert,
+                o.issuing_key,
+                o.cert,
+                o.key,
+            ] {
                 println!("wrote {}", p.display());
             }
         }),
@@ -139,13 +152,14 @@ fn pki(cmd: PkiCmd) -> ExitCode {
             dir,
             agent,
             operator,
+            pool,
         } => {
             let who = match (agent, operator) {
                 (Some(a), _) => Identity::agent(a),
                 (None, Some(o)) => Identity::operator(o),
                 (None, None) => unreachable!("clap requires --agent or --operator"),
             };
-            fieldhand::pki::issue(&dir, &who).map(|(cert, key)| {
+            fieldhand::pki::issue(&dir, &who, pool.as_deref()).map(|(cert, key)| {
                 println!("wrote {}", cert.display());
                 println!("wrote {}", key.display());
             })

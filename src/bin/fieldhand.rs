@@ -28,6 +28,14 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Prepare a golden image: remove this machine's certificate, key, instance id, state and
+    /// outbox, so every clone enrolls as itself on first boot. Refuses while the agent runs;
+    /// stops nothing by itself.
+    Seal {
+        /// Agent configuration file.
+        #[arg(long, default_value = DEFAULT_PATH)]
+        config: PathBuf,
+    },
     /// Show what the local agent is doing (works while the controller is down).
     Status {
         /// Print one JSON document instead of text.
@@ -49,6 +57,7 @@ fn main() -> ExitCode {
     };
     match cli.cmd {
         Cmd::Agent { config } => agent(config),
+        Cmd::Seal { config } => seal(config),
         Cmd::Status {
             json,
             config,
@@ -77,7 +86,10 @@ fn agent(config: PathBuf) -> ExitCode {
     };
     // The machine id tags every journald record; a bad certificate is reported by `run`.
     let fields: Vec<(&str, String)> = fieldhand::tls::identity_of_file(&cfg.tls.cert)
-        .map(|id| vec![("machine_id", id.name)])
+        .map(|id| id.name)
+        .ok()
+        .or_else(|| cfg.machine_id.clone())
+        .map(|id| vec![("machine_id", id)])
         .unwrap_or_default();
     fieldhand::daemon::init_logging(&fields);
     let rt = match runtime() {
@@ -96,6 +108,32 @@ fn agent(config: PathBuf) -> ExitCode {
             err.downcast_ref::<fieldhand::agent::AgentError>()
                 .map_or(Exit::Software, |e| e.exit())
                 .into()
+        }
+    }
+}
+
+fn seal(config: PathBuf) -> ExitCode {
+    let cfg = match AgentConfig::load(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("fieldhand: {e}");
+            return Exit::Config.into();
+        }
+    };
+    match fieldhand::agent::seal(&cfg) {
+        Ok(removed) => {
+            for p in &removed {
+                println!("removed {}", p.display());
+            }
+            println!(
+                "sealed: this image carries no fieldhand identity; each clone enrolls as itself \
+                 on first boot (with the enrollment token in the config)"
+            );
+            Exit::Ok.into()
+        }
+        Err(e) => {
+            eprintln!("fieldhand: {e}");
+            e.exit().into()
         }
     }
 }

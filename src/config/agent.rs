@@ -13,7 +13,14 @@ pub const DEFAULT_SOCKET_PATH: &str = "/run/fieldhand/agent.sock";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
     pub controller_url: String,
-    pub pool_id: String,
+    /// The id to enroll as (`machine_id`); `None`: the host name. A hand-issued certificate
+    /// names its own.
+    pub machine_id: Option<String>,
+    /// Where the enrollment token comes from, if this machine enrolls itself.
+    pub enrollment: Option<TokenSource>,
+    /// Things in the file that still work but should change (e.g. a `pool_id` key), for the
+    /// log once logging is up.
+    pub warnings: Vec<String>,
     pub state_dir: PathBuf,
     /// Images: `<image_id>/`, `current` and `previous` (boot tooling reads these).
     pub image_root: PathBuf,
@@ -33,6 +40,13 @@ pub struct AgentConfig {
     pub payloads: PayloadSettings,
     pub power: PowerSettings,
     pub sessions: crate::sys::sessions::SessionSource,
+}
+
+/// Where the agent reads its enrollment token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    File(PathBuf),
+    Inline(String),
 }
 
 /// `[power]`: how the agent reboots and shuts the machine down, and how it tells.
@@ -203,9 +217,41 @@ impl AgentConfig {
                 "must be https://HOST[:PORT] with no path",
             ));
         }
-        if let Err(e) = crate::pki::validate_name("pool_id", &raw.pool_id) {
-            return Err(invalid(origin, "pool_id", &raw.pool_id, &e.to_string()));
+        let mut warnings = Vec::new();
+        if let Some(p) = &raw.pool_id {
+            warnings.push(format!(
+                "config {}: key `pool_id` = {p:?} is ignored: the controller decides a machine's \
+                 pool (from its enrollment token, its certificate, or an operator's move); \
+                 remove the key",
+                origin.display()
+            ));
         }
+        if let Some(m) = &raw.machine_id {
+            if let Err(e) = crate::pki::validate_name("machine_id", m) {
+                return Err(invalid(origin, "machine_id", m, &e.to_string()));
+            }
+        }
+        let machine_id = raw.machine_id;
+        let enrollment = match (raw.enrollment_token_file, raw.enrollment_token) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    origin,
+                    "enrollment_token",
+                    "…",
+                    "set either enrollment_token_file or enrollment_token, not both",
+                ))
+            }
+            (Some(f), None) => Some(TokenSource::File(non_empty_path(
+                origin,
+                "enrollment_token_file",
+                f,
+            )?)),
+            (None, Some(t)) if t.trim().is_empty() => {
+                return Err(invalid(origin, "enrollment_token", "", "must not be empty"))
+            }
+            (None, Some(t)) => Some(TokenSource::Inline(t.trim().to_string())),
+            (None, None) => None,
+        };
         let secs = |key: &'static str, v: Option<u64>, default: u64, max: u64| {
             let v = v.unwrap_or(default);
             if v > max {
@@ -293,7 +339,9 @@ impl AgentConfig {
         }
         Ok(AgentConfig {
             controller_url: format!("https://{host}"),
-            pool_id: raw.pool_id,
+            machine_id,
+            enrollment,
+            warnings,
             state_dir,
             image_root,
             data_dir,
@@ -339,7 +387,7 @@ mod tests {
 
     const MIN: &str = r#"
 controller_url = "https://ctl.example:8443/"
-pool_id = "pool-a"
+machine_id = "m1"
 [tls]
 ca = "pki/ca.pem"
 cert = "/etc/fieldhand/m1.pem"
@@ -366,13 +414,31 @@ key = "pki/m1-key.pem"
     #[test]
     fn errors_name_the_key() {
         assert!(err(&MIN.replace("https://", "http://")).contains("controller_url"));
-        assert!(err(&MIN.replace("pool-a", "bad pool")).contains("pool_id"));
+        assert!(err(&MIN.replace("\"m1\"", "\"bad id\"")).contains("machine_id"));
         let unknown = format!("{MIN}\n[exec]\nkill_grace = 3\n");
         assert!(err(&unknown).contains("kill_grace"), "{}", err(&unknown));
-        let missing = MIN.replace("pool_id = \"pool-a\"", "");
-        assert!(err(&missing).contains("pool_id"), "{}", err(&missing));
+        let both = format!("enrollment_token = \"a.b\"\nenrollment_token_file = \"t\"\n{MIN}");
+        assert!(err(&both).contains("enrollment_token"), "{}", err(&both));
         let backwards = format!("{MIN}\n[connection]\nretry_initial_ms = 500\nretry_max_ms = 10\n");
         assert!(err(&backwards).contains("connection.retry_max_ms"));
+    }
+
+    #[test]
+    fn an_old_pool_id_is_a_warning_that_names_the_key() {
+        let old = format!("pool_id = \"pool-a\"\n{MIN}");
+        let c = AgentConfig::parse(&old, Path::new("/etc/fieldhand/agent.toml")).unwrap();
+        assert_eq!(c.warnings.len(), 1);
+        assert!(c.warnings[0].contains("`pool_id`"), "{:?}", c.warnings);
+        assert!(AgentConfig::parse(MIN, Path::new("a.toml"))
+            .unwrap()
+            .warnings
+            .is_empty());
+        let tok = format!("enrollment_token_file = \"token\"\n{MIN}");
+        let c = AgentConfig::parse(&tok, Path::new("/etc/fieldhand/agent.toml")).unwrap();
+        assert_eq!(
+            c.enrollment,
+            Some(TokenSource::File("/etc/fieldhand/token".into()))
+        );
     }
 
     #[test]

@@ -24,6 +24,11 @@ pub struct ControllerConfig {
     pub reboot_grace: Duration,
     /// Payload signing key (PKCS#8 PEM), if payloads are signed.
     pub signing_key: Option<PathBuf>,
+    /// The issuing CA's certificate and key, when the controller enrolls and renews agents.
+    pub issuing: Option<(PathBuf, PathBuf)>,
+    pub agent_cert_validity: Duration,
+    pub enroll_per_second: u32,
+    pub identity_conflict_quiet: Duration,
 }
 
 impl ControllerConfig {
@@ -83,7 +88,62 @@ impl ControllerConfig {
                 "must be 1..=86400",
             ));
         }
+        let validity = raw.agent_cert_validity_seconds.unwrap_or(90 * 86_400);
+        if !(2..=825 * 86_400).contains(&validity) {
+            return Err(invalid(
+                origin,
+                "agent_cert_validity_seconds",
+                validity,
+                "must be 2..=71280000 (825 days)",
+            ));
+        }
+        let quiet = raw.identity_conflict_quiet_seconds.unwrap_or(120);
+        if !(1..=86_400).contains(&quiet) {
+            return Err(invalid(
+                origin,
+                "identity_conflict_quiet_seconds",
+                quiet,
+                "must be 1..=86400",
+            ));
+        }
+        let e = raw.enrollment;
+        let issuing = match (e.issuing_cert, e.issuing_key) {
+            (Some(c), Some(k)) => Some((
+                non_empty_path(origin, "enrollment.issuing_cert", c)?,
+                non_empty_path(origin, "enrollment.issuing_key", k)?,
+            )),
+            (None, None) => None,
+            (Some(c), None) => {
+                return Err(invalid(
+                    origin,
+                    "enrollment.issuing_key",
+                    "",
+                    &format!("is needed with enrollment.issuing_cert ({})", c.display()),
+                ))
+            }
+            (None, Some(k)) => {
+                return Err(invalid(
+                    origin,
+                    "enrollment.issuing_cert",
+                    "",
+                    &format!("is needed with enrollment.issuing_key ({})", k.display()),
+                ))
+            }
+        };
+        let rate = e.attempts_per_second.unwrap_or(20);
+        if !(1..=10_000).contains(&rate) {
+            return Err(invalid(
+                origin,
+                "enrollment.attempts_per_second",
+                rate,
+                "must be 1..=10000",
+            ));
+        }
         Ok(ControllerConfig {
+            issuing,
+            agent_cert_validity: Duration::from_secs(validity),
+            enroll_per_second: rate as u32,
+            identity_conflict_quiet: Duration::from_secs(quiet),
             listen,
             data_dir,
             database,

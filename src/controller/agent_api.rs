@@ -1,10 +1,12 @@
 //! The agent protocol handlers (`/agent/v1/...`). The machine id always comes from the verified
-//! certificate, so an agent can only ever see and report its own assignments.
+//! certificate, so an agent can only ever see and report its own assignments; every request
+//! first passes [`identity::gate`].
 
 use std::time::Duration;
 
 use super::api::{parse_json, ApiError};
 use super::engine::{self, Applied};
+use super::identity::{self, AgentCall};
 use super::store::{StoreError, TaskMachineRow, TaskRow};
 use super::Controller;
 use crate::proto::agent::{
@@ -18,10 +20,6 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 
 fn now_ms() -> i64 {
     clock::unix_ms(clock::now())
-}
-
-fn check_pool(pool_id: &str) -> Result<(), ApiError> {
-    crate::pki::validate_name("pool_id", pool_id).map_err(|e| ApiError::invalid(e.to_string()))
 }
 
 /// Builds the wire assignment from its rows. `scripts_json` holds the task's frozen payload:
@@ -65,63 +63,107 @@ pub fn assignment_of(
     })
 }
 
-pub async fn heartbeat(ctl: &Controller, machine_id: String, body: &[u8]) -> Result<(), ApiError> {
+pub async fn heartbeat(ctl: &Controller, call: AgentCall, body: &[u8]) -> Result<(), ApiError> {
     let hb: Heartbeat = parse_json(body)?;
-    check_pool(&hb.pool_id)?;
     let facts = serde_json::to_string(&hb.facts).ok();
     let now = now_ms();
-    ctl.store
+    let quiet = ctl.cfg.identity_conflict_quiet;
+    let gate = ctl
+        .store
         .tx(move |tx| {
-            tx.upsert_machine(
-                &machine_id,
-                &hb.pool_id,
-                &hb.agent_version,
+            identity::gate(
+                tx,
+                &call,
+                Some((&hb.agent_version, facts.as_deref())),
                 now,
-                facts.as_deref(),
+                quiet,
             )
-            .map_err(ApiError::from)
+            .map(|g| (g, call.machine_id))
         })
-        .await
+        .await?;
+    match gate {
+        (g, m) if g.conflict => Err(identity::conflict_error(&m)),
+        _ => Ok(()),
+    }
 }
 
 /// Long-poll: answers at once when something is waiting for this machine, otherwise as soon as
-/// something is dispatched or cancelled for it, or after `wait_ms`.
+/// something is dispatched or cancelled for it, or after `wait_ms`. Only the newest session of
+/// an identity is handed work, and none while two are live.
 pub async fn poll(
     ctl: &Controller,
-    machine_id: String,
+    call: AgentCall,
     body: &[u8],
 ) -> Result<PollResponse, ApiError> {
     let req: PollRequest = parse_json(body)?;
-    check_pool(&req.pool_id)?;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(req.wait_ms).min(MAX_WAIT);
+    let machine_id = call.machine_id.clone();
+    let session = call.session();
+    let quiet = ctl.cfg.identity_conflict_quiet;
     let notify = ctl.waiter(&machine_id);
     let mut shutdown = ctl.shutdown.clone();
-    let mut first = true;
+    let now = now_ms();
+    let hold = now + Duration::from_millis(req.wait_ms).min(MAX_WAIT).as_millis() as i64;
+    {
+        let (c, r) = (call.clone(), req.clone());
+        let conflict = ctl
+            .store
+            .tx(move |tx| {
+                let g = identity::gate_holding(
+                    tx,
+                    &c,
+                    Some((&r.agent_version, None)),
+                    now,
+                    quiet,
+                    Some(hold),
+                )?;
+                // Acks are the agent's record of what it holds: applied even in a conflict.
+                tx.ack(&c.machine_id, &r.ack_assignments, &r.ack_cancels)?;
+                Ok::<_, ApiError>(g.conflict)
+            })
+            .await?;
+        if conflict {
+            return Err(identity::conflict_error(&machine_id));
+        }
+    }
     loop {
         // Armed before the query, so a dispatch that lands between query and wait still wakes us.
         let notified = notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let (m, r) = (machine_id.clone(), req.clone());
-        let ack = first;
-        first = false;
+        if ctl.revoked.contains(&call.cert.serial) {
+            return Err(super::revoked_error());
+        }
+        let (m, s, tracked) = (machine_id.clone(), session.clone(), call.session.is_some());
         let now = now_ms();
-        let (rows, cancels) = ctl
+        let silent_since = now - quiet.as_millis() as i64;
+        let answer = ctl
             .store
             .tx(move |tx| {
-                tx.upsert_machine(&m, &r.pool_id, &r.agent_version, now, None)?;
-                if ack {
-                    tx.ack(&m, &r.ack_assignments, &r.ack_cancels)?;
+                if let Some((_, Some(_))) = tx.machine(&m)? {
+                    return Ok(None);
                 }
-                let (rows, cancels) = tx.undelivered_for(&m)?;
+                // A newer session of this identity took over while this poll waited (a
+                // restart, a reboot, or a clone): this one gets nothing more.
+                if tracked && tx.newest_session(&m)?.as_deref() != Some(s.key.as_str()) {
+                    return Ok(Some((Vec::new(), Vec::new())));
+                }
+                let (rows, cancels) = tx.undelivered_for(&m, &s.key, &s.instance, silent_since)?;
                 let mut out = Vec::with_capacity(rows.len());
                 for (row, task) in &rows {
                     let own = tx.assignment_payload(&row.assignment_id)?;
                     out.push(assignment_of(row, task, own.as_deref())?);
                 }
-                Ok::<_, ApiError>((out, cancels))
+                Ok::<_, ApiError>(Some((out, cancels)))
             })
             .await?;
+        let Some((rows, cancels)) = answer else {
+            return Err(ApiError::new(
+                http::StatusCode::FORBIDDEN,
+                identity::MACHINE_DECOMMISSIONED,
+                format!("machine {machine_id:?} was decommissioned"),
+            ));
+        };
         if !rows.is_empty() || !cancels.is_empty() {
             return Ok(PollResponse {
                 assignments: rows,
@@ -136,16 +178,21 @@ pub async fn poll(
     }
 }
 
+/// Results are accepted even while the identity is in conflict: work already running when
+/// the conflict was noticed finishes and reports once.
 pub async fn events(
     ctl: &Controller,
-    machine_id: String,
+    call: AgentCall,
     body: &[u8],
 ) -> Result<EventsApplied, ApiError> {
     let batch: EventBatch = parse_json(body)?;
     let now = now_ms();
+    let quiet = ctl.cfg.identity_conflict_quiet;
     let (out, wake) = ctl
         .store
         .tx(move |tx| {
+            identity::gate(tx, &call, None, now, quiet)?;
+            let machine_id = call.machine_id;
             let mut out = EventsApplied::default();
             let mut wake = Vec::new();
             for ev in &batch.events {
@@ -163,11 +210,15 @@ pub async fn events(
 
 pub async fn get_assignment(
     ctl: &Controller,
-    machine_id: String,
+    call: AgentCall,
     assignment_id: String,
 ) -> Result<Assignment, ApiError> {
+    let quiet = ctl.cfg.identity_conflict_quiet;
+    let now = now_ms();
     ctl.store
         .tx(move |tx| {
+            identity::gate(tx, &call, None, now, quiet)?;
+            let machine_id = call.machine_id;
             let row = tx.assignment(&assignment_id)?.ok_or_else(|| {
                 ApiError::not_found(
                     "ASSIGNMENT_NOT_FOUND",

@@ -582,7 +582,8 @@ async fn machines(ctl: &Controller, only: Option<String>) -> Result<Vec<api::Mac
                 if only.as_ref().is_some_and(|id| *id != m.machine_id) {
                     continue;
                 }
-                let image = super::images::machine_view(tx, &m.machine_id, &m.pool_id)?;
+                let pool = m.pool_id.as_deref().unwrap_or("");
+                let image = super::images::machine_view(tx, &m.machine_id, pool)?;
                 out.push((m, image));
             }
             Ok::<_, ApiError>(out)
@@ -600,6 +601,9 @@ async fn machines(ctl: &Controller, only: Option<String>) -> Result<Vec<api::Mac
             machine_id: m.machine_id,
             pool_id: m.pool_id,
             agent_version: m.agent_version,
+            certificate_serial: m.cert_serial,
+            certificate_not_after: m.cert_not_after_ms.and_then(|ms| ms_text(Some(ms))),
+            identity_conflict: m.conflict_ms.is_some(),
             image,
         })
         .collect())

@@ -321,20 +321,34 @@ pub fn reap(
             error_msg: Some(msg),
             ..Outcome::default()
         };
-        tx.set_final(&row.assignment_id, state, &outcome)?;
-        advance(tx, &row.task_id, now_ms, wake)?;
-        if let Some(task) = tx.task(&row.task_id)? {
-            super::images::observe(
-                tx,
-                &task,
-                &row.assignment_id,
-                &row.machine_id,
-                None,
-                now_ms,
-                wake,
-            )?;
-        }
+        end_assignment(tx, &row, state, &outcome, now_ms, wake)?;
         reaped += 1;
     }
     Ok(reaped)
+}
+
+/// Ends one machine's assignment without word from its agent (the reaper, a decommission)
+/// and moves its task on.
+pub fn end_assignment(
+    tx: &mut Tx<'_>,
+    row: &super::store::TaskMachineRow,
+    state: MachineState,
+    outcome: &Outcome,
+    now_ms: i64,
+    wake: &mut Wake,
+) -> Result<(), StoreError> {
+    tx.set_final(&row.assignment_id, state, outcome)?;
+    advance(tx, &row.task_id, now_ms, wake)?;
+    if let Some(task) = tx.task(&row.task_id)? {
+        super::images::observe(
+            tx,
+            &task,
+            &row.assignment_id,
+            &row.machine_id,
+            None,
+            now_ms,
+            wake,
+        )?;
+    }
+    Ok(())
 }

@@ -469,7 +469,7 @@ pub async fn push(
                 )));
             }
             let mut machines = tx.machines()?;
-            machines.retain(|m| m.pool_id == pool_id);
+            machines.retain(|m| m.pool_id.as_deref() == Some(pool_id.as_str()));
             if let Some(ids) = &spec.machine_ids {
                 if let Some(bad) = ids.iter().find(|id| !machines.iter().any(|m| &m.machine_id == *id)) {
                     return Err(invalid(format!(

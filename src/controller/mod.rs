@@ -8,6 +8,7 @@ pub mod agent_api;
 pub mod api;
 pub mod blobs;
 pub mod engine;
+pub mod identity;
 pub mod images;
 pub mod quickstart;
 pub mod rebuild;
@@ -27,9 +28,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
 use crate::config::controller::ControllerConfig;
-use crate::net::server::{error_response, json_response, read_body, Handler};
+use crate::net::server::{error_response, json_response, read_body, Handler, Peer};
 use crate::net::Body;
-use crate::pki::{Identity, Role};
+use crate::pki::Role;
 use crate::sys::clock;
 use api::ApiError;
 use store::Store;
@@ -50,6 +51,8 @@ pub enum ControllerError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Signing(#[from] crate::payload::sign::SignError),
+    #[error("[enrollment] issuing CA: {0}")]
+    Issuer(#[from] crate::pki::PkiError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -72,6 +75,19 @@ pub struct Controller {
     cfg: ControllerConfig,
     waiters: Mutex<HashMap<String, Arc<Notify>>>,
     shutdown: watch::Receiver<bool>,
+    /// The CA enrollments and renewals are signed with, if configured.
+    issuer: Option<Arc<crate::pki::Issuer>>,
+    revoked: identity::Revoked,
+    enroll_limit: identity::RateLimit,
+}
+
+/// `403 CERT_REVOKED`.
+pub fn revoked_error() -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        identity::CERT_REVOKED,
+        "this certificate has been revoked",
+    )
 }
 
 impl Controller {
@@ -102,21 +118,39 @@ impl Controller {
         }
     }
 
-    async fn route(
-        &self,
-        req: Request<Incoming>,
-        peer: Option<Identity>,
-    ) -> Result<Response<Body>, ApiError> {
-        let Some(peer) = peer else {
+    async fn route(&self, req: Request<Incoming>, peer: Peer) -> Result<Response<Body>, ApiError> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let Some(cert) = peer.cert.clone() else {
+            // No client certificate: enrollment is the only thing such a client can do.
+            if method == Method::POST && segs == ["agent", "v1", "enroll"] {
+                let body = read_body(req.into_body(), 64 * 1024).await.map_err(|e| {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "REQUEST_TOO_LARGE",
+                        e.to_string(),
+                    )
+                })?;
+                let enrolled = identity::enroll(self, &body).await?;
+                return Ok(json_response(StatusCode::OK, &enrolled));
+            }
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "CERTIFICATE_REQUIRED",
+                format!("{method} {path} needs a client certificate; without one only POST /agent/v1/enroll is served"),
+            ));
+        };
+        if self.revoked.contains(&cert.serial) {
+            return Err(revoked_error());
+        }
+        let Some(peer) = cert.identity.clone() else {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "FORBIDDEN",
                 "the client certificate carries no urn:fieldhand identity",
             ));
         };
-        let method = req.method().clone();
-        let path = req.uri().path().to_string();
-        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
         let area = match segs.first() {
             Some(&"agent") => Role::Agent,
             Some(&"v1") => Role::Operator,
@@ -138,6 +172,20 @@ impl Controller {
                 format!("{peer} may not call {path}: {allowed}"),
             ));
         }
+        let call = match area {
+            Role::Agent => {
+                let header = req
+                    .headers()
+                    .get(crate::proto::agent::SESSION_HEADER)
+                    .map(|v| v.to_str().unwrap_or("\u{fffd}"));
+                Some(identity::AgentCall {
+                    machine_id: peer.name.clone(),
+                    cert: cert.clone(),
+                    session: identity::Session::from_header(header)?,
+                })
+            }
+            Role::Operator => None,
+        };
         let ok = |v: &dyn erased::Json| Ok(v.respond(StatusCode::OK));
         // Payload routes stream their bodies instead of buffering them.
         match (area, &method, &segs[1..]) {
@@ -149,11 +197,19 @@ impl Controller {
             (Role::Agent, &Method::GET, ["v1", "blobs", sha]) => {
                 // An agent sees only its own work: a blob is served only while one of its
                 // in-flight assignments references it.
-                let (machine, blob) = (peer.name.clone(), sha.to_string());
+                let (blob, quiet, now) = (
+                    sha.to_string(),
+                    self.cfg.identity_conflict_quiet,
+                    clock::unix_ms(clock::now()),
+                );
+                let c = call.clone().expect("agent area has a call");
                 let allowed = blobs::valid_sha256(sha)
                     && self
                         .store
-                        .tx(move |tx| tx.assigned_blob(&machine, &blob))
+                        .tx(move |tx| {
+                            identity::gate(tx, &c, None, now, quiet)?;
+                            Ok::<_, ApiError>(tx.assigned_blob(&c.machine_id, &blob)?)
+                        })
                         .await?;
                 if !allowed {
                     return Err(ApiError::new(
@@ -178,20 +234,49 @@ impl Controller {
         } else {
             bytes::Bytes::new()
         };
-        let name = peer.name.clone();
+        if let Some(call) = call {
+            return match (&method, &segs[1..]) {
+                (&Method::POST, ["v1", "heartbeat"]) => {
+                    agent_api::heartbeat(self, call, &body).await?;
+                    Ok(empty(StatusCode::NO_CONTENT))
+                }
+                (&Method::POST, ["v1", "poll"]) => ok(&agent_api::poll(self, call, &body).await?),
+                (&Method::POST, ["v1", "events"]) => {
+                    ok(&agent_api::events(self, call, &body).await?)
+                }
+                (&Method::GET, ["v1", "assignments", id]) => {
+                    ok(&agent_api::get_assignment(self, call, id.to_string()).await?)
+                }
+                (&Method::POST, ["v1", "renew"]) => ok(&identity::renew(self, call, &body).await?),
+                _ => Err(ApiError::not_found(
+                    "NOT_FOUND",
+                    format!("no route for {method} {path}"),
+                )),
+            };
+        }
         match (area, &method, &segs[1..]) {
-            (Role::Agent, &Method::POST, ["v1", "heartbeat"]) => {
-                agent_api::heartbeat(self, name, &body).await?;
-                Ok(empty(StatusCode::NO_CONTENT))
+            (Role::Operator, &Method::POST, ["enrollment-tokens"]) => {
+                ok(&identity::create_token(self, &peer, api::parse_json(&body)?).await?)
             }
-            (Role::Agent, &Method::POST, ["v1", "poll"]) => {
-                ok(&agent_api::poll(self, name, &body).await?)
+            (Role::Operator, &Method::GET, ["enrollment-tokens"]) => {
+                ok(&identity::list_tokens(self).await?)
             }
-            (Role::Agent, &Method::POST, ["v1", "events"]) => {
-                ok(&agent_api::events(self, name, &body).await?)
+            (Role::Operator, &Method::DELETE, ["enrollment-tokens", id]) => {
+                ok(&identity::delete_token(self, &peer, id.to_string()).await?)
             }
-            (Role::Agent, &Method::GET, ["v1", "assignments", id]) => {
-                ok(&agent_api::get_assignment(self, name, id.to_string()).await?)
+            (Role::Operator, &Method::PUT, ["machines", id, "pool"]) => {
+                identity::move_machine(self, &peer, id.to_string(), api::parse_json(&body)?)
+                    .await?;
+                ok(&api::get_machine(self, id.to_string()).await?)
+            }
+            (Role::Operator, &Method::DELETE, ["machines", id]) => {
+                ok(&identity::decommission(self, &peer, id.to_string()).await?)
+            }
+            (Role::Operator, &Method::POST, ["revocations"]) => {
+                ok(&identity::revoke(self, &peer, api::parse_json(&body)?).await?)
+            }
+            (Role::Operator, &Method::GET, ["revocations"]) => {
+                ok(&identity::list_revocations(self).await?)
             }
             (Role::Operator, &Method::POST, ["scripts"]) => {
                 ok(&api::create_script(self, api::parse_json(&body)?).await?)
@@ -280,7 +365,7 @@ impl Handler for Router {
     fn handle(
         &self,
         req: Request<Incoming>,
-        peer: Option<Identity>,
+        peer: Peer,
     ) -> impl Future<Output = Response<Body>> + Send {
         let ctl = self.0.clone();
         async move {
@@ -289,7 +374,14 @@ impl Handler for Router {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::debug!(%method, %path, status = %e.status, code = e.code, msg = %e.msg, "request refused");
-                    error_response(e.status, e.code, e.msg)
+                    let mut r = error_response(e.status, e.code, e.msg);
+                    if e.status == StatusCode::TOO_MANY_REQUESTS {
+                        r.headers_mut().insert(
+                            http::header::RETRY_AFTER,
+                            http::HeaderValue::from_static("1"),
+                        );
+                    }
+                    r
                 }
             }
         }
@@ -311,6 +403,10 @@ pub async fn serve(
     let tls = crate::tls::server_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
     let signer = match &cfg.signing_key {
         Some(p) => Some(crate::payload::sign::Signer::load(p)?),
+        None => None,
+    };
+    let issuer = match &cfg.issuing {
+        Some((cert, key)) => Some(Arc::new(crate::pki::Issuer::load(cert, key)?)),
         None => None,
     };
     let blobs =
@@ -343,6 +439,7 @@ pub async fn serve(
         store,
         blobs,
         signer,
+        issuer,
     };
     run(cfg, parts, listener, tls, shutdown).await
 }
@@ -352,6 +449,7 @@ pub struct Parts {
     pub store: Store,
     pub blobs: blobs::BlobStore,
     pub signer: Option<crate::payload::sign::Signer>,
+    pub issuer: Option<Arc<crate::pki::Issuer>>,
 }
 
 /// Runs the controller on a bound listener until `shutdown` completes.
@@ -367,15 +465,21 @@ pub async fn run(
         store,
         blobs,
         signer,
+        issuer,
     } = parts;
     let ctl = Arc::new(Controller {
         store,
         blobs,
         signer,
+        enroll_limit: identity::RateLimit::new(cfg.enroll_per_second),
         cfg,
         waiters: Mutex::new(HashMap::new()),
         shutdown: stop_rx,
+        issuer,
+        revoked: identity::Revoked::default(),
     });
+    // Revocations hold before the first request is served.
+    ctl.revoked.refresh(&ctl.store).await?;
     // A crash between two transactions cannot leave a task stuck, but a controller that was down
     // past deadlines must not punish agents for its own absence: the reaper starts after a grace.
     resume_tasks(&ctl).await?;
@@ -388,6 +492,7 @@ pub async fn run(
     ));
     let reaper = tokio::spawn(reap_loop(ctl.clone()));
     let scheduler = tokio::spawn(schedule_loop(ctl.clone()));
+    let revocations = tokio::spawn(revocation_loop(ctl.clone()));
     let dog = crate::sys::notify::watchdog_interval().map(|every| {
         let ctl = ctl.clone();
         tokio::spawn(async move {
@@ -411,6 +516,7 @@ pub async fn run(
     crate::sys::notify::stopping();
     reaper.abort();
     scheduler.abort();
+    revocations.abort();
     if let Some(d) = dog {
         d.abort();
     }
@@ -459,6 +565,19 @@ async fn schedule_loop(ctl: Arc<Controller>) {
     }
 }
 
+/// Reloads revocations every second, so one made through another controller sharing the
+/// database holds here within a second too.
+async fn revocation_loop(ctl: Arc<Controller>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = ctl.revoked.refresh(&ctl.store).await {
+            tracing::error!(error = %e, "cannot reload revocations; retrying");
+        }
+    }
+}
+
 async fn reap_loop(ctl: Arc<Controller>) {
     let grace = ctl.cfg.unreachable_grace;
     tokio::time::sleep(grace.max(ctl.cfg.offline_after)).await;
@@ -502,7 +621,7 @@ impl ControllerError {
                 Exit::CantCreate
             }
             ControllerError::Store(_) => Exit::IoErr,
-            ControllerError::Signing(_) => Exit::Config,
+            ControllerError::Signing(_) | ControllerError::Issuer(_) => Exit::Config,
             ControllerError::Bind { .. } => Exit::Unavailable,
             ControllerError::Net(_) => Exit::Software,
         }

@@ -113,7 +113,7 @@ pub async fn run(
     }
     let ensure_issued = |who: &Identity, cert: &Path| -> Result<(), QuickstartError> {
         if !cert.exists() {
-            crate::pki::issue(&pki, who)?;
+            crate::pki::issue(&pki, who, None)?;
         }
         Ok(())
     };

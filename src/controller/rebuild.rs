@@ -113,6 +113,8 @@ struct Start {
     pool_id: String,
     image: ImageRow,
     empty_data: bool,
+    /// Why the data area is emptied, for the desktop's result message.
+    data_note: Option<String>,
 }
 
 /// Decides one desktop: a [`Start`], or its result code.
@@ -137,7 +139,7 @@ fn check(
                 .unwrap_or_default()
         ));
     }
-    if let Some(why) = busy(tx, id, &m.pool_id)? {
+    if let Some(why) = busy(tx, id, m.pool_id.as_deref().unwrap_or(""))? {
         return status(why);
     }
     let current = tx.machine_image(id)?.current_image_id;
@@ -162,7 +164,11 @@ fn check(
         } else {
             "a non-GPU image"
         };
-        let mach = if gpu { "has a GPU" } else { "has no GPU" };
+        let mach = if gpu {
+            "has a GPU (as reported by its agent)"
+        } else {
+            "has no GPU (as reported by its agent)"
+        };
         return Ok(Err(result(
             id,
             INCOMPATIBLE_IMAGE,
@@ -175,10 +181,21 @@ fn check(
         Some(c) => tx.image(c)?.map(|i| i.os_type),
         None => None,
     };
+    let empty_data = empties_data(spec.replace, old_os.as_deref(), &image.os_type);
+    let data_note = match (empty_data, spec.replace, &old_os) {
+        (true, true, _) => Some("the data area is emptied (replace)".to_string()),
+        (true, false, Some(old)) => Some(format!(
+            "the data area is emptied: os_type changes from {old} to {} (the current image is \
+             as reported by the desktop's agent)",
+            image.os_type
+        )),
+        _ => None,
+    };
     Ok(Ok(Start {
+        data_note,
         machine_id: id.to_string(),
-        pool_id: m.pool_id.clone(),
-        empty_data: empties_data(spec.replace, old_os.as_deref(), &image.os_type),
+        pool_id: m.pool_id.clone().unwrap_or_default(),
+        empty_data,
         image,
     }))
 }
@@ -247,7 +264,7 @@ pub async fn rebuild(
                 }
                 match &payloads[&start.image.image_id] {
                     Ok(p) => {
-                        results.push(result(&id, SUCCESS, None));
+                        results.push(result(&id, SUCCESS, start.data_note.clone()));
                         starts.push((start, p.clone()));
                     }
                     Err(e) => results.push(result(&id, INCORRECT_DESKTOP_STATUS, Some(e.msg.clone()))),

@@ -176,7 +176,7 @@ pub async fn stage(
                     )));
                 }
             }
-            Ok::<_, ApiError>((machine.pool_id, latest, json))
+            Ok::<_, ApiError>((machine.pool_id.unwrap_or_default(), latest, json))
         })
         .await?;
     let doc = parse_doc(&doc_json)?;

@@ -46,7 +46,11 @@ pub struct HttpsClient {
     host: String,
     port: u16,
     authority: String,
-    tls: TlsConnector,
+    /// Shared by every clone, so a renewed certificate ([`HttpsClient::set_tls`]) is used by
+    /// all of the agent's loops from their next request on.
+    tls: Arc<std::sync::RwLock<TlsConnector>>,
+    /// Sent with every request (the agent's session header).
+    headers: Arc<Vec<(header::HeaderName, String)>>,
 }
 
 impl std::fmt::Debug for HttpsClient {
@@ -97,12 +101,28 @@ impl HttpsClient {
             host,
             port,
             authority: authority.to_string(),
-            tls: TlsConnector::from(tls),
+            tls: Arc::new(std::sync::RwLock::new(TlsConnector::from(tls))),
+            headers: Arc::new(Vec::new()),
         })
     }
 
     pub fn base_url(&self) -> &str {
         &self.base
+    }
+
+    /// Replaces the TLS configuration (a renewed or newly enrolled certificate) for this
+    /// client and all its clones; connections already open keep theirs.
+    pub fn set_tls(&self, tls: Arc<rustls::ClientConfig>) {
+        let mut w = self.tls.write().unwrap_or_else(|p| p.into_inner());
+        *w = TlsConnector::from(tls);
+    }
+
+    /// A client that sends `name: value` with every request.
+    pub fn with_header(mut self, name: header::HeaderName, value: String) -> Self {
+        let mut h = (*self.headers).clone();
+        h.push((name, value));
+        self.headers = Arc::new(h);
+        self
     }
 
     /// One request; the whole exchange (connect, handshake, answer) is bounded by `timeout`.
@@ -175,8 +195,8 @@ impl HttpsClient {
             url: url.to_string(),
             reason: "host is not a DNS name or IP".into(),
         })?;
-        let tls = self
-            .tls
+        let connector = self.tls.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let tls = connector
             .connect(name, tcp)
             .await
             .map_err(|source| NetError::Tls {
@@ -200,7 +220,7 @@ impl HttpsClient {
             .uri(path)
             .header(header::HOST, &self.authority)
             .header(header::ACCEPT, "application/json");
-        for (k, v) in headers {
+        for (k, v) in self.headers.iter().chain(headers) {
             req = req.header(k, v);
         }
         let req = req

@@ -19,19 +19,35 @@ use tokio_rustls::TlsAcceptor;
 use super::{Body, NetError};
 use crate::pki::Identity;
 use crate::proto::api::ErrorBody;
+use crate::tls::CertInfo;
 
 /// A client that opens a socket and never finishes the handshake must not hold a task.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stopping server waits for in-flight requests (long polls included).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What the server calls for every request. `peer` is the identity from the verified
-/// client certificate, or `None` if the certificate (though CA-signed) names none.
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The verified client certificate; `None` when the client sent none (it may only
+    /// enroll).
+    pub cert: Option<CertInfo>,
+    pub remote: std::net::SocketAddr,
+}
+
+impl Peer {
+    /// The fieldhand identity of the verified certificate, if it names one.
+    pub fn identity(&self) -> Option<&Identity> {
+        self.cert.as_ref().and_then(|c| c.identity.as_ref())
+    }
+}
+
+/// What the server calls for every request, with the peer of its connection.
 pub trait Handler: Send + Sync + 'static {
     fn handle(
         &self,
         req: Request<Incoming>,
-        peer: Option<Identity>,
+        peer: Peer,
     ) -> impl Future<Output = Response<Body>> + Send;
 }
 
@@ -79,12 +95,15 @@ pub async fn serve<H: Handler>(
                     return;
                 }
             };
-            let peer = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(crate::tls::identity_of);
+            let peer = Peer {
+                cert: tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(crate::tls::cert_info),
+                remote,
+            };
             let service = hyper::service::service_fn(move |req| {
                 let handler = handler.clone();
                 let peer = peer.clone();

@@ -8,7 +8,25 @@
 //! - `POST /agent/v1/events` [`EventBatch`] -> [`EventsApplied`]: progress and results. Each event
 //!   has an idempotency key; the controller applies a key at most once, however often it is sent.
 //!
-//! The machine id is never in a body: the controller takes it from the client certificate.
+//! - `POST /agent/v1/enroll` [`EnrollRequest`] -> [`Enrolled`]: the one route reachable without
+//!   a client certificate. A token and a CSR buy the machine its certificate; its pool comes
+//!   from the token.
+//! - `POST /agent/v1/renew` [`RenewRequest`] -> [`Enrolled`]: a fresh certificate over a new
+//!   key, asked for with the current certificate.
+//!
+//! The machine id is never in a body: the controller takes it from the client certificate
+//! (enrollment aside, where the machine proposes the id it will be known by). Nor is the pool:
+//! the controller alone decides it. Every request of a version-2 agent carries
+//! [`SESSION_HEADER`], which tells two live agents behind one certificate apart.
+
+/// Protocol version of this agent, sent as [`PROTOCOL_HEADER`]. 1 (no header): agents
+/// before enrollment, which still send `pool_id` (ignored).
+pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_HEADER: &str = "fieldhand-protocol";
+/// `<instance_id>.<boot_id>`: the instance id is made once per state directory, the boot id
+/// once per boot. A restart keeps both; a reboot changes only the boot id; a clone (a copied
+/// certificate in another state directory or on another machine) differs in one of them.
+pub const SESSION_HEADER: &str = "fieldhand-session";
 
 use serde::{Deserialize, Serialize};
 
@@ -32,14 +50,15 @@ pub struct HostFacts {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Heartbeat {
-    pub pool_id: String,
     pub agent_version: String,
     pub facts: HostFacts,
+    /// Undelivered events in the agent's outbox.
+    #[serde(default)]
+    pub outbox: u32,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PollRequest {
-    pub pool_id: String,
     pub agent_version: String,
     /// How long the controller may hold the request open.
     pub wait_ms: u64,
@@ -284,4 +303,32 @@ pub struct EventsApplied {
     pub applied: u32,
     /// Events whose key had been applied before (ignored).
     pub duplicates: u32,
+}
+
+/// `POST /agent/v1/enroll`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// `<token_id>.<secret>` from `POST /v1/enrollment-tokens`.
+    pub token: String,
+    /// The id this machine asks to be known by (default: its host name).
+    pub machine_id: String,
+    /// PKCS#10 request (PEM) over the key the agent made; only its public key is used.
+    pub csr_pem: String,
+}
+
+/// `POST /agent/v1/renew`: the identity is the presenting certificate's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RenewRequest {
+    pub csr_pem: String,
+}
+
+/// A signed certificate, for enrollment and renewal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Enrolled {
+    pub machine_id: String,
+    pub pool_id: Option<String>,
+    /// The leaf, then the issuing CA.
+    pub certificate_pem: String,
+    pub serial: String,
+    pub not_after: String,
 }

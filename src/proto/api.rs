@@ -310,12 +310,96 @@ pub struct HostComponent {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     pub machine_id: String,
-    pub pool_id: String,
+    /// Decided by the controller only: at enrollment (the token's pool), by the pool bound in
+    /// a hand-issued certificate, or by an operator (`PUT /v1/machines/{id}/pool`). `null`:
+    /// in no pool until an operator moves it.
+    pub pool_id: Option<String>,
     pub online: bool,
     pub last_seen: String,
     pub agent_version: String,
+    /// As reported by the agent (hostname, OS, GPU): shown, never trusted for identity.
     pub facts: Option<HostFacts>,
+    /// Serial (hex) and expiry of the certificate the machine last presented.
+    #[serde(default)]
+    pub certificate_serial: Option<String>,
+    #[serde(default)]
+    pub certificate_not_after: Option<String>,
+    /// Two live agents present this identity (a cloned certificate): nothing new is
+    /// dispatched to it until only one is left.
+    #[serde(default)]
+    pub identity_conflict: bool,
     /// The machine's images, once it has had any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<MachineImage>,
+}
+
+/// `POST /v1/enrollment-tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateEnrollmentToken {
+    pub pool_id: String,
+    /// How many machines may enroll with it; absent: any number until it expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uses: Option<i64>,
+    /// Default 86400 (one day); at most one year.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_seconds: Option<i64>,
+}
+
+/// One enrollment token, as listed (`GET /v1/enrollment-tokens`): never the secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollmentToken {
+    pub token_id: String,
+    pub pool_id: String,
+    /// `null`: unlimited.
+    pub uses_left: Option<u32>,
+    pub expires_at: String,
+    pub created_at: String,
+    pub created_by: String,
+}
+
+/// The answer to `POST /v1/enrollment-tokens`: the only time the secret is shown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollmentTokenCreated {
+    pub token_id: String,
+    /// `<token_id>.<secret>`, for the agents' `enrollment_token_file`.
+    pub token: String,
+    pub pool_id: String,
+    pub uses_left: Option<u32>,
+    pub expires_at: String,
+}
+
+/// `PUT /v1/machines/{machine_id}/pool`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveMachine {
+    pub pool_id: String,
+}
+
+/// The answer to `DELETE /v1/machines/{machine_id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Decommissioned {
+    pub machine_id: String,
+    /// The certificate serial revoked with it, if the machine ever presented one.
+    pub revoked_serial: Option<String>,
+    /// Assignments of this machine that ended `CANCELLED`.
+    pub cancelled_assignments: u32,
+}
+
+/// `POST /v1/revocations`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Revoke {
+    /// Hex serial, as `certificate_serial` shows it (colons and case are ignored).
+    pub serial: String,
+}
+
+/// One revoked certificate (`GET /v1/revocations`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Revocation {
+    pub serial: String,
+    pub revoked_at: String,
+    pub revoked_by: String,
+    /// The machine whose certificate it was, when the controller knows.
+    pub machine_id: Option<String>,
 }

@@ -17,7 +17,15 @@ pub struct RawTls {
 #[serde(deny_unknown_fields)]
 pub struct RawAgent {
     pub controller_url: String,
-    pub pool_id: String,
+    /// No longer used (the controller decides pools); accepted with a warning so an old
+    /// config keeps working.
+    pub pool_id: Option<String>,
+    /// The id this machine enrolls as; default: the host name.
+    pub machine_id: Option<String>,
+    /// A file holding an enrollment token (`POST /v1/enrollment-tokens`).
+    pub enrollment_token_file: Option<PathBuf>,
+    /// The token itself, for tests and the quickstart; prefer `enrollment_token_file`.
+    pub enrollment_token: Option<String>,
     pub state_dir: Option<PathBuf>,
     /// Where images live (`<image_id>/`, `current`, `previous`); default `state_dir/images`.
     pub image_root: Option<PathBuf>,
@@ -103,5 +111,23 @@ pub struct RawController {
     pub reboot_grace_seconds: Option<u64>,
     /// ed25519 PKCS#8 key (`pki signing-key`); when set, every payload reference is signed.
     pub signing_key: Option<PathBuf>,
+    /// Lifetime of the agent certificates the controller signs (enrollment, renewal).
+    pub agent_cert_validity_seconds: Option<u64>,
+    /// How long a second session of one identity must stay silent before a conflict clears.
+    pub identity_conflict_quiet_seconds: Option<u64>,
     pub tls: RawTls,
+    #[serde(default)]
+    pub enrollment: RawEnrollment,
+}
+
+/// `[enrollment]`: the CA the controller signs agent certificates with.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEnrollment {
+    /// The issuing CA (`pki init` writes `issuing-ca.pem`); unset: enrollment and renewal
+    /// are refused.
+    pub issuing_cert: Option<PathBuf>,
+    pub issuing_key: Option<PathBuf>,
+    /// Enrollment attempts accepted per second, all sources together (default 20).
+    pub attempts_per_second: Option<u64>,
 }

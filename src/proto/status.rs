@@ -12,11 +12,17 @@ pub enum StatusRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusReport {
     pub machine_id: String,
-    pub pool_id: String,
     pub controller_url: String,
     pub connected: bool,
+    /// `connecting` until the first answer (or error), then `connected` or `unreachable`.
+    pub link: LinkPhase,
     /// Last successful exchange with the controller (RFC 3339).
     pub last_contact: Option<String>,
+    /// The last failed exchange, while it is the newest word from the link.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// The machine's certificate and what stands in its way, if anything.
+    pub identity: IdentityStatus,
     pub running: Option<RunningStatus>,
     pub queued: u32,
     pub undelivered_events: u32,
@@ -32,6 +38,39 @@ pub struct StatusReport {
     /// Staging progress of the pending image, while it is `PUBLISHING`.
     #[serde(default)]
     pub pending_image_progress: Option<super::agent::ComponentProgress>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkPhase {
+    Connecting,
+    Connected,
+    Unreachable,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityPhase {
+    /// A valid certificate is in place.
+    Enrolled,
+    /// No certificate yet: enrolling with the token (see `problem` for why it has not
+    /// worked yet).
+    Enrolling,
+    /// The certificate is expired or not yet valid; renewal or re-enrollment may fix it.
+    CertificateInvalid,
+    /// Another live agent presents this certificate; no work is taken.
+    Conflict,
+    /// The certificate was revoked or the machine decommissioned; no work is taken.
+    Revoked,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityStatus {
+    pub phase: IdentityPhase,
+    pub certificate_serial: Option<String>,
+    pub certificate_not_after: Option<String>,
+    /// Why the phase is not `enrolled`, or why the last renewal failed.
+    pub problem: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

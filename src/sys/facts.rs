@@ -30,6 +30,11 @@ pub fn gather(state_dir: &Path, agent_version: &str, gpu: Option<bool>) -> HostF
     }
 }
 
+/// The host name (the default machine id an agent enrolls as); empty when unknown.
+pub fn hostname() -> String {
+    System::host_name().unwrap_or_default()
+}
+
 /// PCI vendors whose display controllers are GPUs (NVIDIA, AMD, Intel discrete cards are
 /// class 0x0302); an emulated VGA adapter (e.g. QEMU's, vendor 0x1234) is not a GPU.
 const GPU_VENDORS: [&str; 2] = ["0x10de", "0x1002"];

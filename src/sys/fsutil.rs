@@ -63,6 +63,61 @@ pub fn ensure_dir(path: &Path, mode: u32) -> io::Result<()> {
     }
 }
 
+/// An exclusive lock on a file, held until dropped (or the process dies: the kernel
+/// releases it, so a crash never leaves a stale lock).
+pub struct LockGuard {
+    _lock: nix::fcntl::Flock<fs::File>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("cannot open the lock file {path}: {source}")]
+    Open {
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
+    #[error("{path} is locked by process {pid}")]
+    Held {
+        path: std::path::PathBuf,
+        /// As the holder wrote it; `?` when unreadable.
+        pid: String,
+    },
+}
+
+/// Takes an exclusive, non-blocking `flock` on `path` (created 0600) and writes our pid
+/// into it, for the message the next process gets.
+pub fn lock_exclusive(path: &Path) -> Result<LockGuard, LockError> {
+    let open_err = |source| LockError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(open_err)?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => {
+            let _ = lock.set_len(0);
+            let _ = (&*lock).write_all(format!("{}\n", std::process::id()).as_bytes());
+            let _ = lock.sync_all();
+            Ok(LockGuard { _lock: lock })
+        }
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(LockError::Held {
+            path: path.to_path_buf(),
+            pid: fs::read_to_string(path)
+                .map(|s| s.trim().to_string())
+                .ok()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "?".into()),
+        }),
+        Err((_, e)) => Err(open_err(e.into())),
+    }
+}
+
 /// Makes a rename or create in `dir` durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
@@ -86,6 +141,19 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
+    }
+
+    #[test]
+    fn a_second_lock_is_refused_with_the_holders_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("agent.lock");
+        let held = lock_exclusive(&p).unwrap();
+        match lock_exclusive(&p) {
+            Err(LockError::Held { pid, .. }) => assert_eq!(pid, std::process::id().to_string()),
+            other => panic!("expected Held, got {:?}", other.err()),
+        }
+        drop(held);
+        lock_exclusive(&p).unwrap();
     }
 
     #[test]

@@ -4,6 +4,7 @@
 mod batches;
 mod cli;
 mod durability;
+mod identity;
 mod images;
 mod latency;
 mod power;

@@ -18,9 +18,21 @@ fn mtls_rejections() {
     let op = env.operator(&ctl);
     op.wait_online(&["a1", "b1"], T);
 
-    // No client certificate: the handshake is refused.
+    // No client certificate: nothing but enrollment is served, on either API.
     let anon = env.client(&ctl, None);
-    assert!(anon.try_call(Method::GET, "/v1/machines", None).is_err());
+    for (m, path) in [
+        (Method::GET, "/v1/machines"),
+        (Method::POST, "/agent/v1/poll"),
+        (Method::GET, "/agent/v1/blobs/00"),
+        (Method::POST, "/v1/enrollment-tokens"),
+    ] {
+        let (status, v) = anon.call(m, path, Some(json!({})));
+        assert_eq!(
+            (status, v["error_code"].as_str()),
+            (401, Some("CERTIFICATE_REQUIRED")),
+            "{path}: {v}"
+        );
+    }
 
     // A certificate from another CA: refused too.
     let other = Env::new();

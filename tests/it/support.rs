@@ -77,22 +77,29 @@ impl Env {
         self.tmp.path()
     }
 
+    /// A hand-issued agent certificate in no pool (`pki issue --agent ID`).
     pub fn issue_agent(&self, id: &str) {
+        self.issue_agent_in(id, None)
+    }
+
+    /// A hand-issued agent certificate, bound to `pool` when given (`--pool`).
+    pub fn issue_agent_in(&self, id: &str, pool: Option<&str>) {
         let cert = self.pki.join("agents").join(format!("{id}.pem"));
         if cert.exists() {
             return;
         }
-        let out = run(
-            CONTROLLER,
-            &[
-                "pki",
-                "issue",
-                "--dir",
-                self.pki.to_str().unwrap(),
-                "--agent",
-                id,
-            ],
-        );
+        let mut args = vec![
+            "pki",
+            "issue",
+            "--dir",
+            self.pki.to_str().unwrap(),
+            "--agent",
+            id,
+        ];
+        if let Some(p) = pool {
+            args.extend(["--pool", p]);
+        }
+        let out = run(CONTROLLER, &args);
         assert!(
             out.status.success(),
             "pki issue agent: {}",
@@ -110,16 +117,37 @@ impl Env {
         Controller::start(self, "127.0.0.1:0", extra)
     }
 
-    /// Starts an agent with machine id `id` in pool `pool`.
+    /// Starts an agent with machine id `id` whose hand-issued certificate binds it to `pool`.
     pub fn agent(&self, ctl: &Controller, id: &str, pool: &str) -> Agent {
-        self.issue_agent(id);
-        Agent::start(self, &ctl.url(), id, pool, "")
+        self.issue_agent_in(id, Some(pool));
+        Agent::start(self, &ctl.url(), id, Certs::Issued, "")
     }
 
     /// An agent whose config ends with `extra` (e.g. a `[payloads]` table).
     pub fn agent_with(&self, ctl: &Controller, id: &str, pool: &str, extra: &str) -> Agent {
-        self.issue_agent(id);
-        Agent::start(self, &ctl.url(), id, pool, extra)
+        self.issue_agent_in(id, Some(pool));
+        Agent::start(self, &ctl.url(), id, Certs::Issued, extra)
+    }
+
+    /// An agent with no certificate, only `token`: it enrolls as `machine_id = id`. Its key
+    /// and certificate are written under its own directory (`tls/`). `extra` as for
+    /// [`Env::agent_with`].
+    pub fn enrolling_agent(&self, ctl: &Controller, id: &str, token: &str, extra: &str) -> Agent {
+        let top = format!("machine_id = \"{id}\"\nenrollment_token = \"{token}\"\n");
+        Agent::start(
+            self,
+            &ctl.url(),
+            id,
+            Certs::Enrolled,
+            &format!("{top}{extra}"),
+        )
+    }
+
+    /// `POST /v1/enrollment-tokens`; returns the token (panics unless created).
+    pub fn token(&self, ctl: &Controller, body: Value) -> String {
+        let (s, v) = self.operator(ctl).post("/v1/enrollment-tokens", body);
+        assert_eq!(s, 200, "{v}");
+        v["token"].as_str().unwrap().to_string()
     }
 
     /// A client with the given cert/key (paths relative to the PKI dir), or none.
@@ -358,11 +386,13 @@ impl Controller {
         std::fs::write(
             &config,
             format!(
-                "{extra}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\noffline_after_seconds = 3\nunreachable_grace_seconds = 3\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                "{extra}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\noffline_after_seconds = 3\nunreachable_grace_seconds = 3\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[enrollment]\nissuing_cert = \"{}\"\nissuing_key = \"{}\"\n",
                 dir.display(),
                 pki.join("ca.pem").display(),
                 pki.join("controller.pem").display(),
-                pki.join("controller-key.pem").display()
+                pki.join("controller-key.pem").display(),
+                pki.join("issuing-ca.pem").display(),
+                pki.join("issuing-ca-key.pem").display()
             ),
         )
         .unwrap();
@@ -440,21 +470,50 @@ impl Drop for Controller {
     }
 }
 
+/// Where an agent's certificate comes from.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Certs {
+    /// Hand-issued into the test PKI (`pki/agents/ID.pem`).
+    Issued,
+    /// Made by the agent's own enrollment (`agents/ID/tls/agent.pem`).
+    Enrolled,
+}
+
 pub struct Agent {
     pub id: String,
     pub dir: PathBuf,
     pub config: PathBuf,
     pub socket: PathBuf,
+    pub cert: PathBuf,
     child: Option<Child>,
 }
 
 impl Agent {
-    fn start(env: &Env, url: &str, id: &str, pool: &str, extra: &str) -> Self {
-        let dir = env.path().join("agents").join(id);
+    fn start(env: &Env, url: &str, id: &str, certs: Certs, extra: &str) -> Self {
+        Self::start_in(
+            env,
+            url,
+            id,
+            &env.path().join("agents").join(id),
+            certs,
+            extra,
+        )
+    }
+
+    /// An agent in `dir` (several agents may share one certificate from different dirs).
+    pub fn start_in(env: &Env, url: &str, id: &str, dir: &Path, certs: Certs, extra: &str) -> Self {
+        let dir = dir.to_path_buf();
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("agent.toml");
         let pki = &env.pki;
         let socket = dir.join("agent.sock");
+        let (cert, key) = match certs {
+            Certs::Issued => (
+                pki.join(format!("agents/{id}.pem")),
+                pki.join(format!("agents/{id}-key.pem")),
+            ),
+            Certs::Enrolled => (dir.join("tls/agent.pem"), dir.join("tls/agent-key.pem")),
+        };
         // Top-level keys at the head of `extra` must come before the first table.
         let split = extra
             .lines()
@@ -473,12 +532,12 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "controller_url = \"{url}\"\npool_id = \"{pool}\"\nstate_dir = \"{}\"\nsocket_path = \"{}\"\n{top}[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[exec]\nkill_grace_seconds = 1\n[connection]\nretry_initial_ms = 100\nretry_max_ms = 500\n{extra}\n",
+                "controller_url = \"{url}\"\nstate_dir = \"{}\"\nsocket_path = \"{}\"\n{top}[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[exec]\nkill_grace_seconds = 1\n[connection]\nretry_initial_ms = 100\nretry_max_ms = 500\n{extra}\n",
                 dir.join("state").display(),
                 socket.display(),
                 pki.join("ca.pem").display(),
-                pki.join(format!("agents/{id}.pem")).display(),
-                pki.join(format!("agents/{id}-key.pem")).display()
+                cert.display(),
+                key.display()
             ),
         )
         .unwrap();
@@ -487,6 +546,7 @@ impl Agent {
             dir,
             config,
             socket,
+            cert,
             child: None,
         };
         a.launch();

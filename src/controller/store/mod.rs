@@ -1,7 +1,15 @@
 //! The controller's durable state: the only module that speaks SQL. SQLite (WAL, synchronous
 //! FULL) is the embedded default; the statements stay within what PostgreSQL also runs
 //! (`ON CONFLICT DO NOTHING`, integer millisecond timestamps, TEXT ids), so a second backend only
-//! replaces this file. Callers work inside one transaction at a time through [`Tx`].
+//! replaces this module. Callers work inside one transaction at a time through [`Tx`].
+//!
+//! `migrate`: the schema, as numbered migrations recorded in `PRAGMA user_version`;
+//! `identity`: machines' certificates, sessions, enrollment tokens and revocations.
+
+mod identity;
+mod migrate;
+
+pub use identity::{EnrollmentTokenRow, RevocationRow, SessionVerdict, TokenCheck};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -38,7 +46,9 @@ impl<T> Ctx<T> for Result<T, rusqlite::Error> {
     }
 }
 
-const SCHEMA: &str = r#"
+/// Version 1: the schema of 0.1.0 (before migrations were recorded). `IF NOT EXISTS`, so a
+/// database made by 0.1.0 (user_version 0) passes through it unchanged.
+const SCHEMA_V1: &str = r#"
 CREATE TABLE IF NOT EXISTS machines (
     machine_id    TEXT PRIMARY KEY,
     pool_id       TEXT NOT NULL,
@@ -157,10 +167,17 @@ CREATE TABLE IF NOT EXISTS applied_events (
 #[derive(Debug, Clone, PartialEq)]
 pub struct MachineRow {
     pub machine_id: String,
-    pub pool_id: String,
+    /// `None`: in no pool (a hand-issued certificate without `--pool`, until an operator
+    /// moves it).
+    pub pool_id: Option<String>,
     pub agent_version: String,
     pub last_seen_ms: i64,
     pub facts_json: Option<String>,
+    /// The certificate the machine last presented (or was enrolled with).
+    pub cert_serial: Option<String>,
+    pub cert_not_after_ms: Option<i64>,
+    /// Set while two live sessions present this identity.
+    pub conflict_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -330,7 +347,8 @@ impl Store {
             .map_err(open_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_err)?;
-        conn.execute_batch(SCHEMA).map_err(open_err)?;
+        let mut conn = conn;
+        migrate::apply(&mut conn).map_err(open_err)?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -445,49 +463,6 @@ fn finish_tm(pair: (TaskMachineRow, String)) -> Result<TaskMachineRow, StoreErro
 }
 
 impl Tx<'_> {
-    pub fn upsert_machine(
-        &mut self,
-        machine_id: &str,
-        pool_id: &str,
-        agent_version: &str,
-        now_ms: i64,
-        facts_json: Option<&str>,
-    ) -> Result<(), StoreError> {
-        self.tx
-            .execute(
-                "INSERT INTO machines (machine_id, pool_id, agent_version, last_seen_ms, facts_json)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (machine_id) DO UPDATE SET pool_id = excluded.pool_id,
-                    agent_version = excluded.agent_version, last_seen_ms = excluded.last_seen_ms,
-                    facts_json = COALESCE(excluded.facts_json, machines.facts_json)",
-                params![machine_id, pool_id, agent_version, now_ms, facts_json],
-            )
-            .ctx("recording a machine")?;
-        Ok(())
-    }
-
-    pub fn machines(&mut self) -> Result<Vec<MachineRow>, StoreError> {
-        let mut st = self
-            .tx
-            .prepare(
-                "SELECT machine_id, pool_id, agent_version, last_seen_ms, facts_json
-                 FROM machines ORDER BY machine_id",
-            )
-            .ctx("listing machines")?;
-        let rows = st
-            .query_map([], |r| {
-                Ok(MachineRow {
-                    machine_id: r.get(0)?,
-                    pool_id: r.get(1)?,
-                    agent_version: r.get(2)?,
-                    last_seen_ms: r.get(3)?,
-                    facts_json: r.get(4)?,
-                })
-            })
-            .ctx("listing machines")?;
-        rows.collect::<Result<_, _>>().ctx("listing machines")
-    }
-
     pub fn machine_last_seen(&mut self, machine_id: &str) -> Result<Option<i64>, StoreError> {
         self.tx
             .query_row(
@@ -503,7 +478,10 @@ impl Tx<'_> {
     pub fn pool_machines(&mut self, pool_id: &str) -> Result<Vec<String>, StoreError> {
         let mut st = self
             .tx
-            .prepare("SELECT machine_id FROM machines WHERE pool_id = ?1 ORDER BY machine_id")
+            .prepare(
+                "SELECT machine_id FROM machines WHERE pool_id = ?1
+                 AND decommissioned_ms IS NULL ORDER BY machine_id",
+            )
             .ctx("listing a pool")?;
         let rows = st
             .query_map(params![pool_id], |r| r.get(0))
@@ -735,21 +713,49 @@ impl Tx<'_> {
     }
 
     /// What a machine's agent has not yet acknowledged: dispatched assignments (with their
-    /// task) and cancellations.
-    pub fn undelivered_for(&mut self, machine_id: &str) -> Result<Undelivered, StoreError> {
+    /// task) and cancellations. An assignment is offered to one session: again to the same
+    /// one (or to a restart of its state directory, which knows it by id), and to another only
+    /// once the first has been silent since `silent_since_ms` (it is gone, not a second agent).
+    pub fn undelivered_for(
+        &mut self,
+        machine_id: &str,
+        session: &str,
+        instance: &str,
+        silent_since_ms: i64,
+    ) -> Result<Undelivered, StoreError> {
         let assignments: Vec<TaskMachineRow> = {
             let mut st = self
                 .tx
                 .prepare(&format!(
-                    "SELECT {TM_COLS} FROM task_machines WHERE machine_id = ?1
+                    "SELECT {TM_COLS} FROM task_machines tm WHERE machine_id = ?1
                      AND state = 'DISPATCHED' AND delivered = 0 AND cancel_requested = 0
+                     AND (offered_session IS NULL OR offered_session = ?2
+                          OR offered_instance = ?3
+                          OR NOT EXISTS (SELECT 1 FROM agent_sessions s
+                                         WHERE s.machine_id = ?1
+                                         AND s.session = tm.offered_session
+                                         AND (s.last_ms >= ?4 OR s.hold_ms >= ?4)))
                      ORDER BY dispatched_ms, task_id"
                 ))
                 .ctx("polling")?;
-            let rows = st.query_map(params![machine_id], tm_row).ctx("polling")?;
+            let rows = st
+                .query_map(
+                    params![machine_id, session, instance, silent_since_ms],
+                    tm_row,
+                )
+                .ctx("polling")?;
             let pairs: Vec<_> = rows.collect::<Result<_, _>>().ctx("polling")?;
             pairs.into_iter().map(finish_tm).collect::<Result<_, _>>()?
         };
+        for a in &assignments {
+            self.tx
+                .execute(
+                    "UPDATE task_machines SET offered_session = ?2, offered_instance = ?3
+                     WHERE assignment_id = ?1",
+                    params![a.assignment_id, session, instance],
+                )
+                .ctx("polling")?;
+        }
         let mut out = Vec::with_capacity(assignments.len());
         for a in assignments {
             let task = self.task(&a.task_id)?.ok_or(StoreError::Corrupt {
@@ -1295,13 +1301,53 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn a_database_from_0_1_0_is_migrated_in_place_and_keeps_its_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        std::fs::copy(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/controller-0.1.0-before-migrations.db"
+            ),
+            &path,
+        )
+        .unwrap();
+        let store = Store::open(&path).unwrap();
+        let (task, machines, tm) = store
+            .tx(|tx| {
+                let id = "6d0e0fb0-1b71-4502-973a-24b0543a5d5d";
+                Ok::<_, StoreError>((tx.task(id)?, tx.machines()?, tx.task_machines(id)?))
+            })
+            .await
+            .unwrap();
+        let task = task.expect("the 0.1.0 task survived");
+        assert_eq!(task.state, TaskState::Succeeded);
+        assert_eq!(tm.len(), 2);
+        assert!(tm.iter().all(|m| m.state == MachineState::Succeeded));
+        let pools: Vec<_> = machines
+            .iter()
+            .map(|m| (m.machine_id.as_str(), m.pool_id.as_deref()))
+            .collect();
+        assert_eq!(
+            pools,
+            vec![
+                ("qs-agent-1", Some("quickstart")),
+                ("qs-agent-2", Some("quickstart"))
+            ]
+        );
+        drop(store);
+        // Opening again applies nothing twice.
+        Store::open(&path).unwrap();
+    }
+
+    #[tokio::test]
     async fn survives_reopen_and_dedups_event_keys() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
         let store = Store::open(&path).unwrap();
         store
             .tx(|tx| {
-                tx.upsert_machine("m1", "p", "0.1", 1, None)?;
+                tx.record_contact("m1", Some("p"), "ab", 2, "0.1", None, 1)?;
                 tx.insert_task(
                     &TaskRow {
                         task_id: "t1".into(),

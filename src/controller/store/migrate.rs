@@ -1,0 +1,119 @@
+//! Schema migrations: numbered steps, each applied once, in order, in one transaction
+//! together with the `PRAGMA user_version` that records it. A database made by 0.1.0 has
+//! version 0 and its tables already exist, which `SCHEMA_V1` (`IF NOT EXISTS`) leaves alone.
+//!
+//! The transaction is `IMMEDIATE`: it takes SQLite's write lock before reading the version,
+//! so two controllers starting on one file at once apply each step once.
+
+use rusqlite::Connection;
+
+/// `(version, statements)`, in order. Never edit a released step: add the next one.
+const STEPS: &[(u32, &str)] = &[(1, super::SCHEMA_V1), (2, V2_IDENTITY)];
+
+/// Version 2: the controller alone decides pools (so `machines.pool_id` may be empty), the
+/// certificate each machine presents, sessions per identity (two live agents behind one
+/// certificate), enrollment tokens, revocations, and which session an assignment was
+/// offered to.
+const V2_IDENTITY: &str = r#"
+CREATE TABLE machines_v2 (
+    machine_id         TEXT PRIMARY KEY,
+    pool_id            TEXT,
+    agent_version      TEXT NOT NULL,
+    last_seen_ms       BIGINT NOT NULL,
+    facts_json         TEXT,
+    cert_serial        TEXT,
+    cert_not_after_ms  BIGINT,
+    decommissioned_ms  BIGINT,
+    conflict_ms        BIGINT
+);
+INSERT INTO machines_v2 (machine_id, pool_id, agent_version, last_seen_ms, facts_json)
+    SELECT machine_id, pool_id, agent_version, last_seen_ms, facts_json FROM machines;
+DROP TABLE machines;
+ALTER TABLE machines_v2 RENAME TO machines;
+CREATE INDEX machines_pool ON machines (pool_id);
+CREATE TABLE agent_sessions (
+    machine_id  TEXT NOT NULL,
+    session     TEXT NOT NULL,
+    instance    TEXT NOT NULL,
+    first_ms    BIGINT NOT NULL,
+    last_ms     BIGINT NOT NULL,
+    hold_ms     BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (machine_id, session)
+);
+CREATE TABLE enrollment_tokens (
+    token_id       TEXT PRIMARY KEY,
+    secret_sha256  TEXT NOT NULL,
+    pool_id        TEXT NOT NULL,
+    uses_left      BIGINT,
+    expires_ms     BIGINT NOT NULL,
+    created_ms     BIGINT NOT NULL,
+    created_by     TEXT NOT NULL,
+    deleted_ms     BIGINT
+);
+CREATE TABLE revocations (
+    serial      TEXT PRIMARY KEY,
+    revoked_ms  BIGINT NOT NULL,
+    revoked_by  TEXT NOT NULL,
+    machine_id  TEXT
+);
+ALTER TABLE task_machines ADD COLUMN offered_session TEXT;
+ALTER TABLE task_machines ADD COLUMN offered_instance TEXT;
+"#;
+
+/// The version this build writes.
+pub const LATEST: u32 = STEPS[STEPS.len() - 1].0;
+
+/// Brings the database to [`LATEST`]. A database newer than this build is refused rather
+/// than written with an older idea of its tables.
+pub fn apply(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let current: u32 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > LATEST {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_MISMATCH),
+            Some(format!(
+                "the database is at schema version {current}, newer than this controller's \
+                 {LATEST}; run the newer controller"
+            )),
+        ));
+    }
+    for (version, sql) in STEPS.iter().filter(|(v, _)| *v > current) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version)?;
+        tracing::info!(version, "database schema migrated");
+    }
+    tx.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_database_reaches_the_latest_version_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Connection::open(dir.path().join("x.db")).unwrap();
+        apply(&mut c).unwrap();
+        apply(&mut c).unwrap();
+        let v: u32 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, LATEST);
+        // Version 2's columns are there.
+        c.execute(
+            "INSERT INTO machines (machine_id, agent_version, last_seen_ms, cert_serial)
+             VALUES ('m', '', 0, 'ab')",
+            [],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_newer_database_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Connection::open(dir.path().join("x.db")).unwrap();
+        c.pragma_update(None, "user_version", LATEST + 1).unwrap();
+        let e = apply(&mut c).unwrap_err().to_string();
+        assert!(e.contains("newer than this controller"), "{e}");
+    }
+}
