@@ -7,11 +7,13 @@
 //! - [`proto`]: every wire type (agent protocol, operator API, status socket, the agent's
 //!   on-disk records, raw config files). Start here: it is the contract.
 //! - [`config`]: raw TOML (`deny_unknown_fields`) into validated configs; errors name the key.
-//! - [`pki`]: the fleet CA, certificate issuance, and [`pki::Identity`] (role + name) bound
-//!   in each certificate as a URI SAN.
-//! - [`tls`]: rustls server/client configs and reading the identity from a verified cert.
-//! - [`net`]: the HTTPS client and the accept loop that hands each request to a handler
-//!   with the peer identity.
+//! - [`pki`]: the fleet's root CA and the issuing CA the controller signs enrollments and
+//!   renewals with, certificate issuance (a pool may be bound at issue time), CSRs, and
+//!   [`pki::Identity`] (role + name) bound in each certificate as a URI SAN.
+//! - [`tls`]: rustls server/client configs, and what a verified cert says
+//!   ([`tls::CertInfo`]: identity, bound pool, serial, validity).
+//! - [`net`]: the HTTPS client (its TLS swappable, for renewal) and the accept loop that hands
+//!   each request to a handler with its peer (certificate, if any, and address).
 //! - [`payload`]: the payload engine shared by staging and image pushes: resumable,
 //!   verified downloads (`fetch`), ed25519 manifest signatures (`sign`), and hardened
 //!   tar.gz extraction (`extract`).
@@ -20,23 +22,27 @@
 //!   (logind or utmp), systemd `notify`, `clock`, `bootid`, host `facts`, crash-safe
 //!   file writes (`fsutil`).
 //! - [`controller`]: `serve` (router), the operator API (`api`), the agent protocol
-//!   (`agent_api`), the pure rollout rules
-//!   of gray batches (`rollout`), the `engine` that advances tasks, the SQLite `store`, the
-//!   blob store (`blobs`), desired software by commit (`software`), images (`images`: the
+//!   (`agent_api`), fleet `identity` (enrollment tokens, enroll and renew, operator moves,
+//!   decommission and revocation, and the gate every agent request passes: revoked,
+//!   decommissioned, two live sessions of one identity), the pure rollout rules
+//!   of gray batches (`rollout`), the `engine` that advances tasks, the SQLite `store` (its
+//!   `migrate` steps and its `identity` tables), the blob store (`blobs`), desired software by commit (`software`), images (`images`: the
 //!   registry, push-image with schedule/reschedule/cancel, unpublish, and the provisioning
 //!   status, as three ordinary tasks per push driven by one `pool_images` row), desktop
 //!   `rebuild` (seed 003: per-desktop codes, one `image_rebuild` task whose assignments each
 //!   carry their own image payload), and the `quickstart`.
 //! - [`agent`]: `run`: one core task owning the state, the pure state machine
 //!   (`machine::step`; a run's phase is kept as the on-disk `proto::state::PhaseRecord`),
-//!   the durable state file and outbox (`store`), the `executor` (scripts), `stage`
+//!   the durable state file and outbox (`store`), the machine's `identity` (enroll with a
+//!   token, renew, re-enroll a cloned identity, the crash-safe key and certificate swap),
+//!   the `executor` (scripts), `stage`
 //!   (software and image staging), `logoff` (logoff policies), `image` (the image layout
 //!   and the steps of an image apply: activate, health check, verify, undo; a rebuild's
 //!   fresh slot and its data area moved aside until the commit), the `link` to
 //!   the controller (long poll, heartbeat, events, progress) and the local `status` socket.
 //! - [`daemon`], [`exit`]: logging, shutdown signals and exit codes shared by the binaries.
 //!
-//! Entry points: `src/bin/fieldhand.rs` (`agent`, `status`) and
+//! Entry points: `src/bin/fieldhand.rs` (`agent`, `status`, `seal`) and
 //! `src/bin/fieldhand-controller.rs` (`serve`, `pki`, `quickstart`); each only parses
 //! arguments, loads config and calls one `run`/`serve`.
 //!
@@ -45,7 +51,18 @@
 //! - Only `proto` derives `Serialize`/`Deserialize`; internal types convert to and from it.
 //! - Only `sys` spawns processes or reads the boot id (checked by `tests/it/tidy.rs`).
 //! - Identity comes only from the verified peer certificate, never from a request field; an
-//!   agent certificate may only use `/agent/v1`, an operator certificate only `/v1`.
+//!   agent certificate may only use `/agent/v1`, an operator certificate only `/v1`; a
+//!   client without a certificate may only enroll; a revoked serial is refused on every
+//!   route.
+//! - What a machine belongs to is decided by the controller alone: its pool comes from its
+//!   enrollment token, a pool bound in a hand-issued certificate, or an operator's move;
+//!   nothing an agent sends changes it.
+//! - One live agent per identity: an agent locks its `state_dir`; the controller hands an
+//!   assignment to one session (`<instance_id>.<boot_id>`) and nothing new to an identity
+//!   whose two sessions are live at once, so no assignment runs on two machines.
+//! - A machine's private key is made on the machine and never leaves it; key and
+//!   certificate are swapped as a pair that survives a crash.
+//! - The controller's schema changes only through numbered migrations (`store::migrate`).
 //! - The agent's state machine is pure: `step(state, event, now) -> (state, effects)`; the
 //!   core loop performs the effects in order, and persists the state (atomic write) before
 //!   a script starts and before a result is handed to the outbox.

@@ -395,8 +395,10 @@ impl Issuer {
             rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
                 .map_err(|e| bad(cert_path, e.to_string()))?
         };
-        let self_signed = crate::tls::is_self_signed(&der);
-        if !crate::tls::public_key_matches(&der, &key.public_key_der()) {
+        let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| bad(cert_path, e.to_string()))?;
+        let self_signed = parsed.issuer() == parsed.subject();
+        if parsed.public_key().raw != key.public_key_der().as_slice() {
             return Err(bad(
                 key_path,
                 format!("is not the key of {}", cert_path.display()),

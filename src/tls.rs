@@ -207,20 +207,6 @@ pub fn cert_info_of_file(path: &Path) -> Result<CertInfo, TlsError> {
     })
 }
 
-/// Whether a certificate's issuer is its subject (a root).
-pub fn is_self_signed(cert: &CertificateDer<'_>) -> bool {
-    x509_parser::parse_x509_certificate(cert.as_ref())
-        .map(|(_, c)| c.issuer() == c.subject())
-        .unwrap_or(false)
-}
-
-/// Whether `spki_der` (a SubjectPublicKeyInfo) is the certificate's public key.
-pub fn public_key_matches(cert: &CertificateDer<'_>, spki_der: &[u8]) -> bool {
-    x509_parser::parse_x509_certificate(cert.as_ref())
-        .map(|(_, c)| c.public_key().raw == spki_der)
-        .unwrap_or(false)
-}
-
 pub fn identity_of_file(path: &Path) -> Result<Identity, TlsError> {
     let certs = load_certs(path)?;
     identity_of(&certs[0]).ok_or_else(|| TlsError::NoIdentity {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use http::Method;
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::link::Backoff;
+use super::backoff::Backoff;
 use super::Input;
 use crate::config::agent::TokenSource;
 use crate::net::client::HttpsClient;

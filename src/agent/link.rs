@@ -9,6 +9,7 @@ use http::Method;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
+use super::backoff::Backoff;
 use super::identity::IdentityState;
 use super::store::Outbox;
 use super::Input;
@@ -22,33 +23,6 @@ use crate::proto::status::{IdentityPhase, LinkPhase};
 use crate::sys::clock;
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// Exponential backoff with "equal jitter": half fixed, half random, so a fleet that lost its
-/// controller at the same moment does not return in lockstep.
-pub struct Backoff {
-    initial: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    pub fn new(initial: Duration, max: Duration) -> Self {
-        Backoff {
-            initial,
-            max,
-            current: initial,
-        }
-    }
-    pub fn reset(&mut self) {
-        self.current = self.initial;
-    }
-    pub fn next_delay(&mut self) -> Duration {
-        let d = self.current;
-        self.current = (self.current * 2).min(self.max);
-        let half = d / 2;
-        half + Duration::from_millis(fastrand::u64(0..=half.as_millis() as u64))
-    }
-}
 
 #[derive(Debug, Default)]
 struct LinkInner {
@@ -436,26 +410,5 @@ pub async fn deliver_loop(
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_the_cap_with_jitter_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
-        let delays: Vec<_> = (0..6).map(|_| b.next_delay()).collect();
-        for (i, d) in delays.iter().enumerate() {
-            let base = Duration::from_millis((100u64 << i.min(3)).min(800));
-            assert!(
-                *d >= base / 2 && *d <= base,
-                "step {i}: {d:?} not within [{:?}, {base:?}]",
-                base / 2
-            );
-        }
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 }

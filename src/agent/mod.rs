@@ -3,6 +3,7 @@
 //! order. Around it: the link loops (poll, heartbeat, outbox delivery), the executor of the
 //! running assignment, and the status socket.
 
+pub mod backoff;
 pub mod executor;
 pub mod identity;
 pub mod image;

@@ -1,6 +1,7 @@
 //! `fieldhand-controller quickstart`: the main job on the embedded default, end to end. It
-//! creates a PKI, starts a real controller on SQLite and N real agents as child processes (each
-//! with its own state dir), submits a gray-batch script execution through the operator API over
+//! creates a PKI, starts a real controller on SQLite, makes an enrollment token, starts N real
+//! agents as child processes (each with its own state dir and only the token: each makes its
+//! own key and enrolls), submits a gray-batch script execution through the operator API over
 //! mutual TLS, and prints the per-machine result table.
 
 use std::path::{Path, PathBuf};
@@ -129,11 +130,13 @@ pub async fn run(
     write(
         &ccfg,
         &format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = {}\nunreachable_grace_seconds = 30\n\n[tls]\nca = {}\ncert = {}\nkey = {}\n",
+            "listen = \"127.0.0.1:0\"\ndata_dir = {}\nunreachable_grace_seconds = 30\n\n[tls]\nca = {}\ncert = {}\nkey = {}\n\n[enrollment]\nissuing_cert = {}\nissuing_key = {}\n",
             toml_str(&cdir),
             toml_str(&pki.join("ca.pem")),
             toml_str(&pki.join("controller.pem")),
             toml_str(&pki.join("controller-key.pem")),
+            toml_str(&pki.join("issuing-ca.pem")),
+            toml_str(&pki.join("issuing-ca-key.pem")),
         ),
     )?;
     let clog = cdir.join("controller.log");
@@ -163,23 +166,47 @@ pub async fn run(
         clog.display()
     );
 
+    let tls = crate::tls::client_config(
+        &pki.join("ca.pem"),
+        &op_cert,
+        &pki.join("operators").join(format!("{OPERATOR}-key.pem")),
+    )?;
+    let client = HttpsClient::new(&format!("https://{addr}"), tls)?;
+    let t = Duration::from_secs(10);
+    // One token for the pool; each agent enrolls with it (a key made by the agent itself).
+    let token: api::EnrollmentTokenCreated = client
+        .json(
+            Method::POST,
+            "/v1/enrollment-tokens",
+            Some(&api::CreateEnrollmentToken {
+                pool_id: POOL.into(),
+                uses: Some(i64::from(opts.agents)),
+                expires_in_seconds: Some(3600),
+            }),
+            t,
+        )
+        .await?;
+    println!(
+        "enrollment token {} for pool {POOL:?} ({} uses)",
+        token.token_id, opts.agents
+    );
+
     // Agents.
     for i in 1..=opts.agents {
         let id = format!("qs-agent-{i}");
         let adir = dir.join("agents").join(&id);
         crate::sys::fsutil::ensure_dir(&adir, 0o700).map_err(io("create", &adir))?;
-        let cert = pki.join("agents").join(format!("{id}.pem"));
-        ensure_issued(&Identity::agent(&id), &cert)?;
         let acfg = adir.join("agent.toml");
         write(
             &acfg,
             &format!(
-                "controller_url = \"https://{addr}\"\npool_id = \"{POOL}\"\nstate_dir = {}\nsocket_path = {}\n\n[tls]\nca = {}\ncert = {}\nkey = {}\n\n[connection]\nretry_max_ms = 2000\n",
+                "controller_url = \"https://{addr}\"\nmachine_id = \"{id}\"\nenrollment_token = \"{}\"\nstate_dir = {}\nsocket_path = {}\n\n[tls]\nca = {}\ncert = {}\nkey = {}\n\n[connection]\nretry_max_ms = 2000\n",
+                token.token,
                 toml_str(&adir.join("state")),
                 toml_str(&adir.join("agent.sock")),
                 toml_str(&pki.join("ca.pem")),
-                toml_str(&cert),
-                toml_str(&pki.join("agents").join(format!("{id}-key.pem"))),
+                toml_str(&adir.join("tls/agent.pem")),
+                toml_str(&adir.join("tls/agent-key.pem")),
             ),
         )?;
         let log = adir.join("agent.log");
@@ -193,13 +220,6 @@ pub async fn run(
         children.push((c, log));
     }
 
-    let tls = crate::tls::client_config(
-        &pki.join("ca.pem"),
-        &op_cert,
-        &pki.join("operators").join(format!("{OPERATOR}-key.pem")),
-    )?;
-    let client = HttpsClient::new(&format!("https://{addr}"), tls)?;
-    let t = Duration::from_secs(10);
     let want = opts.agents as usize;
     let expected: Vec<String> = (1..=opts.agents).map(|i| format!("qs-agent-{i}")).collect();
     wait_for_async(
@@ -220,7 +240,7 @@ pub async fn run(
         },
     )
     .await?;
-    println!("{want} agents connected in pool {POOL:?}");
+    println!("{want} agents enrolled and connected in pool {POOL:?}");
 
     let script: api::ScriptCreated = client
         .json(

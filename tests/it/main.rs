@@ -3,6 +3,7 @@
 
 mod batches;
 mod cli;
+mod compat;
 mod durability;
 mod identity;
 mod images;

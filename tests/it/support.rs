@@ -485,6 +485,8 @@ pub struct Agent {
     pub config: PathBuf,
     pub socket: PathBuf,
     pub cert: PathBuf,
+    /// The agent binary (this build's, or another release's).
+    pub bin: PathBuf,
     child: Option<Child>,
 }
 
@@ -502,6 +504,10 @@ impl Agent {
 
     /// An agent in `dir` (several agents may share one certificate from different dirs).
     pub fn start_in(env: &Env, url: &str, id: &str, dir: &Path, certs: Certs, extra: &str) -> Self {
+        Self::write_config(env, url, id, dir, certs, extra).started()
+    }
+
+    fn write_config(env: &Env, url: &str, id: &str, dir: &Path, certs: Certs, extra: &str) -> Self {
         let dir = dir.to_path_buf();
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("agent.toml");
@@ -541,22 +547,43 @@ impl Agent {
             ),
         )
         .unwrap();
-        let mut a = Agent {
+        let a = Agent {
             id: id.to_string(),
             dir,
             config,
             socket,
             cert,
+            bin: PathBuf::from(AGENT),
             child: None,
         };
-        a.launch();
+        a
+    }
+
+    /// Launches the agent (after its config is written).
+    pub fn started(mut self) -> Self {
+        self.launch();
+        self
+    }
+
+    /// The same agent, not yet launched, to be run by `bin` (e.g. the previous release).
+    pub fn configured_in(
+        env: &Env,
+        url: &str,
+        id: &str,
+        dir: &Path,
+        certs: Certs,
+        extra: &str,
+        bin: &Path,
+    ) -> Self {
+        let mut a = Self::write_config(env, url, id, dir, certs, extra);
+        a.bin = bin.to_path_buf();
         a
     }
 
     fn launch(&mut self) {
         let log = self.dir.join("agent.log");
         self.child = Some(spawn(
-            AGENT,
+            self.bin.to_str().unwrap(),
             &["agent", "--config", self.config.to_str().unwrap()],
             &log,
         ));
