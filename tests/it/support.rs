@@ -547,7 +547,7 @@ impl Agent {
             ),
         )
         .unwrap();
-        let a = Agent {
+        Agent {
             id: id.to_string(),
             dir,
             config,
@@ -555,8 +555,7 @@ impl Agent {
             cert,
             bin: PathBuf::from(AGENT),
             child: None,
-        };
-        a
+        }
     }
 
     /// Launches the agent (after its config is written).
