@@ -82,9 +82,21 @@ pub async fn heartbeat(ctl: &Controller, call: AgentCall, body: &[u8]) -> Result
         })
         .await?;
     match gate {
-        (g, m) if g.conflict => Err(identity::conflict_error(&m)),
+        (g, m) if g.conflict => {
+            // The other side's open poll learns it now, not when its wait runs out.
+            ctl.wake(std::slice::from_ref(&m));
+            Err(identity::conflict_error(&m))
+        }
         _ => Ok(()),
     }
+}
+
+/// What one look at a poller's machine found.
+enum Answer {
+    Decommissioned,
+    /// A newer session of the identity holds it.
+    Superseded,
+    Work(Vec<Assignment>, Vec<String>),
 }
 
 /// Long-poll: answers at once when something is waiting for this machine, otherwise as soon as
@@ -123,9 +135,33 @@ pub async fn poll(
             })
             .await?;
         if conflict {
+            ctl.wake(std::slice::from_ref(&machine_id));
             return Err(identity::conflict_error(&machine_id));
         }
     }
+    let answer = wait_for_work(ctl, &call, deadline, notify, &mut shutdown).await;
+    if call.session.is_some() {
+        // The poll is over: its session is remembered from its last request only, so a clone
+        // that went away stops counting `quiet` after its last word, not after its last wait.
+        let (m, s, now) = (machine_id, session.key, now_ms());
+        ctl.store
+            .tx(move |tx| tx.release_hold(&m, &s, now))
+            .await?;
+    }
+    answer
+}
+
+/// The waiting part of [`poll`].
+async fn wait_for_work(
+    ctl: &Controller,
+    call: &AgentCall,
+    deadline: tokio::time::Instant,
+    notify: std::sync::Arc<tokio::sync::Notify>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<PollResponse, ApiError> {
+    let machine_id = call.machine_id.clone();
+    let session = call.session();
+    let quiet = ctl.cfg.identity_conflict_quiet;
     loop {
         // Armed before the query, so a dispatch that lands between query and wait still wakes us.
         let notified = notify.notified();
@@ -140,13 +176,18 @@ pub async fn poll(
         let answer = ctl
             .store
             .tx(move |tx| {
-                if let Some((_, Some(_))) = tx.machine(&m)? {
-                    return Ok(None);
+                match tx.machine(&m)? {
+                    Some((_, Some(_))) => return Ok(Answer::Decommissioned),
+                    // Noticed by another request of this identity while this poll waited.
+                    Some((row, None)) if row.conflict_ms.is_some() && tracked => {
+                        return Err(identity::conflict_error(&m))
+                    }
+                    _ => {}
                 }
                 // A newer session of this identity took over while this poll waited (a
                 // restart, a reboot, or a clone): this one gets nothing more.
                 if tracked && tx.newest_session(&m)?.as_deref() != Some(s.key.as_str()) {
-                    return Ok(Some((Vec::new(), Vec::new())));
+                    return Ok(Answer::Superseded);
                 }
                 let (rows, cancels) = tx.undelivered_for(&m, &s.key, &s.instance, silent_since)?;
                 let mut out = Vec::with_capacity(rows.len());
@@ -154,21 +195,26 @@ pub async fn poll(
                     let own = tx.assignment_payload(&row.assignment_id)?;
                     out.push(assignment_of(row, task, own.as_deref())?);
                 }
-                Ok::<_, ApiError>(Some((out, cancels)))
+                Ok::<_, ApiError>(Answer::Work(out, cancels))
             })
             .await?;
-        let Some((rows, cancels)) = answer else {
-            return Err(ApiError::new(
-                http::StatusCode::FORBIDDEN,
-                identity::MACHINE_DECOMMISSIONED,
-                format!("machine {machine_id:?} was decommissioned"),
-            ));
-        };
-        if !rows.is_empty() || !cancels.is_empty() {
-            return Ok(PollResponse {
-                assignments: rows,
-                cancels,
-            });
+        match answer {
+            Answer::Decommissioned => {
+                return Err(ApiError::new(
+                    http::StatusCode::FORBIDDEN,
+                    identity::MACHINE_DECOMMISSIONED,
+                    format!("machine {machine_id:?} was decommissioned"),
+                ))
+            }
+            // Answered at once: if that agent is alive, its next poll shows it.
+            Answer::Superseded => return Ok(PollResponse::default()),
+            Answer::Work(rows, cancels) if !rows.is_empty() || !cancels.is_empty() => {
+                return Ok(PollResponse {
+                    assignments: rows,
+                    cancels,
+                })
+            }
+            Answer::Work(..) => {}
         }
         tokio::select! {
             _ = &mut notified => {}

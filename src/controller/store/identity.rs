@@ -218,6 +218,23 @@ impl Tx<'_> {
         })
     }
 
+    /// A session's long poll ended at `now_ms`.
+    pub fn release_hold(
+        &mut self,
+        machine_id: &str,
+        session: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "UPDATE agent_sessions SET hold_ms = ?3
+                 WHERE machine_id = ?1 AND session = ?2 AND hold_ms > ?3",
+                params![machine_id, session, now_ms],
+            )
+            .ctx("recording an agent session")?;
+        Ok(())
+    }
+
     /// The newest session of a machine (the only one that may be handed work).
     pub fn newest_session(&mut self, machine_id: &str) -> Result<Option<String>, StoreError> {
         self.tx
