@@ -404,13 +404,7 @@ impl Enroller {
     /// Waits until nothing runs or waits and the outbox is empty; `true` if stopped first.
     async fn drain(&self, stop: &mut watch::Receiver<bool>) -> bool {
         loop {
-            let pending = self
-                .outbox
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .counts()
-                .map(|(e, _)| e)
-                .unwrap_or(0);
+            let pending = super::store::Outbox::pending_events(&self.outbox);
             if !*self.busy.borrow() && pending == 0 {
                 return false;
             }

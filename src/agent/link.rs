@@ -225,12 +225,7 @@ pub async fn heartbeat_loop(
         })
         .await
         .unwrap_or_default();
-        let pending = outbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .counts()
-            .map(|(e, _)| e)
-            .unwrap_or(0);
+        let pending = Outbox::pending_events(&outbox);
         let hb = Heartbeat {
             agent_version: AGENT_VERSION.into(),
             facts,

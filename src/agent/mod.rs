@@ -485,12 +485,7 @@ impl Core {
 async fn flush_outbox(outbox: &Mutex<Outbox>, worth_waiting: impl Fn() -> bool) {
     let until = tokio::time::Instant::now() + Duration::from_secs(3);
     while tokio::time::Instant::now() < until && worth_waiting() {
-        let pending = outbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .counts()
-            .map(|(e, _)| e)
-            .unwrap_or(0);
+        let pending = Outbox::pending_events(outbox);
         if pending == 0 {
             break;
         }

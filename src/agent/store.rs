@@ -156,6 +156,17 @@ impl Outbox {
         Ok((pending.len() as u32, results as u32))
     }
 
+    /// Events waiting in a shared outbox; 0 when it cannot be read (the delivery loop
+    /// reports that).
+    pub fn pending_events(outbox: &std::sync::Mutex<Outbox>) -> u32 {
+        outbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .counts()
+            .map(|(e, _)| e)
+            .unwrap_or(0)
+    }
+
     /// Delivered: forget it.
     pub fn remove(&self, seq: u64) -> Result<(), StoreError> {
         let path = self.file(seq);

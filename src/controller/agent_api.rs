@@ -144,9 +144,7 @@ pub async fn poll(
         // The poll is over: its session is remembered from its last request only, so a clone
         // that went away stops counting `quiet` after its last word, not after its last wait.
         let (m, s, now) = (machine_id, session.key, now_ms());
-        ctl.store
-            .tx(move |tx| tx.release_hold(&m, &s, now))
-            .await?;
+        ctl.store.tx(move |tx| tx.release_hold(&m, &s, now)).await?;
     }
     answer
 }
