@@ -3,6 +3,7 @@
 //! `image_root/<image_id>/`) appear complete in one rename. Staging installs nothing.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,13 +52,32 @@ impl From<FetchError> for Failure {
     }
 }
 
-/// Shared progress table, pushed to the core now and then.
+/// Shared progress table, pushed to the core now and then; and the run's stop flag, which
+/// the download and the (blocking) extraction both watch.
 #[derive(Clone)]
 struct Progress {
     id: String,
     table: Arc<Mutex<Vec<ComponentProgress>>>,
     reports: mpsc::Sender<ExecReport>,
     last: Arc<Mutex<Option<tokio::time::Instant>>>,
+    stop: Arc<AtomicBool>,
+}
+
+/// Bytes an extraction may write beyond the declared `unpacked_size`: 1%, at least 1 MiB
+/// (tar rounds nothing up, but archives are often declared by `du`, which does).
+pub fn unpacked_tolerance(declared: u64) -> u64 {
+    (declared / 100).max(1 << 20)
+}
+
+/// How long a stopped run waits for its extraction to remove the partial tree and close its
+/// files before it reports anyway (the extraction stops within one 1 MiB chunk).
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Resolves once `flag` is set.
+async fn stopped(flag: &AtomicBool) {
+    while !flag.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 impl Progress {
@@ -77,6 +97,7 @@ impl Progress {
             )),
             reports: reports.clone(),
             last: Arc::new(Mutex::new(None)),
+            stop: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -154,8 +175,8 @@ pub async fn run(
         }
     };
     tokio::pin!(work);
-    let outcome = tokio::select! {
-        r = &mut work => r,
+    let stopped_by = tokio::select! {
+        r = &mut work => Ok(r),
         _ = tokio::time::sleep(timeout) => Err(Failure {
             state: "TIMED_OUT",
             code: TIMED_OUT.into(),
@@ -166,6 +187,26 @@ pub async fn run(
             code: String::new(),
             msg: "cancelled by the operator".into(),
         }),
+    };
+    let outcome = match stopped_by {
+        Ok(r) => r,
+        Err(why) => {
+            // Stop the work, and report only once it has: an extraction in its blocking
+            // thread removes its partial tree and closes its files first.
+            progress.stop.store(true, Ordering::Relaxed);
+            let since = tokio::time::Instant::now();
+            match tokio::time::timeout(STOP_GRACE, &mut work).await {
+                Ok(_) => tracing::info!(
+                    assignment_id = %a.assignment_id,
+                    stopped_in_ms = since.elapsed().as_millis() as u64,
+                    "staging stopped"
+                ),
+                Err(_) => {
+                    tracing::error!(assignment_id = %a.assignment_id, "staging did not stop within {STOP_GRACE:?}")
+                }
+            }
+            Err(why)
+        }
     };
     // Leave nothing half-built behind; completed downloads stay cached for a retry.
     if let Some(stage) = &a.stage {
@@ -199,19 +240,33 @@ async fn unpack(
     s: &ExecSettings,
     blob: PathBuf,
     dest: &Path,
-    name: &str,
+    c: &PayloadRef,
     progress: &Progress,
 ) -> Result<(), Failure> {
+    let name = &c.name;
     progress.set(name, "EXTRACTING", 0, true);
+    // What the archive may write: its declared size (plus a small tolerance), never more
+    // than the configured cap.
+    let cap = match c.unpacked_size {
+        Some(d) => d
+            .saturating_add(unpacked_tolerance(d))
+            .min(s.payloads.max_unpacked_bytes),
+        None => s.payloads.max_unpacked_bytes,
+    };
     let limits = Limits {
         max_entries: s.payloads.max_archive_entries,
-        max_unpacked_bytes: s.payloads.max_unpacked_bytes,
+        max_unpacked_bytes: cap,
     };
+    let reserve = reserve_bytes(s, dest);
     let (blob2, dest2, name2) = (blob.clone(), dest.to_path_buf(), name.to_string());
     let p = progress.clone();
     tokio::task::spawn_blocking(move || {
         let mut report = |done: u64| p.set(&name2, "EXTRACTING", done, false);
-        extract::extract_tar_gz(&blob2, &dest2, &limits, &mut report)
+        let guard = extract::Guard {
+            cancel: &p.stop,
+            reserve_bytes: reserve,
+        };
+        extract::extract_tar_gz(&blob2, &dest2, &limits, &guard, &mut report)
     })
     .await
     .map_err(|e| Failure::new(STAGING_IO_ERROR, format!("extraction task failed: {e}")))?
@@ -230,7 +285,10 @@ async fn download(
 ) -> Result<PathBuf, Failure> {
     let (name, p) = (c.name.clone(), progress.clone());
     let mut report = move |done: u64| p.set(&name, "DOWNLOADING", done, false);
-    Ok(fetch::fetch(&s.client, cache, c, settings, &mut report).await?)
+    tokio::select! {
+        r = fetch::fetch(&s.client, cache, c, settings, &mut report) => Ok(r?),
+        _ = stopped(&progress.stop) => Err(Failure::new("CANCELLED", "download stopped")),
+    }
 }
 
 async fn stage_commit(
@@ -281,7 +339,7 @@ async fn stage_commit(
         let blob = download(s, &cache, c, &fetch_settings, progress).await?;
         let target = work.join(&c.name);
         if c.format == "tar.gz" {
-            unpack(s, blob, &target, &c.name, progress).await?;
+            unpack(s, blob, &target, c, progress).await?;
         } else {
             fsutil::ensure_dir(&target, 0o755).map_err(|e| io("create", &target, e))?;
             let file = target.join(&c.name);
@@ -353,10 +411,23 @@ async fn stage_image(
     fetch::check_signature(p, &fetch_settings, clock::now())?;
     check_space(s, &cache, std::slice::from_ref(p))?;
     let blob = download(s, &cache, p, &fetch_settings, progress).await?;
-    unpack(s, blob, &dest, &p.name, progress).await?;
+    unpack(s, blob, &dest, p, progress).await?;
     fsutil::fsync_dir(root).map_err(|e| io("sync", root, e))?;
     progress.set(&p.name, "STAGED", p.size, true);
     Ok(summary)
+}
+
+/// The free space kept back on `path`'s filesystem: `payloads.reserve_bytes`, or
+/// min(5% of it, 1 GiB).
+fn reserve_bytes(s: &ExecSettings, path: &Path) -> u64 {
+    let probe = path
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let total = facts::disk_total(probe).unwrap_or(0);
+    s.payloads
+        .reserve_bytes
+        .unwrap_or_else(|| (total / 20).min(1 << 30))
 }
 
 /// Needed = what is left to download + the declared unpacked size + the reserve.
@@ -372,11 +443,7 @@ fn check_space(s: &ExecSettings, cache: &Cache, comps: &[PayloadRef]) -> Result<
         .sum();
     let root = &s.state_dir;
     let free = facts::disk_free(root).unwrap_or(0);
-    let total = facts::disk_total(root).unwrap_or(0);
-    let reserve = s
-        .payloads
-        .reserve_bytes
-        .unwrap_or_else(|| (total / 20).min(1 << 30));
+    let reserve = reserve_bytes(s, root);
     let needed = download.saturating_add(unpacked).saturating_add(reserve);
     if needed > free {
         return Err(Failure::new(

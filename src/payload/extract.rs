@@ -2,20 +2,24 @@
 //! silently, follows existing links, keeps setuid bits), and the tree appears at `dest` in
 //! one rename, complete, or not at all.
 //!
-//! Rules: no absolute paths or `..`; symlinks only to relative targets that stay inside;
-//! nothing is ever written through a symlink; no hardlinks, devices, FIFOs or sockets;
-//! modes lose setuid/setgid/sticky and get umask 022; entry count and unpacked bytes are
-//! capped. A later regular file with the same path as an earlier one replaces it (as `tar`
+//! Rules: no absolute paths or `..`; symlinks only to relative targets that stay inside,
+//! each on its own and resolved through every other link of the archive (chains, links
+//! through directories made later); nothing is ever written through a symlink; no hardlinks,
+//! devices, FIFOs or sockets; modes lose setuid/setgid/sticky and get umask 022; entry count
+//! and unpacked bytes are capped while writing, and the filesystem's free-space reserve is
+//! kept. A [`Guard`] stops an extraction within a chunk (1 MiB) when it is cancelled; the
+//! partial tree is removed and every file closed before the error returns. A later regular file with the same path as an earlier one replaces it (as `tar`
 //! does), never through a link. Header mtimes are ignored: staged files get the time they
 //! were written.
 
-use std::collections::HashSet;
-use std::ffi::OsStr;
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use flate2::read::MultiGzDecoder;
 
@@ -25,6 +29,18 @@ pub struct Limits {
     pub max_entries: u64,
     pub max_unpacked_bytes: u64,
 }
+
+/// What may stop an extraction early, checked while it writes.
+#[derive(Debug, Clone, Copy)]
+pub struct Guard<'a> {
+    /// Set by a timeout or a cancel: the extraction stops and cleans up.
+    pub cancel: &'a AtomicBool,
+    /// Keep at least this many bytes free on the destination's filesystem.
+    pub reserve_bytes: u64,
+}
+
+/// How often (in bytes written) the free space is looked at.
+const SPACE_CHECK_EVERY: u64 = 8 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extracted {
@@ -47,6 +63,14 @@ pub enum ExtractError {
     },
     #[error("{path} already exists; refusing to extract over it")]
     DestExists { path: PathBuf },
+    #[error("extraction stopped (timed out or cancelled); the partial tree was removed")]
+    Cancelled,
+    #[error("only {free} bytes are left free on {path}, below the reserve of {reserve} bytes (payloads.reserve_bytes)")]
+    NoSpace {
+        path: PathBuf,
+        free: u64,
+        reserve: u64,
+    },
     #[error("cannot write {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
@@ -60,6 +84,8 @@ impl ExtractError {
             }
             ExtractError::Corrupt { .. } => "CORRUPT_ARCHIVE",
             ExtractError::DestExists { .. } | ExtractError::Io { .. } => "EXTRACT_IO_ERROR",
+            ExtractError::Cancelled => "CANCELLED",
+            ExtractError::NoSpace { .. } => "INSUFFICIENT_DISK_SPACE",
         }
     }
 }
@@ -83,6 +109,7 @@ pub fn extract_tar_gz(
     archive: &Path,
     dest: &Path,
     limits: &Limits,
+    guard: &Guard<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Extracted, ExtractError> {
     if dest.symlink_metadata().is_ok() {
@@ -103,7 +130,7 @@ pub fn extract_tar_gz(
         .mode(0o700)
         .create(&tmp)
         .map_err(io_at(&tmp))?;
-    let result = unpack(archive, &tmp, limits, progress).and_then(|stats| {
+    let result = unpack(archive, &tmp, limits, guard, progress).and_then(|stats| {
         publish(&tmp, dest, parent)?;
         Ok(stats)
     });
@@ -194,10 +221,57 @@ fn link_stays_inside(link: &Path, target: &Path) -> bool {
     true
 }
 
+/// Resolves the symlink at `link` (relative to the root) through the archive's other links
+/// (`links`: path -> target), as a reader would follow it; `false` if it leaves the root (or
+/// loops). Components that are not links are taken as directories: what is not there yet
+/// cannot lead anywhere but further down.
+fn resolves_inside(links: &HashMap<PathBuf, PathBuf>, link: &Path) -> bool {
+    let mut stack: Vec<OsString> = link
+        .parent()
+        .map(|p| p.iter().map(OsStr::to_os_string).collect())
+        .unwrap_or_default();
+    let Some(target) = links.get(link) else {
+        return true;
+    };
+    let mut pending: std::collections::VecDeque<Component<'_>> = target.components().collect();
+    let mut hops = 0;
+    while let Some(c) = pending.pop_front() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if stack.pop().is_none() {
+                    return false;
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => return false,
+            Component::Normal(n) => {
+                stack.push(n.to_os_string());
+                let here: PathBuf = stack.iter().collect();
+                if let Some(next) = links.get(&here) {
+                    // As the kernel does (ELOOP): a chain this long is refused.
+                    hops += 1;
+                    if hops > 40 {
+                        return false;
+                    }
+                    stack.pop();
+                    for c in next.components().rev() {
+                        pending.push_front(c);
+                    }
+                }
+            }
+        }
+    }
+    true
+}
+
 struct Unpacker<'a> {
     root: &'a Path,
     limits: &'a Limits,
+    guard: &'a Guard<'a>,
     symlinks: HashSet<PathBuf>,
+    /// Every symlink and its target, to resolve chains once the whole archive is read.
+    links: HashMap<PathBuf, PathBuf>,
+    next_space_check: u64,
     /// Directories and the mode they get once everything is written into them.
     dirs: Vec<(PathBuf, u32)>,
     entries: u64,
@@ -210,6 +284,7 @@ fn unpack(
     archive: &Path,
     root: &Path,
     limits: &Limits,
+    guard: &Guard<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Extracted, ExtractError> {
     let f = File::open(archive).map_err(io_at(archive))?;
@@ -224,7 +299,7 @@ fn unpack(
             pos: 0,
         };
         // `reader` is dropped when this returns, which stops the inflater early on errors.
-        unpack_from(reader, root, limits, progress)
+        unpack_from(reader, root, limits, guard, progress)
     })
 }
 
@@ -284,6 +359,7 @@ fn unpack_from<R: Read>(
     reader: R,
     root: &Path,
     limits: &Limits,
+    guard: &Guard<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Extracted, ExtractError> {
     let mut ar = tar::Archive::new(reader);
@@ -296,7 +372,10 @@ fn unpack_from<R: Read>(
     let mut u = Unpacker {
         root,
         limits,
+        guard,
         symlinks: HashSet::new(),
+        links: HashMap::new(),
+        next_space_check: 0,
         dirs: Vec::new(),
         entries: 0,
         bytes: 0,
@@ -304,6 +383,9 @@ fn unpack_from<R: Read>(
         buf: vec![0u8; 1 << 20],
     };
     for entry in ar.entries().map_err(corrupt(None))? {
+        if guard.cancel.load(Ordering::Relaxed) {
+            return Err(ExtractError::Cancelled);
+        }
         let mut entry = entry.map_err(corrupt(None))?;
         u.entries += 1;
         if u.entries > limits.max_entries {
@@ -312,6 +394,20 @@ fn unpack_from<R: Read>(
             });
         }
         u.entry(&mut entry, progress)?;
+    }
+    // Each link on its own stayed inside; followed through the others, so must it.
+    let mut all: Vec<&PathBuf> = u.links.keys().collect();
+    all.sort();
+    for l in all {
+        if !resolves_inside(&u.links, l) {
+            return Err(unsafe_entry(
+                l,
+                format!(
+                    "symlink to {:?}, followed through the archive's other links, leaves the destination",
+                    u.links[l].display()
+                ),
+            ));
+        }
     }
     // Deepest first, so a read-only directory is closed only after its children are done.
     u.dirs
@@ -392,7 +488,8 @@ impl Unpacker<'_> {
                     return Err(unsafe_entry(&raw, "symlink over an existing entry"));
                 }
                 std::os::unix::fs::symlink(&link, &target).map_err(io_at(&target))?;
-                self.symlinks.insert(rel);
+                self.symlinks.insert(rel.clone());
+                self.links.insert(rel, link);
             }
             tar::EntryType::Link => return Err(unsafe_entry(&raw, "hardlinks are not allowed")),
             tar::EntryType::Char | tar::EntryType::Block => {
@@ -432,6 +529,22 @@ impl Unpacker<'_> {
         Ok(())
     }
 
+    /// The reserve holds while writing, not only before: other writers share the disk.
+    fn check_space(&self) -> Result<(), ExtractError> {
+        let Ok(st) = nix::sys::statvfs::statvfs(self.root) else {
+            return Ok(());
+        };
+        let free = st.blocks_available() * st.fragment_size();
+        if free < self.guard.reserve_bytes {
+            return Err(ExtractError::NoSpace {
+                path: self.root.to_path_buf(),
+                free,
+                reserve: self.guard.reserve_bytes,
+            });
+        }
+        Ok(())
+    }
+
     fn file<R: Read>(
         &mut self,
         entry: &mut tar::Entry<'_, R>,
@@ -466,6 +579,13 @@ impl Unpacker<'_> {
             .map_err(io_at(target))?;
         let mut written = 0u64;
         while written < declared {
+            if self.guard.cancel.load(Ordering::Relaxed) {
+                return Err(ExtractError::Cancelled);
+            }
+            if self.bytes >= self.next_space_check {
+                self.next_space_check = self.bytes + SPACE_CHECK_EVERY;
+                self.check_space()?;
+            }
             let want = (declared - written).min(self.buf.len() as u64) as usize;
             let n = entry
                 .read(&mut self.buf[..want])
@@ -507,6 +627,11 @@ mod tests {
     const LIMITS: Limits = Limits {
         max_entries: 1000,
         max_unpacked_bytes: 1 << 20,
+    };
+    static NEVER: AtomicBool = AtomicBool::new(false);
+    const GUARD: Guard<'static> = Guard {
+        cancel: &NEVER,
+        reserve_bytes: 0,
     };
 
     /// One raw tar header (ustar), written by hand so hostile names survive.
@@ -597,7 +722,11 @@ mod tests {
     }
 
     fn refused_case(c: &Case, limits: Limits, code: &str) -> ExtractError {
-        let e = extract_tar_gz(&c.archive, &c.dest, &limits, &mut |_| {}).unwrap_err();
+        refused_case_with(c, limits, &GUARD, code)
+    }
+
+    fn refused_case_with(c: &Case, limits: Limits, guard: &Guard<'_>, code: &str) -> ExtractError {
+        let e = extract_tar_gz(&c.archive, &c.dest, &limits, guard, &mut |_| {}).unwrap_err();
         assert_eq!(e.code(), code, "{e}");
         assert!(
             names(&c.area).is_empty(),
@@ -618,7 +747,8 @@ mod tests {
             E::Sym("link-to-etc", "etc"),
         ]));
         let mut seen = 0;
-        let stats = extract_tar_gz(&c.archive, &c.dest, &LIMITS, &mut |b| seen = b).unwrap();
+        let stats =
+            extract_tar_gz(&c.archive, &c.dest, &LIMITS, &GUARD, &mut |b| seen = b).unwrap();
         assert_eq!(
             stats,
             Extracted {
@@ -647,7 +777,7 @@ mod tests {
         assert_eq!(mode("") & 0o777, 0o755);
         assert_eq!(names(&c.area), vec!["dest".to_string()]);
         // The destination is never overwritten.
-        let e = extract_tar_gz(&c.archive, &c.dest, &LIMITS, &mut |_| {}).unwrap_err();
+        let e = extract_tar_gz(&c.archive, &c.dest, &LIMITS, &GUARD, &mut |_| {}).unwrap_err();
         assert_eq!(e.code(), "EXTRACT_IO_ERROR");
     }
 
@@ -692,6 +822,83 @@ mod tests {
             LIMITS,
             "UNSAFE_ARCHIVE",
         );
+    }
+
+    #[test]
+    fn symlink_chains_that_leave_the_destination_are_refused() {
+        // `b -> .` and `a -> b/..`: each stays inside lexically; followed, `a` is the parent.
+        let e = refused(
+            &[E::Sym("b", "."), E::Sym("a", "b/..")],
+            LIMITS,
+            "UNSAFE_ARCHIVE",
+        );
+        assert!(e.to_string().contains("other links"), "{e}");
+        // A ten-level chain (l10 -> l9 -> ... -> l1 -> .), then one step up from its end.
+        let names: Vec<String> = (1..=10).map(|i| format!("l{i}")).collect();
+        let targets: Vec<String> = (0..10)
+            .map(|i| {
+                if i == 0 {
+                    ".".into()
+                } else {
+                    names[i - 1].clone()
+                }
+            })
+            .collect();
+        let mut chain: Vec<E> = (0..10).map(|i| E::Sym(&names[i], &targets[i])).collect();
+        chain.push(E::Sym("out", "l10/.."));
+        refused(&chain, LIMITS, "UNSAFE_ARCHIVE");
+        // A link through a directory the archive makes a link only later.
+        refused(
+            &[E::Sym("a", "b/c/.."), E::Sym("b", "..")],
+            LIMITS,
+            "UNSAFE_ARCHIVE",
+        );
+        // Loops are refused too; chains that stay inside are fine.
+        refused(
+            &[E::Sym("x", "y"), E::Sym("y", "x/z")],
+            LIMITS,
+            "UNSAFE_ARCHIVE",
+        );
+        let c = case(&build(&[
+            E::Dir("v1/"),
+            E::File("v1/bin", b"x"),
+            E::Sym("current", "v1"),
+            E::Sym("run", "current/bin"),
+            E::Sym("d/up", "../current"),
+        ]));
+        extract_tar_gz(&c.archive, &c.dest, &LIMITS, &GUARD, &mut |_| {}).unwrap();
+        assert_eq!(fs::read(c.dest.join("run")).unwrap(), b"x");
+    }
+
+    #[test]
+    fn a_cancelled_or_starved_extraction_stops_and_leaves_nothing() {
+        let big: Vec<u8> = vec![7u8; 4 << 20];
+        let c = case(&build(&[E::File("a", &big), E::File("b", &big)]));
+        let limits = Limits {
+            max_entries: 10,
+            max_unpacked_bytes: 1 << 30,
+        };
+        let cancel = AtomicBool::new(false);
+        let guard = Guard {
+            cancel: &cancel,
+            reserve_bytes: 0,
+        };
+        // Cancelled after the first progress report: it stops there.
+        let mut reports = 0;
+        let e = extract_tar_gz(&c.archive, &c.dest, &limits, &guard, &mut |_| {
+            reports += 1;
+            cancel.store(true, Ordering::Relaxed);
+        })
+        .unwrap_err();
+        assert_eq!(e.code(), "CANCELLED", "{e}");
+        assert_eq!(reports, 1);
+        assert!(names(&c.area).is_empty(), "{:?}", names(&c.area));
+        // A reserve larger than the disk: refused as soon as it is looked at.
+        let guard = Guard {
+            cancel: &NEVER,
+            reserve_bytes: u64::MAX,
+        };
+        refused_case_with(&c, limits, &guard, "INSUFFICIENT_DISK_SPACE");
     }
 
     #[test]

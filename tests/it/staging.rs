@@ -1,7 +1,7 @@
 //! Payload staging end to end: blobs, desired-software commits, verified and resumable
 //! downloads, signatures, disk space, hostile archives, and the seed-004 error codes.
 
-use std::io::Write;
+use std::io::{Read as _, Write};
 use std::path::Path;
 use std::time::Duration;
 
@@ -510,4 +510,94 @@ fn images_are_registered_from_uploaded_blobs() {
         json!({"name": "x", "version": "1", "os_type": "linux", "gpu": "yes", "sha256": sum}),
     );
     assert_eq!(s, 400, "{v}");
+}
+
+/// A tar.gz of one file of `len` zeros (compresses about a thousandfold).
+fn zeros_targz(len: u64) -> Vec<u8> {
+    let enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut b = tar::Builder::new(enc);
+    let mut h = tar::Header::new_gnu();
+    h.set_path("zeros").unwrap();
+    h.set_mode(0o644);
+    h.set_size(len);
+    h.set_cksum();
+    b.append(&h, std::io::repeat(0).take(len)).unwrap();
+    b.into_inner().unwrap().finish().unwrap()
+}
+
+fn free_bytes(p: &Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(p).unwrap();
+    st.blocks_available() as u64 * st.fragment_size() as u64
+}
+
+#[test]
+fn a_staging_timeout_stops_the_extraction_and_an_archive_may_not_outgrow_its_declared_size() {
+    let env = Env::new();
+    let ctl = env.controller();
+    let a = env.agent(&ctl, "h1", "hosts");
+    let op = env.operator(&ctl);
+    op.wait_online(&["h1"], T);
+
+    // Larger than its declaration: refused while writing, whatever the header said before.
+    let liar = targz(&[("bin/big", &data(4 << 20, 9))]);
+    let sum = op.upload(&liar);
+    desired(
+        &op,
+        "h1",
+        json!([{"name": "liar", "version": "1", "sha256": sum, "format": "tar.gz", "unpacked_size": 1000}]),
+    );
+    let t = op.wait_task(&stage(&op, "h1", json!({})), T);
+    let m = machine_of(&t, "h1");
+    assert_eq!(m["error_code"], "ARCHIVE_LIMIT_EXCEEDED", "{t:#}");
+    assert_eq!(entries(&software_dir(&a)), Vec::<String>::new());
+
+    // 2 GiB of zeros in a 2 MiB archive, with a 1 s deadline: the extraction is still
+    // writing when it times out, and must have stopped, cleaned up and closed its files by
+    // the time the result is reported.
+    let bomb = zeros_targz(2 << 30);
+    let sum = op.upload(&bomb);
+    desired(
+        &op,
+        "h1",
+        json!([{"name": "zeros", "version": "1", "sha256": sum, "format": "tar.gz", "unpacked_size": 2u64 << 30}]),
+    );
+    let task = stage(&op, "h1", json!({"timeout_seconds": 1}));
+    let t = op.wait_task(&task, T);
+    let reported = std::time::Instant::now();
+    let m = machine_of(&t, "h1");
+    assert_eq!(m["state"], "TIMED_OUT", "{t:#}");
+    let root = software_dir(&a);
+    assert_eq!(
+        entries(&root),
+        Vec::<String>::new(),
+        "a partial tree was left"
+    );
+    let pid = a.pid().expect("agent running");
+    let open_deleted = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|l| l.to_string_lossy().contains("(deleted)"))
+            .count()
+    };
+    assert_eq!(
+        open_deleted(),
+        0,
+        "the agent still holds deleted files open"
+    );
+    let log = a.log();
+    let stopped = log
+        .lines()
+        .find(|l| l.contains("staging stopped"))
+        .expect("the agent logs when its staging stopped");
+    eprintln!("from the staging timeout to the extraction stopping: {stopped}");
+    let before = free_bytes(&root);
+    std::thread::sleep(Duration::from_secs(1));
+    let after = free_bytes(&root);
+    assert!(
+        before.abs_diff(after) < 64 << 20,
+        "the disk kept filling after the result: {} MiB in {:?}",
+        before.abs_diff(after) >> 20,
+        reported.elapsed()
+    );
 }

@@ -592,6 +592,11 @@ impl Agent {
         });
     }
 
+    /// The agent's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// SIGKILL, as a crash would: the running script is left behind as an orphan.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
