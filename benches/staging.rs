@@ -223,8 +223,13 @@ fn main() {
         max_entries: 100_000,
         max_unpacked_bytes: 64 << 30,
     };
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let guard = extract::Guard {
+        cancel: &never,
+        reserve_bytes: 0,
+    };
     let t1 = Instant::now();
-    extract::extract_tar_gz(&blob, &dest, &limits, &mut |_| {}).unwrap();
+    extract::extract_tar_gz(&blob, &dest, &limits, &guard, &mut |_| {}).unwrap();
     let t_extract = t1.elapsed();
     let ours = t0.elapsed();
     std::fs::remove_dir_all(&dest).unwrap();
