@@ -22,6 +22,7 @@ pub const EXECUTION_TIMEOUT: &str = "EXECUTION_TIMEOUT";
 pub const NON_ZERO_EXIT: &str = "NON_ZERO_EXIT";
 pub const KILLED_BY_SIGNAL: &str = "KILLED_BY_SIGNAL";
 pub const SPAWN_FAILED: &str = "SPAWN_FAILED";
+pub const MEMORY_LIMIT_EXCEEDED: &str = "MEMORY_LIMIT_EXCEEDED";
 
 /// The interpreter for a `command_type`.
 pub fn interpreter(command_type: &str) -> Option<&'static str> {
@@ -49,6 +50,8 @@ pub struct ExecSettings {
     pub data_dir: PathBuf,
     /// For payload downloads.
     pub client: crate::net::client::HttpsClient,
+    /// Each run's cgroup (or the subreaper fallback).
+    pub containment: crate::sys::cgroup::Containment,
     pub payloads: crate::config::agent::PayloadSettings,
 }
 
@@ -205,11 +208,21 @@ pub(super) fn base_env(s: &ExecSettings, a: &Assignment) -> Vec<(String, String)
 /// Starts one process, reports its process group to the core (so a restart can kill it),
 /// and waits for it; `cancel`, when given, stops it.
 pub(super) async fn run_process(
-    spec: ScriptSpec,
+    mut spec: ScriptSpec,
+    containment: &crate::sys::cgroup::Containment,
     assignment_id: &str,
     reports: &mpsc::Sender<ExecReport>,
     mut cancel: Option<&mut watch::Receiver<bool>>,
 ) -> Result<process::Outcome, process::ProcessError> {
+    // The group exists (named after the persisted running assignment) before the process
+    // does: an agent that dies at any moment after this finds it at its next start.
+    spec.group =
+        containment
+            .group_for(assignment_id)
+            .map_err(|e| process::ProcessError::Spawn {
+                program: spec.program.display().to_string(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
     let run = process::spawn(spec, CAPTURE_HEAD, CAPTURE_TAIL).await?;
     let _ = reports
         .send(ExecReport::Spawned {
@@ -329,8 +342,17 @@ async fn execute(
             cwd: dir.to_path_buf(),
             timeout: remaining,
             kill_grace: s.kill_grace,
+            group: None,
         };
-        let outcome = match run_process(spec, &a.assignment_id, reports, Some(&mut *cancel)).await {
+        let outcome = match run_process(
+            spec,
+            &s.containment,
+            &a.assignment_id,
+            reports,
+            Some(&mut *cancel),
+        )
+        .await
+        {
             Ok(o) => o,
             Err(e) => {
                 return finish(
@@ -345,6 +367,25 @@ async fn execute(
         };
         stdout.append(&outcome.stdout);
         stderr.append(&outcome.stderr);
+        if outcome.oom_killed {
+            let msg = format!(
+                "script {:?} reached the run's memory limit ([exec] memory_max) and was killed",
+                script.name
+            );
+            let exit = match outcome.ending {
+                Ending::Exited(c) => Some(c),
+                Ending::Signaled(sig) => Some(128 + sig),
+                Ending::TimedOut | Ending::Cancelled => None,
+            };
+            return finish(
+                "FAILED",
+                exit,
+                Some(MEMORY_LIMIT_EXCEEDED),
+                Some(msg),
+                &stdout,
+                &stderr,
+            );
+        }
         match outcome.ending {
             Ending::Exited(0) => last_exit = Some(0),
             Ending::Exited(super::machine::EXIT_REBOOT) => {

@@ -304,8 +304,17 @@ async fn run_hook(run: &Run<'_>, dir: &str, hook_name: &str, timeout: Duration) 
         cwd: image_dir(&run.s.image_root, dir),
         timeout,
         kill_grace: run.s.kill_grace,
+        group: None,
     };
-    match executor::run_process(spec, &run.a.assignment_id, run.reports, None).await {
+    match executor::run_process(
+        spec,
+        &run.s.containment,
+        &run.a.assignment_id,
+        run.reports,
+        None,
+    )
+    .await
+    {
         Ok(o) => {
             out.ending = Some(o.ending);
             out.stdout = o.stdout;

@@ -357,6 +357,7 @@ impl Core {
             last_contact: last_contact.map(clock::rfc3339),
             last_error,
             identity: self.identity.snapshot(),
+            containment: self.exec.containment.describe(),
             running: self.state.running.as_ref().map(|r| RunningStatus {
                 assignment_id: r.assignment.assignment_id.clone(),
                 task_id: r.assignment.task_id.clone(),
@@ -602,8 +603,49 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         crate::tls::client_config_without_cert(&cfg.tls.ca)?,
     )?;
     let identity_state = Arc::new(identity::IdentityState::new(machine_id.clone()));
+    // Containment first: what an earlier agent left running is killed before anything runs.
+    let containment = crate::sys::cgroup::Containment::detect(
+        cfg.cgroup_root.as_deref(),
+        cfg.cgroups,
+        &cfg.limits,
+    );
+    match &containment {
+        crate::sys::cgroup::Containment::Cgroup { .. } => {
+            tracing::info!(containment = %containment.describe(), "runs are contained")
+        }
+        crate::sys::cgroup::Containment::Subreaper { .. } => {
+            tracing::warn!(containment = %containment.describe(), "runs are contained by the fallback");
+            if let Err(e) = crate::sys::process::become_subreaper() {
+                tracing::error!(error = %e, "cannot become a child subreaper");
+            }
+            if !cfg.limits.is_empty() {
+                tracing::warn!(
+                    "[exec] memory_max, cpu_max and tasks_max need cgroups; they are not applied"
+                );
+            }
+        }
+    }
+    let left = containment.kill_leftovers();
+    if left > 0 {
+        tracing::warn!(
+            groups = left,
+            "killed the runs an earlier agent left behind"
+        );
+    }
     let store = StateStore::new(&cfg.state_dir);
     let mut state = AgentState::from(store.load()?);
+    if let (crate::sys::cgroup::Containment::Subreaper { .. }, Some(r)) =
+        (&containment, &state.running)
+    {
+        // Without cgroups, what the interrupted run started carries its assignment id.
+        let n = crate::sys::process::kill_tagged(
+            "FIELDHAND_ASSIGNMENT_ID",
+            &r.assignment.assignment_id,
+        );
+        if n > 0 {
+            tracing::warn!(processes = n, assignment_id = %r.assignment.assignment_id, "killed what an interrupted run left");
+        }
+    }
     state.reboot_timeout = cfg.power.reboot_timeout;
     let outbox = Arc::new(Mutex::new(Outbox::open(&cfg.state_dir)?));
     let listener = status::bind(&cfg.socket_path, cfg.socket_group.as_deref())?;
@@ -628,6 +670,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             data_dir: cfg.data_dir.clone(),
             client: client.clone(),
             payloads: cfg.payloads.clone(),
+            containment: containment.clone(),
         },
         progress_tx,
         power: cfg.power.clone(),

@@ -205,6 +205,7 @@ pub fn render(r: &StatusReport) -> String {
         IdentityPhase::Revoked => "REVOKED, taking no work",
     };
     line(&mut out, "identity:", format!("{phase} ({cert})"));
+    line(&mut out, "containment:", r.containment.clone());
     if let Some(p) = &id.problem {
         line(&mut out, "  why:", p.clone());
     }
@@ -329,6 +330,7 @@ mod tests {
                 certificate_not_after: Some("2027-01-01T00:00:00Z".into()),
                 problem: None,
             },
+            containment: "cgroup v2 groups under /x".into(),
             running: None,
             queued: 0,
             undelivered_events: 0,

@@ -33,6 +33,10 @@ pub struct AgentConfig {
     pub tls: TlsFiles,
     /// SIGTERM to SIGKILL grace for a script's process group.
     pub kill_grace: Duration,
+    /// `[exec] cgroups` and `cgroup_root`: how runs are contained.
+    pub cgroups: bool,
+    pub cgroup_root: Option<PathBuf>,
+    pub limits: crate::sys::cgroup::RunLimits,
     pub retry_initial: Duration,
     pub retry_max: Duration,
     pub long_poll: Duration,
@@ -84,6 +88,67 @@ impl Default for PayloadSettings {
             max_download_bytes_per_second: None,
         }
     }
+}
+
+/// `[exec] memory_max`, `cpu_max`, `tasks_max`.
+fn run_limits(
+    origin: &Path,
+    raw: &crate::proto::config::RawExec,
+) -> Result<crate::sys::cgroup::RunLimits, ConfigError> {
+    let memory_max = match &raw.memory_max {
+        None => None,
+        Some(v) => {
+            let t = v.trim();
+            let (num, mult) = match t.chars().last() {
+                Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+                Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+                Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+                _ => (t, 1),
+            };
+            let n = num
+                .parse::<u64>()
+                .ok()
+                .and_then(|n| n.checked_mul(mult))
+                .filter(|n| *n >= 1 << 20)
+                .ok_or_else(|| {
+                    invalid(
+                        origin,
+                        "exec.memory_max",
+                        v,
+                        "must be bytes or a number with K, M or G, at least 1M (e.g. \"512M\")",
+                    )
+                })?;
+            Some(n)
+        }
+    };
+    let cpu_max = match &raw.cpu_max {
+        None => None,
+        Some(v) => {
+            let pct = v
+                .trim()
+                .strip_suffix('%')
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .filter(|n| (1..=100_000).contains(n))
+                .ok_or_else(|| {
+                    invalid(
+                        origin,
+                        "exec.cpu_max",
+                        v,
+                        "must be a percentage of one CPU, e.g. \"50%\" or \"200%\"",
+                    )
+                })?;
+            // cpu.max: quota and period in microseconds.
+            Some(format!("{} 100000", pct * 1000))
+        }
+    };
+    if raw.tasks_max == Some(0) {
+        return Err(invalid(origin, "exec.tasks_max", 0, "must be at least 1"));
+    }
+    Ok(crate::sys::cgroup::RunLimits {
+        memory_max,
+        cpu_max,
+        tasks_max: raw.tasks_max,
+    })
 }
 
 fn power_settings(
@@ -360,6 +425,12 @@ impl AgentConfig {
             },
             tls: TlsFiles::from_raw(origin, raw.tls)?,
             kill_grace: Duration::from_secs(kill_grace),
+            cgroups: raw.exec.cgroups.unwrap_or(true),
+            cgroup_root: match raw.exec.cgroup_root.clone() {
+                Some(p) => Some(non_empty_path(origin, "exec.cgroup_root", p)?),
+                None => None,
+            },
+            limits: run_limits(origin, &raw.exec)?,
             retry_initial: Duration::from_millis(retry_initial),
             retry_max: Duration::from_millis(retry_max),
             long_poll: Duration::from_secs(long_poll),
@@ -439,6 +510,26 @@ key = "pki/m1-key.pem"
             c.enrollment,
             Some(TokenSource::File("/etc/fieldhand/token".into()))
         );
+    }
+
+    #[test]
+    fn run_limits_are_parsed_and_checked() {
+        let ok =
+            format!("{MIN}\n[exec]\nmemory_max = \"512M\"\ncpu_max = \"50%\"\ntasks_max = 64\n");
+        let c = AgentConfig::parse(&ok, Path::new("a.toml")).unwrap();
+        assert_eq!(c.limits.memory_max, Some(512 << 20));
+        assert_eq!(c.limits.cpu_max.as_deref(), Some("50000 100000"));
+        assert_eq!(c.limits.tasks_max, Some(64));
+        assert!(c.cgroups);
+        for (k, v) in [
+            ("memory_max", "\"lots\""),
+            ("memory_max", "\"1K\""),
+            ("cpu_max", "\"0.5\""),
+            ("tasks_max", "0"),
+        ] {
+            let e = err(&format!("{MIN}\n[exec]\n{k} = {v}\n"));
+            assert!(e.contains(&format!("exec.{k}")), "{e}");
+        }
     }
 
     #[test]

@@ -88,6 +88,16 @@ pub struct RawPayloads {
 #[serde(deny_unknown_fields)]
 pub struct RawExec {
     pub kill_grace_seconds: Option<u64>,
+    /// Contain each run in its own cgroup v2 group (default true; false: the subreaper).
+    pub cgroups: Option<bool>,
+    /// A cgroup2 directory made for the agent's runs; default: the agent's own group.
+    pub cgroup_root: Option<PathBuf>,
+    /// Per-run memory limit: bytes, or with a K, M or G suffix.
+    pub memory_max: Option<String>,
+    /// Per-run CPU limit: a percentage of one CPU (`"50%"`, `"200%"`).
+    pub cpu_max: Option<String>,
+    /// Per-run limit on processes and threads.
+    pub tasks_max: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

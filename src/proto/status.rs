@@ -23,6 +23,9 @@ pub struct StatusReport {
     pub last_error: Option<String>,
     /// The machine's certificate and what stands in its way, if anything.
     pub identity: IdentityStatus,
+    /// How script runs are contained (cgroup v2, or the subreaper fallback and why).
+    #[serde(default)]
+    pub containment: String,
     pub running: Option<RunningStatus>,
     pub queued: u32,
     pub undelivered_events: u32,

@@ -5,6 +5,7 @@
 //! facts, so a reader can audit what fieldhand does to a machine from this module alone.
 
 pub mod bootid;
+pub mod cgroup;
 pub mod child;
 pub mod clock;
 pub mod facts;

@@ -1,10 +1,12 @@
-//! Running one script as its own process group, with a hard timeout, cancellation, and
-//! bounded output capture.
+//! Running one script as its own process group, in its own cgroup (see [`super::cgroup`]),
+//! with a hard timeout, cancellation, and bounded output capture.
 //!
-//! Invariant: when `ScriptRun::wait` returns, no process of the script's group is left
-//! running (stopped with SIGTERM, then SIGKILL after the grace period; leftovers of a
-//! script that exited normally are SIGKILLed). Only a process that leaves the group
-//! (setsid) can escape, and it cannot keep `wait` from returning.
+//! Invariant: when `ScriptRun::wait` returns, no process the script started is left
+//! running: the group is stopped with SIGTERM, then SIGKILL after the grace period (and
+//! leftovers of a script that exited normally are SIGKILLed), and then its cgroup is killed
+//! whole, which no `setsid`, job control or double fork escapes. The child joins its cgroup
+//! before it executes anything. Without cgroups, the agent is a child subreaper and kills
+//! every descendant it has left.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -36,6 +38,9 @@ pub struct ScriptSpec {
     pub timeout: Duration,
     /// SIGTERM to SIGKILL.
     pub kill_grace: Duration,
+    /// The run's cgroup (made by the caller before the spawn); `None`: the subreaper
+    /// fallback.
+    pub group: Option<super::cgroup::RunGroup>,
 }
 
 /// Keeps the first `head` and last `tail` bytes of a stream and counts what fell between.
@@ -124,6 +129,8 @@ pub struct Outcome {
     pub ending: Ending,
     pub stdout: Capture,
     pub stderr: Capture,
+    /// The run's memory limit was reached (the kernel OOM-killed in its group).
+    pub oom_killed: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +146,7 @@ pub enum ProcessError {
 /// agent dies, the next start can kill what is left.
 pub struct ScriptRun {
     pub pgid: i32,
+    group: Option<super::cgroup::RunGroup>,
     child: tokio::process::Child,
     readers: [(Arc<Mutex<Capture>>, JoinHandle<()>); 2],
     cancel_rx: watch::Receiver<bool>,
@@ -167,6 +175,28 @@ pub async fn spawn(spec: ScriptSpec, head: usize, tail: usize) -> Result<ScriptR
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(false);
+    if let Some(procs) = spec.group.as_ref().and_then(|g| g.procs_path()) {
+        // In the child, between fork and exec: join the run's cgroup before the script
+        // runs a single instruction, so there is no moment it is outside. Only raw
+        // syscalls here (no allocation: the path was made before the fork).
+        // SAFETY: the closure calls only async-signal-safe functions (open, write, close).
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd =
+                    nix::libc::open(procs.as_ptr(), nix::libc::O_WRONLY | nix::libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let n = nix::libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = std::io::Error::last_os_error();
+                nix::libc::close(fd);
+                if n != 1 {
+                    return Err(err);
+                }
+                Ok(())
+            });
+        }
+    }
     let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn {
         program: spec.program.display().to_string(),
         source,
@@ -201,6 +231,7 @@ pub async fn spawn(spec: ScriptSpec, head: usize, tail: usize) -> Result<ScriptR
     let (tx, rx) = watch::channel(false);
     Ok(ScriptRun {
         pgid,
+        group: spec.group,
         child,
         readers: [reader(out), reader(err)],
         cancel_rx: rx,
@@ -239,6 +270,23 @@ impl ScriptRun {
                 ending
             }
         };
+        // Whatever the script started, in any session or group, ends with its cgroup (or,
+        // without one, with the agent's other descendants).
+        let group = self.group.take();
+        let oom_killed = tokio::task::spawn_blocking(move || match group {
+            Some(g) => {
+                g.kill();
+                let oom = g.oom_killed();
+                g.remove();
+                oom
+            }
+            None => {
+                kill_descendants();
+                false
+            }
+        })
+        .await
+        .unwrap_or(false);
         let [(out, out_task), (err, err_task)] = self.readers;
         let drain = async {
             let _ = out_task.await;
@@ -255,12 +303,17 @@ impl ScriptRun {
             ending,
             stdout: take(out),
             stderr: take(err),
+            oom_killed,
         }
     }
 
-    /// SIGTERM the group, give it `kill_grace` to go, then SIGKILL whatever is left.
+    /// SIGTERM the group (and every member of the cgroup), give it `kill_grace` to go,
+    /// then SIGKILL whatever is left.
     async fn stop_group(&mut self) {
         let _ = kill_group(self.pgid, Signal::SIGTERM);
+        if let Some(g) = &self.group {
+            g.signal(Signal::SIGTERM);
+        }
         let deadline = tokio::time::Instant::now() + self.kill_grace;
         let mut leader_done = false;
         while tokio::time::Instant::now() < deadline {
@@ -275,6 +328,96 @@ impl ScriptRun {
         let _ = kill_group(self.pgid, Signal::SIGKILL);
         let _ = self.child.wait().await;
     }
+}
+
+/// The fallback without cgroups (the agent is a child subreaper, so orphans of a script
+/// are its descendants): SIGKILLs every descendant of this process. The agent runs one
+/// thing at a time, so at the end of a run every descendant is that run's.
+pub fn kill_descendants() -> usize {
+    let me = std::process::id() as i32;
+    let mut killed = 0;
+    // Descendants may fork while we look: go round until none is left (bounded).
+    for _ in 0..50 {
+        let tree = descendants(me);
+        if tree.is_empty() {
+            break;
+        }
+        for pid in tree {
+            if nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+                killed += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    killed
+}
+
+/// Makes this process a child subreaper: orphans of its descendants become its children.
+pub fn become_subreaper() -> Result<(), nix::Error> {
+    nix::sys::prctl::set_child_subreaper(true)
+}
+
+/// Living (not zombie) descendants of `root`, from `/proc/*/stat`.
+fn descendants(root: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut parent = std::collections::HashMap::new();
+    for pid in dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...; comm may hold spaces and parentheses.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let mut f = rest.split_whitespace();
+        let state = f.next().unwrap_or("");
+        let ppid: i32 = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        if state != "Z" {
+            parent.insert(pid, ppid);
+        }
+    }
+    let mut out = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for (&child, &pp) in &parent {
+            if pp == p && child != root && !out.contains(&child) {
+                out.push(child);
+                frontier.push(child);
+            }
+        }
+    }
+    out
+}
+
+/// Kills processes whose environment carries `var=value` (the fallback's way, after an
+/// agent restart, to find what an interrupted run left: `FIELDHAND_ASSIGNMENT_ID`).
+pub fn kill_tagged(var: &str, value: &str) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let needle = format!("{var}={value}");
+    let me = std::process::id() as i32;
+    let mut n = 0;
+    for pid in dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| *p != me)
+    {
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes())
+            && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok()
+        {
+            n += 1;
+        }
+    }
+    n
 }
 
 /// Signals every process in group `pgid`. `Ok(false)` if the group no longer exists.
@@ -367,6 +510,7 @@ mod tests {
             cwd: std::env::temp_dir(),
             timeout: Duration::from_millis(timeout_ms),
             kill_grace: Duration::from_millis(300),
+            group: None,
         }
     }
 

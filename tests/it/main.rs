@@ -4,6 +4,7 @@
 mod batches;
 mod cli;
 mod compat;
+mod contain;
 mod durability;
 mod identity;
 mod images;

@@ -513,6 +513,12 @@ impl Agent {
         let config = dir.join("agent.toml");
         let pki = &env.pki;
         let socket = dir.join("agent.sock");
+        // A test that sets its own [exec] table replaces this one.
+        let exec = if extra.contains("[exec]") {
+            ""
+        } else {
+            "[exec]\nkill_grace_seconds = 1\n"
+        };
         let (cert, key) = match certs {
             Certs::Issued => (
                 pki.join(format!("agents/{id}.pem")),
@@ -538,7 +544,7 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "controller_url = \"{url}\"\nstate_dir = \"{}\"\nsocket_path = \"{}\"\n{top}[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[exec]\nkill_grace_seconds = 1\n[connection]\nretry_initial_ms = 100\nretry_max_ms = 500\n{extra}\n",
+                "controller_url = \"{url}\"\nstate_dir = \"{}\"\nsocket_path = \"{}\"\n{top}[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{exec}[connection]\nretry_initial_ms = 100\nretry_max_ms = 500\n{extra}\n",
                 dir.join("state").display(),
                 socket.display(),
                 pki.join("ca.pem").display(),
