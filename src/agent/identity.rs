@@ -114,11 +114,16 @@ pub struct IdentityState {
 }
 
 impl IdentityState {
-    pub fn new(machine_id: String) -> Self {
+    /// `enrolled`: a certificate is in place at start (its checks follow at once).
+    pub fn new(machine_id: String, enrolled: bool) -> Self {
         IdentityState {
             inner: Mutex::new(Inner {
                 machine_id,
-                phase: IdentityPhase::Enrolling,
+                phase: if enrolled {
+                    IdentityPhase::Enrolled
+                } else {
+                    IdentityPhase::Enrolling
+                },
                 serial: None,
                 not_after_ms: None,
                 problem: None,

@@ -602,7 +602,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         &cfg.controller_url,
         crate::tls::client_config_without_cert(&cfg.tls.ca)?,
     )?;
-    let identity_state = Arc::new(identity::IdentityState::new(machine_id.clone()));
+    let identity_state = Arc::new(identity::IdentityState::new(
+        machine_id.clone(),
+        files.cert.exists(),
+    ));
     // Containment first: what an earlier agent left running is killed before anything runs.
     let containment = crate::sys::cgroup::Containment::detect(
         cfg.cgroup_root.as_deref(),

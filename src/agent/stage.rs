@@ -196,16 +196,22 @@ pub async fn run(
             progress.stop.store(true, Ordering::Relaxed);
             let since = tokio::time::Instant::now();
             match tokio::time::timeout(STOP_GRACE, &mut work).await {
-                Ok(_) => tracing::info!(
-                    assignment_id = %a.assignment_id,
-                    stopped_in_ms = since.elapsed().as_millis() as u64,
-                    "staging stopped"
-                ),
+                // It finished in the moment before it saw the stop: the commit is staged,
+                // and saying otherwise would be untrue.
+                Ok(Ok(summary)) => Ok(summary),
+                Ok(Err(_)) => {
+                    tracing::info!(
+                        assignment_id = %a.assignment_id,
+                        stopped_in_ms = since.elapsed().as_millis() as u64,
+                        "staging stopped"
+                    );
+                    Err(why)
+                }
                 Err(_) => {
-                    tracing::error!(assignment_id = %a.assignment_id, "staging did not stop within {STOP_GRACE:?}")
+                    tracing::error!(assignment_id = %a.assignment_id, "staging did not stop within {STOP_GRACE:?}");
+                    Err(why)
                 }
             }
-            Err(why)
         }
     };
     // Leave nothing half-built behind; completed downloads stay cached for a retry.

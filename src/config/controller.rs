@@ -29,6 +29,17 @@ pub struct ControllerConfig {
     pub agent_cert_validity: Duration,
     pub enroll_per_second: u32,
     pub identity_conflict_quiet: Duration,
+    pub net: crate::net::server::Limits,
+    pub body_timeout: Duration,
+    pub blobs: BlobLimits,
+}
+
+/// `max_blob_bytes`, `blob_quota_bytes`, `blob_retention_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobLimits {
+    pub max_bytes: u64,
+    pub quota_bytes: u64,
+    pub retention: Duration,
 }
 
 impl ControllerConfig {
@@ -139,7 +150,86 @@ impl ControllerConfig {
                 "must be 1..=10000",
             ));
         }
+        let num = |key: &'static str, v: Option<u64>, default: u64, min: u64, max: u64| {
+            let v = v.unwrap_or(default);
+            if !(min..=max).contains(&v) {
+                return Err(invalid(origin, key, v, &format!("must be {min}..={max}")));
+            }
+            Ok(v)
+        };
+        let d = crate::net::server::Limits::default();
+        let max_connections = num(
+            "max_connections",
+            raw.max_connections,
+            d.max_connections as u64,
+            16,
+            1_000_000,
+        )?;
+        let reserve = num(
+            "operator_reserve_connections",
+            raw.operator_reserve_connections,
+            d.operator_reserve as u64,
+            1,
+            max_connections - 1,
+        )?;
+        let per_agent = num(
+            "max_connections_per_agent",
+            raw.max_connections_per_agent,
+            d.per_agent as u64,
+            2,
+            10_000,
+        )?;
+        let header = num(
+            "request_header_timeout_seconds",
+            raw.request_header_timeout_seconds,
+            10,
+            1,
+            3600,
+        )?;
+        let body = num(
+            "request_body_timeout_seconds",
+            raw.request_body_timeout_seconds,
+            60,
+            1,
+            86_400,
+        )?;
+        let max_blob = num("max_blob_bytes", raw.max_blob_bytes, 16 << 30, 1, u64::MAX)?;
+        let quota = num(
+            "blob_quota_bytes",
+            raw.blob_quota_bytes,
+            256 << 30,
+            1,
+            u64::MAX,
+        )?;
+        if max_blob > quota {
+            return Err(invalid(
+                origin,
+                "max_blob_bytes",
+                max_blob,
+                "must not exceed blob_quota_bytes",
+            ));
+        }
+        let retention = num(
+            "blob_retention_seconds",
+            raw.blob_retention_seconds,
+            7 * 86_400,
+            1,
+            10 * 365 * 86_400,
+        )?;
         Ok(ControllerConfig {
+            net: crate::net::server::Limits {
+                max_connections: max_connections as usize,
+                operator_reserve: reserve as usize,
+                per_agent: per_agent as usize,
+                handshake_timeout: d.handshake_timeout,
+                header_timeout: Duration::from_secs(header),
+            },
+            body_timeout: Duration::from_secs(body),
+            blobs: BlobLimits {
+                max_bytes: max_blob,
+                quota_bytes: quota,
+                retention: Duration::from_secs(retention),
+            },
             issuing,
             agent_cert_validity: Duration::from_secs(validity),
             enroll_per_second: rate as u32,

@@ -1,6 +1,9 @@
 //! The controller's content-addressed payload store under `data_dir/blobs`: streamed uploads
-//! (`POST /v1/blobs`), ranged downloads for agents (`GET /agent/v1/blobs/{sha256}`), and a
-//! count of bytes served per blob so resumed downloads are observable.
+//! (`POST /v1/blobs`, bounded by `max_blob_bytes`, `blob_quota_bytes` and a time limit per
+//! chunk), ranged downloads for agents (`GET /agent/v1/blobs/{sha256}`), a count of bytes
+//! served per blob so resumed downloads are observable, and removal: by an operator
+//! (`DELETE /v1/blobs/{sha256}`) or, after `blob_retention_seconds`, of any blob nothing
+//! refers to.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -25,6 +28,49 @@ const CHUNK: usize = 1 << 20;
 pub struct BlobStore {
     root: PathBuf,
     served: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    limits: crate::config::controller::BlobLimits,
+    /// Bytes stored, and bytes of uploads under way (counted against the quota as they come).
+    used: AtomicU64,
+}
+
+/// Every blob digest a JSON document names (fields called `sha256`, at any depth).
+pub fn digests_in(json: &str, out: &mut std::collections::HashSet<String>) {
+    fn walk(v: &serde_json::Value, out: &mut std::collections::HashSet<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match v {
+                        serde_json::Value::String(s) if k == "sha256" && valid_sha256(s) => {
+                            out.insert(s.clone());
+                        }
+                        v => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(json) {
+        walk(&v, out);
+    }
+}
+
+/// Reads (and drops) a little more of a refused upload, so a client still sending it reads
+/// our 413 instead of a broken pipe; bounded (8 MiB, 2 s), so a flood cannot hold us.
+async fn linger(body: &mut Incoming) {
+    let mut left: i64 = 8 << 20;
+    let until = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    while left > 0 {
+        match tokio::time::timeout_at(until, body.frame()).await {
+            Ok(Some(Ok(f))) => left -= f.data_ref().map_or(0, |d| d.len() as i64),
+            _ => return,
+        }
+    }
+}
+
+fn too_large(msg: String) -> ApiError {
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", msg)
 }
 
 pub fn valid_sha256(s: &str) -> bool {
@@ -41,16 +87,63 @@ fn internal(what: &str, path: &Path, e: impl std::fmt::Display) -> ApiError {
 
 impl BlobStore {
     /// Opens (creating) `data_dir/blobs` and removes uploads a crash left half-written.
-    pub fn open(data_dir: &Path) -> std::io::Result<Self> {
+    pub fn open(
+        data_dir: &Path,
+        limits: crate::config::controller::BlobLimits,
+    ) -> std::io::Result<Self> {
         let root = data_dir.join("blobs");
         crate::sys::fsutil::ensure_dir(&root.join("sha256"), 0o700)?;
         let tmp = root.join("tmp");
         let _ = std::fs::remove_dir_all(&tmp);
         crate::sys::fsutil::ensure_dir(&tmp, 0o700)?;
+        let used = std::fs::read_dir(root.join("sha256"))?
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum();
         Ok(BlobStore {
             root,
             served: Mutex::new(HashMap::new()),
+            limits,
+            used: AtomicU64::new(used),
         })
+    }
+
+    /// Bytes stored (and being uploaded).
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Removes a blob; `false` if there was none.
+    pub fn remove(&self, sha256: &str) -> Result<Option<u64>, ApiError> {
+        let Some(size) = self.size(sha256) else {
+            return Ok(None);
+        };
+        let p = self.path(sha256);
+        std::fs::remove_file(&p).map_err(|e| internal("remove", &p, e))?;
+        self.used.fetch_sub(size, Ordering::Relaxed);
+        self.served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(sha256);
+        Ok(Some(size))
+    }
+
+    /// Blobs older than the retention that `referenced` does not name: `(sha256, size)`.
+    pub fn expired(&self, referenced: &std::collections::HashSet<String>) -> Vec<(String, u64)> {
+        let Ok(rd) = std::fs::read_dir(self.root.join("sha256")) else {
+            return Vec::new();
+        };
+        let now = std::time::SystemTime::now();
+        rd.flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_string();
+                let m = e.metadata().ok()?;
+                let age = now.duration_since(m.modified().ok()?).unwrap_or_default();
+                (valid_sha256(&name) && !referenced.contains(&name) && age >= self.limits.retention)
+                    .then_some((name, m.len()))
+            })
+            .collect()
     }
 
     pub fn path(&self, sha256: &str) -> PathBuf {
@@ -80,9 +173,38 @@ impl BlobStore {
     }
 
     /// Streams the request body to a temp file while hashing, then moves it into place under
-    /// its digest. Storing a blob that exists already leaves the existing one untouched.
-    pub async fn upload(&self, mut body: Incoming) -> Result<api::Blob, ApiError> {
+    /// its digest. Storing a blob that exists already leaves the existing one untouched. An
+    /// upload past `max_blob_bytes` or the quota stops there (413, naming the limit); one
+    /// whose next chunk takes longer than `chunk_timeout` is dropped (408).
+    pub async fn upload(
+        &self,
+        mut body: Incoming,
+        declared: Option<u64>,
+        chunk_timeout: std::time::Duration,
+    ) -> Result<api::Blob, ApiError> {
+        let max = self.limits.max_bytes;
+        let quota = self.limits.quota_bytes;
+        if let Some(n) = declared {
+            let refused = if n > max {
+                Some(format!(
+                    "the blob is {n} bytes, larger than max_blob_bytes {max}"
+                ))
+            } else if self.used().saturating_add(n) > quota {
+                Some(format!(
+                    "storing {n} more bytes would pass blob_quota_bytes {quota} ({} used); delete blobs nothing needs (DELETE /v1/blobs/{{sha256}})",
+                    self.used()
+                ))
+            } else {
+                None
+            };
+            if let Some(msg) = refused {
+                linger(&mut body).await;
+                return Err(too_large(msg));
+            }
+        }
         let tmp = self.root.join("tmp").join(uuid::Uuid::new_v4().to_string());
+        // Bytes of this upload counted in `used` so far (released unless it is stored).
+        let counted = AtomicU64::new(0);
         let result = async {
             let file = tokio::fs::OpenOptions::new()
                 .write(true)
@@ -93,12 +215,38 @@ impl BlobStore {
             let mut w = tokio::io::BufWriter::with_capacity(CHUNK, file);
             let mut hasher = Sha256::new();
             let mut size = 0u64;
-            while let Some(frame) = body.frame().await {
+            loop {
+                let frame = match tokio::time::timeout(chunk_timeout, body.frame()).await {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(_) => {
+                        return Err(ApiError::new(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "REQUEST_TIMEOUT",
+                            format!(
+                                "no data for {} s (request_body_timeout_seconds); the upload was dropped",
+                                chunk_timeout.as_secs()
+                            ),
+                        ))
+                    }
+                };
                 let frame = frame
                     .map_err(|e| ApiError::invalid(format!("the upload was interrupted: {e}")))?;
                 if let Ok(data) = frame.into_data() {
                     hasher.update(&data);
                     size += data.len() as u64;
+                    if size > max {
+                        return Err(too_large(format!(
+                            "the upload passed max_blob_bytes {max}; it was dropped"
+                        )));
+                    }
+                    let before = self.used.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    counted.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if before + data.len() as u64 > quota {
+                        return Err(too_large(format!(
+                            "the upload passed blob_quota_bytes {quota}; it was dropped"
+                        )));
+                    }
                     w.write_all(&data)
                         .await
                         .map_err(|e| internal("write", &tmp, e))?;
@@ -114,7 +262,14 @@ impl BlobStore {
             let dest = self.path(&sha256);
             if dest.exists() {
                 let _ = tokio::fs::remove_file(&tmp).await;
+                self.used.fetch_sub(counted.swap(0, Ordering::Relaxed), Ordering::Relaxed);
+                // Stored again: its retention starts over.
+                let _ = std::fs::File::options()
+                    .append(true)
+                    .open(&dest)
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
             } else {
+                counted.store(0, Ordering::Relaxed);
                 tokio::fs::rename(&tmp, &dest)
                     .await
                     .map_err(|e| internal("store", &dest, e))?;
@@ -128,8 +283,13 @@ impl BlobStore {
             })
         }
         .await;
-        if result.is_err() {
+        if let Err(e) = &result {
             let _ = tokio::fs::remove_file(&tmp).await;
+            self.used
+                .fetch_sub(counted.load(Ordering::Relaxed), Ordering::Relaxed);
+            if e.status == StatusCode::PAYLOAD_TOO_LARGE {
+                linger(&mut body).await;
+            }
         }
         result
     }
@@ -249,6 +409,18 @@ mod tests {
         assert_eq!(parse_range("bytes=5-4", 10), None);
         assert_eq!(parse_range("bytes=-5", 10), None);
         assert_eq!(parse_range("items=0-", 10), None);
+    }
+
+    #[test]
+    fn digests_are_found_at_any_depth() {
+        let a = "a".repeat(64);
+        let b = "b".repeat(64);
+        let json = format!(
+            r#"{{"components":[{{"sha256":"{a}"}}],"image":{{"payload":{{"sha256":"{b}"}}}},"sha256":"short"}}"#
+        );
+        let mut found = std::collections::HashSet::new();
+        digests_in(&json, &mut found);
+        assert_eq!(found, [a, b].into_iter().collect());
     }
 
     #[test]

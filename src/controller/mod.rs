@@ -30,7 +30,8 @@ use tokio::sync::{watch, Notify};
 use crate::config::controller::ControllerConfig;
 use crate::net::server::{error_response, json_response, read_body, Handler, Peer};
 use crate::net::Body;
-use crate::pki::Role;
+use crate::pki::{Identity, Role};
+
 use crate::sys::clock;
 use api::ApiError;
 use store::Store;
@@ -118,6 +119,48 @@ impl Controller {
         }
     }
 
+    /// Every blob digest something still needs.
+    async fn referenced_blobs(&self) -> Result<std::collections::HashSet<String>, ApiError> {
+        let (images, docs) = self.store.tx(|tx| tx.blob_referrers()).await?;
+        let mut set: std::collections::HashSet<String> = images.into_iter().collect();
+        for d in &docs {
+            blobs::digests_in(d, &mut set);
+        }
+        Ok(set)
+    }
+
+    /// `DELETE /v1/blobs/{sha256}`: only a blob nothing refers to.
+    async fn delete_blob(
+        &self,
+        sha: &str,
+        by: &Identity,
+    ) -> Result<crate::proto::api::Blob, ApiError> {
+        if !blobs::valid_sha256(sha) {
+            return Err(ApiError::invalid(format!(
+                "sha256 {sha:?} is not 64 lower-case hex digits"
+            )));
+        }
+        if self.referenced_blobs().await?.contains(sha) {
+            return Err(ApiError::conflict(format!(
+                "blob {sha} is in use (by an image, a host's desired software, or a running task)"
+            )));
+        }
+        match self.blobs.remove(sha)? {
+            Some(size) => {
+                tracing::info!(sha256 = sha, size, %by, "blob deleted");
+                Ok(crate::proto::api::Blob {
+                    sha256: sha.to_string(),
+                    size,
+                    bytes_served: None,
+                })
+            }
+            None => Err(ApiError::not_found(
+                "NOT_FOUND",
+                format!("no blob with sha256 {sha}"),
+            )),
+        }
+    }
+
     async fn route(&self, req: Request<Incoming>, peer: Peer) -> Result<Response<Body>, ApiError> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
@@ -190,7 +233,14 @@ impl Controller {
         // Payload routes stream their bodies instead of buffering them.
         match (area, &method, &segs[1..]) {
             (Role::Operator, &Method::POST, ["blobs"]) => {
-                let blob = self.blobs.upload(req.into_body()).await?;
+                let declared = req
+                    .headers()
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok());
+                let blob = self
+                    .blobs
+                    .upload(req.into_body(), declared, self.cfg.body_timeout)
+                    .await?;
                 tracing::info!(sha256 = %blob.sha256, size = blob.size, by = %peer, "blob stored");
                 return ok(&blob);
             }
@@ -221,16 +271,32 @@ impl Controller {
                 return self.blobs.download(sha, req.headers());
             }
             (Role::Operator, &Method::GET, ["blobs", sha]) => return ok(&self.blobs.info(sha)?),
+            (Role::Operator, &Method::DELETE, ["blobs", sha]) => {
+                return ok(&self.delete_blob(sha, &peer).await?)
+            }
             _ => {}
         }
         let body = if matches!(method, Method::POST | Method::PUT) {
-            read_body(req.into_body(), BODY_LIMIT).await.map_err(|e| {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "REQUEST_TOO_LARGE",
-                    e.to_string(),
-                )
-            })?
+            let read = read_body(req.into_body(), BODY_LIMIT);
+            tokio::time::timeout(self.cfg.body_timeout, read)
+                .await
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "REQUEST_TIMEOUT",
+                        format!(
+                            "the request body did not arrive within {} s (request_body_timeout_seconds)",
+                            self.cfg.body_timeout.as_secs()
+                        ),
+                    )
+                })?
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "REQUEST_TOO_LARGE",
+                        e.to_string(),
+                    )
+                })?
         } else {
             bytes::Bytes::new()
         };
@@ -409,11 +475,12 @@ pub async fn serve(
         Some((cert, key)) => Some(Arc::new(crate::pki::Issuer::load(cert, key)?)),
         None => None,
     };
-    let blobs =
-        blobs::BlobStore::open(&cfg.data_dir).map_err(|source| ControllerError::DataDir {
+    let blobs = blobs::BlobStore::open(&cfg.data_dir, cfg.blobs).map_err(|source| {
+        ControllerError::DataDir {
             path: cfg.data_dir.join("blobs"),
             source,
-        })?;
+        }
+    })?;
     let store = Store::open(&cfg.database)?;
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -493,6 +560,7 @@ pub async fn run(
     let reaper = tokio::spawn(reap_loop(ctl.clone()));
     let scheduler = tokio::spawn(schedule_loop(ctl.clone()));
     let revocations = tokio::spawn(revocation_loop(ctl.clone()));
+    let blob_gc = tokio::spawn(blob_gc_loop(ctl.clone()));
     let dog = crate::sys::notify::watchdog_interval().map(|every| {
         let ctl = ctl.clone();
         tokio::spawn(async move {
@@ -507,16 +575,22 @@ pub async fn run(
             }
         })
     });
-    let result =
-        crate::net::server::serve(listener, tls, Arc::new(Router(ctl.clone())), async move {
+    let result = crate::net::server::serve(
+        listener,
+        tls,
+        Arc::new(Router(ctl.clone())),
+        ctl.cfg.net,
+        async move {
             shutdown.await;
             let _ = stop_tx.send(true);
-        })
-        .await;
+        },
+    )
+    .await;
     crate::sys::notify::stopping();
     reaper.abort();
     scheduler.abort();
     revocations.abort();
+    blob_gc.abort();
     if let Some(d) = dog {
         d.abort();
     }
@@ -561,6 +635,30 @@ async fn schedule_loop(ctl: Arc<Controller>) {
         match res {
             Ok(wake) => ctl.wake(&wake),
             Err(e) => tracing::error!(error = %e, "image scheduler failed; retrying"),
+        }
+    }
+}
+
+/// Removes blobs nothing refers to once they are older than `blob_retention_seconds`.
+async fn blob_gc_loop(ctl: Arc<Controller>) {
+    let every =
+        (ctl.cfg.blobs.retention / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let referenced = match ctl.referenced_blobs().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e.msg, "blob collection cannot read references; retrying");
+                continue;
+            }
+        };
+        for (sha, size) in ctl.blobs.expired(&referenced) {
+            match ctl.blobs.remove(&sha) {
+                Ok(_) => tracing::info!(sha256 = %sha, size, "removed a blob nothing refers to"),
+                Err(e) => tracing::warn!(sha256 = %sha, error = %e.msg, "cannot remove a blob"),
+            }
         }
     }
 }

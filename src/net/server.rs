@@ -1,5 +1,11 @@
-//! The HTTPS accept loop: TLS with a required client certificate, HTTP/1.1, one task per
-//! connection, and a graceful stop that lets in-flight requests finish for a bounded time.
+//! The HTTPS accept loop: TLS (a client certificate verified when sent), HTTP/1.1, one task
+//! per connection, and a graceful stop that lets in-flight requests finish for a bounded time.
+//!
+//! It sheds hostile clients: every stage of a connection has a time limit (handshake,
+//! request head, and the idle wait between keep-alive requests; bodies are bounded by their
+//! readers), connections are capped per agent identity and in total, and a reserve of the
+//! total is kept for operators, so a flood of agent or anonymous connections cannot lock
+//! operators out.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,8 +27,118 @@ use crate::pki::Identity;
 use crate::proto::api::ErrorBody;
 use crate::tls::CertInfo;
 
-/// A client that opens a socket and never finishes the handshake must not hold a task.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connection limits and per-stage timeouts (`controller.toml`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once, in every state.
+    pub max_connections: usize,
+    /// Of those, this many only operators may take: agents and clients without a
+    /// certificate are refused once `max_connections - operator_reserve` are open.
+    pub operator_reserve: usize,
+    /// Connections one agent identity may hold at once (an agent needs about three).
+    pub per_agent: usize,
+    /// A client that opens a socket and never finishes the handshake must not hold a task.
+    pub handshake_timeout: Duration,
+    /// For a request head to arrive, counted from when the connection is ready for one
+    /// (so it also ends an idle keep-alive connection).
+    pub header_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 4096,
+            operator_reserve: 64,
+            per_agent: 16,
+            handshake_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Open connections: in total, and per agent identity. A slot is released on drop.
+#[derive(Default)]
+struct Gauge {
+    total: std::sync::atomic::AtomicUsize,
+    per: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// When the last "refused" warning was logged (refusals come in floods).
+    warned: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+struct Slot {
+    gauge: Arc<Gauge>,
+    identity: Option<String>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        self.gauge.total.fetch_sub(1, Ordering::Relaxed);
+        if let Some(id) = &self.identity {
+            let mut per = self.gauge.per.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = per.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    per.remove(id);
+                }
+            }
+        }
+    }
+}
+
+impl Gauge {
+    fn open(self: &Arc<Self>, max: usize) -> Option<Slot> {
+        use std::sync::atomic::Ordering;
+        let n = self.total.fetch_add(1, Ordering::Relaxed);
+        let slot = Slot {
+            gauge: self.clone(),
+            identity: None,
+        };
+        (n < max).then_some(slot)
+    }
+
+    /// After the handshake: whether this peer may keep its connection.
+    fn admit(&self, slot: &mut Slot, peer: &Peer, limits: &Limits) -> Result<(), String> {
+        use std::sync::atomic::Ordering;
+        let role = peer.identity().map(|i| i.role);
+        if role == Some(crate::pki::Role::Operator) {
+            return Ok(());
+        }
+        let open = self.total.load(Ordering::Relaxed);
+        let cap = limits
+            .max_connections
+            .saturating_sub(limits.operator_reserve);
+        if open > cap {
+            return Err(format!(
+                "{open} connections open; the last {} are kept for operators",
+                limits.operator_reserve
+            ));
+        }
+        if let Some(id) = peer.identity() {
+            let key = id.to_string();
+            let mut per = self.per.lock().unwrap_or_else(|p| p.into_inner());
+            let n = per.entry(key.clone()).or_default();
+            if *n >= limits.per_agent {
+                return Err(format!(
+                    "{key} already holds {n} connections (at most {})",
+                    limits.per_agent
+                ));
+            }
+            *n += 1;
+            slot.identity = Some(key);
+        }
+        Ok(())
+    }
+
+    fn warn(&self, remote: std::net::SocketAddr, why: &str) {
+        let mut w = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if w.map_or(true, |t| now.duration_since(t) > Duration::from_secs(10)) {
+            *w = Some(now);
+            tracing::warn!(%remote, why, "connections refused (logged at most every 10 s)");
+        }
+    }
+}
 /// How long a stopping server waits for in-flight requests (long polls included).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -56,9 +172,11 @@ pub async fn serve<H: Handler>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     handler: Arc<H>,
+    limits: Limits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), NetError> {
     let acceptor = TlsAcceptor::from(tls);
+    let gauge = Arc::new(Gauge::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
     let mut accept_errors = 0u32;
@@ -79,22 +197,29 @@ pub async fn serve<H: Handler>(
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
+        let Some(mut slot) = gauge.open(limits.max_connections) else {
+            gauge.warn(remote, "max_connections reached");
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let handler = handler.clone();
+        let gauge = gauge.clone();
         let mut stop = stop_rx.clone();
         conns.spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%remote, error = %e, "TLS handshake refused");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%remote, "TLS handshake timed out");
-                    return;
-                }
-            };
+            let tls =
+                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%remote, error = %e, "TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%remote, "TLS handshake timed out");
+                        return;
+                    }
+                };
             let peer = Peer {
                 cert: tls
                     .get_ref()
@@ -104,12 +229,18 @@ pub async fn serve<H: Handler>(
                     .and_then(crate::tls::cert_info),
                 remote,
             };
+            if let Err(why) = gauge.admit(&mut slot, &peer, &limits) {
+                gauge.warn(remote, &why);
+                return;
+            }
             let service = hyper::service::service_fn(move |req| {
                 let handler = handler.clone();
                 let peer = peer.clone();
                 async move { Ok::<_, Infallible>(handler.handle(req, peer).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
                 .serve_connection(TokioIo::new(tls), service);
             tokio::pin!(conn);
             tokio::select! {

@@ -125,6 +125,19 @@ pub struct RawController {
     pub agent_cert_validity_seconds: Option<u64>,
     /// How long a second session of one identity must stay silent before a conflict clears.
     pub identity_conflict_quiet_seconds: Option<u64>,
+    /// Connections open at once, and how many of them only operators may take.
+    pub max_connections: Option<u64>,
+    pub operator_reserve_connections: Option<u64>,
+    /// Connections one agent identity may hold at once.
+    pub max_connections_per_agent: Option<u64>,
+    /// Time limits for the request head (and the idle wait between requests) and the body.
+    pub request_header_timeout_seconds: Option<u64>,
+    pub request_body_timeout_seconds: Option<u64>,
+    /// `POST /v1/blobs`: the largest blob, all blobs together, and how long one that nothing
+    /// refers to is kept.
+    pub max_blob_bytes: Option<u64>,
+    pub blob_quota_bytes: Option<u64>,
+    pub blob_retention_seconds: Option<u64>,
     pub tls: RawTls,
     #[serde(default)]
     pub enrollment: RawEnrollment,

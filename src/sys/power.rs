@@ -25,6 +25,16 @@ pub async fn run_command(argv: &[String]) -> Result<(), String> {
         )),
         Ok(Err(e)) => Err(format!("{argv:?} failed: {e}")),
         Ok(Ok(out)) if out.status.success() => Ok(()),
+        // The system is going down: systemd stops the agent's unit, killing the whole group
+        // (and `systemctl reboot` with it) before the command could exit. The reboot was
+        // accepted; whether it happens, the changed boot id (or the reboot timeout) tells.
+        Ok(Ok(out))
+            if std::os::unix::process::ExitStatusExt::signal(&out.status)
+                == Some(nix::sys::signal::Signal::SIGTERM as i32) =>
+        {
+            tracing::info!(command = ?argv, "the power command was stopped by SIGTERM: the system is going down");
+            Ok(())
+        }
         Ok(Ok(out)) => {
             let err: String = String::from_utf8_lossy(&out.stderr)
                 .chars()
@@ -54,5 +64,19 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.contains("/nonexistent/power"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_command_stopped_by_the_shutdown_it_started_counts_as_issued() {
+        // As `systemctl reboot` is when systemd stops the agent's unit on the way down.
+        assert!(
+            run_command(&["sh".into(), "-c".into(), "kill -TERM $$".into()])
+                .await
+                .is_ok()
+        );
+        let e = run_command(&["sh".into(), "-c".into(), "kill -KILL $$".into()])
+            .await
+            .unwrap_err();
+        assert!(e.contains("signal"), "{e}");
     }
 }

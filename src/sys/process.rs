@@ -281,7 +281,9 @@ impl ScriptRun {
                 oom
             }
             None => {
-                kill_descendants();
+                if SUBREAPER.load(std::sync::atomic::Ordering::Relaxed) {
+                    kill_descendants();
+                }
                 false
             }
         })
@@ -352,9 +354,16 @@ pub fn kill_descendants() -> usize {
     killed
 }
 
+/// Set once this process is a child subreaper (the agent's fallback): only then are its
+/// descendants the runs' (a process running several things at once, a test harness say,
+/// must not have them killed).
+static SUBREAPER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Makes this process a child subreaper: orphans of its descendants become its children.
 pub fn become_subreaper() -> Result<(), nix::Error> {
-    nix::sys::prctl::set_child_subreaper(true)
+    nix::sys::prctl::set_child_subreaper(true)?;
+    SUBREAPER.store(true, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
 }
 
 /// Living (not zombie) descendants of `root`, from `/proc/*/stat`.

@@ -12,6 +12,7 @@ mod latency;
 mod power;
 mod rebuild;
 mod security;
+mod shedding;
 mod staging;
 mod support;
 mod tidy;

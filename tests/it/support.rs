@@ -256,6 +256,23 @@ impl Client<'_> {
         })
     }
 
+    /// A request with a raw body: `(status, body as JSON)`.
+    pub fn try_call_raw(&self, method: Method, path: &str, body: Vec<u8>) -> (u16, Value) {
+        let (status, body) = self
+            .rt
+            .block_on(self.http.request(
+                method,
+                path,
+                Some(bytes::Bytes::from(body)),
+                Some("application/octet-stream"),
+                Duration::from_secs(60),
+            ))
+            .expect("request");
+        let v = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
+        (status.as_u16(), v)
+    }
+
     /// `POST /v1/blobs` with raw bytes; returns the sha256 (panics unless stored).
     pub fn upload(&self, data: &[u8]) -> String {
         let (status, body) = self

@@ -4,8 +4,10 @@
 //! replaces this module. Callers work inside one transaction at a time through [`Tx`].
 //!
 //! `migrate`: the schema, as numbered migrations recorded in `PRAGMA user_version`;
-//! `identity`: machines' certificates, sessions, enrollment tokens and revocations.
+//! `identity`: machines' certificates, sessions, enrollment tokens and revocations;
+//! `blobrefs`: what refers to payload blobs (for their garbage collection).
 
+mod blobrefs;
 mod identity;
 mod migrate;
 
