@@ -103,12 +103,19 @@ gx() {  # run a shell command inside the guest
     local l; l=$(leader); [ -n "$l" ] || return 255
     timeout 60 nsenter -t "$l" -m -u -i -n -p -- /bin/sh -c "$*"
 }
+HOST_BOOT_ID=$(cat /proc/sys/kernel/random/boot_id)
 wait_guest() {  # $1 = a boot id that must no longer be current ("" = any)
-    local old=$1 deadline=$((SECONDS + BOOT_TIMEOUT)) b
+    local old=$1 deadline=$((SECONDS + BOOT_TIMEOUT)) b st
     while [ $SECONDS -lt $deadline ]; do
-        if b=$(gx 'cat /proc/sys/kernel/random/boot_id' 2>/dev/null) && [ -n "$b" ] && [ "$b" != "$old" ]; then
-            gx 'systemctl is-system-running --wait' >/dev/null 2>&1 || true
-            echo "$b"; return 0
+        # Early in an nspawn boot (before nspawn mounts the container's own boot_id, before
+        # systemd runs) the guest's namespaces still show the host's boot id: not up yet.
+        if b=$(gx 'cat /proc/sys/kernel/random/boot_id' 2>/dev/null) && [ -n "$b" ] && [ "$b" != "$old" ] \
+            && [ "$b" != "$HOST_BOOT_ID" ]; then
+            st=$(gx 'systemctl is-system-running --wait' 2>/dev/null) || true
+            case $st in
+                running | degraded)
+                    [ "$(gx 'cat /proc/sys/kernel/random/boot_id' 2>/dev/null)" = "$b" ] && { echo "$b"; return 0; } ;;
+            esac
         fi
         sleep 0.5
     done
@@ -122,6 +129,34 @@ api() {  # api METHOD PATH [JSON]
         ${3:+--data "$3"} "$URL$2"
 }
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1]))" "$1"; }
+
+# Enrollment (used by both variants): the guest gets only ca.pem and a token; the agent
+# makes its own key and enrolls. new_token prints a token for pool e2e.
+new_token() { api POST /v1/enrollment-tokens '{"pool_id": "e2e"}' | json 'd["token"]'; }
+ENROLLED_SERIAL=
+enrolled_check() {  # $1 = the machine id the agent must have enrolled as
+    local id=$1 deadline=$((SECONDS + 90)) st="" phase="" m="" serial=""
+    while [ $SECONDS -lt $deadline ]; do
+        st=$(gx 'fieldhand status --json' 2>/dev/null) || st=""
+        phase=$(json 'd["identity"]["phase"]' <<<"$st" 2>/dev/null) || phase=""
+        [ "$phase" = enrolled ] && break; sleep 0.5
+    done
+    [ "$phase" = enrolled ] || die "the agent did not enroll (phase ${phase:-?}): $st"
+    [ "$(json 'd["machine_id"]' <<<"$st")" = "$id" ] || die "the agent enrolled under another id: $st"
+    serial=$(json 'd["identity"]["certificate_serial"]' <<<"$st")
+    [ -n "$serial" ] && [ "$serial" != None ] || die "enrolled without a certificate serial: $st"
+    while [ $SECONDS -lt $deadline ]; do
+        m=$(api GET "/v1/machines/$id" 2>/dev/null) || m=""
+        [ "$(json 'd["certificate_serial"]' <<<"$m" 2>/dev/null)" = "$serial" ] && break; sleep 0.5
+    done
+    [ "$(json 'd["pool_id"]' <<<"$m" 2>/dev/null)" = e2e ] || die "the controller does not have $id in pool e2e: $m"
+    [ "$(json 'd["certificate_serial"]' <<<"$m" 2>/dev/null)" = "$serial" ] \
+        || die "the controller does not show the enrolled certificate $serial: $m"
+    [ "$(gx 'stat -c %a /etc/fieldhand/tls/agent-key.pem')" = 600 ] || die "agent-key.pem is not mode 600"
+    gx 'test -s /etc/fieldhand/tls/agent.pem' || die "enrollment wrote no agent.pem"
+    ENROLLED_SERIAL=$serial
+    ok "enrolled with a token as $id in pool e2e (certificate $serial, key mode 600)"
+}
 
 # An image push (used by both variants): staged, switched in by its activate hook in boot
 # $1, a real reboot, the health check in the new boot, committed.
@@ -185,7 +220,6 @@ main() {
     PKI=$RUN/pki
     local CTL=$ROOT/target/release/fieldhand-controller
     "$CTL" pki init --dir "$PKI" --san 10.77.0.1 >/dev/null
-    "$CTL" pki issue --dir "$PKI" --agent e2e-guest >/dev/null
     "$CTL" pki issue --dir "$PKI" --operator e2e >/dev/null
 
     # Network: veth pair; the guest side lives in the guest's namespace.
@@ -205,12 +239,16 @@ offline_after_seconds = 30
 ca = "$PKI/ca.pem"
 cert = "$PKI/controller.pem"
 key = "$PKI/controller-key.pem"
+[enrollment]
+issuing_cert = "$PKI/issuing-ca.pem"
+issuing_key = "$PKI/issuing-ca-key.pem"
 TOML
     "$CTL" serve --config "$RUN/ctl/controller.toml" > "$RUN/ctl/controller.log" 2>&1 &
     CTL_PID=$!
     for _ in $(seq 1 100); do [ -s "$RUN/ctl/listen-addr" ] && break; sleep 0.1; done
     URL="https://$(cat "$RUN/ctl/listen-addr")"
     log "controller at $URL (pid $CTL_PID)"
+    local token; token=$(new_token) || die "cannot create an enrollment token"
 
     # Guest root: the cached image, read-only, under a per-run overlay.
     mkdir -p "$RUN/lower" "$RUN/upper" "$RUN/work" "$RUN/root"
@@ -230,12 +268,13 @@ TOML
     b1=$(wait_guest "")
     log "guest up, boot $b1"
 
-    # Install both packages; certificates and config as an operator would drop them in.
+    # Install both packages; the CA certificate and an enrollment token as an operator would
+    # drop them in (no agent certificate: the agent enrolls itself).
     cp "$deb" "$cdeb" "$RUN/root/root/"
     install -d -m 0750 "$RUN/root/etc/fieldhand/tls"
     cp "$PKI/ca.pem" "$RUN/root/etc/fieldhand/tls/ca.pem"
-    cp "$PKI/agents/e2e-guest.pem" "$RUN/root/etc/fieldhand/tls/agent.pem"
-    install -m 0600 "$PKI/agents/e2e-guest-key.pem" "$RUN/root/etc/fieldhand/tls/agent-key.pem"
+    ( umask 077; printf '%s\n' "$token" > "$RUN/root/etc/fieldhand/enrollment-token" )
+    chmod 0600 "$RUN/root/etc/fieldhand/enrollment-token"
     gx "dpkg -i /root/$(basename "$deb") /root/$(basename "$cdeb")" > "$RUN/dpkg.log" 2>&1 \
         || { cat "$RUN/dpkg.log" >&2; die "dpkg -i failed"; }
     ok "dpkg -i installed both packages"
@@ -247,21 +286,25 @@ TOML
         || die "the controller started without a certificate"
     [ "$(gx 'systemctl is-active fieldhand.service' || true)" != active ] \
         || die "the agent started before its configuration was in place"
-    sed -i -e "s#^controller_url = .*#controller_url = \"$URL\"#" -e 's#^pool_id = .*#pool_id = "e2e"#' \
+    sed -i -e "s#^controller_url = .*#controller_url = \"$URL\"\nmachine_id = \"e2e-guest\"#" \
         "$RUN/root/etc/fieldhand/agent.toml"
+    gx 'test ! -e /etc/fieldhand/tls/agent.pem' || die "an agent certificate is already in place"
     gx 'systemctl start fieldhand.service' || die "systemctl start fieldhand"
     [ "$(gx 'systemctl is-active fieldhand.service')" = active ] || die "fieldhand not active"
-    gx 'systemctl show -p Type,NotifyAccess,WatchdogUSec fieldhand.service' | tr '\n' ' ' | grep -q 'Type=notify' \
+    grep -q 'Type=notify' <<<"$(gx 'systemctl show -p Type,NotifyAccess,WatchdogUSec fieldhand.service')" \
         || die "not Type=notify"
     ok "the service reached active through Type=notify"
     local status; status=$(gx 'systemctl show -p StatusText --value fieldhand.service')
     [ -n "$status" ] || die "no STATUS= text"
     ok "STATUS=: $status"
+    enrolled_check e2e-guest
     for _ in $(seq 1 50); do
-        api GET /v1/machines | grep -q '"online":true' && break; sleep 0.2
+        grep -q '"online":true' <<<"$(api GET /v1/machines)" && break; sleep 0.2
     done
-    api GET /v1/machines | grep -q e2e-guest || die "the agent did not reach the controller"
-    gx 'journalctl -u fieldhand -o verbose --no-pager' | grep -q 'FIELDHAND_MACHINE_ID=e2e-guest' \
+    grep -q e2e-guest <<<"$(api GET /v1/machines)" || die "the agent did not reach the controller"
+    # Output captured first: `cmd | grep -q` fails under pipefail when grep exits before cmd
+    # has written everything (SIGPIPE).
+    grep -q 'FIELDHAND_MACHINE_ID=e2e-guest' <<<"$(gx 'journalctl -u fieldhand -o verbose --no-pager')" \
         || die "journal lacks FIELDHAND_MACHINE_ID"
     ok "journalctl -u fieldhand shows structured fields"
 
@@ -317,10 +360,22 @@ TOML
     [ "$state" = SUCCEEDED ] || die "the queued result did not arrive after the upgrade ($state)"
     [ "$(api GET "/v1/tasks/$task" | json 'd["machines"][0]["stdout"]')" = queued ] || die "wrong output after the upgrade"
     ok "an upgrade restarted the agent and the queued result still arrived"
+    # What enrollment wrote belongs to the machine, not to the package: after two reboots and
+    # the upgrade the agent still runs on the certificate it enrolled with (no re-enrollment),
+    # and the local agent.toml (a conffile) kept its machine_id.
+    local st; st=$(gx 'fieldhand status --json')
+    [ "$(json 'd["identity"]["phase"]' <<<"$st")" = enrolled ] || die "not enrolled after the upgrade: $st"
+    [ "$(json 'd["identity"]["certificate_serial"]' <<<"$st")" = "$ENROLLED_SERIAL" ] \
+        || die "the certificate changed (enrolled $ENROLLED_SERIAL): $st"
+    [ "$(api GET /v1/machines/e2e-guest | json 'd["certificate_serial"]')" = "$ENROLLED_SERIAL" ] \
+        || die "the controller sees another certificate after the upgrade"
+    gx 'grep -qx "machine_id = \"e2e-guest\"" /etc/fieldhand/agent.toml' || die "the upgrade lost machine_id in agent.toml"
+    [ "$(gx 'stat -c %a /etc/fieldhand/tls/agent-key.pem')" = 600 ] || die "agent-key.pem is not mode 600 after the upgrade"
+    ok "the enrolled certificate $ENROLLED_SERIAL survived the reboots and the upgrade"
 
     # The status socket: group fieldhand only.
     gx 'useradd -M -G fieldhand alice && useradd -M bob'
-    gx 'runuser -u alice -- fieldhand status' | grep -q 'machine:' || die "alice (group fieldhand) was refused"
+    grep -q 'machine:' <<<"$(gx 'runuser -u alice -- fieldhand status')" || die "alice (group fieldhand) was refused"
     if gx 'runuser -u bob -- fieldhand status' >/dev/null 2>&1; then die "bob (not in the group) got the status"; fi
     ok "fieldhand status: allowed for group fieldhand, refused to others"
 
@@ -328,6 +383,9 @@ TOML
     gx 'fieldhand-controller pki init --dir /etc/fieldhand-controller/pki --san "$(hostname)" >/dev/null &&
         chown -R fieldhand-controller: /etc/fieldhand-controller/pki &&
         systemctl enable --now fieldhand-controller' >/dev/null 2>&1 || die "controller setup as documented failed"
+    # The issuing CA that the packaged config's (commented) [enrollment] table names.
+    gx 'test -s /etc/fieldhand-controller/pki/issuing-ca.pem && test -s /etc/fieldhand-controller/pki/issuing-ca-key.pem' \
+        || die "pki init made no issuing CA where controller.toml says"
     [ "$(gx 'systemctl is-active fieldhand-controller' || true)" = active ] \
         || { gx 'journalctl -u fieldhand-controller --no-pager -n 20' >&2; die "the packaged controller is not active"; }
     gx 'test -s /var/lib/fieldhand-controller/listen-addr' || die "the sandboxed controller could not write its state"
@@ -391,16 +449,17 @@ qemu_main() {
     # The guest reaches the controller at 10.0.2.2, user-mode networking's alias for the
     # host's loopback.
     "$CTL" pki init --dir "$PKI" --san 10.0.2.2 >/dev/null
-    "$CTL" pki issue --dir "$PKI" --agent e2e-vm >/dev/null
     "$CTL" pki issue --dir "$PKI" --operator e2e >/dev/null
     mkdir -p "$RUN/ctl"
-    printf 'listen = "127.0.0.1:0"\ndata_dir = "%s"\n[tls]\nca = "%s"\ncert = "%s"\nkey = "%s"\n' \
-        "$RUN/ctl" "$PKI/ca.pem" "$PKI/controller.pem" "$PKI/controller-key.pem" > "$RUN/ctl/controller.toml"
+    printf 'listen = "127.0.0.1:0"\ndata_dir = "%s"\n[tls]\nca = "%s"\ncert = "%s"\nkey = "%s"\n[enrollment]\nissuing_cert = "%s"\nissuing_key = "%s"\n' \
+        "$RUN/ctl" "$PKI/ca.pem" "$PKI/controller.pem" "$PKI/controller-key.pem" \
+        "$PKI/issuing-ca.pem" "$PKI/issuing-ca-key.pem" > "$RUN/ctl/controller.toml"
     "$CTL" serve --config "$RUN/ctl/controller.toml" > "$RUN/ctl/controller.log" 2>&1 &
     CTL_PID=$!
     for _ in $(seq 1 100); do [ -s "$RUN/ctl/listen-addr" ] && break; sleep 0.1; done
     URL="https://$(cat "$RUN/ctl/listen-addr")"
     local cport=${URL##*:}
+    ( umask 077; new_token > "$RUN/enrollment-token" ) || die "cannot create an enrollment token"
     local port; port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
     qemu-img create -q -f qcow2 -b "$VM/base.raw" -F raw "$RUN/disk.qcow2"
     local accel=tcg cpu=max
@@ -422,15 +481,19 @@ qemu_main() {
     b1=$(wait_guest "")
     log "VM up, boot $b1"
     gx 'mkdir -p /etc/fieldhand/tls'
+    # Only the CA certificate and an enrollment token: the agent enrolls itself.
     scp -q -i "$VM/id_ed25519" -P "$port" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
-        "$deb" "$PKI/ca.pem" "$PKI/agents/e2e-vm.pem" "$PKI/agents/e2e-vm-key.pem" root@127.0.0.1:/root/
-    gx 'cp /root/ca.pem /etc/fieldhand/tls/ca.pem && cp /root/e2e-vm.pem /etc/fieldhand/tls/agent.pem &&
-        install -m 0600 /root/e2e-vm-key.pem /etc/fieldhand/tls/agent-key.pem && dpkg -i /root/fieldhand_*.deb' >/dev/null
-    gx "sed -i -e 's#^controller_url = .*#controller_url = \"https://10.0.2.2:$cport\"#' -e 's#^pool_id = .*#pool_id = \"e2e\"#' /etc/fieldhand/agent.toml && systemctl start fieldhand"
+        "$deb" "$PKI/ca.pem" "$RUN/enrollment-token" root@127.0.0.1:/root/
+    gx 'cp /root/ca.pem /etc/fieldhand/tls/ca.pem &&
+        install -m 0600 /root/enrollment-token /etc/fieldhand/enrollment-token && rm /root/enrollment-token &&
+        dpkg -i /root/fieldhand_*.deb' >/dev/null
+    gx 'test ! -e /etc/fieldhand/tls/agent.pem' || die "an agent certificate is already in place"
+    gx "sed -i -e 's#^controller_url = .*#controller_url = \"https://10.0.2.2:$cport\"\nmachine_id = \"e2e-vm\"#' /etc/fieldhand/agent.toml && systemctl start fieldhand"
     [ "$(gx 'systemctl is-active fieldhand')" = active ] || die "fieldhand not active in the VM"
     ok "installed and active in the VM"
-    for _ in $(seq 1 120); do api GET /v1/machines | grep -q '"online":true' && break; sleep 0.5; done
-    if ! api GET /v1/machines | grep -q e2e-vm; then
+    enrolled_check e2e-vm
+    for _ in $(seq 1 120); do grep -q '"online":true' <<<"$(api GET /v1/machines)" && break; sleep 0.5; done
+    if ! grep -q e2e-vm <<<"$(api GET /v1/machines)"; then
         gx 'journalctl -u fieldhand --no-pager -n 30' >&2 || true
         die "the agent in the VM did not reach the controller"
     fi
@@ -451,6 +514,9 @@ qemu_main() {
         || die "not exactly one result"
     ok "a real kernel reboot (boot $b1 -> $b2); the result was reported once"
     image_push_check "$b2"
+    [ "$(gx 'fieldhand status --json' | json 'd["identity"]["certificate_serial"]')" = "$ENROLLED_SERIAL" ] \
+        || die "the agent re-enrolled across the reboots"
+    ok "the enrolled certificate $ENROLLED_SERIAL survived two kernel reboots"
     gx 'systemctl poweroff' || true
     for _ in $(seq 1 30); do kill -0 "$QEMU_PID" 2>/dev/null || break; sleep 1; done
     kill "$QEMU_PID" 2>/dev/null || true
