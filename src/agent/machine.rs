@@ -844,10 +844,17 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
                         "the {kind} requested by this assignment did not happen before {requested_at} (boot id unchanged)"
                     );
                     if kind == "stop" {
-                        // The result was reported when the shutdown was issued.
-                        s.running = None;
-                        fx.push(Effect::Persist);
-                        s.start_next(now, &mut fx);
+                        // The result normally went out when the shutdown was issued; if it
+                        // is still carried (the agent restarted before the command ran), it
+                        // goes out now, or it would be lost.
+                        match s.running.as_mut().and_then(|r| r.carry.take()) {
+                            Some(result) => s.finish_running(result, now, &mut fx),
+                            None => {
+                                s.running = None;
+                                fx.push(Effect::Persist);
+                                s.start_next(now, &mut fx);
+                            }
+                        }
                     } else {
                         s.fail_running(REBOOT_NOT_OBSERVED, msg, now, &mut fx);
                     }

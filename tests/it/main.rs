@@ -10,6 +10,7 @@ mod identity;
 mod images;
 mod latency;
 mod power;
+mod props;
 mod rebuild;
 mod security;
 mod shedding;
