@@ -6,6 +6,7 @@ mod cli;
 mod compat;
 mod contain;
 mod durability;
+mod faults;
 mod identity;
 mod images;
 mod latency;
