@@ -857,8 +857,14 @@ fn percent(machines: &[super::store::TaskMachineRow]) -> Option<u32> {
             .as_deref()
             .and_then(|j| serde_json::from_str(j).ok())
             .unwrap_or_default();
+        // Past the download (verifying, extracting: their byte counts start again from 0),
+        // a component counts as fully downloaded, so the percentage never goes back.
         let (d, t) = comps.iter().fold((0u64, 0u64), |(d, t), c| {
-            (d + c.bytes_done, t + c.bytes_total)
+            let done = match c.phase.as_str() {
+                "PENDING" | "DOWNLOADING" => c.bytes_done,
+                _ => c.bytes_total,
+            };
+            (d + done, t + c.bytes_total)
         });
         if m.state == MachineState::Succeeded {
             done += 100;
