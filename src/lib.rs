@@ -13,12 +13,14 @@
 //! - [`tls`]: rustls server/client configs, and what a verified cert says
 //!   ([`tls::CertInfo`]: identity, bound pool, serial, validity).
 //! - [`net`]: the HTTPS client (its TLS swappable, for renewal) and the accept loop that hands
-//!   each request to a handler with its peer (certificate, if any, and address).
+//!   each request to a handler with its peer (certificate, if any, and address), with time
+//!   limits per stage and connection caps (per agent, in total, a reserve for operators).
 //! - [`payload`]: the payload engine shared by staging and image pushes: resumable,
 //!   verified downloads (`fetch`), ed25519 manifest signatures (`sign`), and hardened
 //!   tar.gz extraction (`extract`).
 //! - [`sys`]: every side effect on the host: processes (`process`: script runs in their own
-//!   process group; `child`: the quickstart's daemons), `power` commands, user `sessions`
+//!   process group and `cgroup` v2 group, or under the subreaper fallback; `child`: the
+//!   quickstart's daemons), `power` commands, user `sessions`
 //!   (logind or utmp), systemd `notify`, `clock`, `bootid`, host `facts`, crash-safe
 //!   file writes (`fsutil`).
 //! - [`controller`]: `serve` (router), the operator API (`api`), the agent protocol
@@ -26,7 +28,8 @@
 //!   decommission and revocation, and the gate every agent request passes: revoked,
 //!   decommissioned, two live sessions of one identity), the pure rollout rules
 //!   of gray batches (`rollout`), the `engine` that advances tasks, the SQLite `store` (its
-//!   `migrate` steps and its `identity` tables), the blob store (`blobs`), desired software by commit (`software`), images (`images`: the
+//!   `migrate` steps, its `identity` tables, and `blobrefs`: what refers to blobs), the blob
+//!   store (`blobs`: bounded uploads, deletion, retention), desired software by commit (`software`), images (`images`: the
 //!   registry, push-image with schedule/reschedule/cancel, unpublish, and the provisioning
 //!   status, as three ordinary tasks per push driven by one `pool_images` row), desktop
 //!   `rebuild` (seed 003: per-desktop codes, one `image_rebuild` task whose assignments each
@@ -74,8 +77,14 @@
 //! - A power step is persisted (phase + boot id) before its command runs; only a changed
 //!   boot id proves a reboot, so an agent restart is never mistaken for one; at most
 //!   `MAX_REBOOTS` reboots per assignment.
-//! - When a script run ends, no process of its process group is left (SIGTERM, grace,
-//!   SIGKILL on timeout or cancel; SIGKILL for leftovers of a normal exit).
+//! - When a script run ends, no process it started is left: its process group is stopped
+//!   (SIGTERM, grace, SIGKILL), then its cgroup is killed whole, which no `setsid` or double
+//!   fork escapes; the group exists before the process, so an agent restart kills it before
+//!   anything else runs. Without cgroup v2, the agent is a subreaper and kills its
+//!   descendants.
+//! - An extraction writes at most its declared size (plus a stated tolerance), keeps the
+//!   free-space reserve, follows no link out of its destination, and stops within a chunk
+//!   when its run is stopped; the result is reported only after it has cleaned up.
 //! - Every controller state change happens in one store transaction; the store is the only
 //!   module that speaks SQL.
 //! - A payload is used only after its size and sha256 (and, when configured, signature)

@@ -349,6 +349,27 @@ mod tests {
     }
 
     #[test]
+    fn an_oom_kill_in_the_group_is_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = RunGroup {
+            dir: dir.path().to_path_buf(),
+        };
+        assert!(!g.oom_killed(), "no memory.events: no OOM");
+        std::fs::write(
+            dir.path().join("memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 0\n",
+        )
+        .unwrap();
+        assert!(!g.oom_killed());
+        std::fs::write(
+            dir.path().join("memory.events"),
+            "low 0\nmax 9\noom 2\noom_kill 1\n",
+        )
+        .unwrap();
+        assert!(g.oom_killed());
+    }
+
+    #[test]
     fn off_or_not_a_cgroup_falls_back_and_says_why() {
         let c = Containment::detect(None, false, &RunLimits::default());
         assert!(c.describe().contains("cgroups = false"), "{}", c.describe());

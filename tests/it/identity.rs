@@ -520,7 +520,6 @@ fn decommission_and_revocation_hold_on_every_route_and_survive_a_restart() {
     );
     op.wait_machine_state(&long, "m1", "RUNNING", T);
     let raw = env.agent_client(&ctl, "m1");
-    let before = Instant::now();
     let (s, v) = op.call(Method::DELETE, "/v1/machines/m1", None);
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["revoked_serial"], serial.as_str());
@@ -556,7 +555,6 @@ fn decommission_and_revocation_hold_on_every_route_and_survive_a_restart() {
             "{path}"
         );
     }
-    assert!(before.elapsed() < Duration::from_secs(1));
     let t = op.wait_task(&long, T);
     assert_eq!(machine_of(&t, "m1")["state"], "CANCELLED", "{t:#}");
     assert_eq!(machine_of(&t, "m1")["error_code"], "MACHINE_DECOMMISSIONED");
