@@ -8,6 +8,17 @@ use tracing_subscriber::EnvFilter;
 
 const JOURNALD_SOCKET: &str = "/run/systemd/journal/socket";
 
+static SINK: std::sync::OnceLock<LogSink> = std::sync::OnceLock::new();
+
+/// Reports a fatal error once: on stderr (prefixed with the program), and also in the
+/// journal when logs go there. When logs go to stderr, a log line would say it twice.
+pub fn report_fatal(program: &str, message: &str) {
+    if SINK.get() == Some(&LogSink::Journald) {
+        tracing::error!("{message}");
+    }
+    eprintln!("{program}: {message}");
+}
+
 /// Where logs go; chosen once at start-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogSink {
@@ -39,6 +50,7 @@ pub fn init_logging(fields: &[(&str, String)]) -> LogSink {
                 .is_ok()
             {
                 tracing::info!("logging to journald");
+                let _ = SINK.set(LogSink::Journald);
                 return LogSink::Journald;
             }
         }
@@ -64,6 +76,7 @@ pub fn init_logging(fields: &[(&str, String)]) -> LogSink {
     if result.is_ok() {
         tracing::info!("logging to stderr");
     }
+    let _ = SINK.set(LogSink::Stderr);
     LogSink::Stderr
 }
 

@@ -35,6 +35,30 @@ pub enum TlsError {
     NoIdentity { path: PathBuf },
 }
 
+impl TlsError {
+    /// The file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            TlsError::Certs { path, .. }
+            | TlsError::NoCerts { path }
+            | TlsError::Key { path, .. }
+            | TlsError::Ca { path, .. }
+            | TlsError::NoIdentity { path } => path,
+            TlsError::Pair { key, .. } => key,
+        }
+    }
+}
+
+/// A TLS error named by the config key of its file (`tls.cert`, ...).
+#[derive(Debug, thiserror::Error)]
+#[error("config key `{key}`: {error}")]
+pub struct KeyedTlsError {
+    pub key: &'static str,
+    /// Shown in this error's message, not as its source (a field named `source` would be),
+    /// so an error chain prints it once.
+    pub error: TlsError,
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }

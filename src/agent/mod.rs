@@ -37,6 +37,8 @@ use store::{Outbox, StateStore};
 pub enum AgentError {
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    TlsFile(#[from] crate::tls::KeyedTlsError),
     #[error("certificate {path} is for {identity}, not for an agent")]
     NotAnAgent { path: PathBuf, identity: String },
     #[error(transparent)]
@@ -545,7 +547,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     // The client starts with the certificate in place, or with none until enrollment.
     let (machine_id, tls) = match files.current() {
         Some(info) => {
-            let info = info?;
+            let info = info.map_err(|e| cfg.tls.explain(e))?;
             let name = match &info.identity {
                 Some(id) if id.role == Role::Agent => id.name.clone(),
                 other => {
@@ -558,7 +560,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                     })
                 }
             };
-            (name, files.client_config()?)
+            (name, files.client_config().map_err(|e| cfg.tls.explain(e))?)
         }
         None if cfg.enrollment.is_none() => {
             return Err(AgentError::NoIdentity {
@@ -574,7 +576,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             })?;
             (
                 own_machine_id.clone(),
-                crate::tls::client_config_without_cert(&cfg.tls.ca)?,
+                crate::tls::client_config_without_cert(&cfg.tls.ca)
+                    .map_err(|e| cfg.tls.explain(e))?,
             )
         }
     };
@@ -906,6 +909,7 @@ impl AgentError {
         use crate::exit::Exit;
         match self {
             AgentError::Tls(_)
+            | AgentError::TlsFile(_)
             | AgentError::NotAnAgent { .. }
             | AgentError::Net(_)
             | AgentError::NoIdentity { .. }

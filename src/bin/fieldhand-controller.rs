@@ -96,8 +96,7 @@ fn main() -> ExitCode {
 
 fn fail(err: impl Into<anyhow::Error>, code: Exit) -> ExitCode {
     let err = err.into();
-    tracing::error!("{err:#}");
-    eprintln!("fieldhand-controller: {err:#}");
+    fieldhand::daemon::report_fatal("fieldhand-controller", &format!("{err:#}"));
     code.into()
 }
 

@@ -103,8 +103,7 @@ fn agent(config: PathBuf) -> ExitCode {
         Ok(()) => Exit::Ok.into(),
         Err(e) => {
             let err = anyhow::Error::new(e);
-            tracing::error!("{err:#}");
-            eprintln!("fieldhand: {err:#}");
+            fieldhand::daemon::report_fatal("fieldhand", &format!("{err:#}"));
             err.downcast_ref::<fieldhand::agent::AgentError>()
                 .map_or(Exit::Software, |e| e.exit())
                 .into()

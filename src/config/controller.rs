@@ -1,4 +1,4 @@
-//! The controller's validated configuration (`/etc/fieldhand/controller.toml`).
+//! The controller's validated configuration (`/etc/fieldhand-controller/controller.toml`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -7,7 +7,8 @@ use std::time::Duration;
 use super::{invalid, non_empty_path, parse_toml, read, ConfigError, TlsFiles};
 use crate::proto::config::RawController;
 
-pub const DEFAULT_PATH: &str = "/etc/fieldhand/controller.toml";
+/// Where the package installs it.
+pub const DEFAULT_PATH: &str = "/etc/fieldhand-controller/controller.toml";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControllerConfig {

@@ -76,6 +76,19 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
+    /// Names the config key of the file a TLS error is about.
+    pub fn explain(&self, e: crate::tls::TlsError) -> crate::tls::KeyedTlsError {
+        let p = e.path();
+        let key = if p == self.ca {
+            "tls.ca"
+        } else if p == self.cert {
+            "tls.cert"
+        } else {
+            "tls.key"
+        };
+        crate::tls::KeyedTlsError { key, error: e }
+    }
+
     fn from_raw(origin: &Path, raw: crate::proto::config::RawTls) -> Result<Self, ConfigError> {
         Ok(TlsFiles {
             ca: non_empty_path(origin, "tls.ca", raw.ca)?,

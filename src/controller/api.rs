@@ -81,9 +81,31 @@ impl From<EngineError> for ApiError {
 }
 
 /// Decodes a JSON body; the error names the field path (`gray_count: invalid type ...`).
+/// Parses a request body: exactly one JSON object (nothing after it: a second object or
+/// junk would otherwise be dropped silently, with every field in it), then the fields.
 pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        let what = if e.is_eof() && bytes.iter().all(u8::is_ascii_whitespace) {
+            "the request body is empty; expected a JSON object".to_string()
+        } else {
+            format!("the request body is not one JSON value ({e})")
+        };
+        ApiError::invalid(what)
+    })?;
+    let kind = match &value {
+        serde_json::Value::Object(_) => None,
+        serde_json::Value::Null => Some("null"),
+        serde_json::Value::Array(_) => Some("an array"),
+        serde_json::Value::String(_) => Some("a string"),
+        serde_json::Value::Number(_) => Some("a number"),
+        serde_json::Value::Bool(_) => Some("a boolean"),
+    };
+    if let Some(kind) = kind {
+        return Err(ApiError::invalid(format!(
+            "the request body is {kind}; expected a JSON object"
+        )));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if path.is_empty() || path == "." {
@@ -698,5 +720,35 @@ mod tests {
         assert!(e.msg.contains("gray_count"), "{}", e.msg);
         let e = parse_json::<api::CreateScriptExecution>(br#"{"grey_count":1}"#).unwrap_err();
         assert!(e.msg.contains("grey_count"), "{}", e.msg);
+    }
+
+    #[test]
+    fn a_body_is_exactly_one_object() {
+        // Two objects: the second one's gray batch would be dropped without a word.
+        for body in [
+            &br#"{"command_content":"true","command_type":"sh"} {"gray_count":1}"#[..],
+            br#"{"command_content":"true","command_type":"sh"} junk"#,
+        ] {
+            let e = parse_json::<api::CreateScriptExecution>(body).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert!(e.msg.contains("not one JSON value"), "{}", e.msg);
+        }
+        let e = parse_json::<api::CreateScriptExecution>(b"hello").unwrap_err();
+        assert!(e.msg.contains("request body"), "{}", e.msg);
+        assert!(!e.msg.contains("field ?"), "{}", e.msg);
+        for (body, kind) in [
+            (&b"null"[..], "null"),
+            (b"[]", "an array"),
+            (b"3", "a number"),
+        ] {
+            let e = parse_json::<api::CreateScriptExecution>(body).unwrap_err();
+            assert!(
+                e.msg.contains(kind) && e.msg.contains("expected a JSON object"),
+                "{}",
+                e.msg
+            );
+        }
+        let e = parse_json::<api::CreateScriptExecution>(b" ").unwrap_err();
+        assert!(e.msg.contains("empty"), "{}", e.msg);
     }
 }

@@ -49,6 +49,8 @@ pub enum ControllerError {
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
+    TlsFile(#[from] crate::tls::KeyedTlsError),
+    #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Signing(#[from] crate::payload::sign::SignError),
@@ -466,7 +468,8 @@ pub async fn serve(
             source,
         }
     })?;
-    let tls = crate::tls::server_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
+    let tls = crate::tls::server_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
+        .map_err(|e| cfg.tls.explain(e))?;
     let signer = match &cfg.signing_key {
         Some(p) => Some(crate::payload::sign::Signer::load(p)?),
         None => None,
@@ -714,7 +717,7 @@ impl ControllerError {
     pub fn exit(&self) -> crate::exit::Exit {
         use crate::exit::Exit;
         match self {
-            ControllerError::Tls(_) => Exit::Config,
+            ControllerError::Tls(_) | ControllerError::TlsFile(_) => Exit::Config,
             ControllerError::DataDir { .. } | ControllerError::ListenAddr { .. } => {
                 Exit::CantCreate
             }

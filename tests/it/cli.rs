@@ -99,3 +99,36 @@ fn pki_refuses_to_overwrite_and_keeps_keys_private() {
     assert_ne!(out.status.code(), Some(0));
     assert!(!env.path().join("evil.pem").exists());
 }
+
+#[test]
+fn serve_defaults_to_the_packaged_config_and_says_each_error_once() {
+    let out = run(CONTROLLER, &["serve", "--help"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("/etc/fieldhand-controller/controller.toml"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // A TLS file that is not there: the error names its config key, and is printed once.
+    let env = Env::new();
+    let cfg = env.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            env.path().join("data").display(),
+            env.pki.join("ca.pem").display(),
+            env.path().join("no-such-cert.pem").display(),
+            env.pki.join("controller-key.pem").display()
+        ),
+    )
+    .unwrap();
+    let out = run(CONTROLLER, &["serve", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("config key `tls.cert`"), "{err}");
+    assert_eq!(
+        err.matches("no-such-cert.pem").count(),
+        1,
+        "printed more than once: {err}"
+    );
+}
