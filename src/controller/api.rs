@@ -330,17 +330,26 @@ pub fn validate_execution(req: &api::CreateScriptExecution) -> Result<ExecutionS
             }
         }
     }
+    // The gray batch, when there is one, and its size (gray_count wins over the ids).
+    let gray_size = gray_count.or(req.gray_desktop_ids.as_ref().map(Vec::len));
     let gray_fail_threshold = match req.gray_fail_threshold {
-        None => None,
+        // Seed 002 gives no default; a gray batch that can never halt is no gate, so one
+        // failure halts unless the operator says otherwise.
+        None => gray_size.map(|_| 1),
         Some(t) if t < 1 || t > i64::from(u32::MAX) => {
             return Err(ApiError::invalid(format!(
                 "gray_fail_threshold {t} must be at least 1"
             )))
         }
         Some(t) => {
-            if gray_count.is_none() && req.gray_desktop_ids.is_none() {
+            let Some(size) = gray_size else {
                 return Err(ApiError::invalid(format!(
                     "gray_fail_threshold {t} needs a gray batch: set gray_count or gray_desktop_ids"
+                )));
+            };
+            if t as usize > size {
+                return Err(ApiError::invalid(format!(
+                    "gray_fail_threshold {t} is larger than the gray batch ({size} machines): it could never halt the task"
                 )));
             }
             Some(t as u32)

@@ -56,9 +56,14 @@ pub fn advance(
     let machines = tx.task_machines(task_id)?;
     let states: Vec<(u32, MachineState)> = machines.iter().map(|m| (m.batch, m.state)).collect();
     if !task.state.is_active() {
-        // Cancelled: nothing new starts; the task ends when the last agent has answered.
+        // Cancelling: nothing new starts; the task is CANCELLED when the last agent has
+        // answered.
         if states.iter().all(|(_, s)| s.is_final()) {
-            tx.set_task_state(task_id, task.state, Some(now_ms))?;
+            let end = match task.state {
+                TaskState::Cancelling => TaskState::Cancelled,
+                other => other,
+            };
+            tx.set_task_state(task_id, end, Some(now_ms))?;
         }
         return Ok(());
     }
@@ -70,7 +75,18 @@ pub fn advance(
             wake.extend(ids);
         }
         Step::Halt => {
-            tx.set_machines_where(task_id, MachineState::Pending, MachineState::Skipped)?;
+            let why = if task.kind == super::images::APPLY_KIND {
+                (
+                    "STOPPED_ON_FIRST_ERROR",
+                    "not started: the push stops on its first error (stop_on_first_error)",
+                )
+            } else {
+                (
+                    "GRAY_THRESHOLD_REACHED",
+                    "not started: the gray batch's failures reached gray_fail_threshold",
+                )
+            };
+            tx.set_machines_where(task_id, MachineState::Pending, MachineState::Skipped, why)?;
             tx.set_task_state(task_id, TaskState::Halted, Some(now_ms))?;
         }
         Step::Finish(state) => tx.set_task_state(task_id, state, Some(now_ms))?,
@@ -236,9 +252,15 @@ pub fn cancel(
             state: task.state,
         });
     }
-    tx.set_machines_where(task_id, MachineState::Pending, MachineState::Cancelled)?;
+    tx.set_machines_where(
+        task_id,
+        MachineState::Pending,
+        MachineState::Cancelled,
+        ("TASK_CANCELLED", "not started: the task was cancelled"),
+    )?;
     wake.extend(tx.request_cancel(task_id)?);
-    tx.set_task_state(task_id, TaskState::Cancelled, None)?;
+    // CANCELLING until the last machine has ended; `advance` then makes it CANCELLED.
+    tx.set_task_state(task_id, TaskState::Cancelling, None)?;
     advance(tx, task_id, now_ms, wake)?;
     Ok(tx.task(task_id)?.unwrap_or(task))
 }

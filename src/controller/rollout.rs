@@ -76,16 +76,19 @@ pub enum TaskState {
     Succeeded,
     Failed,
     Halted,
+    /// Cancelled, but machines are still ending their runs (not terminal).
+    Cancelling,
     Cancelled,
 }
 
 impl TaskState {
-    pub const ALL: [TaskState; 6] = [
+    pub const ALL: [TaskState; 7] = [
         TaskState::Pending,
         TaskState::Running,
         TaskState::Succeeded,
         TaskState::Failed,
         TaskState::Halted,
+        TaskState::Cancelling,
         TaskState::Cancelled,
     ];
 
@@ -96,6 +99,7 @@ impl TaskState {
             TaskState::Succeeded => "SUCCEEDED",
             TaskState::Failed => "FAILED",
             TaskState::Halted => "HALTED",
+            TaskState::Cancelling => "CANCELLING",
             TaskState::Cancelled => "CANCELLED",
         }
     }

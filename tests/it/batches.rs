@@ -89,20 +89,50 @@ fn gray_batch_halts_at_threshold_and_failures_below_it_continue() {
     );
     assert_eq!(m2["stderr"].as_str().unwrap().trim(), "boom");
     for id in ["m1", "m3"] {
-        assert_eq!(machine_of(&t, id)["state"], "SKIPPED", "{t:#}");
+        let m = machine_of(&t, id);
+        assert_eq!(m["state"], "SKIPPED", "{t:#}");
+        // A machine that never ran says why.
+        assert_eq!(m["error_code"], "GRAY_THRESHOLD_REACHED", "{t:#}");
+        assert!(m["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("gray_fail_threshold"));
     }
     assert_eq!(t["batches"][1]["state"], "SKIPPED");
 
-    // Same failure, threshold 2: the rest runs and the task ends FAILED.
+    // Same failure in a gray batch of two with threshold 2: one failure is below it, so
+    // the rest runs and the task ends FAILED.
     let failed = op.execute(
         "pool-h",
-        json!({"command_content": fail_on_m2, "command_type": "sh", "gray_desktop_ids": ["m2"], "gray_fail_threshold": 2}),
+        json!({"command_content": fail_on_m2, "command_type": "sh", "gray_desktop_ids": ["m1", "m2"], "gray_fail_threshold": 2}),
     );
     let t = op.wait_task(&failed, T);
     assert_eq!(t["state"], "FAILED", "{t:#}");
     for id in ["m1", "m3"] {
         assert_eq!(machine_of(&t, id)["state"], "SUCCEEDED");
     }
+
+    // Without a threshold, a gray batch is a gate: one failure halts (seed 002 gives the
+    // threshold no default; "never halt" would let a failing gray batch take the pool).
+    let gated = op.execute(
+        "pool-h",
+        json!({"command_content": fail_on_m2, "command_type": "sh", "gray_desktop_ids": ["m2"]}),
+    );
+    let t = op.wait_task(&gated, T);
+    assert_eq!(t["state"], "HALTED", "{t:#}");
+    // A threshold the gray batch can never reach is refused, naming both.
+    let (s, v) = op.post(
+        "/v1/pools/pool-h/script-executions",
+        json!({"command_content": "true", "command_type": "sh", "gray_count": 1, "gray_fail_threshold": 2}),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("gray_fail_threshold 2"),
+        "{v}"
+    );
 }
 
 #[test]
@@ -178,12 +208,15 @@ fn cancel_stops_running_scripts_and_pending_machines() {
     let sleeper = read_pid(&pidfile, T);
     let (status, v) = op.post(&format!("/v1/tasks/{task}/cancel"), json!({}));
     assert_eq!(status, 200, "{v}");
-    assert_eq!(v["state"], "CANCELLED");
+    // Not terminal while m1 is still ending its run.
+    assert_eq!(v["state"], "CANCELLING", "{v:#}");
+    assert!(v["finished_at"].is_null(), "{v:#}");
+    let m2 = machine_of(&v, "m2");
     assert_eq!(
-        machine_of(&v, "m2")["state"],
-        "CANCELLED",
+        m2["state"], "CANCELLED",
         "never-started machine cancelled at once"
     );
+    assert_eq!(m2["error_code"], "TASK_CANCELLED", "{v:#}");
     let t = op.wait_task(&task, T);
     assert_eq!(t["state"], "CANCELLED");
     assert_eq!(machine_of(&t, "m1")["state"], "CANCELLED", "{t:#}");

@@ -664,11 +664,14 @@ impl Tx<'_> {
     }
 
     /// Sets every machine of the task that is in `from` to `to` (used for halt and cancel).
+    /// Moves a task's machines in state `from` to `to`, saying why (`error_code`,
+    /// `error_msg`): a machine that never ran carries the reason it did not.
     pub fn set_machines_where(
         &mut self,
         task_id: &str,
         from: MachineState,
         to: MachineState,
+        why: (&str, &str),
     ) -> Result<Vec<String>, StoreError> {
         let ids: Vec<String> = {
             let mut st = self
@@ -682,8 +685,9 @@ impl Tx<'_> {
         };
         self.tx
             .execute(
-                "UPDATE task_machines SET state = ?3 WHERE task_id = ?1 AND state = ?2",
-                params![task_id, from.as_str(), to.as_str()],
+                "UPDATE task_machines SET state = ?3, error_code = ?4, error_msg = ?5
+                 WHERE task_id = ?1 AND state = ?2",
+                params![task_id, from.as_str(), to.as_str(), why.0, why.1],
             )
             .ctx("updating machines")?;
         Ok(ids)
