@@ -83,6 +83,14 @@ impl From<EngineError> for ApiError {
 /// Decodes a JSON body; the error names the field path (`gray_count: invalid type ...`).
 /// Parses a request body: exactly one JSON object (nothing after it: a second object or
 /// junk would otherwise be dropped silently, with every field in it), then the fields.
+/// The same answer, from every operation, for a pool with no machines in service.
+pub fn no_machines(pool_id: &str) -> ApiError {
+    ApiError::not_found(
+        "POOL_NOT_FOUND",
+        format!("pool_id {pool_id:?} has no machines (see GET /v1/machines)"),
+    )
+}
+
 pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
         let what = if e.is_eof() && bytes.iter().all(u8::is_ascii_whitespace) {
@@ -380,10 +388,7 @@ pub async fn create_execution(
         .tx(move |tx| {
             let pool = tx.pool_machines(&pool_id)?;
             if pool.is_empty() {
-                return Err(ApiError::not_found(
-                    "POOL_NOT_FOUND",
-                    format!("pool_id {pool_id:?} has no machines"),
-                ));
+                return Err(no_machines(&pool_id));
             }
             if let Some(n) = spec.gray_count {
                 if n > pool.len() {

@@ -479,7 +479,7 @@ pub async fn push(
                 machines.retain(|m| ids.contains(&m.machine_id));
             }
             if machines.is_empty() {
-                return Err(ApiError::conflict(format!("pool {pool_id:?} has no machines to push to")));
+                return Err(super::api::no_machines(&pool_id));
             }
             // The machine heard from last goes first: it is the likeliest to be online.
             machines.sort_by(|a, b| b.last_seen_ms.cmp(&a.last_seen_ms).then(a.machine_id.cmp(&b.machine_id)));
@@ -661,9 +661,7 @@ pub async fn unpublish(ctl: &Controller, pool_id: String) -> Result<api::TaskCre
             };
             let machines = tx.pool_machines(&pool_id)?;
             if machines.is_empty() {
-                return Err(ApiError::conflict(format!(
-                    "pool {pool_id:?} has no machines"
-                )));
+                return Err(super::api::no_machines(&pool_id));
             }
             let task_id =
                 start_removal(tx, &pool_id, &machines, image_id, true, now_ms, &mut wake)?;
@@ -678,6 +676,49 @@ pub async fn unpublish(ctl: &Controller, pool_id: String) -> Result<api::TaskCre
         .await?;
     ctl.wake(&wake);
     Ok(api::TaskCreated { task_id })
+}
+
+/// A push whose staging failed ends here: each machine of the apply task that never started
+/// fails with the staging error (its own, or the first one), so the operator's task says why.
+fn fail_unstarted(
+    tx: &mut Tx<'_>,
+    stage_id: &str,
+    apply_id: &str,
+    now_ms: i64,
+    wake: &mut engine::Wake,
+) -> Result<(), StoreError> {
+    let failures: Vec<(String, Option<String>, Option<String>)> = tx
+        .task_machines(stage_id)?
+        .into_iter()
+        .filter(|m| m.state != MachineState::Succeeded)
+        .map(|m| (m.machine_id, m.outcome.error_code, m.outcome.error_msg))
+        .collect();
+    for m in tx.task_machines(apply_id)? {
+        if m.state.is_final() {
+            continue;
+        }
+        let why = failures
+            .iter()
+            .find(|f| f.0 == m.machine_id)
+            .or(failures.first());
+        let (code, msg) = match why {
+            Some((id, code, msg)) => (
+                code.clone().unwrap_or_else(|| "STAGING_FAILED".into()),
+                format!(
+                    "staging the image failed on {id}: {}",
+                    msg.as_deref().unwrap_or("no message")
+                ),
+            ),
+            None => ("STAGING_FAILED".into(), "staging the image failed".into()),
+        };
+        let outcome = super::store::Outcome {
+            error_code: Some(code),
+            error_msg: Some(msg),
+            ..Default::default()
+        };
+        tx.set_final(&m.assignment_id, MachineState::Failed, &outcome)?;
+    }
+    engine::advance(tx, apply_id, now_ms, wake)
 }
 
 fn any_started(tx: &mut Tx<'_>, task_id: &str) -> Result<bool, StoreError> {
@@ -723,11 +764,7 @@ pub fn reconcile(
                 op.operation = NONE.into();
                 tx.put_pool_image(&op)?;
                 if let Some(apply) = &op.apply_task_id {
-                    match engine::cancel(tx, apply, now_ms, wake) {
-                        Ok(_) | Err(engine::EngineError::NotCancellable { .. }) => {}
-                        Err(engine::EngineError::Store(e)) => return Err(e),
-                        Err(e) => tracing::warn!(error = %e, "cannot cancel an apply task"),
-                    }
+                    fail_unstarted(tx, &stage_id, apply, now_ms, wake)?;
                 }
                 tracing::warn!(pool_id, image_id = ?op.pending_image_id, "staging failed; push ended");
                 return Ok(());
@@ -886,9 +923,16 @@ pub async fn provisioning_status(
         .tx(move |tx| {
             let op = pool_row(tx, &pool_id)?;
             let mut counts = api::MachineCounts::default();
+            let mut first_error: Option<(String, String)> = None;
             if let Some(task) = &op.task_id {
                 for m in tx.task_machines(task)? {
                     counts.total += 1;
+                    if first_error.is_none() && m.state.is_final() {
+                        if let Some(code) = &m.outcome.error_code {
+                            let msg = m.outcome.error_msg.clone().unwrap_or_default();
+                            first_error = Some((code.clone(), msg));
+                        }
+                    }
                     match m.state {
                         MachineState::Succeeded => counts.succeeded += 1,
                         MachineState::Failed | MachineState::TimedOut => counts.failed += 1,
@@ -911,6 +955,8 @@ pub async fn provisioning_status(
                 current_image_id: op.current_image_id,
                 pending_image_progress: progress,
                 start_time: op.start_ms,
+                error_code: first_error.as_ref().map(|e| e.0.clone()),
+                error_msg: first_error.map(|e| e.1),
                 task_id: op.task_id,
                 machines: counts,
             })

@@ -316,10 +316,7 @@ impl Controller {
                     ok(&agent_api::get_assignment(self, call, id.to_string()).await?)
                 }
                 (&Method::POST, ["v1", "renew"]) => ok(&identity::renew(self, call, &body).await?),
-                _ => Err(ApiError::not_found(
-                    "NOT_FOUND",
-                    format!("no route for {method} {path}"),
-                )),
+                _ => Err(no_route(&method, &path, &segs)),
             };
         }
         match (area, &method, &segs[1..]) {
@@ -399,12 +396,73 @@ impl Controller {
             (Role::Operator, &Method::GET, ["hosts", id, "software"]) => {
                 ok(&software::host_software(self, id.to_string()).await?)
             }
-            _ => Err(ApiError::not_found(
-                "NOT_FOUND",
-                format!("no route for {method} {path}"),
-            )),
+            _ => Err(no_route(&method, &path, &segs)),
         }
     }
+}
+
+/// Every route, as `(method, path pattern)` (`*`: one segment of any value): what a known
+/// path with the wrong method is told it allows. Keep it in step with `Controller::route`
+/// (`tests/it/validation.rs` checks every operator route against it).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("POST", "agent/v1/enroll"),
+    ("POST", "agent/v1/heartbeat"),
+    ("POST", "agent/v1/poll"),
+    ("POST", "agent/v1/events"),
+    ("POST", "agent/v1/renew"),
+    ("GET", "agent/v1/assignments/*"),
+    ("GET", "agent/v1/blobs/*"),
+    ("POST", "v1/blobs"),
+    ("GET", "v1/blobs/*"),
+    ("DELETE", "v1/blobs/*"),
+    ("POST", "v1/scripts"),
+    ("POST", "v1/pools/*/script-executions"),
+    ("GET", "v1/tasks/*"),
+    ("POST", "v1/tasks/*/cancel"),
+    ("GET", "v1/machines"),
+    ("GET", "v1/machines/*"),
+    ("DELETE", "v1/machines/*"),
+    ("PUT", "v1/machines/*/pool"),
+    ("GET", "v1/settings"),
+    ("PUT", "v1/settings"),
+    ("POST", "v1/images"),
+    ("GET", "v1/images"),
+    ("POST", "v1/pools/*/push-image"),
+    ("POST", "v1/pools/*/push-image/cancel"),
+    ("GET", "v1/pools/*/provisioning-status"),
+    ("DELETE", "v1/pools/*/image"),
+    ("POST", "v1/desktops/rebuild"),
+    ("PUT", "v1/hosts/*/software/desired"),
+    ("POST", "v1/hosts/*/software/stage"),
+    ("GET", "v1/hosts/*/software"),
+    ("POST", "v1/enrollment-tokens"),
+    ("GET", "v1/enrollment-tokens"),
+    ("DELETE", "v1/enrollment-tokens/*"),
+    ("POST", "v1/revocations"),
+    ("GET", "v1/revocations"),
+];
+
+/// 405 with the methods the path allows, or 404 for a path no route has.
+fn no_route(method: &Method, path: &str, segs: &[&str]) -> ApiError {
+    let allowed: Vec<&str> = ROUTES
+        .iter()
+        .filter(|(_, pattern)| {
+            let p: Vec<&str> = pattern.split('/').collect();
+            p.len() == segs.len() && p.iter().zip(segs).all(|(a, b)| *a == "*" || a == b)
+        })
+        .map(|(m, _)| *m)
+        .collect();
+    if allowed.is_empty() {
+        return ApiError::not_found("NOT_FOUND", format!("no route for {method} {path}"));
+    }
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+        format!(
+            "{method} is not allowed on {path}; allowed: {}",
+            allowed.join(", ")
+        ),
+    )
 }
 
 /// Lets `route` answer any wire type with one helper without boxing at every call site.
@@ -442,7 +500,13 @@ impl Handler for Router {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::debug!(%method, %path, status = %e.status, code = e.code, msg = %e.msg, "request refused");
+                    let allow = (e.status == StatusCode::METHOD_NOT_ALLOWED)
+                        .then(|| e.msg.rsplit_once("allowed: ").map(|(_, a)| a.to_string()))
+                        .flatten();
                     let mut r = error_response(e.status, e.code, e.msg);
+                    if let Some(v) = allow.and_then(|a| http::HeaderValue::from_str(&a).ok()) {
+                        r.headers_mut().insert(http::header::ALLOW, v);
+                    }
                     if e.status == StatusCode::TOO_MANY_REQUESTS {
                         r.headers_mut().insert(
                             http::header::RETRY_AFTER,

@@ -2,8 +2,6 @@
 //! operators commit desired documents, and a stage task has the host's agent download,
 //! verify and unpack the newest commit at or above the requested minimum.
 
-use http::StatusCode;
-
 use super::api::ApiError;
 use super::engine;
 use super::rollout::TaskState;
@@ -21,12 +19,9 @@ const MAX_TIMEOUT_SECONDS: i64 = 172_800;
 /// Signatures outlive the task deadline by this much, so a slow but valid stage still verifies.
 const SIGNATURE_SLACK_SECONDS: i64 = 86_400;
 
-fn invalid_argument(msg: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", msg)
-}
-
 fn check_host(machine_id: &str) -> Result<(), ApiError> {
-    crate::pki::validate_name("machine_id", machine_id).map_err(|e| invalid_argument(e.to_string()))
+    crate::pki::validate_name("machine_id", machine_id)
+        .map_err(|e| ApiError::invalid(e.to_string()))
 }
 
 fn unknown_host(machine_id: &str) -> ApiError {
@@ -39,27 +34,27 @@ fn unknown_host(machine_id: &str) -> ApiError {
 /// Validates a desired document; errors name the component and field.
 pub fn validate_desired(doc: &api::DesiredSoftware) -> Result<(), ApiError> {
     if doc.components.is_empty() {
-        return Err(invalid_argument("components must not be empty"));
+        return Err(ApiError::invalid("components must not be empty"));
     }
     let mut names = std::collections::HashSet::new();
     for (i, c) in doc.components.iter().enumerate() {
         let at = format!("components[{i}]");
         crate::pki::validate_name(&format!("{at}.name"), &c.name)
-            .map_err(|e| invalid_argument(e.to_string()))?;
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
         if !names.insert(c.name.as_str()) {
-            return Err(invalid_argument(format!(
+            return Err(ApiError::invalid(format!(
                 "{at}.name {:?} appears more than once",
                 c.name
             )));
         }
         if c.version.trim().is_empty() || c.version.len() > 128 {
-            return Err(invalid_argument(format!(
+            return Err(ApiError::invalid(format!(
                 "{at}.version {:?} (component {:?}) must be 1-128 characters",
                 c.version, c.name
             )));
         }
         if !super::blobs::valid_sha256(&c.sha256) {
-            return Err(invalid_argument(format!(
+            return Err(ApiError::invalid(format!(
                 "{at}.sha256 {:?} (component {:?}) must be 64 lowercase hex digits",
                 c.sha256, c.name
             )));
@@ -67,7 +62,7 @@ pub fn validate_desired(doc: &api::DesiredSoftware) -> Result<(), ApiError> {
         match c.format.as_deref() {
             None | Some("file") | Some("tar.gz") => {}
             Some(f) => {
-                return Err(invalid_argument(format!(
+                return Err(ApiError::invalid(format!(
                     "{at}.format {f:?} (component {:?}) must be \"file\" or \"tar.gz\"",
                     c.name
                 )))
@@ -87,13 +82,13 @@ pub async fn put_desired(
     let mut doc = doc;
     for c in &mut doc.components {
         let Some(size) = ctl.blobs.size(&c.sha256) else {
-            return Err(invalid_argument(format!(
+            return Err(ApiError::invalid(format!(
                 "component {:?}: blob sha256 {} has not been uploaded (POST /v1/blobs)",
                 c.name, c.sha256
             )));
         };
         if c.size.is_some_and(|s| s != size) {
-            return Err(invalid_argument(format!(
+            return Err(ApiError::invalid(format!(
                 "component {:?}: size {} does not match the stored blob ({size} bytes)",
                 c.name,
                 c.size.unwrap_or(0)
@@ -123,7 +118,7 @@ fn parse_commit(s: &str) -> Result<i64, ApiError> {
         .parse::<i64>()
         .ok()
         .filter(|n| *n >= 1)
-        .ok_or_else(|| invalid_argument(format!("commit {s:?} is not a commit identifier")))
+        .ok_or_else(|| ApiError::invalid(format!("commit {s:?} is not a commit identifier")))
 }
 
 fn parse_doc(json: &str) -> Result<api::DesiredSoftware, ApiError> {
@@ -142,7 +137,7 @@ pub async fn stage(
     };
     let timeout = req.timeout_seconds.unwrap_or(DEFAULT_TIMEOUT_SECONDS);
     if !(1..=MAX_TIMEOUT_SECONDS).contains(&timeout) {
-        return Err(invalid_argument(format!(
+        return Err(ApiError::invalid(format!(
             "timeout_seconds {timeout} must be 1..={MAX_TIMEOUT_SECONDS}"
         )));
     }
@@ -171,7 +166,7 @@ pub async fn stage(
             })?;
             if let Some(m) = min_commit {
                 if m > latest {
-                    return Err(invalid_argument(format!(
+                    return Err(ApiError::invalid(format!(
                         "commit \"{m}\" does not exist for {mid:?} (latest is \"{latest}\")"
                     )));
                 }

@@ -278,7 +278,7 @@ pub fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Respo
             .unwrap_or_else(|_| internal()),
         Err(e) => error_response(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "INTERNAL",
+            "INTERNAL_ERROR",
             format!("cannot encode the answer: {e}"),
         ),
     }
@@ -300,7 +300,7 @@ pub fn error_response(status: StatusCode, code: &str, msg: impl Into<String>) ->
 
 fn internal() -> Response<Body> {
     let mut r = Response::new(super::full(Bytes::from_static(
-        br#"{"error_code":"INTERNAL","error_msg":"cannot build the response"}"#,
+        br#"{"error_code":"INTERNAL_ERROR","error_msg":"cannot build the response"}"#,
     )));
     *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
     r

@@ -206,6 +206,11 @@ pub struct ProvisioningStatus {
     /// The task of the current (or last) operation.
     pub task_id: Option<String>,
     pub machines: MachineCounts,
+    /// Why the last operation failed (its first machine's error), when it did.
+    #[serde(default)]
+    pub error_code: Option<String>,
+    #[serde(default)]
+    pub error_msg: Option<String>,
 }
 
 /// Machines of the current (or last) operation, by outcome.

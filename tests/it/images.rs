@@ -691,10 +691,11 @@ fn push_requests_are_validated_with_the_field_named() {
             "{body}: {msg:?} should name {needle:?}"
         );
     }
+    // A pool with no machines: the same answer as for a script execution.
     let (s, v) = op.post("/v1/pools/empty/push-image", json!({"image_id": a}));
     assert_eq!(
         (s, v["error_code"].as_str()),
-        (409, Some("NOT_ALLOWED_IN_CURRENT_STATE")),
+        (404, Some("POOL_NOT_FOUND")),
         "{v}"
     );
     let (s, v) = op.post("/v1/pools/p/push-image/cancel", json!({}));
@@ -708,4 +709,47 @@ fn push_requests_are_validated_with_the_field_named() {
     let s = status(&op, "p");
     assert_eq!(s["operation"], "NONE", "{s:#}");
     assert!(s["task_id"].is_null(), "{s:#}");
+}
+
+#[test]
+fn a_push_whose_staging_fails_says_why() {
+    let env = Env::new();
+    let (ctl, mut m) = one_machine(&env);
+    let op = env.operator(&ctl);
+    // An image archive with a symlink that leaves its directory.
+    let evil = {
+        let mut h = tar::Header::new_ustar();
+        h.set_path("escape").unwrap();
+        h.set_link_name("../../..").unwrap();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_cksum();
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
+        b.append(&h, std::io::empty()).unwrap();
+        b.into_inner().unwrap().finish().unwrap()
+    };
+    let sha = op.upload(&evil);
+    let (s, v) = op.post(
+        "/v1/images",
+        json!({"name": "evil", "version": "1", "os_type": "linux", "gpu": false, "sha256": sha}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let t = push(&op, "p", json!({"image_id": v["image_id"]}));
+    let s = settle(&op, "p", &mut [&mut m]);
+    assert_eq!(s["pending_image_state"], "FAILED", "{s:#}");
+    assert_eq!(s["error_code"], "UNSAFE_ARCHIVE", "{s:#}");
+    let task = op.task(&t);
+    let mm = machine_of(&task, "m1");
+    assert_eq!(mm["state"], "FAILED", "{task:#}");
+    assert_eq!(mm["error_code"], "UNSAFE_ARCHIVE", "{task:#}");
+    assert!(
+        mm["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("staging the image failed on m1"),
+        "{mm:#}"
+    );
 }

@@ -207,7 +207,7 @@ fn seed_error_codes_and_deadlines() {
         "/v1/hosts/h1/software/desired",
         json!({"components": [{"name": "ghost", "version": "1", "sha256": missing}]}),
     ));
-    assert_eq!((s, code.as_str()), (400, "INVALID_ARGUMENT"));
+    assert_eq!((s, code.as_str()), (400, "INVALID_PARAMETER"));
     assert!(v["error_msg"].as_str().unwrap().contains("ghost"), "{v}");
 
     let big = data(1 << 20, 2);
@@ -219,7 +219,7 @@ fn seed_error_codes_and_deadlines() {
     );
     for bad in ["abc", "0", "-1", "99"] {
         let (s, code, v) = err(op.post("/v1/hosts/h1/software/stage", json!({ "commit": bad })));
-        assert_eq!((s, code.as_str()), (400, "INVALID_ARGUMENT"), "{bad}: {v}");
+        assert_eq!((s, code.as_str()), (400, "INVALID_PARAMETER"), "{bad}: {v}");
         assert!(v["error_msg"].as_str().unwrap().contains(bad), "{v}");
     }
     // 1 MiB at 64 KiB/s needs 16 s; a 2 s deadline must end it as TIMED_OUT.

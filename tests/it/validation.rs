@@ -235,3 +235,69 @@ fn sha256_of(s: &str) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(s.as_bytes()))
 }
+
+#[test]
+fn one_error_vocabulary_and_405_for_a_known_path() {
+    let env = Env::new();
+    let ctl = env.controller();
+    let op = env.operator(&ctl);
+    // A known path with the wrong method: 405 with Allow; an unknown path: 404.
+    let (s, h, body) = op.get_with("/v1/scripts", &[]);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (s, v["error_code"].as_str()),
+        (405, Some("METHOD_NOT_ALLOWED")),
+        "{v}"
+    );
+    assert_eq!(h[http::header::ALLOW], "POST");
+    let (s, v) = op.get("/v1/nothing-here");
+    assert_eq!(
+        (s, v["error_code"].as_str()),
+        (404, Some("NOT_FOUND")),
+        "{v}"
+    );
+    // Every route the table names is served for its method (never 405 or "no route").
+    for (m, pattern) in fieldhand::controller::ROUTES {
+        if !pattern.starts_with("v1/") {
+            continue;
+        }
+        let path = format!("/{}", pattern.replace('*', "x"));
+        let method: http::Method = m.parse().unwrap();
+        let (s, v) = op.call(method, &path, Some(json!({})));
+        assert_ne!(s, 405, "{m} {path}: {v}");
+        assert!(
+            !v["error_msg"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("no route"),
+            "{m} {path}: {v}"
+        );
+    }
+    // The same condition gets the same answer from every operation: a pool with no machines.
+    let (s1, v1) = op.post(
+        "/v1/pools/empty/script-executions",
+        json!({"command_content": "true", "command_type": "sh"}),
+    );
+    let (s, img) = op.post("/v1/images", json!({"name": "i", "version": "1", "os_type": "linux", "gpu": false, "sha256": op.upload(b"img")}));
+    assert_eq!(s, 200, "{img}");
+    let (s2, v2) = op.post(
+        "/v1/pools/empty/push-image",
+        json!({"image_id": img["image_id"]}),
+    );
+    assert_eq!(
+        (s1, v1["error_code"].clone()),
+        (s2, v2["error_code"].clone()),
+        "{v1} {v2}"
+    );
+    assert_eq!(
+        (s1, v1["error_code"].as_str()),
+        (404, Some("POOL_NOT_FOUND"))
+    );
+    // Bad fields are INVALID_PARAMETER everywhere, staging included.
+    let (s, v) = op.post("/v1/hosts/-bad/software/stage", json!({}));
+    assert_eq!(
+        (s, v["error_code"].as_str()),
+        (400, Some("INVALID_PARAMETER")),
+        "{v}"
+    );
+}
