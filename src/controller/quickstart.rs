@@ -50,6 +50,10 @@ pub enum QuickstartError {
         after: Duration,
         logs: PathBuf,
     },
+    #[error("{dir} is in use by another quickstart (pid {pid}); stop it (Ctrl-C) or use --dir with another directory")]
+    InUse { dir: PathBuf, pid: String },
+    #[error("cannot lock {dir}: {reason}")]
+    Lock { dir: PathBuf, reason: String },
     #[error("{name} exited early ({status}); see {log}")]
     ChildDied {
         name: String,
@@ -63,6 +67,8 @@ impl QuickstartError {
         use crate::exit::Exit;
         match self {
             QuickstartError::Agents(_) => Exit::Usage,
+            QuickstartError::InUse { .. } => Exit::TempFail,
+            QuickstartError::Lock { .. } => Exit::CantCreate,
             QuickstartError::Io { .. } => Exit::CantCreate,
             QuickstartError::Pki(_) | QuickstartError::Tls(_) => Exit::Config,
             QuickstartError::Api(_)
@@ -108,6 +114,19 @@ pub async fn run(
     }
     let dir = &opts.dir;
     crate::sys::fsutil::ensure_dir(dir, 0o700).map_err(io("create", dir))?;
+    // One quickstart per directory: a second would fight the first over its PKI, ports
+    // and agents' state.
+    let _lock =
+        crate::sys::fsutil::lock_exclusive(&dir.join("quickstart.lock")).map_err(|e| match e {
+            crate::sys::fsutil::LockError::Held { pid, .. } => QuickstartError::InUse {
+                dir: dir.clone(),
+                pid,
+            },
+            e => QuickstartError::Lock {
+                dir: dir.clone(),
+                reason: e.to_string(),
+            },
+        })?;
     let pki = dir.join("pki");
     if !pki.join("ca.pem").exists() {
         crate::pki::init(&pki, &[])?;
@@ -296,14 +315,26 @@ pub async fn run(
         return Ok(Report { task });
     }
     println!(
-        "\nStill running; press Ctrl-C to stop. Try:\n  curl --cacert {pki}/ca.pem --cert {pki}/operators/{OPERATOR}.pem --key {pki}/operators/{OPERATOR}-key.pem https://{addr}/v1/machines\n  {agent} status --socket {sock}",
-        pki = pki.display(),
+        "\nStill running; press Ctrl-C to stop. Paste this into a shell to use the operator API:\n\n{}\n  op $URL/v1/machines\n  {agent} status --socket {sock}",
+        operator_helper(&pki, &addr),
         agent = opts.agent_bin.display(),
         sock = dir.join("agents/qs-agent-1/agent.sock").display(),
     );
     shutdown.await;
     stop_all(children).await;
     Ok(Report { task })
+}
+
+/// Shell lines that define `URL` and `op` (curl with the operator's certificate), with
+/// absolute paths so they work from any directory.
+pub fn operator_helper(pki: &Path, addr: &str) -> String {
+    let p = |f: &str| pki.join(f).display().to_string();
+    format!(
+        "  URL=https://{addr}\n  op() {{ curl -sS --cacert '{}' --cert '{}' --key '{}' \"$@\"; echo; }}",
+        p("ca.pem"),
+        p(&format!("operators/{OPERATOR}.pem")),
+        p(&format!("operators/{OPERATOR}-key.pem")),
+    )
 }
 
 async fn stop_all(children: Vec<(Child, PathBuf)>) {

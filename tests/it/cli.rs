@@ -132,3 +132,66 @@ fn serve_defaults_to_the_packaged_config_and_says_each_error_once() {
         "printed more than once: {err}"
     );
 }
+
+#[test]
+fn the_quickstart_prints_a_working_operator_helper_and_guards_its_directory() {
+    use std::io::{BufRead, BufReader};
+    let env = Env::new();
+    let dir = env.path().join("qs");
+    let mut first = std::process::Command::new(CONTROLLER)
+        .args([
+            "quickstart",
+            "--agents",
+            "1",
+            "--dir",
+            dir.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(first.stdout.take().unwrap());
+    let mut text = String::new();
+    let mut line = String::new();
+    while out.read_line(&mut line).unwrap() > 0 {
+        text.push_str(&line);
+        line.clear();
+        if text.contains("status --socket") {
+            break;
+        }
+    }
+    // A second quickstart on the same directory is refused, naming it.
+    let second = run(
+        CONTROLLER,
+        &["quickstart", "--exit", "--dir", dir.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(75), "{err}");
+    assert!(err.contains("in use by another quickstart"), "{err}");
+    // The printed helper works as pasted, from anywhere.
+    let helper: String = text
+        .lines()
+        .skip_while(|l| !l.contains("URL=https://"))
+        .take(2)
+        .map(|l| format!("{}\n", l.trim()))
+        .collect();
+    assert!(
+        helper.contains(&dir.join("pki/ca.pem").display().to_string()),
+        "{text}"
+    );
+    let sh = std::process::Command::new("bash")
+        .args(["-c", &format!("cd /; {helper}op $URL/v1/machines")])
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&sh.stdout);
+    assert!(
+        body.contains("\"machine_id\":\"qs-agent-1\""),
+        "{body} {}",
+        String::from_utf8_lossy(&sh.stderr)
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = first.wait();
+}
