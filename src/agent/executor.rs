@@ -444,7 +444,15 @@ async fn execute(
                     "script {:?} was stopped: cancelled by the operator",
                     script.name
                 );
-                return finish("CANCELLED", None, None, Some(msg), &stdout, &stderr);
+                // What the stop did to it (e.g. 143 for SIGTERM) stays visible.
+                return finish(
+                    "CANCELLED",
+                    outcome.exit_code,
+                    None,
+                    Some(msg),
+                    &stdout,
+                    &stderr,
+                );
             }
         }
     }

@@ -361,6 +361,7 @@ impl Core {
             identity: self.identity.snapshot(),
             containment: self.exec.containment.describe(),
             running: self.state.running.as_ref().map(|r| RunningStatus {
+                cancelling: r.cancel_requested,
                 assignment_id: r.assignment.assignment_id.clone(),
                 task_id: r.assignment.task_id.clone(),
                 started_at: r.started_at.clone(),

@@ -228,10 +228,15 @@ pub fn render(r: &StatusReport) -> String {
         "running:",
         match &r.running {
             Some(run) => format!(
-                "assignment {} of task {} for {}",
+                "assignment {} of task {} for {}{}",
                 run.assignment_id,
                 run.task_id,
-                elapsed(run.elapsed_seconds)
+                elapsed(run.elapsed_seconds),
+                if run.cancelling {
+                    " (CANCELLING: being stopped)"
+                } else {
+                    ""
+                }
             ),
             None => "nothing".into(),
         },

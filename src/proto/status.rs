@@ -80,6 +80,9 @@ pub struct IdentityStatus {
 pub struct RunningStatus {
     pub assignment_id: String,
     pub task_id: String,
+    /// The operator cancelled it; the run is being stopped.
+    #[serde(default)]
+    pub cancelling: bool,
     pub started_at: String,
     pub elapsed_seconds: u64,
     /// Staging progress per component (software stage assignments).

@@ -131,6 +131,9 @@ pub struct Outcome {
     pub stderr: Capture,
     /// The run's memory limit was reached (the kernel OOM-killed in its group).
     pub oom_killed: bool,
+    /// How the script's own process ended: its exit code, or 128 + the signal. Known for a
+    /// timed-out or cancelled run too (it is what the stop did to it).
+    pub exit_code: Option<i32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -270,6 +273,12 @@ impl ScriptRun {
                 ending
             }
         };
+        let exit_code = self
+            .child
+            .try_wait()
+            .ok()
+            .flatten()
+            .and_then(|s| s.code().or(s.signal().map(|sig| 128 + sig)));
         // Whatever the script started, in any session or group, ends with its cgroup (or,
         // without one, with the agent's other descendants).
         let group = self.group.take();
@@ -306,6 +315,7 @@ impl ScriptRun {
             stdout: take(out),
             stderr: take(err),
             oom_killed,
+            exit_code,
         }
     }
 

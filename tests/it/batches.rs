@@ -256,3 +256,28 @@ fn assignments_wait_their_turn_on_a_machine() {
         "start1\nend1\nstart2\nend2\n"
     );
 }
+
+#[test]
+fn a_cancelled_script_keeps_its_exit_code_and_status_shows_the_cancel() {
+    let env = Env::new();
+    let ctl = env.controller();
+    let a = env.agent(&ctl, "m1", "pool-x");
+    let op = env.operator(&ctl);
+    op.wait_online(&["m1"], T);
+    // Exits 7 on SIGTERM, after a moment: the cancel is visible while it stops.
+    let task = op.execute(
+        "pool-x",
+        json!({"command_content": "trap 'sleep 0.5; exit 7' TERM\necho up\nwhile true; do sleep 0.1; done\n", "command_type": "bash"}),
+    );
+    op.wait_machine_state(&task, "m1", "RUNNING", T);
+    let (s, v) = op.post(&format!("/v1/tasks/{task}/cancel"), json!({}));
+    assert_eq!(s, 200, "{v}");
+    crate::support::wait_until("the cancel to show in fieldhand status", T, || {
+        let st = a.status();
+        (st["running"]["cancelling"] == true).then_some(())
+    });
+    let t = op.wait_task(&task, T);
+    let m = machine_of(&t, "m1");
+    assert_eq!(m["state"], "CANCELLED", "{t:#}");
+    assert_eq!(m["exit_code"], 7, "{t:#}");
+}
