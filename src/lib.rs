@@ -52,7 +52,8 @@
 //! # Architecture invariants
 //!
 //! - Only `proto` derives `Serialize`/`Deserialize`; internal types convert to and from it.
-//! - Only `sys` spawns processes or reads the boot id (checked by `tests/it/tidy.rs`).
+//! - Only `sys` spawns processes, reads the boot id or reads the wall clock (checked by
+//!   `tests/it/tidy.rs`, and by clippy's `disallowed-methods` in `clippy.toml`).
 //! - Identity comes only from the verified peer certificate, never from a request field; an
 //!   agent certificate may only use `/agent/v1`, an operator certificate only `/v1`; a
 //!   client without a certificate may only enroll; a revoked serial is refused on every

@@ -172,7 +172,7 @@ pub struct InitOutcome {
 }
 
 fn validity(params: &mut CertificateParams, lifetime: Duration) {
-    let now = OffsetDateTime::now_utc();
+    let now = crate::sys::clock::now();
     // Tolerate small clock skew between the CA host and the fleet; a tenth of the lifetime at
     // most, so renewal at two thirds of it still lands after the issue time.
     params.not_before = now - Duration::hours(1).min(lifetime / 10);

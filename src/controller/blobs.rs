@@ -134,7 +134,7 @@ impl BlobStore {
         let Ok(rd) = std::fs::read_dir(self.root.join("sha256")) else {
             return Vec::new();
         };
-        let now = std::time::SystemTime::now();
+        let now = crate::sys::clock::system_now();
         rd.flatten()
             .filter_map(|e| {
                 let name = e.file_name().to_str()?.to_string();
@@ -267,7 +267,7 @@ impl BlobStore {
                 let _ = std::fs::File::options()
                     .append(true)
                     .open(&dest)
-                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                    .and_then(|f| f.set_modified(crate::sys::clock::system_now()));
             } else {
                 counted.store(0, Ordering::Relaxed);
                 tokio::fs::rename(&tmp, &dest)

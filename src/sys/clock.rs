@@ -26,6 +26,11 @@ pub fn parse_rfc3339(s: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(s, &Rfc3339).ok()
 }
 
+/// The wall clock as a `SystemTime` (file times).
+pub fn system_now() -> std::time::SystemTime {
+    std::time::SystemTime::now()
+}
+
 pub fn unix_ms(t: OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000_000) as i64
 }

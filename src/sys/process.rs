@@ -183,6 +183,8 @@ pub async fn spawn(spec: ScriptSpec, head: usize, tail: usize) -> Result<ScriptR
         // runs a single instruction, so there is no moment it is outside. Only raw
         // syscalls here (no allocation: the path was made before the fork).
         // SAFETY: the closure calls only async-signal-safe functions (open, write, close).
+        // The crate denies unsafe code; this is its one exception.
+        #[allow(unsafe_code)]
         unsafe {
             cmd.pre_exec(move || {
                 let fd =

@@ -1,6 +1,9 @@
 //! The integration tests: one binary that starts the real controller and agents as processes
 //! over mutual TLS on 127.0.0.1 (port 0), each test in its own temp dir.
 
+// Tests start the real binaries and tools as processes, and time what they measure.
+#![allow(clippy::disallowed_methods)]
+
 mod batches;
 mod cli;
 mod compat;

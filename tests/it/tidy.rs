@@ -61,3 +61,33 @@ fn only_sys_spawns_processes_and_only_proto_derives_serde() {
     }
     assert!(offenders.is_empty(), "{offenders:#?}");
 }
+
+/// The code map's boot-id rule: only `sys` reads the boot id (the kernel's file and the
+/// `bootid` seam are named nowhere else but where the agent starts and its config default).
+#[test]
+fn only_sys_reads_the_boot_id_and_the_wall_clock() {
+    let mut offenders = Vec::new();
+    for (path, text) in sources() {
+        if !path.starts_with("src/") || path.starts_with("src/sys/") {
+            continue;
+        }
+        if text.contains("random/boot_id") {
+            offenders.push(format!("{path}: names the kernel's boot id file"));
+        }
+        // The agent reads it once, at start, through the seam.
+        if text.contains("bootid::read_boot_id") && path != "src/agent/mod.rs" {
+            offenders.push(format!(
+                "{path}: reads the boot id outside the agent's start"
+            ));
+        }
+        // Monotonic timers (Instant) are fine anywhere; the wall clock goes through sys.
+        for clock in ["SystemTime::now", "OffsetDateTime::now_utc"] {
+            if text.contains(clock) {
+                offenders.push(format!(
+                    "{path}: reads the wall clock ({clock}) outside sys::clock"
+                ));
+            }
+        }
+    }
+    assert!(offenders.is_empty(), "{offenders:#?}");
+}
