@@ -1011,6 +1011,52 @@ mod tests {
         }
     }
 
+    /// A state file written by 0.1.0 (committed as a fixture): its agent died in a
+    /// post-finish reboot with a second assignment queued. This version reads it and, in the
+    /// new boot, reports the reboot and the result once, then runs the queued one.
+    #[test]
+    fn a_state_file_from_0_1_0_mid_reboot_with_a_queue_carries_on() {
+        let text =
+            include_str!("../../tests/fixtures/agent-state-0.1.0-mid-reboot-with-queue.json");
+        let file: StateFile = serde_json::from_str(text).expect("the 0.1.0 state file parses");
+        let running = file
+            .running
+            .as_ref()
+            .unwrap()
+            .assignment
+            .assignment_id
+            .clone();
+        let queued = file.queue[0].assignment_id.clone();
+        let mut s = AgentState::from(file);
+        s.reboot_timeout = std::time::Duration::from_secs(600);
+        let (s, fx) = step(
+            s,
+            Event::Boot {
+                boot_id: "boot-after-the-reboot".into(),
+            },
+            now(),
+        );
+        let keys: Vec<String> = fx
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Emit(ev) => Some(ev.idempotency_key.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                format!("{running}:power:1:REBOOTED"),
+                format!("{running}:result"),
+                format!("{queued}:started"),
+            ]
+        );
+        assert!(fx
+            .iter()
+            .any(|e| matches!(e, Effect::Start(a) if a.assignment_id == queued)));
+        assert_eq!(s.running.as_ref().unwrap().assignment.assignment_id, queued);
+    }
+
     #[test]
     fn an_interrupted_stage_resumes_instead_of_failing() {
         let (s, _) = step(
