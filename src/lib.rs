@@ -23,8 +23,10 @@
 //!   quickstart's daemons), `power` commands, user `sessions`
 //!   (logind or utmp), systemd `notify`, `clock`, `bootid`, host `facts`, crash-safe
 //!   file writes (`fsutil`).
-//! - [`controller`]: `serve` (router), the operator API (`api`), the agent protocol
-//!   (`agent_api`), fleet `identity` (enrollment tokens, enroll and renew, operator moves,
+//! - [`controller`]: `serve` (router, with the route table `ROUTES`), the one error shape
+//!   and body parser (`errors`, a leaf), global `settings`, task `kinds` (a leaf), the
+//!   operator API (`api`), the agent protocol (`agent_api`), `progress` (the thin layer
+//!   above the engine that lets image operations observe what changed a task), fleet `identity` (enrollment tokens, enroll and renew, operator moves,
 //!   decommission and revocation, and the gate every agent request passes: revoked,
 //!   decommissioned, two live sessions of one identity), the pure rollout rules
 //!   of gray batches (`rollout`), the `engine` that advances tasks, the SQLite `store` (its
@@ -38,9 +40,11 @@
 //!   (`machine::step`; a run's phase is kept as the on-disk `proto::state::PhaseRecord`),
 //!   the durable state file and outbox (`store`), the machine's `identity` (enroll with a
 //!   token, renew, re-enroll a cloned identity, the crash-safe key and certificate swap),
-//!   the `executor` (scripts), `stage`
-//!   (software and image staging), `logoff` (logoff policies), `image` (the image layout
-//!   and the steps of an image apply: activate, health check, verify, undo; a rebuild's
+//!   the `executor` (dispatch by kind, and scripts), `runner` (the low-level run of one
+//!   process: settings, reports, clean environment, its cgroup), `codes` (result codes and
+//!   image step numbers, a leaf), `layout` (the image directories and links), `stage`
+//!   (software and image staging), `logoff` (logoff policies), `image` (the steps of an
+//!   image apply: activate, health check, verify, undo; a rebuild's
 //!   fresh slot and its data area moved aside until the commit), the `link` to
 //!   the controller (long poll, heartbeat, events, progress) and the local `status` socket.
 //! - [`daemon`], [`exit`]: logging, shutdown signals and exit codes shared by the binaries.

@@ -1,6 +1,8 @@
-//! Runs one assignment: each script is written to a private file and run by its interpreter
-//! through `sys::process`, in order, under one deadline for the whole run; the first failure
-//! ends the run. Output of all scripts is captured together in bounded memory.
+//! Runs one assignment: the dispatch by kind (scripts here; staging, image steps and removal
+//! in their modules), and the script run itself: each script is written to a private file
+//! and run by its interpreter (`runner::run_process`), in order, under one deadline for the
+//! whole run; the first failure ends the run. Output of all scripts is captured together in
+//! bounded memory.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -10,72 +12,15 @@ use tokio::sync::{mpsc, watch};
 
 use crate::proto::agent::{Assignment, AssignmentKind, RunResult};
 use crate::sys::clock;
-use crate::sys::process::{self, Capture, Ending, ScriptSpec};
+use crate::sys::process::{Capture, Ending, ScriptSpec};
 
-/// Bytes kept from the start and from the end of each stream.
-pub const CAPTURE_HEAD: usize = 32 * 1024;
-pub const CAPTURE_TAIL: usize = 32 * 1024;
-/// The PATH scripts get: the clean environment must not depend on how the agent was started.
-pub const SCRIPT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-pub const EXECUTION_TIMEOUT: &str = "EXECUTION_TIMEOUT";
-pub const NON_ZERO_EXIT: &str = "NON_ZERO_EXIT";
-pub const KILLED_BY_SIGNAL: &str = "KILLED_BY_SIGNAL";
-pub const SPAWN_FAILED: &str = "SPAWN_FAILED";
-pub const MEMORY_LIMIT_EXCEEDED: &str = "MEMORY_LIMIT_EXCEEDED";
-
-/// The interpreter for a `command_type`.
-pub fn interpreter(command_type: &str) -> Option<&'static str> {
-    match command_type {
-        "sh" => Some("/bin/sh"),
-        "bash" => Some("/bin/bash"),
-        // Found through SCRIPT_PATH: distributions put python3 in different places.
-        "python3" => Some("python3"),
-        _ => None,
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct ExecSettings {
-    /// Parent of the per-assignment work directories (under `state_dir`).
-    pub work_root: PathBuf,
-    pub machine_id: String,
-    pub kill_grace: Duration,
-    /// HOME for scripts.
-    pub home: String,
-    pub state_dir: PathBuf,
-    /// Images (`<image_id>/`, `current`, `previous`).
-    pub image_root: PathBuf,
-    /// The data area a rebuild keeps or empties.
-    pub data_dir: PathBuf,
-    /// For payload downloads.
-    pub client: crate::net::client::HttpsClient,
-    /// Each run's cgroup (or the subreaper fallback).
-    pub containment: crate::sys::cgroup::Containment,
-    pub payloads: crate::config::agent::PayloadSettings,
-}
-
-/// Messages from a run to the core.
-#[derive(Debug)]
-// A run sends one `Finished`; boxing its result would buy nothing.
-#[allow(clippy::large_enum_variant)]
-pub enum ExecReport {
-    Spawned {
-        assignment_id: String,
-        pgid: i32,
-    },
-    Finished {
-        assignment_id: String,
-        result: RunResult,
-        /// Index of the script that exited with 194 ("succeeded, please reboot").
-        reboot_after: Option<usize>,
-    },
-    /// Staging progress of the running assignment.
-    Progress {
-        assignment_id: String,
-        components: Vec<crate::proto::agent::ComponentProgress>,
-    },
-}
+pub use super::codes::{
+    EXECUTION_TIMEOUT, KILLED_BY_SIGNAL, MEMORY_LIMIT_EXCEEDED, NON_ZERO_EXIT, SPAWN_FAILED,
+};
+pub use super::runner::{
+    base_env, captured, interpreter, run_process, ExecReport, ExecSettings, Run, CAPTURE_HEAD,
+    CAPTURE_TAIL, SCRIPT_PATH,
+};
 
 fn safe_name(i: usize, name: &str) -> String {
     let cleaned: String = name
@@ -144,7 +89,7 @@ pub async fn run(
         AssignmentKind::ImageRemove => super::image::remove(&settings, &a, started_at),
         // Refused by `machine::validate` before it could be queued.
         AssignmentKind::Unknown => RunResult {
-            error_code: Some(super::machine::INVALID_ASSIGNMENT.into()),
+            error_code: Some(super::codes::INVALID_ASSIGNMENT.into()),
             error_msg: Some("unknown assignment kind".into()),
             ..captured(
                 "FAILED",
@@ -166,86 +111,6 @@ pub async fn run(
             reboot_after,
         })
         .await;
-}
-
-/// A result with the captured output of a run and no error yet.
-pub(super) fn captured(state: &str, started_at: &str, out: &Capture, err: &Capture) -> RunResult {
-    RunResult {
-        state: state.into(),
-        exit_code: None,
-        stdout: out.to_text(),
-        stderr: err.to_text(),
-        output_truncated: out.is_truncated() || err.is_truncated(),
-        started_at: Some(started_at.to_string()),
-        finished_at: clock::now_rfc3339(),
-        error_code: None,
-        error_msg: None,
-        staged_commit: None,
-        image: None,
-    }
-}
-
-/// What a script run works with.
-pub(super) struct Run<'a> {
-    pub s: &'a ExecSettings,
-    pub a: &'a Assignment,
-    pub dir: &'a Path,
-    pub reports: &'a mpsc::Sender<ExecReport>,
-}
-
-/// The environment every script and hook starts with (nothing is inherited from the agent).
-pub(super) fn base_env(s: &ExecSettings, a: &Assignment) -> Vec<(String, String)> {
-    vec![
-        ("PATH".into(), SCRIPT_PATH.into()),
-        ("HOME".into(), s.home.clone()),
-        ("LANG".into(), "C.UTF-8".into()),
-        ("FIELDHAND_TASK_ID".into(), a.task_id.clone()),
-        ("FIELDHAND_MACHINE_ID".into(), s.machine_id.clone()),
-        ("FIELDHAND_ASSIGNMENT_ID".into(), a.assignment_id.clone()),
-    ]
-}
-
-/// Starts one process, reports its process group to the core (so a restart can kill it),
-/// and waits for it; `cancel`, when given, stops it.
-pub(super) async fn run_process(
-    mut spec: ScriptSpec,
-    containment: &crate::sys::cgroup::Containment,
-    assignment_id: &str,
-    reports: &mpsc::Sender<ExecReport>,
-    mut cancel: Option<&mut watch::Receiver<bool>>,
-) -> Result<process::Outcome, process::ProcessError> {
-    // The group exists (named after the persisted running assignment) before the process
-    // does: an agent that dies at any moment after this finds it at its next start.
-    spec.group =
-        containment
-            .group_for(assignment_id)
-            .map_err(|e| process::ProcessError::Spawn {
-                program: spec.program.display().to_string(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-    let run = process::spawn(spec, CAPTURE_HEAD, CAPTURE_TAIL).await?;
-    let _ = reports
-        .send(ExecReport::Spawned {
-            assignment_id: assignment_id.to_string(),
-            pgid: run.pgid,
-        })
-        .await;
-    let canceller = run.canceller();
-    let wait = run.wait();
-    tokio::pin!(wait);
-    Ok(loop {
-        let Some(c) = cancel.as_deref_mut() else {
-            break wait.await;
-        };
-        tokio::select! {
-            o = &mut wait => break o,
-            changed = c.changed() => {
-                if changed.is_err() || *c.borrow() {
-                    canceller.cancel();
-                }
-            }
-        }
-    })
 }
 
 /// Runs the scripts from index `from`. A script that exits with 194 ("succeeded, please
@@ -388,7 +253,7 @@ async fn execute(
         }
         match outcome.ending {
             Ending::Exited(0) => last_exit = Some(0),
-            Ending::Exited(super::machine::EXIT_REBOOT) => {
+            Ending::Exited(super::codes::EXIT_REBOOT) => {
                 *reboot_at = Some(i);
                 let msg = format!(
                     "script {:?} exited with 194: succeeded, reboot requested",
@@ -396,7 +261,7 @@ async fn execute(
                 );
                 return finish(
                     "SUCCEEDED",
-                    Some(super::machine::EXIT_REBOOT),
+                    Some(super::codes::EXIT_REBOOT),
                     None,
                     Some(msg),
                     &stdout,

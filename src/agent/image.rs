@@ -30,170 +30,18 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::executor::{self, ExecSettings, Run, CAPTURE_HEAD, CAPTURE_TAIL};
+pub use super::codes::{
+    ACTIVATE_HOOK, ACTIVATE_STEP, HEALTH_HOOK, HEALTH_STEP, IMAGE_ACTIVATE_FAILED,
+    IMAGE_HEALTH_CHECK_FAILED, IMAGE_IO_ERROR, IMAGE_NOT_STAGED, UNDO_STEP, VERIFY_STEP,
+};
+pub use super::layout::{
+    cleanup, commit, current, hook, image_dir, image_of, previous, prune, remove_link, rollback,
+    switch_to, CURRENT, PREVIOUS,
+};
+use super::runner::{self, ExecSettings, Run, CAPTURE_HEAD, CAPTURE_TAIL};
 use crate::proto::agent::{Assignment, ImageAssignment, ImageRecord, RunResult};
+use crate::sys::clock;
 use crate::sys::process::{Capture, Ending, ScriptSpec};
-use crate::sys::{clock, fsutil};
-
-pub const ACTIVATE_STEP: usize = 0;
-pub const HEALTH_STEP: usize = 1;
-pub const VERIFY_STEP: usize = 2;
-pub const UNDO_STEP: usize = 3;
-
-pub const ACTIVATE_HOOK: &str = "activate";
-pub const HEALTH_HOOK: &str = "health-check";
-
-pub const IMAGE_NOT_STAGED: &str = "IMAGE_NOT_STAGED";
-pub const IMAGE_ACTIVATE_FAILED: &str = "IMAGE_ACTIVATE_FAILED";
-pub const IMAGE_HEALTH_CHECK_FAILED: &str = "IMAGE_HEALTH_CHECK_FAILED";
-pub const IMAGE_IO_ERROR: &str = "IMAGE_IO_ERROR";
-
-pub const CURRENT: &str = "current";
-pub const PREVIOUS: &str = "previous";
-
-fn link_target(root: &Path, name: &str) -> Option<String> {
-    let t = std::fs::read_link(root.join(name)).ok()?;
-    Some(t.to_string_lossy().into_owned())
-}
-
-/// The image `current` points at.
-pub fn current(root: &Path) -> Option<String> {
-    link_target(root, CURRENT)
-}
-
-/// The image kept for a rollback, if a switch is not committed yet.
-pub fn previous(root: &Path) -> Option<String> {
-    link_target(root, PREVIOUS)
-}
-
-pub fn image_dir(root: &Path, image_id: &str) -> PathBuf {
-    root.join(image_id)
-}
-
-/// Points `name` at `target` atomically: a temporary symlink renamed over the old one, so
-/// a reader (or a crash) sees either the old or the new link, never none.
-fn set_link(root: &Path, name: &str, target: &str) -> io::Result<()> {
-    let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(target, &tmp)?;
-    std::fs::rename(&tmp, root.join(name))?;
-    fsutil::fsync_dir(root)
-}
-
-fn remove_link(root: &Path, name: &str) -> io::Result<()> {
-    match std::fs::remove_file(root.join(name)) {
-        Ok(()) => fsutil::fsync_dir(root),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-fn check_id(image_id: &str) -> io::Result<()> {
-    crate::pki::validate_name("image_id", image_id)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
-}
-
-/// Makes `image_id` current; the image it replaces becomes `previous`. Returns that one.
-/// Idempotent: switching to the image that is already current changes nothing.
-pub fn switch_to(root: &Path, image_id: &str) -> io::Result<Option<String>> {
-    check_id(image_id)?;
-    if !image_dir(root, image_id).is_dir() {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("image {image_id} is not staged under {}", root.display()),
-        ));
-    }
-    let old = current(root);
-    if old.as_deref() == Some(image_id) {
-        return Ok(previous(root));
-    }
-    if let Some(o) = &old {
-        set_link(root, PREVIOUS, o)?;
-    }
-    set_link(root, CURRENT, image_id)?;
-    Ok(old)
-}
-
-/// Switches back to `previous` and forgets it. Returns the image that is current again.
-pub fn rollback(root: &Path) -> io::Result<String> {
-    let prev = previous(root).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::NotFound,
-            "there is no previous image to roll back to",
-        )
-    })?;
-    set_link(root, CURRENT, &prev)?;
-    remove_link(root, PREVIOUS)?;
-    Ok(prev)
-}
-
-/// The new image stays: forget `previous` and delete its directory.
-pub fn commit(root: &Path) -> io::Result<()> {
-    let Some(prev) = previous(root) else {
-        return Ok(());
-    };
-    remove_link(root, PREVIOUS)?;
-    if current(root).as_deref() != Some(prev.as_str()) {
-        match std::fs::remove_dir_all(image_dir(root, &prev)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// A hook shipped inside an image (`fieldhand/activate`, `fieldhand/health-check`), if
-/// present as a regular file.
-pub fn hook(root: &Path, image_id: &str, name: &str) -> Option<PathBuf> {
-    let p = image_dir(root, image_id).join("fieldhand").join(name);
-    std::fs::symlink_metadata(&p)
-        .ok()
-        .filter(|m| m.is_file())
-        .map(|_| p)
-}
-
-/// Removes image directories (and half-extracted leftovers) that are neither current,
-/// previous nor in `keep`.
-pub fn prune(root: &Path, keep: &[&str]) {
-    let Ok(rd) = std::fs::read_dir(root) else {
-        return;
-    };
-    let (cur, prev) = (current(root), previous(root));
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
-        let wanted = keep.contains(&name.as_str())
-            || cur.as_deref() == Some(name.as_str())
-            || prev.as_deref() == Some(name.as_str());
-        if is_dir && !wanted {
-            if let Err(err) = std::fs::remove_dir_all(e.path()) {
-                tracing::warn!(path = %e.path().display(), error = %err, "cannot remove an unused image");
-            }
-        }
-    }
-}
-
-/// Start-up housekeeping: half-extracted images and temporary links left by a crash go.
-pub fn cleanup(root: &Path) {
-    let Ok(rd) = std::fs::read_dir(root) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && (name.contains(".partial-") || name.contains(".tmp-")) {
-            let p = e.path();
-            let res = if e.file_type().is_ok_and(|t| t.is_dir()) {
-                std::fs::remove_dir_all(&p)
-            } else {
-                std::fs::remove_file(&p)
-            };
-            if let Err(err) = res {
-                tracing::warn!(path = %p.display(), error = %err, "cannot remove a leftover");
-            }
-        }
-    }
-}
 
 /// What one hook did.
 struct HookRun {
@@ -227,12 +75,6 @@ impl HookRun {
     }
 }
 
-/// The image id a directory under `image_root` holds: a push stages into `<image_id>`, a
-/// rebuild into a fresh slot `<image_id>.<tag>`.
-pub fn image_of(dir: &str) -> String {
-    dir.split('.').next().unwrap_or(dir).to_string()
-}
-
 /// What the executor reports after an image step: the image `current` now holds, in
 /// `state` (the state machine adds the pending image).
 fn current_image(root: &Path, state: &str) -> ImageRecord {
@@ -248,7 +90,7 @@ fn current_image(root: &Path, state: &str) -> ImageRecord {
 /// parameters (`FIELDHAND_COMPUTE_PROFILE_*`, `FIELDHAND_ADD_VIRTUAL_TPM`, ...).
 fn hook_env(run: &Run<'_>, dir: &str) -> Vec<(String, String)> {
     let root = &run.s.image_root;
-    let mut env = executor::base_env(run.s, run.a);
+    let mut env = runner::base_env(run.s, run.a);
     env.push(("FIELDHAND_IMAGE_ID".into(), image_of(dir)));
     env.push((
         "FIELDHAND_IMAGE_DIR".into(),
@@ -306,7 +148,7 @@ async fn run_hook(run: &Run<'_>, dir: &str, hook_name: &str, timeout: Duration) 
         kill_grace: run.s.kill_grace,
         group: None,
     };
-    match executor::run_process(
+    match runner::run_process(
         spec,
         &run.s.containment,
         &run.a.assignment_id,
@@ -432,7 +274,7 @@ pub(super) async fn apply(
         error_code: code.map(str::to_string),
         error_msg: Some(msg),
         image: image.map(Box::new),
-        ..executor::captured(
+        ..runner::captured(
             if ok { "SUCCEEDED" } else { "FAILED" },
             &started_at,
             out,
@@ -618,7 +460,7 @@ pub(super) async fn apply(
             );
             finish(
                 false,
-                Some(super::machine::AGENT_RESTARTED),
+                Some(super::codes::AGENT_RESTARTED),
                 msg,
                 &stdout,
                 &stderr,

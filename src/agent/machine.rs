@@ -26,15 +26,10 @@ const SEEN_LIMIT: usize = 1000;
 /// How many results `fieldhand status` shows.
 pub const RECENT_LIMIT: usize = 5;
 
-pub const AGENT_RESTARTED: &str = "AGENT_RESTARTED";
-pub const INVALID_ASSIGNMENT: &str = "INVALID_ASSIGNMENT";
-pub const REBOOT_NOT_OBSERVED: &str = "REBOOT_NOT_OBSERVED";
-pub const REBOOT_LOOP: &str = "REBOOT_LOOP";
-pub const POWER_COMMAND_FAILED: &str = "POWER_COMMAND_FAILED";
-/// Reboots one assignment may request; the next request fails with `REBOOT_LOOP`.
-pub const MAX_REBOOTS: u32 = 3;
-/// The exit code by which a script says "succeeded, please reboot".
-pub const EXIT_REBOOT: i32 = 194;
+pub use super::codes::{
+    AGENT_RESTARTED, EXIT_REBOOT, INVALID_ASSIGNMENT, MAX_REBOOTS, POWER_COMMAND_FAILED,
+    REBOOT_LOOP, REBOOT_NOT_OBSERVED,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Running {
@@ -198,7 +193,7 @@ pub fn validate(a: &Assignment) -> Result<(), String> {
                 s.name, s.sha256
             ));
         }
-        if super::executor::interpreter(&s.command_type).is_none() {
+        if super::runner::interpreter(&s.command_type).is_none() {
             return Err(format!(
                 "script {:?}: unknown command_type {:?}",
                 s.name, s.command_type
@@ -609,8 +604,8 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
                     fx.push(Effect::KillGroup(pgid));
                 }
                 r.boot_id = s.boot_id.clone();
-                let from = if from == super::image::ACTIVATE_STEP {
-                    super::image::UNDO_STEP
+                let from = if from == super::codes::ACTIVATE_STEP {
+                    super::codes::UNDO_STEP
                 } else {
                     from
                 };
@@ -1571,7 +1566,7 @@ mod tests {
         // Activation succeeded and asks for the reboot (after another logoff check).
         let (s, fx) = done(
             s,
-            Some(super::super::image::ACTIVATE_STEP),
+            Some(super::super::codes::ACTIVATE_STEP),
             result("SUCCEEDED"),
         );
         assert!(
@@ -1588,7 +1583,7 @@ mod tests {
         // Only a new boot id runs the health check, as step 1.
         let (s, fx) = reboot_into(s, "b2");
         assert!(
-            fx.iter().any(|e| matches!(e, Effect::Resume { from, .. } if *from == super::super::image::HEALTH_STEP)),
+            fx.iter().any(|e| matches!(e, Effect::Resume { from, .. } if *from == super::super::codes::HEALTH_STEP)),
             "{fx:?}"
         );
         let mut ok = result("SUCCEEDED");
@@ -1621,13 +1616,13 @@ mod tests {
         let mut bad = result("FAILED");
         bad.error_code = Some("IMAGE_HEALTH_CHECK_FAILED".into());
         bad.stdout = "bad\n".into();
-        let (s, _) = done(s, Some(super::super::image::HEALTH_STEP), bad);
+        let (s, _) = done(s, Some(super::super::codes::HEALTH_STEP), bad);
         let (s, fx) = logoff_ok(s, "i1");
         assert!(fx
             .iter()
             .any(|e| matches!(e, Effect::Power { kind, .. } if kind == "reboot")));
         let (s, fx) = reboot_into(s, "b3");
-        assert!(fx.iter().any(|e| matches!(e, Effect::Resume { from, .. } if *from == super::super::image::VERIFY_STEP)));
+        assert!(fx.iter().any(|e| matches!(e, Effect::Resume { from, .. } if *from == super::super::codes::VERIFY_STEP)));
         let mut verified = result("FAILED");
         verified.error_code = Some("IMAGE_HEALTH_CHECK_FAILED".into());
         verified.stdout = "good\n".into();
@@ -1662,7 +1657,7 @@ mod tests {
         let (s2, fx) = reboot_into(s.clone(), "b1");
         assert!(fx.contains(&Effect::KillGroup(4242)));
         assert!(fx.iter().any(
-            |e| matches!(e, Effect::Resume { from, .. } if *from == super::super::image::UNDO_STEP)
+            |e| matches!(e, Effect::Resume { from, .. } if *from == super::super::codes::UNDO_STEP)
         ));
         assert!(s2.running.is_some(), "not reported as a plain restart");
         // During a health check (step 1): the check runs again.

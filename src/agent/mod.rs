@@ -4,12 +4,15 @@
 //! running assignment, and the status socket.
 
 pub mod backoff;
+pub mod codes;
 pub mod executor;
 pub mod identity;
 pub mod image;
+pub mod layout;
 pub mod link;
 pub mod logoff;
 pub mod machine;
+pub mod runner;
 pub mod stage;
 pub mod status;
 pub mod store;

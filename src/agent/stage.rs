@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use super::executor::{ExecReport, ExecSettings};
+use super::runner::{ExecReport, ExecSettings};
 use crate::payload::extract::{self, Limits};
 use crate::payload::fetch::{self, Cache, FetchError};
 use crate::proto::agent::{Assignment, ComponentProgress, PayloadRef, RunResult, StagePayload};
@@ -400,7 +400,7 @@ async fn stage_image(
         )
     };
     fsutil::ensure_dir(root, 0o755).map_err(|e| io("create", root, e))?;
-    let dest = super::image::image_dir(root, dir);
+    let dest = super::layout::image_dir(root, dir);
     let summary = format!(
         "staged image {dir} ({} bytes) in {}\n",
         p.size,
@@ -410,7 +410,7 @@ async fn stage_image(
         progress.set(&p.name, "STAGED", p.size, false);
         return Ok(summary);
     }
-    super::image::prune(root, &[dir]);
+    super::layout::prune(root, &[dir]);
     let cache = payload_cache(&s.state_dir);
     cache.ensure().map_err(|e| io("create", &cache.root, e))?;
     let fetch_settings = fetch_settings(s);

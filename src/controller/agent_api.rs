@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use super::api::{parse_json, ApiError};
-use super::engine::{self, Applied};
+use super::engine::Applied;
+use super::errors::{parse_json, ApiError};
 use super::identity::{self, AgentCall};
 use super::store::{StoreError, TaskMachineRow, TaskRow};
 use super::Controller;
@@ -240,7 +240,7 @@ pub async fn events(
             let mut out = EventsApplied::default();
             let mut wake = Vec::new();
             for ev in &batch.events {
-                match engine::apply_event(tx, &machine_id, ev, now, &mut wake)? {
+                match super::progress::apply_event(tx, &machine_id, ev, now, &mut wake)? {
                     Applied::Applied => out.applied += 1,
                     Applied::Duplicate => out.duplicates += 1,
                 }

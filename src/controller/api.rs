@@ -1,13 +1,16 @@
-//! The operator API (`/v1/...`): request validation, task creation and the task view. Every
-//! error is an [`ApiError`] that becomes `{error_code, error_msg}` with the matching status, and
-//! its message names the offending field and value.
+//! The operator API (`/v1/...`): script and execution requests (validation, task creation),
+//! the task and machine views. Errors are [`ApiError`]s (`errors`).
 
 use http::StatusCode;
 use sha2::{Digest, Sha256};
 
-use super::engine::{self, EngineError};
+use super::engine;
+pub use super::errors::{no_machines, parse_json, ApiError};
 use super::rollout::{batch_state, plan_batches, TaskState};
-use super::store::{ScriptRow, StoreError, TaskMachineRow, TaskRow};
+use super::settings::{
+    force_logoff_grace, DEFAULT_FORCE_LOGOFF_GRACE_SECONDS, DEFAULT_LOGOFF_TIMEOUT_SECONDS,
+};
+use super::store::{ScriptRow, TaskMachineRow, TaskRow};
 use super::Controller;
 use crate::proto::agent::{HostFacts, PowerSpec, ScriptPayload};
 use crate::proto::api;
@@ -18,111 +21,6 @@ pub const COMMAND_TYPES: [&str; 3] = ["sh", "bash", "python3"];
 /// `execution_timeout_seconds` upper bound (48 h); `execution_timeout` minutes are capped alike.
 pub const MAX_TIMEOUT_SECONDS: i64 = 172_800;
 const MAX_SCRIPT_BYTES: usize = 1024 * 1024;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub msg: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, msg: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            msg: msg.into(),
-        }
-    }
-    pub fn invalid(msg: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "INVALID_PARAMETER", msg)
-    }
-    pub fn not_found(code: &'static str, msg: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, code, msg)
-    }
-    /// 409: the request is valid but the target's state does not allow it now.
-    pub fn conflict(msg: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, "NOT_ALLOWED_IN_CURRENT_STATE", msg)
-    }
-    pub fn internal(e: impl std::fmt::Display) -> Self {
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "INTERNAL_ERROR",
-            e.to_string(),
-        )
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        tracing::error!(error = %e, "store failure");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "INTERNAL_ERROR",
-            e.to_string(),
-        )
-    }
-}
-
-impl From<EngineError> for ApiError {
-    fn from(e: EngineError) -> Self {
-        let msg = e.to_string();
-        match e {
-            EngineError::Store(s) => s.into(),
-            EngineError::UnknownAssignment(_) => ApiError::not_found("ASSIGNMENT_NOT_FOUND", msg),
-            EngineError::NotYours { .. } => ApiError::new(StatusCode::FORBIDDEN, "FORBIDDEN", msg),
-            EngineError::BadEvent { .. } => ApiError::invalid(msg),
-            EngineError::UnknownTask(_) => ApiError::not_found("TASK_NOT_FOUND", msg),
-            EngineError::NotCancellable { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "NOT_ALLOWED_IN_CURRENT_STATE", msg)
-            }
-        }
-    }
-}
-
-/// Decodes a JSON body; the error names the field path (`gray_count: invalid type ...`).
-/// Parses a request body: exactly one JSON object (nothing after it: a second object or
-/// junk would otherwise be dropped silently, with every field in it), then the fields.
-/// The same answer, from every operation, for a pool with no machines in service.
-pub fn no_machines(pool_id: &str) -> ApiError {
-    ApiError::not_found(
-        "POOL_NOT_FOUND",
-        format!("pool_id {pool_id:?} has no machines (see GET /v1/machines)"),
-    )
-}
-
-pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
-        let what = if e.is_eof() && bytes.iter().all(u8::is_ascii_whitespace) {
-            "the request body is empty; expected a JSON object".to_string()
-        } else {
-            format!("the request body is not one JSON value ({e})")
-        };
-        ApiError::invalid(what)
-    })?;
-    let kind = match &value {
-        serde_json::Value::Object(_) => None,
-        serde_json::Value::Null => Some("null"),
-        serde_json::Value::Array(_) => Some("an array"),
-        serde_json::Value::String(_) => Some("a string"),
-        serde_json::Value::Number(_) => Some("a number"),
-        serde_json::Value::Bool(_) => Some("a boolean"),
-    };
-    if let Some(kind) = kind {
-        return Err(ApiError::invalid(format!(
-            "the request body is {kind}; expected a JSON object"
-        )));
-    }
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path.is_empty() || path == "." {
-            ApiError::invalid(format!("invalid JSON body: {inner}"))
-        } else {
-            ApiError::invalid(format!("field {path}: {inner}"))
-        }
-    })
-}
 
 fn check_name(field: &str, value: &str) -> Result<(), ApiError> {
     crate::pki::validate_name(field, value).map_err(|e| ApiError::invalid(e.to_string()))
@@ -207,10 +105,6 @@ pub struct ExecutionSpec {
     /// The power and logoff plan (the grace period is filled in from settings).
     pub power: PowerSpec,
 }
-
-pub const DEFAULT_LOGOFF_TIMEOUT_SECONDS: i64 = 3600;
-pub const DEFAULT_FORCE_LOGOFF_GRACE_SECONDS: i64 = 300;
-const GRACE_KEY: &str = "force_logoff_grace_seconds";
 
 fn one_of(field: &str, value: &str, allowed: &[&str]) -> Result<(), ApiError> {
     if allowed.contains(&value) {
@@ -479,34 +373,6 @@ pub async fn create_execution(
         .await?;
     ctl.wake(&wake);
     Ok(api::TaskCreated { task_id })
-}
-
-pub(super) fn force_logoff_grace(tx: &mut super::store::Tx<'_>) -> Result<i64, StoreError> {
-    Ok(tx
-        .setting(GRACE_KEY)?
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_FORCE_LOGOFF_GRACE_SECONDS))
-}
-
-pub async fn get_settings(ctl: &Controller) -> Result<api::Settings, ApiError> {
-    let grace = ctl.store.tx(force_logoff_grace).await?;
-    Ok(api::Settings {
-        force_logoff_grace_seconds: grace,
-    })
-}
-
-/// Applies to tasks created afterwards; running tasks keep the value they started with.
-pub async fn put_settings(ctl: &Controller, s: api::Settings) -> Result<api::Settings, ApiError> {
-    let g = s.force_logoff_grace_seconds;
-    if !(0..=86_400).contains(&g) {
-        return Err(ApiError::invalid(format!(
-            "force_logoff_grace_seconds {g} must be 0..=86400"
-        )));
-    }
-    ctl.store
-        .tx(move |tx| tx.set_setting(GRACE_KEY, &g.to_string()))
-        .await?;
-    Ok(s)
 }
 
 fn ms_text(ms: Option<i64>) -> Option<String> {

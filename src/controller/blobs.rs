@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use super::api::ApiError;
+use super::errors::ApiError;
 use crate::net::Body;
 use crate::proto::api;
 

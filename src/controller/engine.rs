@@ -3,8 +3,11 @@
 //! declaring silent machines unreachable. Functions collect the machines whose long-polls must be
 //! woken; the caller wakes them after the transaction commits.
 
+use http::StatusCode;
+
+use super::errors::ApiError;
 use super::rollout::{next_step, MachineState, Step, TaskState};
-use super::store::{Outcome, StoreError, TaskRow, Tx};
+use super::store::{Outcome, StoreError, TaskMachineRow, TaskRow, Tx};
 use crate::proto::agent::{AgentEvent, EventBody, PowerSpec};
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +27,22 @@ pub enum EngineError {
     UnknownTask(String),
     #[error("task {task_id:?} is {state} and can no longer be cancelled")]
     NotCancellable { task_id: String, state: TaskState },
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let msg = e.to_string();
+        match e {
+            EngineError::Store(s) => s.into(),
+            EngineError::UnknownAssignment(_) => ApiError::not_found("ASSIGNMENT_NOT_FOUND", msg),
+            EngineError::NotYours { .. } => ApiError::new(StatusCode::FORBIDDEN, "FORBIDDEN", msg),
+            EngineError::BadEvent { .. } => ApiError::invalid(msg),
+            EngineError::UnknownTask(_) => ApiError::not_found("TASK_NOT_FOUND", msg),
+            EngineError::NotCancellable { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "NOT_ALLOWED_IN_CURRENT_STATE", msg)
+            }
+        }
+    }
 }
 
 /// Machine ids whose pending long-polls should be woken after commit.
@@ -48,7 +67,7 @@ pub fn advance(
     let Some(task) = tx.task(task_id)? else {
         return Ok(());
     };
-    let held = task.kind == super::images::APPLY_KIND && tx.task_held(task_id)?;
+    let held = task.kind == super::kinds::APPLY_KIND && tx.task_held(task_id)?;
     if task.finished_ms.is_some() || held {
         // A held task is a push waiting for its start time (`images::reconcile` releases it).
         return Ok(());
@@ -75,7 +94,7 @@ pub fn advance(
             wake.extend(ids);
         }
         Step::Halt => {
-            let why = if task.kind == super::images::APPLY_KIND {
+            let why = if task.kind == super::kinds::APPLY_KIND {
                 (
                     "STOPPED_ON_FIRST_ERROR",
                     "not started: the push stops on its first error (stop_on_first_error)",
@@ -221,17 +240,6 @@ pub fn apply_event(
         (EventBody::Result(_), None) => unreachable!("result_state is Some for every Result"),
     }
     advance(tx, &row.task_id, now_ms, wake)?;
-    if let Some(task) = tx.task(&row.task_id)? {
-        super::images::observe(
-            tx,
-            &task,
-            &row.assignment_id,
-            machine_id,
-            Some(&ev.body),
-            now_ms,
-            wake,
-        )?;
-    }
     Ok(Applied::Applied)
 }
 
@@ -289,15 +297,15 @@ pub fn reap(
     offline_ms: i64,
     reboot_grace_ms: i64,
     wake: &mut Wake,
-) -> Result<usize, StoreError> {
-    let mut reaped = 0;
+) -> Result<Vec<TaskMachineRow>, StoreError> {
+    let mut reaped = Vec::new();
     for f in tx.in_flight()? {
         let (row, timeout_s) = (f.row, f.timeout_seconds);
         // An image apply runs up to three hooks (activate, health check, verify), a rebuild
         // also stages; each may take the whole timeout.
         let runs = match f.kind.as_str() {
-            super::images::APPLY_KIND => 3,
-            super::images::REBUILD_KIND => 4,
+            super::kinds::APPLY_KIND => 3,
+            super::kinds::REBUILD_KIND => 4,
             _ => 1,
         };
         let mut budget = runs * timeout_s as i64 * 1000
@@ -344,7 +352,7 @@ pub fn reap(
             ..Outcome::default()
         };
         end_assignment(tx, &row, state, &outcome, now_ms, wake)?;
-        reaped += 1;
+        reaped.push(row);
     }
     Ok(reaped)
 }
@@ -353,24 +361,12 @@ pub fn reap(
 /// and moves its task on.
 pub fn end_assignment(
     tx: &mut Tx<'_>,
-    row: &super::store::TaskMachineRow,
+    row: &TaskMachineRow,
     state: MachineState,
     outcome: &Outcome,
     now_ms: i64,
     wake: &mut Wake,
 ) -> Result<(), StoreError> {
     tx.set_final(&row.assignment_id, state, outcome)?;
-    advance(tx, &row.task_id, now_ms, wake)?;
-    if let Some(task) = tx.task(&row.task_id)? {
-        super::images::observe(
-            tx,
-            &task,
-            &row.assignment_id,
-            &row.machine_id,
-            None,
-            now_ms,
-            wake,
-        )?;
-    }
-    Ok(())
+    advance(tx, &row.task_id, now_ms, wake)
 }

@@ -17,8 +17,8 @@
 //! runs in the same transaction as every event that could change them, and on a timer for
 //! the start time.
 
-use super::api::ApiError;
 use super::engine;
+use super::errors::ApiError;
 use super::rollout::{MachineState, TaskState};
 use super::store::{ImageRow, MachineImageRow, PoolImageRow, StoreError, TaskRow, Tx};
 use super::Controller;
@@ -29,11 +29,7 @@ use crate::proto::agent::{
 use crate::proto::api;
 use crate::sys::clock;
 
-pub const STAGE_KIND: &str = "image_stage";
-pub const APPLY_KIND: &str = "image_apply";
-pub const REMOVE_KIND: &str = "image_remove";
-/// A rebuild (seed 003, `controller::rebuild`): an `ImageApply` that stages a fresh slot.
-pub const REBUILD_KIND: &str = "image_rebuild";
+pub use super::kinds::{APPLY_KIND, REBUILD_KIND, REMOVE_KIND, STAGE_KIND};
 
 pub const NONE: &str = "NONE";
 pub const INITIAL_PUBLISH: &str = "INITIAL_PUBLISH";
@@ -479,7 +475,7 @@ pub async fn push(
                 machines.retain(|m| ids.contains(&m.machine_id));
             }
             if machines.is_empty() {
-                return Err(super::api::no_machines(&pool_id));
+                return Err(super::errors::no_machines(&pool_id));
             }
             // The machine heard from last goes first: it is the likeliest to be online.
             machines.sort_by(|a, b| b.last_seen_ms.cmp(&a.last_seen_ms).then(a.machine_id.cmp(&b.machine_id)));
@@ -500,12 +496,12 @@ pub async fn push(
                 env: hook_env(&spec, op.current_image_id.as_deref()),
                 ..Default::default()
             };
-            let grace = super::api::force_logoff_grace(tx)? as u64;
+            let grace = super::settings::force_logoff_grace(tx)? as u64;
             let power = PowerSpec {
                 pre_start: Some("logoff".into()),
                 post_finish: Some("reboot".into()),
                 logoff_policy: spec.logoff_policy.clone(),
-                logoff_timeout_seconds: super::api::DEFAULT_LOGOFF_TIMEOUT_SECONDS as u64,
+                logoff_timeout_seconds: super::settings::DEFAULT_LOGOFF_TIMEOUT_SECONDS as u64,
                 force_logoff_grace_seconds: grace,
             };
             let stage = new_task(STAGE_KIND, &pool_id, now_ms, spec.timeout_seconds, &stage_img, None, None)?;
@@ -661,7 +657,7 @@ pub async fn unpublish(ctl: &Controller, pool_id: String) -> Result<api::TaskCre
             };
             let machines = tx.pool_machines(&pool_id)?;
             if machines.is_empty() {
-                return Err(super::api::no_machines(&pool_id));
+                return Err(super::errors::no_machines(&pool_id));
             }
             let task_id =
                 start_removal(tx, &pool_id, &machines, image_id, true, now_ms, &mut wake)?;

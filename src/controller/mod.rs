@@ -8,11 +8,15 @@ pub mod agent_api;
 pub mod api;
 pub mod blobs;
 pub mod engine;
+pub mod errors;
 pub mod identity;
 pub mod images;
+pub mod kinds;
+pub mod progress;
 pub mod quickstart;
 pub mod rebuild;
 pub mod rollout;
+pub mod settings;
 pub mod software;
 pub mod store;
 
@@ -33,7 +37,7 @@ use crate::net::Body;
 use crate::pki::{Identity, Role};
 
 use crate::sys::clock;
-use api::ApiError;
+use errors::ApiError;
 use store::Store;
 
 /// Largest request body accepted (scripts are capped at 1 MiB; JSON escaping can double that).
@@ -321,7 +325,7 @@ impl Controller {
         }
         match (area, &method, &segs[1..]) {
             (Role::Operator, &Method::POST, ["enrollment-tokens"]) => {
-                ok(&identity::create_token(self, &peer, api::parse_json(&body)?).await?)
+                ok(&identity::create_token(self, &peer, errors::parse_json(&body)?).await?)
             }
             (Role::Operator, &Method::GET, ["enrollment-tokens"]) => {
                 ok(&identity::list_tokens(self).await?)
@@ -330,7 +334,7 @@ impl Controller {
                 ok(&identity::delete_token(self, &peer, id.to_string()).await?)
             }
             (Role::Operator, &Method::PUT, ["machines", id, "pool"]) => {
-                identity::move_machine(self, &peer, id.to_string(), api::parse_json(&body)?)
+                identity::move_machine(self, &peer, id.to_string(), errors::parse_json(&body)?)
                     .await?;
                 ok(&api::get_machine(self, id.to_string()).await?)
             }
@@ -338,17 +342,17 @@ impl Controller {
                 ok(&identity::decommission(self, &peer, id.to_string()).await?)
             }
             (Role::Operator, &Method::POST, ["revocations"]) => {
-                ok(&identity::revoke(self, &peer, api::parse_json(&body)?).await?)
+                ok(&identity::revoke(self, &peer, errors::parse_json(&body)?).await?)
             }
             (Role::Operator, &Method::GET, ["revocations"]) => {
                 ok(&identity::list_revocations(self).await?)
             }
             (Role::Operator, &Method::POST, ["scripts"]) => {
-                ok(&api::create_script(self, api::parse_json(&body)?).await?)
+                ok(&api::create_script(self, errors::parse_json(&body)?).await?)
             }
-            (Role::Operator, &Method::POST, ["pools", pool, "script-executions"]) => {
-                ok(&api::create_execution(self, pool.to_string(), api::parse_json(&body)?).await?)
-            }
+            (Role::Operator, &Method::POST, ["pools", pool, "script-executions"]) => ok(
+                &api::create_execution(self, pool.to_string(), errors::parse_json(&body)?).await?,
+            ),
             (Role::Operator, &Method::GET, ["tasks", id]) => {
                 ok(&api::get_task(self, id.to_string()).await?)
             }
@@ -356,13 +360,15 @@ impl Controller {
                 ok(&api::cancel_task(self, id.to_string()).await?)
             }
             (Role::Operator, &Method::GET, ["machines"]) => ok(&api::list_machines(self).await?),
-            (Role::Operator, &Method::GET, ["settings"]) => ok(&api::get_settings(self).await?),
+            (Role::Operator, &Method::GET, ["settings"]) => {
+                ok(&settings::get_settings(self).await?)
+            }
             (Role::Operator, &Method::POST, ["images"]) => {
-                ok(&images::create_image(self, api::parse_json(&body)?).await?)
+                ok(&images::create_image(self, errors::parse_json(&body)?).await?)
             }
             (Role::Operator, &Method::GET, ["images"]) => ok(&images::list_images(self).await?),
             (Role::Operator, &Method::POST, ["pools", pool, "push-image"]) => {
-                ok(&images::push(self, pool.to_string(), api::parse_json(&body)?).await?)
+                ok(&images::push(self, pool.to_string(), errors::parse_json(&body)?).await?)
             }
             (Role::Operator, &Method::POST, ["pools", pool, "push-image", "cancel"]) => {
                 ok(&images::cancel_push(self, pool.to_string()).await?)
@@ -374,22 +380,22 @@ impl Controller {
                 ok(&images::unpublish(self, pool.to_string()).await?)
             }
             (Role::Operator, &Method::POST, ["desktops", "rebuild"]) => {
-                ok(&rebuild::rebuild(self, api::parse_json(&body)?).await?)
+                ok(&rebuild::rebuild(self, errors::parse_json(&body)?).await?)
             }
             (Role::Operator, &Method::GET, ["machines", id]) => {
                 ok(&api::get_machine(self, id.to_string()).await?)
             }
             (Role::Operator, &Method::PUT, ["settings"]) => {
-                ok(&api::put_settings(self, api::parse_json(&body)?).await?)
+                ok(&settings::put_settings(self, errors::parse_json(&body)?).await?)
             }
-            (Role::Operator, &Method::PUT, ["hosts", id, "software", "desired"]) => {
-                ok(&software::put_desired(self, id.to_string(), api::parse_json(&body)?).await?)
-            }
+            (Role::Operator, &Method::PUT, ["hosts", id, "software", "desired"]) => ok(
+                &software::put_desired(self, id.to_string(), errors::parse_json(&body)?).await?,
+            ),
             (Role::Operator, &Method::POST, ["hosts", id, "software", "stage"]) => {
                 let req = if body.iter().all(u8::is_ascii_whitespace) {
                     Default::default()
                 } else {
-                    api::parse_json(&body)?
+                    errors::parse_json(&body)?
                 };
                 ok(&software::stage(self, id.to_string(), req).await?)
             }
@@ -760,7 +766,7 @@ async fn reap_loop(ctl: Arc<Controller>) {
             .store
             .tx(move |tx| {
                 let mut wake = Vec::new();
-                let n = engine::reap(tx, now, grace_ms, offline_ms, reboot_ms, &mut wake)?;
+                let n = progress::reap(tx, now, grace_ms, offline_ms, reboot_ms, &mut wake)?;
                 Ok::<_, store::StoreError>((n, wake))
             })
             .await;

@@ -4,8 +4,8 @@
 //! `ImageApply` that first extracts the image into a fresh slot, so it reuses the image
 //! lifecycle (logoff, switch-in, reboot, health check, rollback) of `images`.
 
-use super::api::ApiError;
 use super::engine;
+use super::errors::ApiError;
 use super::images::{self, REBUILD_KIND};
 use super::rollout::TaskState;
 use super::store::{ImageRow, MachineRow, StoreError, Tx};
@@ -280,8 +280,8 @@ pub async fn rebuild(
                 // Seed 003: a rebuild erases the system disk, so users are logged off after
                 // the global grace period (and warned), never waited for.
                 logoff_policy: "FORCE_LOGOFF".into(),
-                logoff_timeout_seconds: super::api::DEFAULT_LOGOFF_TIMEOUT_SECONDS as u64,
-                force_logoff_grace_seconds: super::api::force_logoff_grace(tx)? as u64,
+                logoff_timeout_seconds: super::settings::DEFAULT_LOGOFF_TIMEOUT_SECONDS as u64,
+                force_logoff_grace_seconds: super::settings::force_logoff_grace(tx)? as u64,
             };
             let task = images::new_task(
                 REBUILD_KIND,

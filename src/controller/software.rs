@@ -2,8 +2,8 @@
 //! operators commit desired documents, and a stage task has the host's agent download,
 //! verify and unpack the newest commit at or above the requested minimum.
 
-use super::api::ApiError;
 use super::engine;
+use super::errors::ApiError;
 use super::rollout::TaskState;
 use super::store::{TaskMachineRow, TaskRow};
 use super::Controller;

@@ -9,7 +9,7 @@ use super::{
     ms_text, now_ms, sha256_hex, DEFAULT_TOKEN_SECONDS, INVALID_TOKEN, MACHINE_ID_TAKEN,
     MAX_TOKEN_SECONDS, TOKEN_EXPIRED, TOKEN_USED_UP,
 };
-use crate::controller::api::{parse_json, ApiError};
+use crate::controller::errors::{parse_json, ApiError};
 use crate::controller::store::{EnrollmentTokenRow, StoreError, TokenCheck};
 use crate::controller::Controller;
 use crate::pki::Identity;

@@ -2,8 +2,7 @@
 //! its pool changes), decommission it, revoke any certificate by serial.
 
 use super::{ms_text, now_ms, MACHINE_DECOMMISSIONED};
-use crate::controller::api::ApiError;
-use crate::controller::engine;
+use crate::controller::errors::ApiError;
 use crate::controller::rollout::MachineState;
 use crate::controller::store::{Outcome, RevocationRow, StoreError};
 use crate::controller::Controller;
@@ -74,7 +73,7 @@ pub async fn decommission(
                         error_msg: Some(format!("machine {m:?} was decommissioned by {by}")),
                         ..Outcome::default()
                     };
-                    engine::end_assignment(
+                    crate::controller::progress::end_assignment(
                         tx,
                         &tm,
                         MachineState::Cancelled,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use http::StatusCode;
 
 use super::{IDENTITY_CONFLICT, MACHINE_DECOMMISSIONED};
-use crate::controller::api::ApiError;
+use crate::controller::errors::ApiError;
 use crate::controller::store::{Store, StoreError, Tx};
 use crate::tls::CertInfo;
 
