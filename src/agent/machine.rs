@@ -17,7 +17,7 @@ use crate::proto::agent::ImageRecord;
 use crate::proto::agent::{
     AgentEvent, Assignment, AssignmentKind, EventBody, PowerEvent, PowerSpec, RunResult,
 };
-use crate::proto::state::{PhaseRecord, RunningRecord, StateFile};
+use crate::proto::state::{Next, PhaseRecord, PowerKind, RunningRecord, StateFile};
 use crate::proto::status::RecentResult;
 use crate::sys::clock;
 
@@ -110,10 +110,10 @@ pub enum Effect {
         assignment_id: String,
         spec: PowerSpec,
     },
-    /// Run the power command (`reboot` or `stop`); report RebootTimeout at `deadline`.
+    /// Run the power command; report RebootTimeout at `deadline`.
     Power {
         assignment_id: String,
-        kind: String,
+        kind: PowerKind,
         deadline: OffsetDateTime,
     },
     /// The agent restarted while a reboot was pending: report RebootTimeout at `deadline`.
@@ -357,13 +357,13 @@ impl AgentState {
             ) => None,
             // Users leave (under the push's logoff policy) before the image is switched in.
             (AssignmentKind::ImageApply, _) => Some(PhaseRecord::Logoff {
-                next: "scripts".into(),
+                next: Next::Scripts(0),
             }),
             (_, Some("reboot")) => Some(PhaseRecord::Logoff {
-                next: "reboot:scripts:0".into(),
+                next: Next::power(PowerKind::Reboot, Next::Scripts(0)),
             }),
             (_, Some(_)) => Some(PhaseRecord::Logoff {
-                next: "scripts".into(),
+                next: Next::Scripts(0),
             }),
             (_, None) => Some(PhaseRecord::Scripts { from: 0 }),
         };
@@ -443,69 +443,67 @@ impl AgentState {
         })
     }
 
-    /// Moves to the step named by `next` (`scripts`, `scripts:<n>`, `reboot:<then>`,
-    /// `stop:<then>`, `finish`).
-    fn go(&mut self, next: &str, now: OffsetDateTime, fx: &mut Vec<Effect>) {
+    /// Moves to the step `next`.
+    fn go(&mut self, next: &Next, now: OffsetDateTime, fx: &mut Vec<Effect>) {
         let Some(r) = self.running.as_mut() else {
             return;
         };
         let id = r.assignment.assignment_id.clone();
-        if next == "finish" {
-            let result = r
-                .carry
-                .take()
-                .unwrap_or_else(|| failed("INTERNAL", "no result to report".into(), None, now));
-            self.finish_running(result, now, fx);
-            return;
-        }
-        if let Some(from) = next
-            .strip_prefix("scripts")
-            .map(|n| n.trim_start_matches(':').parse::<usize>().unwrap_or(0))
-        {
-            r.phase = Some(PhaseRecord::Scripts { from });
-            r.pgid = None;
-            let a = r.assignment.clone();
-            fx.push(Effect::Persist);
-            fx.push(if from == 0 {
-                Effect::Start(a)
-            } else {
-                Effect::Resume {
-                    assignment: a,
-                    from,
+        match next {
+            Next::Finish => {
+                let result = r.carry.take().unwrap_or_else(|| {
+                    failed("INTERNAL_ERROR", "no result to report".into(), None, now)
+                });
+                self.finish_running(result, now, fx);
+            }
+            Next::Scripts(from) => {
+                let from = *from;
+                r.phase = Some(PhaseRecord::Scripts { from });
+                r.pgid = None;
+                let a = r.assignment.clone();
+                fx.push(Effect::Persist);
+                fx.push(if from == 0 {
+                    Effect::Start(a)
+                } else {
+                    Effect::Resume {
+                        assignment: a,
+                        from,
+                    }
+                });
+            }
+            Next::Power { kind, then } => {
+                let kind = *kind;
+                if kind == PowerKind::Reboot && r.reboots >= MAX_REBOOTS {
+                    let msg = format!(
+                        "assignment {id} asked for more than {MAX_REBOOTS} reboots; refusing a reboot loop"
+                    );
+                    self.fail_running(REBOOT_LOOP, msg, now, fx);
+                    return;
                 }
-            });
-            return;
-        }
-        let (kind, then) = next.split_once(':').unwrap_or((next, "finish"));
-        if kind == "reboot" && r.reboots >= MAX_REBOOTS {
-            let msg = format!(
-                "assignment {id} asked for more than {MAX_REBOOTS} reboots; refusing a reboot loop"
-            );
-            self.fail_running(REBOOT_LOOP, msg, now, fx);
-            return;
-        }
-        if kind == "reboot" {
-            r.reboots += 1;
-        }
-        let deadline = now + self.reboot_timeout;
-        r.phase = Some(PhaseRecord::Power {
-            kind: kind.into(),
-            then: then.into(),
-            boot_id: self.boot_id.clone(),
-            deadline: clock::rfc3339(deadline),
-        });
-        if kind == "reboot" {
-            if let Some(ev) = self.power_event("REBOOTING", now) {
-                fx.push(Effect::Emit(ev));
+                if kind == PowerKind::Reboot {
+                    r.reboots += 1;
+                }
+                let deadline = now + self.reboot_timeout;
+                r.phase = Some(PhaseRecord::Power {
+                    kind,
+                    then: (**then).clone(),
+                    boot_id: self.boot_id.clone(),
+                    deadline: clock::rfc3339(deadline),
+                });
+                if kind == PowerKind::Reboot {
+                    if let Some(ev) = self.power_event("REBOOTING", now) {
+                        fx.push(Effect::Emit(ev));
+                    }
+                }
+                // Persist before the irreversible step.
+                fx.push(Effect::Persist);
+                fx.push(Effect::Power {
+                    assignment_id: id,
+                    kind,
+                    deadline,
+                });
             }
         }
-        // Persist before the irreversible step.
-        fx.push(Effect::Persist);
-        fx.push(Effect::Power {
-            assignment_id: id,
-            kind: kind.into(),
-            deadline,
-        });
     }
 }
 
@@ -528,7 +526,7 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
                         if let Some(r) = s.running.as_mut() {
                             r.boot_id = s.boot_id.clone();
                         }
-                        if kind == "reboot" {
+                        if kind == PowerKind::Reboot {
                             if let Some(ev) = s.power_event("REBOOTED", now) {
                                 fx.push(Effect::Emit(ev));
                             }
@@ -797,8 +795,14 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
         }
         Event::PowerIssued { assignment_id } => {
             let stop = matches!(
-                s.running.as_ref().filter(|r| r.assignment.assignment_id == assignment_id).and_then(|r| r.phase.as_ref()),
-                Some(PhaseRecord::Power { kind, .. }) if kind == "stop"
+                s.running
+                    .as_ref()
+                    .filter(|r| r.assignment.assignment_id == assignment_id)
+                    .and_then(|r| r.phase.as_ref()),
+                Some(PhaseRecord::Power {
+                    kind: PowerKind::Stop,
+                    ..
+                })
             );
             if stop {
                 // The machine may never come back: report the result now, then announce.
@@ -838,7 +842,7 @@ pub fn step(mut s: AgentState, ev: Event, now: OffsetDateTime) -> (AgentState, V
                     let msg = format!(
                         "the {kind} requested by this assignment did not happen before {requested_at} (boot id unchanged)"
                     );
-                    if kind == "stop" {
+                    if kind == PowerKind::Stop {
                         // The result normally went out when the shutdown was issued; if it
                         // is still carried (the agent restarted before the command ran), it
                         // goes out now, or it would be lost.
@@ -872,11 +876,12 @@ fn default_power() -> PowerSpec {
 
 /// The step after a script run: a reboot asked for by exit code 194, or the post-finish
 /// power step. `None`: report the result now. A cancelled run does no power steps.
-fn after_scripts(r: &Running, result: &RunResult, reboot_after: Option<usize>) -> Option<String> {
+fn after_scripts(r: &Running, result: &RunResult, reboot_after: Option<usize>) -> Option<Next> {
+    let reboot_then = |n: Next| Next::power(PowerKind::Reboot, n);
     if r.assignment.kind == AssignmentKind::ImageApply {
         // Image steps ask for the reboot that follows them (after activation, after a
         // rollback); the next step runs in the new boot.
-        return reboot_after.map(|i| format!("reboot:scripts:{}", i + 1));
+        return reboot_after.map(|i| reboot_then(Next::Scripts(i + 1)));
     }
     if result.state == "CANCELLED" || r.assignment.kind != AssignmentKind::ScriptExecution {
         return None;
@@ -886,11 +891,19 @@ fn after_scripts(r: &Running, result: &RunResult, reboot_after: Option<usize>) -
         .power
         .as_ref()
         .and_then(|p| p.post_finish.clone());
+    let post = post.and_then(|p| match p.as_str() {
+        "reboot" => Some(PowerKind::Reboot),
+        "stop" => Some(PowerKind::Stop),
+        // Validated when accepted: no other value reaches here.
+        _ => None,
+    });
     match reboot_after {
-        Some(i) if i + 1 < r.assignment.scripts.len() => Some(format!("reboot:scripts:{}", i + 1)),
-        Some(_) if post.as_deref() == Some("stop") => Some("stop:finish".into()),
-        Some(_) => Some("reboot:finish".into()),
-        None => post.map(|p| format!("{p}:finish")),
+        Some(i) if i + 1 < r.assignment.scripts.len() => Some(reboot_then(Next::Scripts(i + 1))),
+        Some(_) if post == Some(PowerKind::Stop) => {
+            Some(Next::power(PowerKind::Stop, Next::Finish))
+        }
+        Some(_) => Some(reboot_then(Next::Finish)),
+        None => post.map(|k| Next::power(k, Next::Finish)),
     }
 }
 
@@ -1153,10 +1166,15 @@ mod tests {
         assert!(fx.iter().any(|e| matches!(e, Effect::Logoff { .. })));
         let (s, fx) = logoff_ok(s, "p");
         let persist = pos(&fx, |e| *e == Effect::Persist);
-        let power = pos(
-            &fx,
-            |e| matches!(e, Effect::Power { kind, .. } if kind == "reboot"),
-        );
+        let power = pos(&fx, |e| {
+            matches!(
+                e,
+                Effect::Power {
+                    kind: PowerKind::Reboot,
+                    ..
+                }
+            )
+        });
         assert!(persist < power, "persist before the power command");
         assert_eq!(keys(&fx), vec!["p:power:1:REBOOTING"]);
         // A restart in the same boot is not a reboot.
@@ -1575,10 +1593,15 @@ mod tests {
         );
         let (s, fx) = logoff_ok(s, "i1");
         let persist = pos(&fx, |e| *e == Effect::Persist);
-        let power = pos(
-            &fx,
-            |e| matches!(e, Effect::Power { kind, .. } if kind == "reboot"),
-        );
+        let power = pos(&fx, |e| {
+            matches!(
+                e,
+                Effect::Power {
+                    kind: PowerKind::Reboot,
+                    ..
+                }
+            )
+        });
         assert!(persist < power, "the step is on disk before the reboot");
         // Only a new boot id runs the health check, as step 1.
         let (s, fx) = reboot_into(s, "b2");
@@ -1618,9 +1641,13 @@ mod tests {
         bad.stdout = "bad\n".into();
         let (s, _) = done(s, Some(super::super::codes::HEALTH_STEP), bad);
         let (s, fx) = logoff_ok(s, "i1");
-        assert!(fx
-            .iter()
-            .any(|e| matches!(e, Effect::Power { kind, .. } if kind == "reboot")));
+        assert!(fx.iter().any(|e| matches!(
+            e,
+            Effect::Power {
+                kind: PowerKind::Reboot,
+                ..
+            }
+        )));
         let (s, fx) = reboot_into(s, "b3");
         assert!(fx.iter().any(|e| matches!(e, Effect::Resume { from, .. } if *from == super::super::codes::VERIFY_STEP)));
         let mut verified = result("FAILED");

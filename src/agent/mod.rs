@@ -251,22 +251,25 @@ impl Core {
 
     /// Announces, then runs the power command; reports `PowerIssued`/`PowerFailed`, and
     /// `RebootTimeout` if this process is still alive at `deadline`.
-    fn power(&mut self, id: String, kind: String, deadline: time::OffsetDateTime) {
-        let argv = if kind == "stop" {
-            self.power.shutdown_command.clone()
-        } else {
-            self.power.reboot_command.clone()
+    fn power(
+        &mut self,
+        id: String,
+        kind: crate::proto::state::PowerKind,
+        deadline: time::OffsetDateTime,
+    ) {
+        use crate::proto::state::PowerKind;
+        let (argv, what) = match kind {
+            PowerKind::Stop => (
+                self.power.shutdown_command.clone(),
+                "the machine to shut down",
+            ),
+            PowerKind::Reboot => (self.power.reboot_command.clone(), "the machine to reboot"),
         };
         tracing::warn!(assignment_id = %id, phase = %kind, command = ?argv, "running the power command");
         let inputs = self.exec_tx.clone();
         let outbox = self.outbox.clone();
         let wake = self.outbox_wake.clone();
         let aid = id.clone();
-        let what = if kind == "stop" {
-            "the machine to shut down"
-        } else {
-            "the machine to reboot"
-        };
         self.wait_for(&id, what, deadline);
         let h = tokio::spawn(async move {
             // Give the announcement a few seconds to reach the controller, never longer.
