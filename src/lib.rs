@@ -30,10 +30,12 @@
 //!   decommission and revocation, and the gate every agent request passes: revoked,
 //!   decommissioned, two live sessions of one identity), the pure rollout rules
 //!   of gray batches (`rollout`), the `engine` that advances tasks, the SQLite `store` (its
-//!   `migrate` steps, its `identity` tables, and `blobrefs`: what refers to blobs), the blob
-//!   store (`blobs`: bounded uploads, deletion, retention), desired software by commit (`software`), images (`images`: the
-//!   registry, push-image with schedule/reschedule/cancel, unpublish, and the provisioning
-//!   status, as three ordinary tasks per push driven by one `pool_images` row), desktop
+//!   `migrate` steps; `tasks`, `images`, `software`, `identity` tables; `blobrefs`: what
+//!   refers to blobs), the blob store (`blobs`: bounded uploads, deletion, retention),
+//!   desired software by commit (`software`), images (`images`: the `registry`, `push`
+//!   with schedule/reschedule/cancel and unpublish, `pool_op` (the pool operation moved on
+//!   from its tasks) and `views` (the provisioning status), as three ordinary tasks per
+//!   push driven by one `pool_images` row), desktop
 //!   `rebuild` (seed 003: per-desktop codes, one `image_rebuild` task whose assignments each
 //!   carry their own image payload), and the `quickstart`.
 //! - [`agent`]: `run`: one core task owning the state, the pure state machine

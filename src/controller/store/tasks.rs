@@ -1,0 +1,454 @@
+//! The store's task tables: tasks and their machines (one assignment each), dispatch and
+//! delivery to agents, applied event keys, results, progress and power steps.
+
+use rusqlite::{params, OptionalExtension};
+
+use super::{
+    finish_task, finish_tm, task_row, tm_row, Ctx, InFlight, Outcome, StoreError, TaskMachineRow,
+    TaskRow, Tx, Undelivered, TASK_COLS, TM_COLS,
+};
+use crate::controller::rollout::{MachineState, TaskState};
+
+impl Tx<'_> {
+    /// Inserts a task and its machines (`(machine_id, assignment_id, batch)`), all `PENDING`.
+    pub fn insert_task(
+        &mut self,
+        t: &TaskRow,
+        machines: &[(String, String, u32)],
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                &format!(
+                    "INSERT INTO tasks ({TASK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+                ),
+                params![
+                    t.task_id,
+                    t.kind,
+                    t.pool_id,
+                    t.state.as_str(),
+                    t.created_ms,
+                    t.finished_ms,
+                    t.gray_fail_threshold.map(i64::from),
+                    t.timeout_seconds as i64,
+                    t.scripts_json,
+                    t.power_json
+                ],
+            )
+            .ctx("saving a task")?;
+        for (machine_id, assignment_id, batch) in machines {
+            self.tx
+                .execute(
+                    "INSERT INTO task_machines (task_id, machine_id, assignment_id, batch, state)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        t.task_id,
+                        machine_id,
+                        assignment_id,
+                        i64::from(*batch),
+                        MachineState::Pending.as_str()
+                    ],
+                )
+                .ctx("saving a task's machines")?;
+        }
+        Ok(())
+    }
+
+    pub fn task(&mut self, task_id: &str) -> Result<Option<TaskRow>, StoreError> {
+        let pair = self
+            .tx
+            .query_row(
+                &format!("SELECT {TASK_COLS} FROM tasks WHERE task_id = ?1"),
+                params![task_id],
+                task_row,
+            )
+            .optional()
+            .ctx("reading a task")?;
+        pair.map(finish_task).transpose()
+    }
+
+    pub fn task_machines(&mut self, task_id: &str) -> Result<Vec<TaskMachineRow>, StoreError> {
+        let mut st = self
+            .tx
+            .prepare(&format!(
+                "SELECT {TM_COLS} FROM task_machines WHERE task_id = ?1 ORDER BY batch, machine_id"
+            ))
+            .ctx("reading a task's machines")?;
+        let rows = st
+            .query_map(params![task_id], tm_row)
+            .ctx("reading a task's machines")?;
+        let pairs: Vec<_> = rows
+            .collect::<Result<_, _>>()
+            .ctx("reading a task's machines")?;
+        pairs.into_iter().map(finish_tm).collect()
+    }
+
+    pub fn assignment(
+        &mut self,
+        assignment_id: &str,
+    ) -> Result<Option<TaskMachineRow>, StoreError> {
+        let pair = self
+            .tx
+            .query_row(
+                &format!("SELECT {TM_COLS} FROM task_machines WHERE assignment_id = ?1"),
+                params![assignment_id],
+                tm_row,
+            )
+            .optional()
+            .ctx("reading an assignment")?;
+        pair.map(finish_tm).transpose()
+    }
+
+    pub fn set_task_state(
+        &mut self,
+        task_id: &str,
+        state: TaskState,
+        finished_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "UPDATE tasks SET state = ?2, finished_ms = ?3 WHERE task_id = ?1",
+                params![task_id, state.as_str(), finished_ms],
+            )
+            .ctx("updating a task")?;
+        Ok(())
+    }
+
+    /// Moves one batch's `PENDING` machines to `DISPATCHED`; returns their machine ids.
+    pub fn dispatch_batch(
+        &mut self,
+        task_id: &str,
+        batch: u32,
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let ids: Vec<String> = {
+            let mut st = self
+                .tx
+                .prepare(
+                    "SELECT machine_id FROM task_machines
+                     WHERE task_id = ?1 AND batch = ?2 AND state = 'PENDING'",
+                )
+                .ctx("dispatching a batch")?;
+            let rows = st
+                .query_map(params![task_id, i64::from(batch)], |r| r.get(0))
+                .ctx("dispatching a batch")?;
+            rows.collect::<Result<_, _>>().ctx("dispatching a batch")?
+        };
+        self.tx
+            .execute(
+                "UPDATE task_machines SET state = 'DISPATCHED', dispatched_ms = ?3
+                 WHERE task_id = ?1 AND batch = ?2 AND state = 'PENDING'",
+                params![task_id, i64::from(batch), now_ms],
+            )
+            .ctx("dispatching a batch")?;
+        Ok(ids)
+    }
+
+    /// Sets every machine of the task that is in `from` to `to` (used for halt and cancel).
+    /// Moves a task's machines in state `from` to `to`, saying why (`error_code`,
+    /// `error_msg`): a machine that never ran carries the reason it did not.
+    pub fn set_machines_where(
+        &mut self,
+        task_id: &str,
+        from: MachineState,
+        to: MachineState,
+        why: (&str, &str),
+    ) -> Result<Vec<String>, StoreError> {
+        let ids: Vec<String> = {
+            let mut st = self
+                .tx
+                .prepare("SELECT machine_id FROM task_machines WHERE task_id = ?1 AND state = ?2")
+                .ctx("updating machines")?;
+            let rows = st
+                .query_map(params![task_id, from.as_str()], |r| r.get(0))
+                .ctx("updating machines")?;
+            rows.collect::<Result<_, _>>().ctx("updating machines")?
+        };
+        self.tx
+            .execute(
+                "UPDATE task_machines SET state = ?3, error_code = ?4, error_msg = ?5
+                 WHERE task_id = ?1 AND state = ?2",
+                params![task_id, from.as_str(), to.as_str(), why.0, why.1],
+            )
+            .ctx("updating machines")?;
+        Ok(ids)
+    }
+
+    /// Flags the task's machines that an agent holds (delivered, not final) for cancellation.
+    pub fn request_cancel(&mut self, task_id: &str) -> Result<Vec<String>, StoreError> {
+        let ids: Vec<String> = {
+            let mut st = self
+                .tx
+                .prepare(
+                    "SELECT machine_id FROM task_machines WHERE task_id = ?1
+                     AND state IN ('DISPATCHED', 'RUNNING')",
+                )
+                .ctx("cancelling")?;
+            let rows = st
+                .query_map(params![task_id], |r| r.get(0))
+                .ctx("cancelling")?;
+            rows.collect::<Result<_, _>>().ctx("cancelling")?
+        };
+        self.tx
+            .execute(
+                "UPDATE task_machines SET cancel_requested = 1 WHERE task_id = ?1
+                 AND state IN ('DISPATCHED', 'RUNNING')",
+                params![task_id],
+            )
+            .ctx("cancelling")?;
+        Ok(ids)
+    }
+
+    /// What a machine's agent has not yet acknowledged: dispatched assignments (with their
+    /// task) and cancellations. An assignment is offered to one session: again to the same
+    /// one (or to a restart of its state directory, which knows it by id), and to another only
+    /// once the first has been silent since `silent_since_ms` (it is gone, not a second agent).
+    pub fn undelivered_for(
+        &mut self,
+        machine_id: &str,
+        session: &str,
+        instance: &str,
+        silent_since_ms: i64,
+    ) -> Result<Undelivered, StoreError> {
+        let assignments: Vec<TaskMachineRow> = {
+            let mut st = self
+                .tx
+                .prepare(&format!(
+                    "SELECT {TM_COLS} FROM task_machines tm WHERE machine_id = ?1
+                     AND state = 'DISPATCHED' AND delivered = 0 AND cancel_requested = 0
+                     AND (offered_session IS NULL OR offered_session = ?2
+                          OR offered_instance = ?3
+                          OR NOT EXISTS (SELECT 1 FROM agent_sessions s
+                                         WHERE s.machine_id = ?1
+                                         AND s.session = tm.offered_session
+                                         AND (s.last_ms >= ?4 OR s.hold_ms >= ?4)))
+                     ORDER BY dispatched_ms, task_id"
+                ))
+                .ctx("polling")?;
+            let rows = st
+                .query_map(
+                    params![machine_id, session, instance, silent_since_ms],
+                    tm_row,
+                )
+                .ctx("polling")?;
+            let pairs: Vec<_> = rows.collect::<Result<_, _>>().ctx("polling")?;
+            pairs.into_iter().map(finish_tm).collect::<Result<_, _>>()?
+        };
+        for a in &assignments {
+            self.tx
+                .execute(
+                    "UPDATE task_machines SET offered_session = ?2, offered_instance = ?3
+                     WHERE assignment_id = ?1",
+                    params![a.assignment_id, session, instance],
+                )
+                .ctx("polling")?;
+        }
+        let mut out = Vec::with_capacity(assignments.len());
+        for a in assignments {
+            let task = self.task(&a.task_id)?.ok_or(StoreError::Corrupt {
+                what: "assignment without task",
+                value: a.assignment_id.clone(),
+            })?;
+            out.push((a, task));
+        }
+        let cancels: Vec<String> = {
+            let mut st = self
+                .tx
+                .prepare(
+                    "SELECT assignment_id FROM task_machines WHERE machine_id = ?1
+                     AND cancel_requested = 1 AND cancel_delivered = 0
+                     AND state IN ('DISPATCHED', 'RUNNING')",
+                )
+                .ctx("polling")?;
+            let rows = st
+                .query_map(params![machine_id], |r| r.get(0))
+                .ctx("polling")?;
+            rows.collect::<Result<_, _>>().ctx("polling")?
+        };
+        Ok((out, cancels))
+    }
+
+    pub fn ack(
+        &mut self,
+        machine_id: &str,
+        assignments: &[String],
+        cancels: &[String],
+    ) -> Result<(), StoreError> {
+        for a in assignments {
+            self.tx
+                .execute(
+                    "UPDATE task_machines SET delivered = 1
+                     WHERE machine_id = ?1 AND assignment_id = ?2",
+                    params![machine_id, a],
+                )
+                .ctx("acknowledging an assignment")?;
+        }
+        for a in cancels {
+            self.tx
+                .execute(
+                    "UPDATE task_machines SET cancel_delivered = 1
+                     WHERE machine_id = ?1 AND assignment_id = ?2",
+                    params![machine_id, a],
+                )
+                .ctx("acknowledging a cancellation")?;
+        }
+        Ok(())
+    }
+
+    /// Records an idempotency key; `false` if it had been applied before.
+    pub fn claim_event(
+        &mut self,
+        machine_id: &str,
+        key: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .tx
+            .execute(
+                "INSERT INTO applied_events (machine_id, idempotency_key, applied_ms)
+                 VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                params![machine_id, key, now_ms],
+            )
+            .ctx("recording an event key")?;
+        Ok(n == 1)
+    }
+
+    pub fn mark_running(
+        &mut self,
+        assignment_id: &str,
+        started_at: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "UPDATE task_machines SET state = 'RUNNING', delivered = 1, started_at = ?2,
+                    started_received_ms = ?3
+                 WHERE assignment_id = ?1 AND state IN ('PENDING', 'DISPATCHED')",
+                params![assignment_id, started_at, now_ms],
+            )
+            .ctx("marking a machine running")?;
+        Ok(())
+    }
+
+    pub fn set_final(
+        &mut self,
+        assignment_id: &str,
+        state: MachineState,
+        o: &Outcome,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "UPDATE task_machines SET state = ?2, delivered = 1, exit_code = ?3, stdout = ?4,
+                    stderr = ?5, output_truncated = ?6, started_at = COALESCE(?7, started_at),
+                    finished_at = ?8, error_code = ?9, error_msg = ?10
+                 WHERE assignment_id = ?1",
+                params![
+                    assignment_id,
+                    state.as_str(),
+                    o.exit_code.map(i64::from),
+                    o.stdout,
+                    o.stderr,
+                    i64::from(o.output_truncated),
+                    o.started_at,
+                    o.finished_at,
+                    o.error_code,
+                    o.error_msg
+                ],
+            )
+            .ctx("recording a result")?;
+        Ok(())
+    }
+
+    /// Machines of active or cancelled tasks that an agent should be working on:
+    /// `(machine row, task timeout seconds)`.
+    pub fn in_flight(&mut self) -> Result<Vec<InFlight>, StoreError> {
+        let mut st = self
+            .tx
+            .prepare(&format!(
+                "SELECT {}, t.timeout_seconds, t.power_json, t.kind FROM task_machines tm
+                 JOIN tasks t ON t.task_id = tm.task_id
+                 WHERE tm.state IN ('DISPATCHED', 'RUNNING')",
+                TM_COLS
+                    .split(", ")
+                    .map(|c| format!("tm.{}", c.trim()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .ctx("scanning in-flight machines")?;
+        let rows = st
+            .query_map([], |r| {
+                // timeout_seconds follows the task-machine columns.
+                let at = TM_COLS.split(',').count();
+                Ok((
+                    tm_row(r)?,
+                    r.get::<_, i64>(at)? as u64,
+                    r.get::<_, Option<String>>(at + 1)?,
+                    r.get::<_, String>(at + 2)?,
+                ))
+            })
+            .ctx("scanning in-flight machines")?;
+        let pairs: Vec<_> = rows
+            .collect::<Result<_, _>>()
+            .ctx("scanning in-flight machines")?;
+        pairs
+            .into_iter()
+            .map(|(p, timeout_seconds, power_json, kind)| {
+                Ok(InFlight {
+                    row: finish_tm(p)?,
+                    timeout_seconds,
+                    power_json,
+                    kind,
+                })
+            })
+            .collect()
+    }
+
+    /// Records progress unless a newer one (higher `seq`) is already stored.
+    pub fn set_progress(
+        &mut self,
+        assignment_id: &str,
+        seq: u64,
+        json: &str,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "UPDATE task_machines SET progress_seq = ?2, progress_json = ?3
+                 WHERE assignment_id = ?1 AND progress_seq < ?2",
+                params![assignment_id, seq as i64, json],
+            )
+            .ctx("saving progress")?;
+        Ok(())
+    }
+
+    /// Whether an in-flight assignment of `machine_id` references blob `sha256`.
+    pub fn assigned_blob(&mut self, machine_id: &str, sha256: &str) -> Result<bool, StoreError> {
+        // Payload JSON holds the digest as a quoted string; 64 hex digits cannot collide
+        // with any other field.
+        let needle = format!("\"{sha256}\"");
+        self.tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM task_machines tm JOIN tasks t ON t.task_id = tm.task_id
+                 LEFT JOIN assignment_payloads ap ON ap.assignment_id = tm.assignment_id
+                 WHERE tm.machine_id = ?1 AND tm.state IN ('DISPATCHED', 'RUNNING')
+                 AND (instr(t.scripts_json, ?2) > 0 OR instr(COALESCE(ap.payload_json, ''), ?2) > 0))",
+                params![machine_id, needle],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|v| v != 0)
+            .ctx("checking a blob download")
+    }
+
+    pub fn set_power_state(
+        &mut self,
+        assignment_id: &str,
+        phase: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "UPDATE task_machines SET power_state = ?2, power_ms = ?3 WHERE assignment_id = ?1",
+                params![assignment_id, phase, now_ms],
+            )
+            .ctx("saving a power step")?;
+        Ok(())
+    }
+}
