@@ -23,7 +23,8 @@
 //!   quickstart's daemons), `power` commands, user `sessions`
 //!   (logind or utmp), systemd `notify`, `clock`, `bootid`, host `facts`, crash-safe
 //!   file writes (`fsutil`).
-//! - [`controller`]: `serve` (router, with the route table `ROUTES`), the one error shape
+//! - [`controller`]: `serve` and `run`, the `router` (the checks every request passes, and
+//!   the route table `ROUTES`), the background `loops`, the one error shape
 //!   and body parser (`errors`, a leaf), global `settings`, task `kinds` (a leaf), the
 //!   operator API (`api`), the agent protocol (`agent_api`), `progress` (the thin layer
 //!   above the engine that lets image operations observe what changed a task), fleet `identity` (enrollment tokens, enroll and renew, operator moves,

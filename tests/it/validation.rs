@@ -257,7 +257,7 @@ fn one_error_vocabulary_and_405_for_a_known_path() {
         "{v}"
     );
     // Every route the table names is served for its method (never 405 or "no route").
-    for (m, pattern) in fieldhand::controller::ROUTES {
+    for (m, pattern) in fieldhand::controller::router::ROUTES {
         if !pattern.starts_with("v1/") {
             continue;
         }

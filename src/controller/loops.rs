@@ -1,0 +1,119 @@
+//! The controller's background loops: resuming tasks at start, the push schedule, the
+//! unreachable-machine reaper, revocation reloads and blob collection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{engine, images, progress, store, Controller};
+use crate::sys::clock;
+
+pub(super) async fn resume_tasks(ctl: &Controller) -> Result<(), store::StoreError> {
+    let now = clock::unix_ms(clock::now());
+    let wake = ctl
+        .store
+        .tx(move |tx| {
+            let mut wake = Vec::new();
+            for t in tx.unfinished_tasks()? {
+                engine::advance(tx, &t, now, &mut wake)?;
+            }
+            Ok::<_, store::StoreError>(wake)
+        })
+        .await?;
+    ctl.wake(&wake);
+    Ok(())
+}
+
+/// How often scheduled pushes are checked for their start time.
+const SCHEDULE_EVERY: Duration = Duration::from_millis(250);
+
+/// Starts scheduled image pushes when their start time comes.
+pub(super) async fn schedule_loop(ctl: Arc<Controller>) {
+    let mut tick = tokio::time::interval(SCHEDULE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = clock::unix_ms(clock::now());
+        let res = ctl
+            .store
+            .tx(move |tx| {
+                let mut wake = Vec::new();
+                images::tick(tx, now, &mut wake)?;
+                Ok::<_, store::StoreError>(wake)
+            })
+            .await;
+        match res {
+            Ok(wake) => ctl.wake(&wake),
+            Err(e) => tracing::error!(error = %e, "image scheduler failed; retrying"),
+        }
+    }
+}
+
+/// Removes blobs nothing refers to once they are older than `blob_retention_seconds`.
+pub(super) async fn blob_gc_loop(ctl: Arc<Controller>) {
+    let every =
+        (ctl.cfg.blobs.retention / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let referenced = match ctl.referenced_blobs().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e.msg, "blob collection cannot read references; retrying");
+                continue;
+            }
+        };
+        for (sha, size) in ctl.blobs.expired(&referenced) {
+            match ctl.blobs.remove(&sha) {
+                Ok(_) => tracing::info!(sha256 = %sha, size, "removed a blob nothing refers to"),
+                Err(e) => tracing::warn!(sha256 = %sha, error = %e.msg, "cannot remove a blob"),
+            }
+        }
+    }
+}
+
+/// Reloads revocations every second, so one made through another controller sharing the
+/// database holds here within a second too.
+pub(super) async fn revocation_loop(ctl: Arc<Controller>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = ctl.revoked.refresh(&ctl.store).await {
+            tracing::error!(error = %e, "cannot reload revocations; retrying");
+        }
+    }
+}
+
+pub(super) async fn reap_loop(ctl: Arc<Controller>) {
+    let grace = ctl.cfg.unreachable_grace;
+    tokio::time::sleep(grace.max(ctl.cfg.offline_after)).await;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = clock::unix_ms(clock::now());
+        let (grace_ms, offline_ms, reboot_ms) = (
+            grace.as_millis() as i64,
+            ctl.cfg.offline_after.as_millis() as i64,
+            ctl.cfg.reboot_grace.as_millis() as i64,
+        );
+        let res = ctl
+            .store
+            .tx(move |tx| {
+                let mut wake = Vec::new();
+                let n = progress::reap(tx, now, grace_ms, offline_ms, reboot_ms, &mut wake)?;
+                Ok::<_, store::StoreError>((n, wake))
+            })
+            .await;
+        match res {
+            Ok((n, wake)) => {
+                if n > 0 {
+                    tracing::warn!(machines = n, "declared silent machines unreachable");
+                }
+                ctl.wake(&wake);
+            }
+            Err(e) => tracing::error!(error = %e, "reaper failed; retrying"),
+        }
+    }
+}
