@@ -27,7 +27,8 @@
 //!   the route table `ROUTES`), the background `loops`, the one error shape
 //!   and body parser (`errors`, a leaf), global `settings`, task `kinds` (a leaf), the
 //!   operator API (`api`), the agent protocol (`agent_api`), `progress` (the thin layer
-//!   above the engine that lets image operations observe what changed a task), fleet `identity` (enrollment tokens, enroll and renew, operator moves,
+//!   above the engine that lets image operations observe what changed a task), fleet
+//!   `identity` (enrollment tokens, enroll and renew, operator moves,
 //!   decommission and revocation, and the gate every agent request passes: revoked,
 //!   decommissioned, two live sessions of one identity), the pure rollout rules
 //!   of gray batches (`rollout`), the `engine` that advances tasks, the SQLite `store` (its
@@ -49,7 +50,8 @@
 //!   (software and image staging), `logoff` (logoff policies), `image` (the steps of an
 //!   image apply: activate, health check, verify, undo; a rebuild's
 //!   fresh slot and its data area moved aside until the commit), the `link` to
-//!   the controller (long poll, heartbeat, events, progress) and the local `status` socket.
+//!   the controller (long poll, heartbeat, events, progress), the jittered `backoff` of
+//!   every retry loop (link, enrollment, renewal), and the local `status` socket.
 //! - [`daemon`], [`exit`]: logging, shutdown signals and exit codes shared by the binaries.
 //!
 //! Entry points: `src/bin/fieldhand.rs` (`agent`, `status`, `seal`) and

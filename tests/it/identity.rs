@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use http::Method;
 use serde_json::{json, Value};
 
-use crate::support::{machine_of, run, wait_until, Agent, Certs, Env, AGENT};
+use crate::support::{machine_ids, machine_of, run, wait_until, Agent, Certs, Env, AGENT};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -222,13 +222,7 @@ fn a_machine_never_chooses_its_pool_or_receives_another_pools_work() {
     );
     let t = op.wait_task(&task, T);
     assert_eq!(t["state"], "SUCCEEDED", "{t:#}");
-    let ids: Vec<_> = t["machines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["machine_id"].clone())
-        .collect();
-    assert_eq!(ids, vec![json!("o1")]);
+    assert_eq!(machine_ids(&t), ["o1"], "{t:#}");
     assert_eq!(runs_of(&log, &task).len(), 1);
     // An operator moves it; then, and only then, it gets that pool's work.
     let (s, v) = op.put("/v1/machines/liar/pool", json!({"pool_id": "other"}));
@@ -568,13 +562,7 @@ fn decommission_and_revocation_hold_on_every_route_and_survive_a_restart() {
         json!({"command_content": "true", "command_type": "sh"}),
     );
     let t = op.wait_task(&next, T);
-    let ids: Vec<_> = t["machines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["machine_id"].clone())
-        .collect();
-    assert_eq!(ids, vec![json!("m2")]);
+    assert_eq!(machine_ids(&t), ["m2"], "{t:#}");
     let st = wait_until("the agent to see it", T, || {
         let st = m1.status();
         (st["identity"]["phase"] == "revoked").then_some(st)

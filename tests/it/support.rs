@@ -355,6 +355,16 @@ impl Client<'_> {
     }
 }
 
+/// The ids of the machines a task ran on, in the order the controller lists them.
+pub fn machine_ids(task: &Value) -> Vec<&str> {
+    task["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["machine_id"].as_str().unwrap())
+        .collect()
+}
+
 pub fn machine_of<'a>(task: &'a Value, id: &str) -> &'a Value {
     task["machines"]
         .as_array()
