@@ -5,7 +5,11 @@
 //! # Code map, in reading order
 //!
 //! - [`proto`]: every wire type (agent protocol, operator API, status socket, the agent's
-//!   on-disk records, raw config files). Start here: it is the contract.
+//!   on-disk records, raw config files). Start here: it is the contract. `proto::domain`
+//!   holds the closed vocabularies as enums that keep their wire text: task kinds, task,
+//!   batch, machine and run states, power and logoff steps, seed 001's image states and
+//!   pool operations, and the one `ErrorCode`. An assignment is one `Work` enum (scripts,
+//!   software stage, image stage, apply, remove), flattened on the wire as in 0.1.0.
 //! - [`config`]: raw TOML (`deny_unknown_fields`) into validated configs; errors name the key.
 //! - [`pki`]: the fleet's root CA and the issuing CA the controller signs enrollments and
 //!   renewals with, certificate issuance (a pool may be bound at issue time), CSRs, and
@@ -25,7 +29,7 @@
 //!   file writes (`fsutil`).
 //! - [`controller`]: `serve` and `run`, the `router` (the checks every request passes, and
 //!   the route table `ROUTES`), the background `loops`, the one error shape
-//!   and body parser (`errors`, a leaf), global `settings`, task `kinds` (a leaf), the
+//!   and body parser (`errors`, a leaf), global `settings`, the
 //!   operator API (`api`), the agent protocol (`agent_api`), `progress` (the thin layer
 //!   above the engine that lets image operations observe what changed a task), fleet
 //!   `identity` (enrollment tokens, enroll and renew, operator moves,
@@ -33,20 +37,24 @@
 //!   decommissioned, two live sessions of one identity), the pure rollout rules
 //!   of gray batches (`rollout`), the `engine` that advances tasks, the SQLite `store` (its
 //!   `migrate` steps; `tasks`, `images`, `software`, `identity` tables; `blobrefs`: what
-//!   refers to blobs), the blob store (`blobs`: bounded uploads, deletion, retention),
+//!   refers to blobs; `columns`: the domain enums stored as their wire text), the blob store (`blobs`: bounded uploads, deletion, retention),
 //!   desired software by commit (`software`), images (`images`: the `registry`, `push`
 //!   with schedule/reschedule/cancel and unpublish, `pool_op` (the pool operation moved on
 //!   from its tasks) and `views` (the provisioning status), as three ordinary tasks per
 //!   push driven by one `pool_images` row), desktop
 //!   `rebuild` (seed 003: per-desktop codes, one `image_rebuild` task whose assignments each
 //!   carry their own image payload), and the `quickstart`.
-//! - [`agent`]: `run`: one core task owning the state, the pure state machine
-//!   (`machine::step`; a run's phase is kept as the on-disk `proto::state::PhaseRecord`),
+//! - [`agent`]: `run` (start-up wiring), the `core` task owning the state and performing
+//!   effects, the pure state machine (`machine::step`, which dispatches to one handler per
+//!   event in `machine::handlers`; `machine::validate` refuses bad work before it is
+//!   queued; `machine::bookkeeping` is what handlers share; a run's phase is kept as the
+//!   on-disk `proto::state::PhaseRecord`), the `instance` id and `seal`,
 //!   the durable state file and outbox (`store`), the machine's `identity` (enroll with a
 //!   token, renew, re-enroll a cloned identity, the crash-safe key and certificate swap),
 //!   the `executor` (dispatch by kind, and scripts), `runner` (the low-level run of one
-//!   process: settings, reports, clean environment, its cgroup), `codes` (result codes and
-//!   image step numbers, a leaf), `layout` (the image directories and links), `stage`
+//!   process: settings, reports, clean environment, its cgroup), `codes` (limits, image step numbers and
+//!   `Failure`, the typed error every agent step returns: an `ErrorCode` and a message; a
+//!   leaf), `layout` (the image directories and links), `stage`
 //!   (software and image staging), `logoff` (logoff policies), `image` (the steps of an
 //!   image apply: activate, health check, verify, undo; a rebuild's
 //!   fresh slot and its data area moved aside until the commit), the `link` to
@@ -61,6 +69,8 @@
 //! # Architecture invariants
 //!
 //! - Only `proto` derives `Serialize`/`Deserialize`; internal types convert to and from it.
+//! - Kinds, states, policies and error codes are enums (`proto::domain`), and a match over
+//!   one names every variant: no catch-all arm hides a new one.
 //! - Only `sys` spawns processes, reads the boot id or reads the wall clock (checked by
 //!   `tests/it/tidy.rs`, and by clippy's `disallowed-methods` in `clippy.toml`).
 //! - Identity comes only from the verified peer certificate, never from a request field; an

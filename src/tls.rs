@@ -166,6 +166,7 @@ pub fn client_config_without_cert(ca: &Path) -> Result<Arc<rustls::ClientConfig>
 
 /// The identity bound in a certificate: exactly one fieldhand URI SAN, else none.
 /// Only meaningful for a certificate rustls has already verified against the CA.
+#[allow(clippy::wildcard_enum_match_arm)] // x509 GeneralName: only URIs name an identity
 pub fn identity_of(cert: &CertificateDer<'_>) -> Option<Identity> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let san = parsed.subject_alternative_name().ok()??;
@@ -197,6 +198,7 @@ pub struct CertInfo {
 }
 
 /// Reads identity, pool, serial and validity from a certificate (DER).
+#[allow(clippy::wildcard_enum_match_arm)] // x509 GeneralName: only URIs bind a pool
 pub fn cert_info(cert: &CertificateDer<'_>) -> Option<CertInfo> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let pool = parsed

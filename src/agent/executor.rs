@@ -10,13 +10,11 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use crate::proto::agent::{Assignment, AssignmentKind, RunResult};
+use crate::proto::agent::{Assignment, RunResult, Work};
+use crate::proto::domain::{ErrorCode, RunState};
 use crate::sys::clock;
 use crate::sys::process::{Capture, Ending, ScriptSpec};
 
-pub use super::codes::{
-    EXECUTION_TIMEOUT, KILLED_BY_SIGNAL, MEMORY_LIMIT_EXCEEDED, NON_ZERO_EXIT, SPAWN_FAILED,
-};
 pub use super::runner::{
     base_env, captured, interpreter, run_process, ExecReport, ExecSettings, Run, CAPTURE_HEAD,
     CAPTURE_TAIL, SCRIPT_PATH,
@@ -62,8 +60,8 @@ pub async fn run(
     let id = a.assignment_id.clone();
     let dir = settings.work_root.join(&id);
     let mut reboot_after = None;
-    let result = match a.kind {
-        AssignmentKind::ScriptExecution => {
+    let result = match &a.work {
+        Work::Scripts(_) => {
             let run = Run {
                 s: &settings,
                 a: &a,
@@ -72,10 +70,10 @@ pub async fn run(
             };
             execute(run, from, &mut cancel, started_at, &mut reboot_after).await
         }
-        AssignmentKind::SoftwareStage | AssignmentKind::ImageStage => {
+        Work::SoftwareStage(_) | Work::ImageStage { .. } => {
             super::stage::run(&settings, &a, &mut cancel, &reports, started_at).await
         }
-        AssignmentKind::ImageApply => {
+        Work::ImageApply(_) => {
             // Cancel is not passed on: once an image is being switched in, the step runs
             // to its end (the controller only cancels while users are being logged off).
             let run = Run {
@@ -86,13 +84,13 @@ pub async fn run(
             };
             super::image::apply(run, from, started_at, &mut reboot_after).await
         }
-        AssignmentKind::ImageRemove => super::image::remove(&settings, &a, started_at),
+        Work::ImageRemove(image) => super::image::remove(&settings, image, started_at),
         // Refused by `machine::validate` before it could be queued.
-        AssignmentKind::Unknown => RunResult {
-            error_code: Some(super::codes::INVALID_ASSIGNMENT.into()),
-            error_msg: Some("unknown assignment kind".into()),
+        Work::Invalid { why, .. } => RunResult {
+            error_code: Some(ErrorCode::InvalidAssignment),
+            error_msg: Some(why.clone()),
             ..captured(
-                "FAILED",
+                RunState::Failed,
                 &started_at,
                 &Capture::new(0, 0),
                 &Capture::new(0, 0),
@@ -125,14 +123,14 @@ async fn execute(
     let Run { s, a, dir, reports } = run;
     let mut stdout = Capture::new(CAPTURE_HEAD, CAPTURE_TAIL);
     let mut stderr = Capture::new(CAPTURE_HEAD, CAPTURE_TAIL);
-    let finish = |state: &str,
+    let finish = |state: RunState,
                   exit_code,
-                  code: Option<&str>,
+                  code: Option<ErrorCode>,
                   msg: Option<String>,
                   out: &Capture,
                   err: &Capture| RunResult {
         exit_code,
-        error_code: code.map(str::to_string),
+        error_code: code,
         error_msg: msg,
         ..captured(state, &started_at, out, err)
     };
@@ -141,9 +139,9 @@ async fn execute(
     if let Err(e) = crate::sys::fsutil::ensure_dir(dir, 0o700) {
         let msg = format!("cannot create work directory {}: {e}", dir.display());
         return finish(
-            "FAILED",
+            RunState::Failed,
             None,
-            Some(SPAWN_FAILED),
+            Some(ErrorCode::SpawnFailed),
             Some(msg),
             &stdout,
             &stderr,
@@ -151,10 +149,10 @@ async fn execute(
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_seconds);
     let mut last_exit = None;
-    for (i, script) in a.scripts.iter().enumerate().skip(from) {
+    for (i, script) in a.work.scripts().iter().enumerate().skip(from) {
         if *cancel.borrow() {
             return finish(
-                "CANCELLED",
+                RunState::Cancelled,
                 last_exit,
                 None,
                 Some("cancelled by the operator".into()),
@@ -165,9 +163,9 @@ async fn execute(
         let Some(program) = interpreter(&script.command_type) else {
             let msg = format!("unknown command_type {:?}", script.command_type);
             return finish(
-                "FAILED",
+                RunState::Failed,
                 None,
-                Some(SPAWN_FAILED),
+                Some(ErrorCode::SpawnFailed),
                 Some(msg),
                 &stdout,
                 &stderr,
@@ -177,9 +175,9 @@ async fn execute(
         if let Err(e) = write_script(&path, &script.content) {
             let msg = format!("cannot write script {}: {e}", path.display());
             return finish(
-                "FAILED",
+                RunState::Failed,
                 None,
-                Some(SPAWN_FAILED),
+                Some(ErrorCode::SpawnFailed),
                 Some(msg),
                 &stdout,
                 &stderr,
@@ -192,9 +190,9 @@ async fn execute(
                 a.timeout_seconds, script.name
             );
             return finish(
-                "TIMED_OUT",
+                RunState::TimedOut,
                 None,
-                Some(EXECUTION_TIMEOUT),
+                Some(ErrorCode::ExecutionTimeout),
                 Some(msg),
                 &stdout,
                 &stderr,
@@ -221,9 +219,9 @@ async fn execute(
             Ok(o) => o,
             Err(e) => {
                 return finish(
-                    "FAILED",
+                    RunState::Failed,
                     None,
-                    Some(SPAWN_FAILED),
+                    Some(ErrorCode::SpawnFailed),
                     Some(e.to_string()),
                     &stdout,
                     &stderr,
@@ -243,9 +241,9 @@ async fn execute(
                 Ending::TimedOut | Ending::Cancelled => None,
             };
             return finish(
-                "FAILED",
+                RunState::Failed,
                 exit,
-                Some(MEMORY_LIMIT_EXCEEDED),
+                Some(ErrorCode::MemoryLimitExceeded),
                 Some(msg),
                 &stdout,
                 &stderr,
@@ -260,7 +258,7 @@ async fn execute(
                     script.name
                 );
                 return finish(
-                    "SUCCEEDED",
+                    RunState::Succeeded,
                     Some(super::codes::EXIT_REBOOT),
                     None,
                     Some(msg),
@@ -271,9 +269,9 @@ async fn execute(
             Ending::Exited(code) => {
                 let msg = format!("script {:?} exited with code {code}", script.name);
                 return finish(
-                    "FAILED",
+                    RunState::Failed,
                     Some(code),
-                    Some(NON_ZERO_EXIT),
+                    Some(ErrorCode::NonZeroExit),
                     Some(msg),
                     &stdout,
                     &stderr,
@@ -282,9 +280,9 @@ async fn execute(
             Ending::Signaled(sig) => {
                 let msg = format!("script {:?} was killed by signal {sig}", script.name);
                 return finish(
-                    "FAILED",
+                    RunState::Failed,
                     Some(128 + sig),
-                    Some(KILLED_BY_SIGNAL),
+                    Some(ErrorCode::KilledBySignal),
                     Some(msg),
                     &stdout,
                     &stderr,
@@ -296,9 +294,9 @@ async fn execute(
                     script.name, a.timeout_seconds
                 );
                 return finish(
-                    "TIMED_OUT",
+                    RunState::TimedOut,
                     None,
-                    Some(EXECUTION_TIMEOUT),
+                    Some(ErrorCode::ExecutionTimeout),
                     Some(msg),
                     &stdout,
                     &stderr,
@@ -311,7 +309,7 @@ async fn execute(
                 );
                 // What the stop did to it (e.g. 143 for SIGTERM) stays visible.
                 return finish(
-                    "CANCELLED",
+                    RunState::Cancelled,
                     outcome.exit_code,
                     None,
                     Some(msg),
@@ -321,5 +319,5 @@ async fn execute(
             }
         }
     }
-    finish("SUCCEEDED", last_exit, None, None, &stdout, &stderr)
+    finish(RunState::Succeeded, last_exit, None, None, &stdout, &stderr)
 }

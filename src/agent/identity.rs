@@ -238,7 +238,13 @@ fn refused(what: &str, e: &NetError) -> String {
             error_msg,
             ..
         } => format!("{what} refused: {error_code}: {error_msg}"),
-        e => format!("{what} failed: {e}"),
+        e @ (NetError::BadUrl { .. }
+        | NetError::Connect { .. }
+        | NetError::Tls { .. }
+        | NetError::Http { .. }
+        | NetError::Timeout { .. }
+        | NetError::Decode { .. }
+        | NetError::Encode { .. }) => format!("{what} failed: {e}"),
     }
 }
 

@@ -31,15 +31,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use super::codes::{
-    ACTIVATE_HOOK, ACTIVATE_STEP, HEALTH_HOOK, HEALTH_STEP, IMAGE_ACTIVATE_FAILED,
-    IMAGE_HEALTH_CHECK_FAILED, IMAGE_IO_ERROR, IMAGE_NOT_STAGED, UNDO_STEP, VERIFY_STEP,
+    ACTIVATE_HOOK, ACTIVATE_STEP, HEALTH_HOOK, HEALTH_STEP, UNDO_STEP, VERIFY_STEP,
 };
 pub use super::layout::{
     cleanup, commit, current, hook, image_dir, image_of, previous, prune, remove_link, rollback,
     switch_to, CURRENT, PREVIOUS,
 };
 use super::runner::{self, ExecSettings, Run, CAPTURE_HEAD, CAPTURE_TAIL};
-use crate::proto::agent::{Assignment, ImageAssignment, ImageRecord, RunResult};
+use crate::proto::agent::{ImageAssignment, ImageRecord, RunResult};
+use crate::proto::domain::{CurrentImageState, ErrorCode, RunState};
 use crate::sys::clock;
 use crate::sys::process::{Capture, Ending, ScriptSpec};
 
@@ -77,10 +77,10 @@ impl HookRun {
 
 /// What the executor reports after an image step: the image `current` now holds, in
 /// `state` (the state machine adds the pending image).
-fn current_image(root: &Path, state: &str) -> ImageRecord {
+fn current_image(root: &Path, state: CurrentImageState) -> ImageRecord {
     let cur = current(root);
     ImageRecord {
-        current_image_state: cur.as_ref().map(|_| state.to_string()),
+        current_image_state: cur.as_ref().map(|_| state),
         current_image_id: cur.map(|c| image_of(&c)),
         ..ImageRecord::default()
     }
@@ -104,7 +104,7 @@ fn hook_env(run: &Run<'_>, dir: &str) -> Vec<(String, String)> {
     if let Some(prev) = previous(root) {
         env.push(("FIELDHAND_PREVIOUS_IMAGE_ID".into(), image_of(&prev)));
     }
-    if let Some(img) = &run.a.image {
+    if let Some(img) = run.a.work.image() {
         if let Some(lang) = &img.language {
             // Seed 003: the rebuild's language reaches the image as its locale.
             env.retain(|(k, _)| k != "LANG");
@@ -257,25 +257,29 @@ pub(super) async fn apply(
     let root = run.s.image_root.clone();
     let data_dir = run.s.data_dir.clone();
     let tag = run.a.assignment_id.clone();
-    let img: ImageAssignment = run.a.image.clone().unwrap_or_default();
+    let img: ImageAssignment = run.a.work.image().cloned().unwrap_or_default();
     let image_id = img.image_id.clone();
     // Where the image lives: its own id for a push, a fresh slot for a rebuild.
     let dir = img.slot.clone().unwrap_or_else(|| image_id.clone());
     let timeout = Duration::from_secs(run.a.timeout_seconds);
     let mut stdout = Capture::new(CAPTURE_HEAD, CAPTURE_TAIL);
     let mut stderr = Capture::new(CAPTURE_HEAD, CAPTURE_TAIL);
-    let report = |root: &Path, state: &str| current_image(root, state);
+    let report = |root: &Path, state: CurrentImageState| current_image(root, state);
     let finish = |ok: bool,
-                  code: Option<&str>,
+                  code: Option<ErrorCode>,
                   msg: String,
                   out: &Capture,
                   err: &Capture,
                   image: Option<ImageRecord>| RunResult {
-        error_code: code.map(str::to_string),
+        error_code: code,
         error_msg: Some(msg),
         image: image.map(Box::new),
         ..runner::captured(
-            if ok { "SUCCEEDED" } else { "FAILED" },
+            if ok {
+                RunState::Succeeded
+            } else {
+                RunState::Failed
+            },
             &started_at,
             out,
             err,
@@ -284,11 +288,11 @@ pub(super) async fn apply(
     let io_fail = |what: &str, e: io::Error| {
         finish(
             false,
-            Some(IMAGE_IO_ERROR),
+            Some(ErrorCode::ImageIoError),
             format!("cannot {what} under {}: {e}", root.display()),
             &Capture::new(0, 0),
             &Capture::new(0, 0),
-            Some(report(&root, "READY")),
+            Some(report(&root, CurrentImageState::Ready)),
         )
     };
     // Switches away from `dir` (to `previous`, or to nothing) and brings the data back.
@@ -313,10 +317,10 @@ pub(super) async fn apply(
         ACTIVATE_STEP => {
             if let Some(p) = &img.payload {
                 // A rebuild: the system area is extracted afresh into a new slot.
-                if let Err((code, msg)) =
+                if let Err(f) =
                     super::stage::stage_image_into(run.s, &dir, p, run.reports, &tag).await
                 {
-                    return finish(false, Some(&code), msg, &stdout, &stderr, None);
+                    return finish(false, Some(f.code), f.msg, &stdout, &stderr, None);
                 }
             }
             if !image_dir(&root, &dir).is_dir() {
@@ -324,7 +328,14 @@ pub(super) async fn apply(
                     "image {image_id} is not staged under {}; stage it first",
                     root.display()
                 );
-                return finish(false, Some(IMAGE_NOT_STAGED), msg, &stdout, &stderr, None);
+                return finish(
+                    false,
+                    Some(ErrorCode::ImageNotStaged),
+                    msg,
+                    &stdout,
+                    &stderr,
+                    None,
+                );
             }
             if img.empty_data {
                 if let Err(e) = data::move_aside(&data_dir, &tag) {
@@ -352,11 +363,11 @@ pub(super) async fn apply(
             let msg = format!("{what}; switched back, no reboot was needed");
             finish(
                 false,
-                Some(IMAGE_ACTIVATE_FAILED),
+                Some(ErrorCode::ImageActivateFailed),
                 msg,
                 &stdout,
                 &stderr,
-                Some(report(&root, "READY")),
+                Some(report(&root, CurrentImageState::Ready)),
             )
         }
         HEALTH_STEP => {
@@ -367,11 +378,11 @@ pub(super) async fn apply(
                 );
                 return finish(
                     false,
-                    Some(IMAGE_HEALTH_CHECK_FAILED),
+                    Some(ErrorCode::ImageHealthCheckFailed),
                     msg,
                     &stdout,
                     &stderr,
-                    Some(report(&root, "FAILED")),
+                    Some(report(&root, CurrentImageState::Failed)),
                 );
             }
             let h = run_hook(&run, &dir, HEALTH_HOOK, timeout).await;
@@ -396,7 +407,7 @@ pub(super) async fn apply(
                     msg,
                     &stdout,
                     &stderr,
-                    Some(report(&root, "READY")),
+                    Some(report(&root, CurrentImageState::Ready)),
                 );
             }
             let notes = match switch_back(&root) {
@@ -409,11 +420,11 @@ pub(super) async fn apply(
             *reboot_after = Some(HEALTH_STEP);
             finish(
                 false,
-                Some(IMAGE_HEALTH_CHECK_FAILED),
+                Some(ErrorCode::ImageHealthCheckFailed),
                 notes,
                 &stdout,
                 &stderr,
-                Some(report(&root, "READY")),
+                Some(report(&root, CurrentImageState::Ready)),
             )
         }
         VERIFY_STEP => {
@@ -430,19 +441,23 @@ pub(super) async fn apply(
                         format!(
                             "image {image_id} failed its health check and was rolled back; image {cur_id} is current again and {verdict} ({what})"
                         ),
-                        if healthy { "READY" } else { "FAILED" },
+                        if healthy {
+                            CurrentImageState::Ready
+                        } else {
+                            CurrentImageState::Failed
+                        },
                     )
                 }
                 None => (
                     format!(
                         "image {image_id} failed its health check and was rolled back; there is no previous image"
                     ),
-                    "READY",
+                    CurrentImageState::Ready,
                 ),
             };
             finish(
                 false,
-                Some(IMAGE_HEALTH_CHECK_FAILED),
+                Some(ErrorCode::ImageHealthCheckFailed),
                 msg,
                 &stdout,
                 &stderr,
@@ -460,11 +475,11 @@ pub(super) async fn apply(
             );
             finish(
                 false,
-                Some(super::codes::AGENT_RESTARTED),
+                Some(ErrorCode::AgentRestarted),
                 msg,
                 &stdout,
                 &stderr,
-                Some(report(&root, "READY")),
+                Some(report(&root, CurrentImageState::Ready)),
             )
         }
     }
@@ -472,14 +487,10 @@ pub(super) async fn apply(
 
 /// An `ImageRemove` assignment: drop a pending image (never the current or previous one),
 /// or every image (`remove_all`).
-pub(super) fn remove(s: &ExecSettings, a: &Assignment, started_at: String) -> RunResult {
+pub(super) fn remove(s: &ExecSettings, img: &ImageAssignment, started_at: String) -> RunResult {
     let root = &s.image_root;
-    let image_id = a
-        .image
-        .as_ref()
-        .map(|i| i.image_id.clone())
-        .unwrap_or_default();
-    let remove_all = a.image.as_ref().is_some_and(|i| i.remove_all);
+    let image_id = img.image_id.clone();
+    let remove_all = img.remove_all;
     let res: io::Result<String> = (|| {
         if remove_all {
             remove_link(root, CURRENT)?;
@@ -508,17 +519,21 @@ pub(super) fn remove(s: &ExecSettings, a: &Assignment, started_at: String) -> Ru
         ),
     };
     RunResult {
-        state: if ok { "SUCCEEDED" } else { "FAILED" }.into(),
+        state: if ok {
+            RunState::Succeeded
+        } else {
+            RunState::Failed
+        },
         exit_code: None,
         stdout: format!("{msg}\n"),
         stderr: String::new(),
         output_truncated: false,
         started_at: Some(started_at),
         finished_at: clock::now_rfc3339(),
-        error_code: (!ok).then(|| IMAGE_IO_ERROR.to_string()),
+        error_code: (!ok).then_some(ErrorCode::ImageIoError),
         error_msg: (!ok).then_some(msg),
         staged_commit: None,
-        image: Some(Box::new(current_image(root, "READY"))),
+        image: Some(Box::new(current_image(root, CurrentImageState::Ready))),
     }
 }
 

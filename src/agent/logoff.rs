@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
+use super::codes::Failure;
 use crate::proto::agent::PowerSpec;
+use crate::proto::domain::{ErrorCode, LogoffPolicy};
 use crate::proto::status::WaitingStatus;
 use crate::sys::clock;
 use crate::sys::sessions::{self, Session, SessionSource};
 
-pub const WAIT_FOR_LOGOFF_TIMEOUT: &str = "WAIT_FOR_LOGOFF_TIMEOUT";
-pub const FORCE_LOGOFF_FAILED: &str = "FORCE_LOGOFF_FAILED";
 /// WAIT_FOR_LOGOFF re-checks this often (the seed asks for at least every 5 s).
 const RECHECK: Duration = Duration::from_secs(1);
 
@@ -40,9 +40,9 @@ pub async fn run(
     spec: &PowerSpec,
     task_id: &str,
     waiting: &(dyn Fn(Option<WaitingStatus>) + Send + Sync),
-) -> Result<(), (String, String)> {
+) -> Result<(), Failure> {
     let since = clock::now();
-    let result = if spec.logoff_policy == "FORCE_LOGOFF" {
+    let result = if spec.logoff_policy == LogoffPolicy::ForceLogoff {
         force(src, spec, task_id, since, waiting).await
     } else {
         wait(src, spec, since, waiting).await
@@ -56,7 +56,7 @@ async fn wait(
     spec: &PowerSpec,
     since: OffsetDateTime,
     waiting: &(dyn Fn(Option<WaitingStatus>) + Send + Sync),
-) -> Result<(), (String, String)> {
+) -> Result<(), Failure> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(spec.logoff_timeout_seconds);
     loop {
         let now = list(src).await;
@@ -64,8 +64,8 @@ async fn wait(
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err((
-                WAIT_FOR_LOGOFF_TIMEOUT.into(),
+            return Err(Failure::new(
+                ErrorCode::WaitForLogoffTimeout,
                 format!(
                     "users were still logged in after logoff_timeout_seconds {} (WAIT_FOR_LOGOFF): {}",
                     spec.logoff_timeout_seconds,
@@ -88,7 +88,7 @@ async fn force(
     task_id: &str,
     since: OffsetDateTime,
     waiting: &(dyn Fn(Option<WaitingStatus>) + Send + Sync),
-) -> Result<(), (String, String)> {
+) -> Result<(), Failure> {
     let first = list(src).await;
     if first.is_empty() {
         return Ok(());
@@ -144,8 +144,8 @@ async fn force(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let left = list(src).await;
-    Err((
-        FORCE_LOGOFF_FAILED.into(),
+    Err(Failure::new(
+        ErrorCode::ForceLogoffFailed,
         format!("sessions survived a forced logoff: {}", names(&left)),
     ))
 }

@@ -1,13 +1,15 @@
-//! The agent daemon. One task (the core loop in this file) owns the state and applies a closed
+//! The agent daemon. One task (the core, in `core`) owns the state and applies a closed
 //! set of inputs through the pure state machine in [`machine`], then performs its effects in
 //! order. Around it: the link loops (poll, heartbeat, outbox delivery), the executor of the
 //! running assignment, and the status socket.
 
 pub mod backoff;
 pub mod codes;
+mod core;
 pub mod executor;
 pub mod identity;
 pub mod image;
+pub mod instance;
 pub mod layout;
 pub mod link;
 pub mod logoff;
@@ -20,21 +22,20 @@ pub mod store;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::config::agent::AgentConfig;
 use crate::pki::Role;
-use crate::proto::agent::ComponentProgress;
-use crate::proto::agent::{Assignment, AssignmentKind};
-use crate::proto::state::StateFile;
-use crate::proto::status::{RunningStatus, StatusReport, WaitingStatus};
-use crate::sys::clock;
+use crate::proto::agent::{Assignment, ComponentProgress};
+use crate::proto::status::{StatusReport, WaitingStatus};
 use executor::{ExecReport, ExecSettings};
 use link::{Link, LinkState};
-use machine::{AgentState, Effect, Event};
+use machine::{AgentState, Event};
 use store::{Outbox, StateStore};
+
+use self::core::{flush_outbox, Core};
+pub use instance::seal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -95,426 +96,8 @@ pub enum Input {
     Identity(String),
 }
 
-/// The core: owns the state and performs effects.
-struct Core {
-    state: AgentState,
-    store: StateStore,
-    outbox: Arc<Mutex<Outbox>>,
-    outbox_wake: Arc<Notify>,
-    exec: ExecSettings,
-    exec_tx: mpsc::Sender<Input>,
-    cancel: Option<(String, watch::Sender<bool>)>,
-    link: Arc<LinkState>,
-    identity: Arc<identity::IdentityState>,
-    controller_url: String,
-    /// Latest staging progress of the running assignment (not persisted); the link
-    /// forwards it to the controller, the status socket reads it here.
-    progress_tx: watch::Sender<Option<(String, Vec<ComponentProgress>)>>,
-    power: crate::config::agent::PowerSettings,
-    sessions: crate::sys::sessions::SessionSource,
-    /// What the running assignment waits for, and the task doing the waiting.
-    waiting: Option<(String, WaitingStatus)>,
-    side_task: Option<(String, tokio::task::JoinHandle<()>)>,
-}
-
 /// Progress of the running assignment, as the link forwards it.
 pub type ProgressFeed = watch::Receiver<Option<(String, Vec<ComponentProgress>)>>;
-
-impl Core {
-    /// Steps the machine and performs its effects; returns the acknowledgements it produced.
-    fn apply(&mut self, ev: Event) -> Result<(Vec<String>, Vec<String>), AgentError> {
-        let (next, effects) = machine::step(std::mem::take(&mut self.state), ev, clock::now());
-        self.state = next;
-        let mut acks = (Vec::new(), Vec::new());
-        for fx in effects {
-            match fx {
-                Effect::Persist => self.store.save(&StateFile::from(&self.state))?,
-                Effect::Emit(ev) => {
-                    let key = ev.idempotency_key.clone();
-                    self.outbox
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(ev)?;
-                    tracing::debug!(key, "event queued");
-                    self.outbox_wake.notify_one();
-                }
-                Effect::Start(a) => self.start(a, 0),
-                Effect::Resume { assignment, from } => self.start(assignment, from),
-                Effect::Logoff {
-                    assignment_id,
-                    spec,
-                } => self.logoff(assignment_id, spec),
-                Effect::Power {
-                    assignment_id,
-                    kind,
-                    deadline,
-                } => self.power(assignment_id, kind, deadline),
-                Effect::WaitReboot {
-                    assignment_id,
-                    deadline,
-                } => self.wait_reboot(assignment_id, deadline),
-                Effect::Cancel(id) => {
-                    match &self.cancel {
-                        Some((running, tx)) if *running == id => {
-                            tracing::info!(assignment_id = %id, "cancelling the running assignment");
-                            let _ = tx.send(true);
-                        }
-                        _ => {}
-                    }
-                    if let Some((sid, h)) = self.side_task.take() {
-                        if sid == id {
-                            h.abort();
-                        } else {
-                            self.side_task = Some((sid, h));
-                        }
-                    }
-                }
-                Effect::KillGroup(pgid) => {
-                    use nix::sys::signal::Signal;
-                    match crate::sys::process::kill_group(pgid, Signal::SIGKILL) {
-                        Ok(true) => tracing::warn!(
-                            pgid,
-                            "killed the process group left by an interrupted run"
-                        ),
-                        Ok(false) => {}
-                        Err(e) => {
-                            tracing::error!(pgid, error = %e, "cannot kill an interrupted run's process group")
-                        }
-                    }
-                }
-                Effect::Ack {
-                    assignments,
-                    cancels,
-                } => {
-                    acks.0.extend(assignments);
-                    acks.1.extend(cancels);
-                }
-            }
-        }
-        Ok(acks)
-    }
-
-    /// Whether an assignment runs or waits.
-    fn busy(&self) -> bool {
-        self.state.running.is_some() || !self.state.queue.is_empty()
-    }
-
-    /// One line for systemd's STATUS=.
-    fn summary(&self) -> String {
-        use crate::proto::status::{IdentityPhase, LinkPhase};
-        let link = match (self.identity.snapshot().phase, self.link.phase().0) {
-            (IdentityPhase::Enrolling, _) => "enrolling",
-            (IdentityPhase::CertificateInvalid, _) => "certificate not valid",
-            (IdentityPhase::Conflict, _) => "identity conflict: taking no work",
-            (IdentityPhase::Revoked, _) => "revoked: taking no work",
-            (IdentityPhase::Enrolled, LinkPhase::Connected) => "connected",
-            (IdentityPhase::Enrolled, LinkPhase::Connecting) => "connecting",
-            (IdentityPhase::Enrolled, LinkPhase::Unreachable) => "controller not reachable",
-        };
-        let work = match (&self.state.running, &self.waiting) {
-            (Some(r), Some((_, w))) => {
-                format!("task {}: waiting for {}", r.assignment.task_id, w.what)
-            }
-            (Some(r), None) => format!("running task {}", r.assignment.task_id),
-            (None, _) => "idle".into(),
-        };
-        format!("{work}; {} queued; {link}", self.state.queue.len())
-    }
-
-    fn set_waiting(&mut self, id: String, w: Option<WaitingStatus>) {
-        self.waiting = w.map(|w| (id, w));
-    }
-
-    /// Runs the logoff step in the background; it reports `LogoffDone`.
-    fn logoff(&mut self, id: String, spec: crate::proto::agent::PowerSpec) {
-        tracing::info!(assignment_id = %id, phase = "logoff", policy = %spec.logoff_policy, "ending user sessions before the next step");
-        let inputs = self.exec_tx.clone();
-        let src = self.sessions.clone();
-        let task_id = self.running_task_id();
-        let aid = id.clone();
-        let h = tokio::spawn(async move {
-            let w_inputs = inputs.clone();
-            let w_id = aid.clone();
-            let waiting = move |w: Option<WaitingStatus>| {
-                let _ = w_inputs.try_send(Input::Waiting(w_id.clone(), w));
-            };
-            let outcome = logoff::run(&src, &spec, &task_id, &waiting).await;
-            let _ = inputs
-                .send(Input::Event(Event::LogoffDone {
-                    assignment_id: aid,
-                    outcome,
-                }))
-                .await;
-        });
-        self.side_task = Some((id, h));
-    }
-
-    /// Announces, then runs the power command; reports `PowerIssued`/`PowerFailed`, and
-    /// `RebootTimeout` if this process is still alive at `deadline`.
-    fn power(
-        &mut self,
-        id: String,
-        kind: crate::proto::state::PowerKind,
-        deadline: time::OffsetDateTime,
-    ) {
-        use crate::proto::state::PowerKind;
-        let (argv, what) = match kind {
-            PowerKind::Stop => (
-                self.power.shutdown_command.clone(),
-                "the machine to shut down",
-            ),
-            PowerKind::Reboot => (self.power.reboot_command.clone(), "the machine to reboot"),
-        };
-        tracing::warn!(assignment_id = %id, phase = %kind, command = ?argv, "running the power command");
-        let inputs = self.exec_tx.clone();
-        let outbox = self.outbox.clone();
-        let wake = self.outbox_wake.clone();
-        let aid = id.clone();
-        self.wait_for(&id, what, deadline);
-        let h = tokio::spawn(async move {
-            // Give the announcement a few seconds to reach the controller, never longer.
-            wake.notify_one();
-            flush_outbox(&outbox, || true).await;
-            let ev = match crate::sys::power::run_command(&argv).await {
-                Ok(()) => Event::PowerIssued {
-                    assignment_id: aid.clone(),
-                },
-                Err(msg) => Event::PowerFailed {
-                    assignment_id: aid.clone(),
-                    msg,
-                },
-            };
-            let failed = matches!(ev, Event::PowerFailed { .. });
-            let _ = inputs.send(Input::Event(ev)).await;
-            if !failed {
-                reboot_timeout_at(deadline, aid, inputs).await;
-            }
-        });
-        self.side_task = Some((id, h));
-    }
-
-    /// After a restart in the same boot: keep waiting for the requested reboot.
-    fn wait_reboot(&mut self, id: String, deadline: time::OffsetDateTime) {
-        tracing::warn!(assignment_id = %id, deadline = %clock::rfc3339(deadline), "restarted while a reboot was pending; waiting for it");
-        self.wait_for(&id, "the machine to reboot", deadline);
-        let h = tokio::spawn(reboot_timeout_at(
-            deadline,
-            id.clone(),
-            self.exec_tx.clone(),
-        ));
-        self.side_task = Some((id, h));
-    }
-
-    fn wait_for(&mut self, id: &str, what: &str, deadline: time::OffsetDateTime) {
-        let status = WaitingStatus {
-            what: what.into(),
-            since: clock::now_rfc3339(),
-            until: Some(clock::rfc3339(deadline)),
-        };
-        self.waiting = Some((id.to_string(), status));
-    }
-
-    fn running_task_id(&self) -> String {
-        self.state
-            .running
-            .as_ref()
-            .map(|r| r.assignment.task_id.clone())
-            .unwrap_or_default()
-    }
-
-    fn start(&mut self, a: Assignment, from: usize) {
-        self.waiting = None;
-        let phase = match a.kind {
-            AssignmentKind::SoftwareStage | AssignmentKind::ImageStage => "staging",
-            AssignmentKind::ImageApply => "image step",
-            AssignmentKind::ImageRemove => "image removal",
-            AssignmentKind::ScriptExecution => "scripts",
-            AssignmentKind::Unknown => "unknown",
-        };
-        tracing::info!(task_id = %a.task_id, assignment_id = %a.assignment_id, phase, scripts = a.scripts.len(), from, "starting assignment");
-        let (tx, rx) = watch::channel(false);
-        self.cancel = Some((a.assignment_id.clone(), tx));
-        let (rtx, mut rrx) = mpsc::channel(8);
-        let inputs = self.exec_tx.clone();
-        // Forward executor reports into the core's single input queue.
-        tokio::spawn(async move {
-            while let Some(r) = rrx.recv().await {
-                if inputs.send(Input::Exec(r)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        tokio::spawn(executor::run(self.exec.clone(), a, from, rx, rtx));
-    }
-
-    fn status(&self) -> StatusReport {
-        let (connected, last_contact) = self.link.snapshot();
-        let (link, last_error) = self.link.phase();
-        let (events, results) = self
-            .outbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .counts()
-            .unwrap_or((0, 0));
-        let now = clock::now();
-        StatusReport {
-            machine_id: self.identity.machine_id(),
-            controller_url: self.controller_url.clone(),
-            connected,
-            link,
-            last_contact: last_contact.map(clock::rfc3339),
-            last_error,
-            identity: self.identity.snapshot(),
-            containment: self.exec.containment.describe(),
-            running: self.state.running.as_ref().map(|r| RunningStatus {
-                cancelling: r.cancel_requested,
-                assignment_id: r.assignment.assignment_id.clone(),
-                task_id: r.assignment.task_id.clone(),
-                started_at: r.started_at.clone(),
-                elapsed_seconds: clock::parse_rfc3339(&r.started_at)
-                    .map(|t| (now - t).whole_seconds().max(0) as u64)
-                    .unwrap_or(0),
-                waiting: self
-                    .waiting
-                    .as_ref()
-                    .filter(|(id, _)| *id == r.assignment.assignment_id)
-                    .map(|(_, w)| w.clone()),
-                components: self
-                    .progress_tx
-                    .borrow()
-                    .as_ref()
-                    .filter(|(id, _)| *id == r.assignment.assignment_id)
-                    .map(|(_, c)| c.clone())
-                    .unwrap_or_default(),
-            }),
-            staged_commit: self.state.staged_commit.clone(),
-            image: self.state.image.clone(),
-            pending_image_progress: self
-                .state
-                .running
-                .as_ref()
-                .filter(|r| r.assignment.kind == AssignmentKind::ImageStage)
-                .and_then(|r| {
-                    let feed = self.progress_tx.borrow();
-                    let (id, comps) = feed.as_ref()?;
-                    (*id == r.assignment.assignment_id)
-                        .then(|| comps.first().cloned())
-                        .flatten()
-                }),
-            queued: self.state.queue.len() as u32,
-            undelivered_events: events,
-            undelivered_results: results,
-            recent_results: self.state.recent.iter().cloned().collect(),
-        }
-    }
-
-    fn handle(&mut self, input: Input) -> Result<(), AgentError> {
-        match input {
-            Input::Offered(list, reply) => {
-                let (acks, _) = self.apply(Event::Offered(list))?;
-                let _ = reply.send(acks);
-            }
-            Input::Cancels(ids, reply) => {
-                let (_, acks) = self.apply(Event::CancelRequested(ids))?;
-                let _ = reply.send(acks);
-            }
-            Input::Exec(ExecReport::Spawned {
-                assignment_id,
-                pgid,
-            }) => {
-                self.apply(Event::Spawned {
-                    assignment_id,
-                    pgid,
-                })?;
-            }
-            Input::Exec(ExecReport::Progress {
-                assignment_id,
-                components,
-            }) => {
-                let still_running = self
-                    .state
-                    .running
-                    .as_ref()
-                    .is_some_and(|r| r.assignment.assignment_id == assignment_id);
-                if still_running {
-                    self.progress_tx
-                        .send_replace(Some((assignment_id, components)));
-                }
-            }
-            Input::Event(ev) => {
-                if matches!(ev, Event::LogoffDone { .. }) {
-                    self.waiting = None;
-                }
-                self.apply(ev)?;
-            }
-            Input::Waiting(id, w) => {
-                let current = self
-                    .state
-                    .running
-                    .as_ref()
-                    .is_some_and(|r| r.assignment.assignment_id == id);
-                if current {
-                    self.set_waiting(id, w);
-                }
-            }
-            Input::Exec(ExecReport::Finished {
-                assignment_id,
-                result,
-                reboot_after,
-            }) => {
-                self.progress_tx.send_replace(None);
-                let task_id = self.running_task_id();
-                tracing::info!(%assignment_id, %task_id, phase = "finished", state = %result.state, exit_code = ?result.exit_code, error_code = ?result.error_code, "assignment finished");
-                if self
-                    .cancel
-                    .as_ref()
-                    .is_some_and(|(id, _)| *id == assignment_id)
-                {
-                    self.cancel = None;
-                }
-                self.apply(Event::Finished {
-                    assignment_id,
-                    result,
-                    reboot_after,
-                })?;
-            }
-            Input::Status(reply) => {
-                let _ = reply.send(self.status());
-            }
-            Input::Identity(machine_id) => {
-                // Scripts started from now on see the id the controller knows this machine by.
-                self.exec.machine_id = machine_id;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Waits up to 3 s for the outbox to empty (the delivery loop does the sending), while
-/// `worth_waiting` holds. Never longer: a power step or a stop must not hang on the network.
-async fn flush_outbox(outbox: &Mutex<Outbox>, worth_waiting: impl Fn() -> bool) {
-    let until = tokio::time::Instant::now() + Duration::from_secs(3);
-    while tokio::time::Instant::now() < until && worth_waiting() {
-        let pending = Outbox::pending_events(outbox);
-        if pending == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Reports `RebootTimeout` at `deadline`, unless the process is gone by then (the reboot).
-async fn reboot_timeout_at(
-    deadline: time::OffsetDateTime,
-    id: String,
-    inputs: mpsc::Sender<Input>,
-) {
-    let left = (deadline - clock::now()).whole_milliseconds().max(0) as u64;
-    tokio::time::sleep(Duration::from_millis(left)).await;
-    let _ = inputs
-        .send(Input::Event(Event::RebootTimeout { assignment_id: id }))
-        .await;
-}
 
 /// Runs the agent until `shutdown` completes. Everything that can fail at start-up (certificate,
 /// directories, state, status socket) fails before any work is taken.
@@ -597,8 +180,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             path: boot_path.clone(),
             source,
         })?;
-    let instance = instance_id(&cfg.state_dir)?;
-    let session = format!("{instance}.{}", session_safe(&boot_id));
+    let instance = instance::instance_id(&cfg.state_dir)?;
+    let session = format!("{instance}.{}", instance::session_safe(&boot_id));
     let client = crate::net::client::HttpsClient::new(&cfg.controller_url, tls)?
         .with_header(
             http::header::HeaderName::from_static(crate::proto::agent::SESSION_HEADER),
@@ -706,11 +289,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             .iter()
             .map(|r| &r.assignment)
             .chain(core.state.queue.iter())
-            .flat_map(|a| {
-                let stage = a.stage.iter().flat_map(|s| s.components.iter());
-                let image = a.image.iter().filter_map(|i| i.payload.as_ref());
-                stage.chain(image).map(|c| c.sha256.clone())
-            })
+            .flat_map(|a| a.work.payloads().into_iter().map(|c| c.sha256.clone()))
             .collect();
         image::cleanup(&cfg.image_root);
         stage::cleanup(
@@ -805,7 +384,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     flush_outbox(&outbox_for_stop, || link_for_stop.snapshot().0).await;
     let _ = stop_tx.send(true);
     // Stopping the agent stops the running script too (as systemd's control-group kill would);
-    // its run stays recorded and is reported as AGENT_RESTARTED on the next start.
+    // its run stays recorded and is reported as ErrorCode::AgentRestarted on the next start.
     if let Some(pgid) = core.state.running.as_ref().and_then(|r| r.pgid) {
         let _ = crate::sys::process::kill_group(pgid, nix::sys::signal::Signal::SIGKILL);
     }
@@ -815,99 +394,6 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let _ = std::fs::remove_file(&cfg.socket_path);
     tracing::info!("agent stopped");
     result
-}
-
-/// The id of this state directory's agent: made once (random), kept across restarts and
-/// reboots, gone with `fieldhand seal`. Two agents behind one certificate differ in it (or in
-/// the boot id), which is how the controller tells them apart.
-fn instance_id(state_dir: &std::path::Path) -> Result<String, AgentError> {
-    let path = state_dir.join("instance-id");
-    if let Ok(s) = std::fs::read_to_string(&path) {
-        let s = s.trim();
-        if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric()) {
-            return Ok(s.to_string());
-        }
-    }
-    let mut b = [0u8; 12];
-    use ring::rand::SecureRandom;
-    ring::rand::SystemRandom::new()
-        .fill(&mut b)
-        .map_err(|_| AgentError::Dir {
-            path: path.clone(),
-            source: std::io::Error::other("the system random source failed"),
-        })?;
-    let id = hex::encode(b);
-    crate::sys::fsutil::atomic_write(&path, format!("{id}\n").as_bytes(), 0o600)
-        .map_err(|source| AgentError::Dir { path, source })?;
-    Ok(id)
-}
-
-/// A boot id as it may stand in the session header (letters, digits, `-`).
-fn session_safe(boot_id: &str) -> String {
-    boot_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect()
-}
-
-/// The files `seal` removes: everything that makes this machine itself to the controller
-/// (certificate, key, instance id) and its record of work (state, outbox). Staged software,
-/// images and the data area stay: they are the golden image's content.
-pub fn seal(cfg: &AgentConfig) -> Result<Vec<PathBuf>, AgentError> {
-    let lock = cfg.state_dir.join("agent.lock");
-    let _guard = if cfg.state_dir.exists() {
-        Some(
-            crate::sys::fsutil::lock_exclusive(&lock).map_err(|e| match e {
-                crate::sys::fsutil::LockError::Held { pid, .. } => AgentError::Locked {
-                    dir: cfg.state_dir.clone(),
-                    pid,
-                },
-                e => AgentError::Lock(e),
-            })?,
-        )
-    } else {
-        None
-    };
-    let with = |p: &PathBuf, s: &str| {
-        let mut o = p.as_os_str().to_owned();
-        o.push(s);
-        PathBuf::from(o)
-    };
-    let mut candidates = vec![
-        cfg.tls.cert.clone(),
-        cfg.tls.key.clone(),
-        with(&cfg.tls.cert, ".new"),
-        with(&cfg.tls.key, ".new"),
-    ];
-    for name in [
-        "state.json",
-        "instance-id",
-        "outbox",
-        "outbox-rejected",
-        "work",
-    ] {
-        candidates.push(cfg.state_dir.join(name));
-    }
-    let mut removed = Vec::new();
-    for p in candidates {
-        let res = match std::fs::symlink_metadata(&p) {
-            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&p),
-            Ok(_) => std::fs::remove_file(&p),
-            Err(_) => continue,
-        };
-        res.map_err(|source| AgentError::Dir {
-            path: p.clone(),
-            source,
-        })?;
-        removed.push(p);
-    }
-    Ok(removed)
 }
 
 impl AgentError {

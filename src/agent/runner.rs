@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::proto::agent::{Assignment, RunResult};
+use crate::proto::domain::RunState;
 use crate::sys::clock;
 use crate::sys::process::{self, Capture, ScriptSpec};
 
@@ -72,9 +73,9 @@ pub enum ExecReport {
 }
 
 /// A result with the captured output of a run and no error yet.
-pub fn captured(state: &str, started_at: &str, out: &Capture, err: &Capture) -> RunResult {
+pub fn captured(state: RunState, started_at: &str, out: &Capture, err: &Capture) -> RunResult {
     RunResult {
-        state: state.into(),
+        state,
         exit_code: None,
         stdout: out.to_text(),
         stderr: err.to_text(),

@@ -9,15 +9,16 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
+use super::codes::Failure;
 use super::runner::{ExecReport, ExecSettings};
 use crate::payload::extract::{self, Limits};
 use crate::payload::fetch::{self, Cache, FetchError};
-use crate::proto::agent::{Assignment, ComponentProgress, PayloadRef, RunResult, StagePayload};
+use crate::proto::agent::{
+    Assignment, ComponentProgress, PayloadRef, RunResult, StagePayload, Work,
+};
+use crate::proto::domain::{ComponentPhase, ErrorCode, RunState};
 use crate::sys::{clock, facts, fsutil};
 
-pub const INSUFFICIENT_DISK_SPACE: &str = "INSUFFICIENT_DISK_SPACE";
-pub const TIMED_OUT: &str = "TIMED_OUT";
-const STAGING_IO_ERROR: &str = "STAGING_IO_ERROR";
 /// Progress goes to the core at most this often (the link reports it onwards).
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
@@ -30,25 +31,26 @@ pub fn payload_cache(state_dir: &Path) -> Cache {
     Cache::new(state_dir.join("payloads"))
 }
 
-struct Failure {
-    state: &'static str,
-    code: String,
-    msg: String,
-}
-
-impl Failure {
-    fn new(code: &str, msg: impl Into<String>) -> Self {
-        Failure {
-            state: "FAILED",
-            code: code.to_string(),
-            msg: msg.into(),
-        }
-    }
-}
-
 impl From<FetchError> for Failure {
     fn from(e: FetchError) -> Self {
         Failure::new(e.code(), e.to_string())
+    }
+}
+
+/// How a staging run that did not succeed ends: its state, code (none for a cancel) and why.
+struct Ended {
+    state: RunState,
+    code: Option<ErrorCode>,
+    msg: String,
+}
+
+impl From<Failure> for Ended {
+    fn from(f: Failure) -> Self {
+        Ended {
+            state: RunState::Failed,
+            code: Some(f.code),
+            msg: f.msg,
+        }
     }
 }
 
@@ -89,7 +91,7 @@ impl Progress {
                     .iter()
                     .map(|c| ComponentProgress {
                         name: c.name.clone(),
-                        phase: "PENDING".into(),
+                        phase: ComponentPhase::Pending,
                         bytes_done: 0,
                         bytes_total: c.size,
                     })
@@ -101,11 +103,11 @@ impl Progress {
         }
     }
 
-    fn set(&self, name: &str, phase: &str, done: u64, force: bool) {
+    fn set(&self, name: &str, phase: ComponentPhase, done: u64, force: bool) {
         {
             let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(c) = t.iter_mut().find(|c| c.name == name) {
-                c.phase = phase.to_string();
+                c.phase = phase;
                 c.bytes_done = done;
             }
         }
@@ -134,57 +136,66 @@ pub async fn run(
     started_at: String,
 ) -> RunResult {
     let finish =
-        |state: &str, code: Option<String>, msg: Option<String>, out: String, commit| RunResult {
-            state: state.into(),
-            exit_code: None,
-            stdout: out,
-            stderr: String::new(),
-            output_truncated: false,
-            started_at: Some(started_at.clone()),
-            finished_at: clock::now_rfc3339(),
-            error_code: code,
-            error_msg: msg,
-            staged_commit: commit,
-            image: None,
+        |state: RunState, code: Option<ErrorCode>, msg: Option<String>, out: String, commit| {
+            RunResult {
+                state,
+                exit_code: None,
+                stdout: out,
+                stderr: String::new(),
+                output_truncated: false,
+                started_at: Some(started_at.clone()),
+                finished_at: clock::now_rfc3339(),
+                error_code: code,
+                error_msg: msg,
+                staged_commit: commit,
+                image: None,
+            }
         };
     // What to stage: a software commit, or an image into its directory.
-    let image = a.image.as_ref().and_then(|img| {
-        let dir = img.slot.as_deref().unwrap_or(&img.image_id);
-        Some((dir, img.payload.as_ref()?))
-    });
-    let components: &[PayloadRef] = match (&a.stage, image) {
-        (Some(stage), _) => &stage.components,
-        (None, Some((_, p))) => std::slice::from_ref(p),
-        (None, None) => {
+    let (stage, image) = match &a.work {
+        Work::SoftwareStage(stage) => (Some(stage), None),
+        Work::ImageStage { image, payload } => {
+            let dir = image.slot.as_deref().unwrap_or(&image.image_id);
+            (None, Some((dir, payload)))
+        }
+        Work::Scripts(_) | Work::ImageApply(_) | Work::ImageRemove(_) | Work::Invalid { .. } => {
             return finish(
-                "FAILED",
-                Some("INVALID_ASSIGNMENT".into()),
-                Some("no stage payload".into()),
+                RunState::Failed,
+                Some(ErrorCode::InvalidAssignment),
+                Some("not a staging assignment".into()),
                 String::new(),
                 None,
             )
         }
     };
+    let components: &[PayloadRef] = match (stage, image) {
+        (Some(stage), _) => &stage.components,
+        (None, Some((_, p))) => std::slice::from_ref(p),
+        (None, None) => &[],
+    };
     let progress = Progress::new(&a.assignment_id, components, reports);
     let timeout = Duration::from_secs(a.timeout_seconds);
     let work = async {
-        match (&a.stage, image) {
+        match (stage, image) {
             (Some(stage), _) => stage_commit(s, stage, &progress).await,
             (None, Some((dir, p))) => stage_image(s, dir, p, &progress).await,
-            (None, None) => unreachable!("returned above"),
+            (None, None) => Err(Failure::new(
+                ErrorCode::InvalidAssignment,
+                "nothing to stage",
+            )),
         }
     };
     tokio::pin!(work);
     let stopped_by = tokio::select! {
-        r = &mut work => Ok(r),
-        _ = tokio::time::sleep(timeout) => Err(Failure {
-            state: "TIMED_OUT",
-            code: TIMED_OUT.into(),
+        r = &mut work => Ok(r.map_err(Ended::from)),
+        _ = tokio::time::sleep(timeout) => Err(Ended {
+            state: RunState::TimedOut,
+            code: Some(ErrorCode::TimedOut),
             msg: format!("staging did not finish within timeout_seconds {}", a.timeout_seconds),
         }),
-        _ = cancel.wait_for(|c| *c) => Err(Failure {
-            state: "CANCELLED",
-            code: String::new(),
+        _ = cancel.wait_for(|c| *c) => Err(Ended {
+            state: RunState::Cancelled,
+            code: None,
             msg: "cancelled by the operator".into(),
         }),
     };
@@ -215,16 +226,13 @@ pub async fn run(
         }
     };
     // Leave nothing half-built behind; completed downloads stay cached for a retry.
-    if let Some(stage) = &a.stage {
+    if let Some(stage) = stage {
         let _ = std::fs::remove_dir_all(partial_dir(s, &stage.commit));
     }
-    let commit = a.stage.as_ref().map(|st| st.commit.clone());
+    let commit = stage.map(|st| st.commit.clone());
     match outcome {
-        Ok(summary) => finish("SUCCEEDED", None, None, summary, commit),
-        Err(f) => {
-            let code = (!f.code.is_empty()).then_some(f.code);
-            finish(f.state, code, Some(f.msg), String::new(), None)
-        }
+        Ok(summary) => finish(RunState::Succeeded, None, None, summary, commit),
+        Err(e) => finish(e.state, e.code, Some(e.msg), String::new(), None),
     }
 }
 
@@ -250,7 +258,7 @@ async fn unpack(
     progress: &Progress,
 ) -> Result<(), Failure> {
     let name = &c.name;
-    progress.set(name, "EXTRACTING", 0, true);
+    progress.set(name, ComponentPhase::Extracting, 0, true);
     // What the archive may write: its declared size (plus a small tolerance), never more
     // than the configured cap.
     let cap = match c.unpacked_size {
@@ -267,7 +275,7 @@ async fn unpack(
     let (blob2, dest2, name2) = (blob.clone(), dest.to_path_buf(), name.to_string());
     let p = progress.clone();
     tokio::task::spawn_blocking(move || {
-        let mut report = |done: u64| p.set(&name2, "EXTRACTING", done, false);
+        let mut report = |done: u64| p.set(&name2, ComponentPhase::Extracting, done, false);
         let guard = extract::Guard {
             cancel: &p.stop,
             reserve_bytes: reserve,
@@ -275,7 +283,12 @@ async fn unpack(
         extract::extract_tar_gz(&blob2, &dest2, &limits, &guard, &mut report)
     })
     .await
-    .map_err(|e| Failure::new(STAGING_IO_ERROR, format!("extraction task failed: {e}")))?
+    .map_err(|e| {
+        Failure::new(
+            ErrorCode::StagingIoError,
+            format!("extraction task failed: {e}"),
+        )
+    })?
     .map_err(|e| Failure::new(e.code(), format!("payload {name:?}: {e}")))?;
     let _ = std::fs::remove_file(&blob);
     Ok(())
@@ -290,10 +303,10 @@ async fn download(
     progress: &Progress,
 ) -> Result<PathBuf, Failure> {
     let (name, p) = (c.name.clone(), progress.clone());
-    let mut report = move |done: u64| p.set(&name, "DOWNLOADING", done, false);
+    let mut report = move |done: u64| p.set(&name, ComponentPhase::Downloading, done, false);
     tokio::select! {
         r = fetch::fetch(&s.client, cache, c, settings, &mut report) => Ok(r?),
-        _ = stopped(&progress.stop) => Err(Failure::new("CANCELLED", "download stopped")),
+        _ = stopped(&progress.stop) => Err(Failure::new(ErrorCode::Cancelled, "download stopped")),
     }
 }
 
@@ -306,7 +319,7 @@ async fn stage_commit(
     let dest = root.join(&stage.commit);
     let io = |what: &str, p: &Path, e: std::io::Error| {
         Failure::new(
-            STAGING_IO_ERROR,
+            ErrorCode::StagingIoError,
             format!("cannot {what} {}: {e}", p.display()),
         )
     };
@@ -327,7 +340,7 @@ async fn stage_commit(
     };
     if dest.is_dir() {
         for c in &stage.components {
-            progress.set(&c.name, "STAGED", c.size, false);
+            progress.set(&c.name, ComponentPhase::Staged, c.size, false);
         }
         return Ok(summary(stage));
     }
@@ -357,7 +370,7 @@ async fn stage_commit(
                 .map_err(|e| io("chmod", &file, e))?;
             fsutil::fsync_dir(&target).map_err(|e| io("sync", &target, e))?;
         }
-        progress.set(&c.name, "STAGED", c.size, true);
+        progress.set(&c.name, ComponentPhase::Staged, c.size, true);
     }
     std::fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .map_err(|e| io("chmod", &work, e))?;
@@ -368,19 +381,17 @@ async fn stage_commit(
     Ok(summary(stage))
 }
 
-/// Stages an image into `image_root/<dir>` for a rebuild's first step; errors are
-/// `(error_code, message)`. Progress goes to the core like a stage assignment's.
+/// Stages an image into `image_root/<dir>` for a rebuild's first step. Progress goes to the
+/// core like a stage assignment's.
 pub(super) async fn stage_image_into(
     s: &ExecSettings,
     dir: &str,
     p: &PayloadRef,
     reports: &mpsc::Sender<ExecReport>,
     assignment_id: &str,
-) -> Result<String, (String, String)> {
+) -> Result<String, Failure> {
     let progress = Progress::new(assignment_id, std::slice::from_ref(p), reports);
-    stage_image(s, dir, p, &progress)
-        .await
-        .map_err(|f| (f.code, f.msg))
+    stage_image(s, dir, p, &progress).await
 }
 
 /// Downloads and unpacks an image into `image_root/<dir>` (one rename when complete).
@@ -395,7 +406,7 @@ async fn stage_image(
     let root = &s.image_root;
     let io = |what: &str, path: &Path, e: std::io::Error| {
         Failure::new(
-            STAGING_IO_ERROR,
+            ErrorCode::StagingIoError,
             format!("cannot {what} {}: {e}", path.display()),
         )
     };
@@ -407,7 +418,7 @@ async fn stage_image(
         dest.display()
     );
     if dest.is_dir() {
-        progress.set(&p.name, "STAGED", p.size, false);
+        progress.set(&p.name, ComponentPhase::Staged, p.size, false);
         return Ok(summary);
     }
     super::layout::prune(root, &[dir]);
@@ -419,7 +430,7 @@ async fn stage_image(
     let blob = download(s, &cache, p, &fetch_settings, progress).await?;
     unpack(s, blob, &dest, p, progress).await?;
     fsutil::fsync_dir(root).map_err(|e| io("sync", root, e))?;
-    progress.set(&p.name, "STAGED", p.size, true);
+    progress.set(&p.name, ComponentPhase::Staged, p.size, true);
     Ok(summary)
 }
 
@@ -453,7 +464,7 @@ fn check_space(s: &ExecSettings, cache: &Cache, comps: &[PayloadRef]) -> Result<
     let needed = download.saturating_add(unpacked).saturating_add(reserve);
     if needed > free {
         return Err(Failure::new(
-            INSUFFICIENT_DISK_SPACE,
+            ErrorCode::InsufficientDiskSpace,
             format!(
                 "staging needs {needed} bytes on {} (download {download} + unpacked {unpacked} + reserve {reserve}) but only {free} are free",
                 root.display()

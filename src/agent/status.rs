@@ -268,16 +268,22 @@ pub fn render(r: &StatusReport) -> String {
             .unwrap_or_else(|| "none".into()),
     );
     let img = &r.image;
-    let with_state = |id: &Option<String>, state: &Option<String>| match id {
-        Some(id) => format!("{id} ({})", state.as_deref().unwrap_or("?")),
+    let with_state = |id: &Option<String>, state: Option<&str>| match id {
+        Some(id) => format!("{id} ({})", state.unwrap_or("?")),
         None => "none".into(),
     };
     line(
         &mut out,
         "current image:",
-        with_state(&img.current_image_id, &img.current_image_state),
+        with_state(
+            &img.current_image_id,
+            img.current_image_state.map(|s| s.as_str()),
+        ),
     );
-    let mut pending = with_state(&img.pending_image_id, &img.pending_image_state);
+    let mut pending = with_state(
+        &img.pending_image_id,
+        img.pending_image_state.map(|s| s.as_str()),
+    );
     if let Some(p) = &r.pending_image_progress {
         let pct = (p.bytes_done as f64 * 100.0 / p.bytes_total.max(1) as f64).min(100.0);
         pending.push_str(&format!(", {} {pct:.0}%", p.phase));
@@ -296,11 +302,7 @@ pub fn render(r: &StatusReport) -> String {
     } else {
         out.push_str("recent results:\n");
         for x in &r.recent_results {
-            let code = x
-                .error_code
-                .as_deref()
-                .map(|c| format!(" {c}"))
-                .unwrap_or_default();
+            let code = x.error_code.map(|c| format!(" {c}")).unwrap_or_default();
             let exit = x
                 .exit_code
                 .map(|c| format!(" exit={c}"))
@@ -344,13 +346,13 @@ mod tests {
             staged_commit: None,
             image: ImageRecord {
                 current_image_id: Some("img-1".into()),
-                current_image_state: Some("READY".into()),
+                current_image_state: Some(crate::proto::domain::CurrentImageState::Ready),
                 pending_image_id: Some("img-2".into()),
-                pending_image_state: Some("PUBLISHING".into()),
+                pending_image_state: Some(crate::proto::domain::PendingImageState::Publishing),
             },
             pending_image_progress: Some(ComponentProgress {
                 name: "img-2".into(),
-                phase: "DOWNLOADING".into(),
+                phase: crate::proto::domain::ComponentPhase::Downloading,
                 bytes_done: 25,
                 bytes_total: 100,
             }),

@@ -201,7 +201,9 @@ fn quickstart(dir: PathBuf, agents: u32, exit: bool) -> ExitCode {
         opts,
         fieldhand::daemon::shutdown_signal(),
     )) {
-        Ok(report) if report.task.state == "SUCCEEDED" => Exit::Ok.into(),
+        Ok(report) if report.task.state == fieldhand::proto::domain::TaskState::Succeeded => {
+            Exit::Ok.into()
+        }
         Ok(_) => Exit::Failure.into(),
         Err(e) => {
             let code = e.exit();

@@ -10,9 +10,11 @@ use super::identity::{self, AgentCall};
 use super::store::{StoreError, TaskMachineRow, TaskRow};
 use super::Controller;
 use crate::proto::agent::{
-    Assignment, AssignmentKind, EventBatch, EventsApplied, Heartbeat, PollRequest, PollResponse,
-    ScriptPayload, StagePayload,
+    Assignment, EventBatch, EventsApplied, Heartbeat, ImageAssignment, PollRequest, PollResponse,
+    Work,
 };
+use crate::proto::domain::ErrorCode;
+use crate::proto::domain::TaskKind;
 use crate::sys::clock;
 
 /// Upper bound on how long a poll may be held, whatever the agent asks for.
@@ -35,31 +37,36 @@ pub fn assignment_of(
         what: "task payload",
         value: format!("{}: {e}", task.task_id),
     };
-    let mut image = None;
-    let (kind, scripts, stage) = if task.kind == crate::controller::software::TASK_KIND {
-        let stage: StagePayload = serde_json::from_str(&task.scripts_json).map_err(corrupt)?;
-        (AssignmentKind::SoftwareStage, Vec::new(), Some(stage))
-    } else if let Some(kind) = crate::controller::images::assignment_kind(&task.kind) {
-        let json = own.unwrap_or(&task.scripts_json);
-        image = Some(serde_json::from_str(json).map_err(corrupt)?);
-        (kind, Vec::new(), None)
-    } else {
-        let scripts: Vec<ScriptPayload> =
-            serde_json::from_str(&task.scripts_json).map_err(corrupt)?;
-        (AssignmentKind::ScriptExecution, scripts, None)
+    let image = || -> Result<ImageAssignment, StoreError> {
+        serde_json::from_str(own.unwrap_or(&task.scripts_json)).map_err(corrupt)
+    };
+    let work = match task.kind {
+        TaskKind::SoftwareStage => {
+            Work::SoftwareStage(serde_json::from_str(&task.scripts_json).map_err(corrupt)?)
+        }
+        TaskKind::ScriptExecution => {
+            Work::Scripts(serde_json::from_str(&task.scripts_json).map_err(corrupt)?)
+        }
+        TaskKind::ImageStage => {
+            let mut image = image()?;
+            let payload = image.payload.take().ok_or_else(|| StoreError::Corrupt {
+                what: "task payload",
+                value: format!("{}: an image stage without its payload", task.task_id),
+            })?;
+            Work::ImageStage { image, payload }
+        }
+        TaskKind::ImageApply | TaskKind::ImageRebuild => Work::ImageApply(image()?),
+        TaskKind::ImageRemove => Work::ImageRemove(image()?),
     };
     Ok(Assignment {
         assignment_id: row.assignment_id.clone(),
         task_id: task.task_id.clone(),
-        kind,
-        scripts,
+        work,
         timeout_seconds: task.timeout_seconds,
-        stage,
         power: match &task.power_json {
             Some(j) => Some(serde_json::from_str(j).map_err(corrupt)?),
             None => None,
         },
-        image,
     })
 }
 
@@ -200,7 +207,7 @@ async fn wait_for_work(
             Answer::Decommissioned => {
                 return Err(ApiError::new(
                     http::StatusCode::FORBIDDEN,
-                    identity::MACHINE_DECOMMISSIONED,
+                    ErrorCode::MachineDecommissioned,
                     format!("machine {machine_id:?} was decommissioned"),
                 ))
             }
@@ -265,14 +272,14 @@ pub async fn get_assignment(
             let machine_id = call.machine_id;
             let row = tx.assignment(&assignment_id)?.ok_or_else(|| {
                 ApiError::not_found(
-                    "ASSIGNMENT_NOT_FOUND",
+                    ErrorCode::AssignmentNotFound,
                     format!("assignment_id {assignment_id:?} does not exist"),
                 )
             })?;
             if row.machine_id != machine_id {
                 return Err(ApiError::new(
                     http::StatusCode::FORBIDDEN,
-                    "FORBIDDEN",
+                    ErrorCode::Forbidden,
                     format!(
                         "assignment {assignment_id:?} does not belong to machine {machine_id:?}"
                     ),

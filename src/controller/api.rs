@@ -5,6 +5,7 @@ use http::StatusCode;
 use sha2::{Digest, Sha256};
 
 use super::engine;
+use super::errors::{logoff_policy, one_of};
 pub use super::errors::{no_machines, parse_json, ApiError};
 use super::rollout::{batch_state, plan_batches, TaskState};
 use super::settings::{
@@ -14,6 +15,7 @@ use super::store::{ScriptRow, TaskMachineRow, TaskRow};
 use super::Controller;
 use crate::proto::agent::{HostFacts, PowerSpec, ScriptPayload};
 use crate::proto::api;
+use crate::proto::domain::{ErrorCode, PostFinish, PreStart, TaskKind};
 use crate::sys::clock;
 
 /// The interpreters a script may name in `command_type`.
@@ -106,34 +108,22 @@ pub struct ExecutionSpec {
     pub power: PowerSpec,
 }
 
-fn one_of(field: &str, value: &str, allowed: &[&str]) -> Result<(), ApiError> {
-    if allowed.contains(&value) {
-        Ok(())
-    } else {
-        Err(ApiError::invalid(format!(
-            "{field} {value:?} must be one of {}",
-            allowed.join(", ")
-        )))
-    }
-}
-
 /// Validates `POST /v1/pools/{pool_id}/script-executions` without touching the store.
 pub fn validate_execution(req: &api::CreateScriptExecution) -> Result<ExecutionSpec, ApiError> {
-    if let Some(v) = &req.pre_start {
-        one_of("pre_start", v, &["reboot", "logoff"])?;
-    }
-    if let Some(v) = &req.post_finish {
-        one_of("post_finish", v, &["reboot", "stop"])?;
-    }
-    let logoff_policy = req
-        .logoff_policy
-        .clone()
-        .unwrap_or_else(|| "WAIT_FOR_LOGOFF".into());
-    one_of(
-        "logoff_policy",
-        &logoff_policy,
-        &["WAIT_FOR_LOGOFF", "FORCE_LOGOFF"],
-    )?;
+    let pre_start = match &req.pre_start {
+        Some(v) => Some(one_of("pre_start", v, PreStart::parse, PreStart::texts())?),
+        None => None,
+    };
+    let post_finish = match &req.post_finish {
+        Some(v) => Some(one_of(
+            "post_finish",
+            v,
+            PostFinish::parse,
+            PostFinish::texts(),
+        )?),
+        None => None,
+    };
+    let logoff_policy = logoff_policy(req.logoff_policy.as_deref())?;
     let logoff_timeout = req
         .logoff_timeout_seconds
         .unwrap_or(DEFAULT_LOGOFF_TIMEOUT_SECONDS);
@@ -143,8 +133,8 @@ pub fn validate_execution(req: &api::CreateScriptExecution) -> Result<ExecutionS
         )));
     }
     let power = PowerSpec {
-        pre_start: req.pre_start.clone(),
-        post_finish: req.post_finish.clone(),
+        pre_start,
+        post_finish,
         logoff_policy,
         logoff_timeout_seconds: logoff_timeout as u64,
         force_logoff_grace_seconds: DEFAULT_FORCE_LOGOFF_GRACE_SECONDS as u64,
@@ -314,7 +304,7 @@ pub async fn create_execution(
                     for id in ids {
                         let s = tx.script(id)?.ok_or_else(|| {
                             ApiError::not_found(
-                                "SCRIPT_NOT_FOUND",
+                                ErrorCode::ScriptNotFound,
                                 format!("script_ids: {id:?} does not exist"),
                             )
                         })?;
@@ -333,7 +323,7 @@ pub async fn create_execution(
             let power_json = serde_json::to_string(&power).map_err(|e| {
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    "INTERNAL_ERROR",
+                    ErrorCode::InternalError,
                     e.to_string(),
                 )
             })?;
@@ -347,14 +337,14 @@ pub async fn create_execution(
             let scripts_json = serde_json::to_string(&scripts).map_err(|e| {
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    "INTERNAL_ERROR",
+                    ErrorCode::InternalError,
                     e.to_string(),
                 )
             })?;
             tx.insert_task(
                 &TaskRow {
                     task_id: tid.clone(),
-                    kind: "script_execution".into(),
+                    kind: TaskKind::ScriptExecution,
                     pool_id,
                     state: TaskState::Pending,
                     created_ms: now_ms,
@@ -389,15 +379,15 @@ pub fn task_view(task: &TaskRow, machines: &[TaskMachineRow]) -> api::Task {
             api::Batch {
                 index,
                 machine_ids: members.iter().map(|m| m.machine_id.clone()).collect(),
-                state: batch_state(&states).to_string(),
+                state: batch_state(&states),
             }
         })
         .collect();
     api::Task {
         task_id: task.task_id.clone(),
-        kind: task.kind.clone(),
+        kind: task.kind,
         pool_id: task.pool_id.clone(),
-        state: task.state.as_str().to_string(),
+        state: task.state,
         created_at: ms_text(Some(task.created_ms)).unwrap_or_default(),
         finished_at: ms_text(task.finished_ms),
         batches,
@@ -406,17 +396,17 @@ pub fn task_view(task: &TaskRow, machines: &[TaskMachineRow]) -> api::Task {
             .map(|m| api::TaskMachine {
                 machine_id: m.machine_id.clone(),
                 batch: m.batch,
-                state: m.state.as_str().to_string(),
+                state: m.state,
                 exit_code: m.outcome.exit_code,
                 stdout: m.outcome.stdout.clone(),
                 stderr: m.outcome.stderr.clone(),
                 output_truncated: m.outcome.output_truncated,
                 started_at: m.outcome.started_at.clone(),
                 finished_at: m.outcome.finished_at.clone(),
-                error_code: m.outcome.error_code.clone(),
+                error_code: m.outcome.error_code,
                 error_msg: m.outcome.error_msg.clone(),
                 components: crate::controller::software::component_view(task, m),
-                power_state: m.power_state.clone(),
+                power_state: m.power_state,
             })
             .collect(),
     }
@@ -427,7 +417,7 @@ pub async fn get_task(ctl: &Controller, task_id: String) -> Result<api::Task, Ap
         .tx(move |tx| {
             let task = tx.task(&task_id)?.ok_or_else(|| {
                 ApiError::not_found(
-                    "TASK_NOT_FOUND",
+                    ErrorCode::TaskNotFound,
                     format!("task_id {task_id:?} does not exist"),
                 )
             })?;
@@ -466,7 +456,7 @@ pub async fn get_machine(ctl: &Controller, machine_id: String) -> Result<api::Ma
         .next()
         .ok_or_else(|| {
             ApiError::not_found(
-                "NOT_FOUND",
+                ErrorCode::NotFound,
                 format!("machine_id {machine_id:?}: no such machine has ever connected"),
             )
         })
@@ -523,7 +513,7 @@ mod tests {
         }
     }
 
-    fn msg(r: api::CreateScriptExecution) -> (StatusCode, &'static str, String) {
+    fn msg(r: api::CreateScriptExecution) -> (StatusCode, ErrorCode, String) {
         let e = validate_execution(&r).unwrap_err();
         (e.status, e.code, e.msg)
     }
@@ -550,7 +540,10 @@ mod tests {
             post_finish: Some("hibernate".into()),
             ..req()
         });
-        assert_eq!((st, code), (StatusCode::BAD_REQUEST, "INVALID_PARAMETER"));
+        assert_eq!(
+            (st, code),
+            (StatusCode::BAD_REQUEST, ErrorCode::InvalidParameter)
+        );
         assert!(m.contains("post_finish") && m.contains("hibernate"));
         let (_, _, m) = msg(api::CreateScriptExecution {
             logoff_policy: Some("ASK_NICELY".into()),

@@ -21,6 +21,7 @@ use tokio::io::AsyncWriteExt;
 use super::errors::ApiError;
 use crate::net::Body;
 use crate::proto::api;
+use crate::proto::domain::ErrorCode;
 
 /// Chunk size for streaming a blob out; large chunks keep per-frame overhead negligible.
 const CHUNK: usize = 1 << 20;
@@ -35,6 +36,7 @@ pub struct BlobStore {
 
 /// Every blob digest a JSON document names (fields called `sha256`, at any depth).
 pub fn digests_in(json: &str, out: &mut std::collections::HashSet<String>) {
+    #[allow(clippy::wildcard_enum_match_arm)] // JSON: only objects and arrays hold more
     fn walk(v: &serde_json::Value, out: &mut std::collections::HashSet<String>) {
         match v {
             serde_json::Value::Object(m) => {
@@ -70,7 +72,11 @@ async fn linger(body: &mut Incoming) {
 }
 
 fn too_large(msg: String) -> ApiError {
-    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", msg)
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::PayloadTooLarge,
+        msg,
+    )
 }
 
 pub fn valid_sha256(s: &str) -> bool {
@@ -80,7 +86,7 @@ pub fn valid_sha256(s: &str) -> bool {
 fn internal(what: &str, path: &Path, e: impl std::fmt::Display) -> ApiError {
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
-        "INTERNAL_ERROR",
+        ErrorCode::InternalError,
         format!("cannot {what} {}: {e}", path.display()),
     )
 }
@@ -120,8 +126,13 @@ impl BlobStore {
             return Ok(None);
         };
         let p = self.path(sha256);
-        std::fs::remove_file(&p).map_err(|e| internal("remove", &p, e))?;
+        // The space is free once the blob is gone (a reader that sees it gone may upload at
+        // once), so the count drops first and comes back if the removal fails.
         self.used.fetch_sub(size, Ordering::Relaxed);
+        if let Err(e) = std::fs::remove_file(&p) {
+            self.used.fetch_add(size, Ordering::Relaxed);
+            return Err(internal("remove", &p, e));
+        }
         self.served
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -222,7 +233,7 @@ impl BlobStore {
                     Err(_) => {
                         return Err(ApiError::new(
                             StatusCode::REQUEST_TIMEOUT,
-                            "REQUEST_TIMEOUT",
+                            ErrorCode::RequestTimeout,
                             format!(
                                 "no data for {} s (request_body_timeout_seconds); the upload was dropped",
                                 chunk_timeout.as_secs()
@@ -317,7 +328,7 @@ impl BlobStore {
                     .header(header::CONTENT_TYPE, "application/json")
                     .body(crate::net::full(
                         serde_json::to_vec(&api::ErrorBody {
-                            error_code: "RANGE_NOT_SATISFIABLE".into(),
+                            error_code: ErrorCode::RangeNotSatisfiable,
                             error_msg: format!("Range is outside blob {sha256} of {size} bytes"),
                         })
                         .unwrap_or_default(),
@@ -368,7 +379,7 @@ impl BlobStore {
         b.body(crate::net::channel_body(rx)).map_err(|e| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "INTERNAL_ERROR",
+                ErrorCode::InternalError,
                 e.to_string(),
             )
         })
@@ -376,7 +387,10 @@ impl BlobStore {
 }
 
 fn unknown(sha256: &str) -> ApiError {
-    ApiError::not_found("NOT_FOUND", format!("no blob with sha256 {sha256:?}"))
+    ApiError::not_found(
+        ErrorCode::NotFound,
+        format!("no blob with sha256 {sha256:?}"),
+    )
 }
 
 /// One `bytes=N-` or `bytes=N-M` range → half-open `[start, end)`. Multiple ranges and

@@ -9,6 +9,7 @@ use super::errors::ApiError;
 use super::rollout::{next_step, MachineState, Step, TaskState};
 use super::store::{Outcome, StoreError, TaskMachineRow, TaskRow, Tx};
 use crate::proto::agent::{AgentEvent, EventBody, PowerSpec};
+use crate::proto::domain::{ErrorCode, LogoffPolicy, TaskKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -34,13 +35,19 @@ impl From<EngineError> for ApiError {
         let msg = e.to_string();
         match e {
             EngineError::Store(s) => s.into(),
-            EngineError::UnknownAssignment(_) => ApiError::not_found("ASSIGNMENT_NOT_FOUND", msg),
-            EngineError::NotYours { .. } => ApiError::new(StatusCode::FORBIDDEN, "FORBIDDEN", msg),
-            EngineError::BadEvent { .. } => ApiError::invalid(msg),
-            EngineError::UnknownTask(_) => ApiError::not_found("TASK_NOT_FOUND", msg),
-            EngineError::NotCancellable { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "NOT_ALLOWED_IN_CURRENT_STATE", msg)
+            EngineError::UnknownAssignment(_) => {
+                ApiError::not_found(ErrorCode::AssignmentNotFound, msg)
             }
+            EngineError::NotYours { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, msg)
+            }
+            EngineError::BadEvent { .. } => ApiError::invalid(msg),
+            EngineError::UnknownTask(_) => ApiError::not_found(ErrorCode::TaskNotFound, msg),
+            EngineError::NotCancellable { .. } => ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorCode::NotAllowedInCurrentState,
+                msg,
+            ),
         }
     }
 }
@@ -55,8 +62,6 @@ pub enum Applied {
     Duplicate,
 }
 
-pub const UNREACHABLE: &str = "MACHINE_UNREACHABLE";
-
 /// Brings an unfinished task forward as far as its machines allow.
 pub fn advance(
     tx: &mut Tx<'_>,
@@ -67,7 +72,7 @@ pub fn advance(
     let Some(task) = tx.task(task_id)? else {
         return Ok(());
     };
-    let held = task.kind == super::kinds::APPLY_KIND && tx.task_held(task_id)?;
+    let held = task.kind == TaskKind::ImageApply && tx.task_held(task_id)?;
     if task.finished_ms.is_some() || held {
         // A held task is a push waiting for its start time (`images::reconcile` releases it).
         return Ok(());
@@ -80,7 +85,12 @@ pub fn advance(
         if states.iter().all(|(_, s)| s.is_final()) {
             let end = match task.state {
                 TaskState::Cancelling => TaskState::Cancelled,
-                other => other,
+                other @ (TaskState::Pending
+                | TaskState::Running
+                | TaskState::Succeeded
+                | TaskState::Failed
+                | TaskState::Halted
+                | TaskState::Cancelled) => other,
             };
             tx.set_task_state(task_id, end, Some(now_ms))?;
         }
@@ -94,14 +104,14 @@ pub fn advance(
             wake.extend(ids);
         }
         Step::Halt => {
-            let why = if task.kind == super::kinds::APPLY_KIND {
+            let why = if task.kind == TaskKind::ImageApply {
                 (
-                    "STOPPED_ON_FIRST_ERROR",
+                    ErrorCode::StoppedOnFirstError,
                     "not started: the push stops on its first error (stop_on_first_error)",
                 )
             } else {
                 (
-                    "GRAY_THRESHOLD_REACHED",
+                    ErrorCode::GrayThresholdReached,
                     "not started: the gray batch's failures reached gray_fail_threshold",
                 )
             };
@@ -146,7 +156,7 @@ pub fn apply_event(
         if !tx.claim_event(machine_id, &ev.idempotency_key, now_ms)? {
             return Ok(Applied::Duplicate);
         }
-        tx.set_power_state(&ev.assignment_id, &p.phase, now_ms)?;
+        tx.set_power_state(&ev.assignment_id, p.phase, now_ms)?;
         tracing::info!(assignment_id = %ev.assignment_id, machine_id, phase = %p.phase, count = p.count, boot_id = %p.boot_id, "power step");
         return Ok(Applied::Applied);
     }
@@ -171,20 +181,8 @@ pub fn apply_event(
     // Validate before claiming the key, so a rejected event can be fixed and resent.
     let result_state = match &ev.body {
         EventBody::Started | EventBody::Progress(_) | EventBody::Power(_) => None,
-        EventBody::Result(r) => Some(match MachineState::parse(&r.state) {
-            Some(
-                s @ (MachineState::Succeeded
-                | MachineState::Failed
-                | MachineState::TimedOut
-                | MachineState::Cancelled),
-            ) => s,
-            _ => {
-                return Err(bad(format!(
-                    "state {:?} is not one of SUCCEEDED, FAILED, TIMED_OUT, CANCELLED",
-                    r.state
-                )))
-            }
-        }),
+        // The wire type admits only final states (`RunState`).
+        EventBody::Result(r) => Some(MachineState::from(r.state)),
     };
     let key_ok = match &ev.body {
         EventBody::Started => ev.idempotency_key == expected("started"),
@@ -210,7 +208,7 @@ pub fn apply_event(
             // A machine already declared unreachable may still deliver its real result later;
             // the truth replaces the guess (the task's outcome, once decided, stands).
             let late_truth = row.state == MachineState::Failed
-                && row.outcome.error_code.as_deref() == Some(UNREACHABLE);
+                && row.outcome.error_code == Some(ErrorCode::MachineUnreachable);
             if !row.state.is_final() || late_truth {
                 let outcome = Outcome {
                     exit_code: r.exit_code,
@@ -219,7 +217,7 @@ pub fn apply_event(
                     output_truncated: r.output_truncated,
                     started_at: r.started_at.clone(),
                     finished_at: Some(r.finished_at.clone()),
-                    error_code: r.error_code.clone(),
+                    error_code: r.error_code,
                     error_msg: r.error_msg.clone(),
                 };
                 tx.set_final(&ev.assignment_id, state, &outcome)?;
@@ -264,7 +262,10 @@ pub fn cancel(
         task_id,
         MachineState::Pending,
         MachineState::Cancelled,
-        ("TASK_CANCELLED", "not started: the task was cancelled"),
+        (
+            ErrorCode::TaskCancelled,
+            "not started: the task was cancelled",
+        ),
     )?;
     wake.extend(tx.request_cancel(task_id)?);
     // CANCELLING until the last machine has ended; `advance` then makes it CANCELLED.
@@ -282,7 +283,7 @@ pub fn power_allowance_ms(power_json: Option<&str>, reboot_grace_ms: i64) -> i64
         return 0;
     };
     let steps = i64::from(spec.pre_start.is_some()) + i64::from(spec.post_finish.is_some());
-    let logoff_s = if spec.logoff_policy == "FORCE_LOGOFF" {
+    let logoff_s = if spec.logoff_policy == LogoffPolicy::ForceLogoff {
         spec.force_logoff_grace_seconds + 30
     } else {
         spec.logoff_timeout_seconds
@@ -303,10 +304,13 @@ pub fn reap(
         let (row, timeout_s) = (f.row, f.timeout_seconds);
         // An image apply runs up to three hooks (activate, health check, verify), a rebuild
         // also stages; each may take the whole timeout.
-        let runs = match f.kind.as_str() {
-            super::kinds::APPLY_KIND => 3,
-            super::kinds::REBUILD_KIND => 4,
-            _ => 1,
+        let runs = match f.kind {
+            TaskKind::ImageApply => 3,
+            TaskKind::ImageRebuild => 4,
+            TaskKind::ScriptExecution
+            | TaskKind::SoftwareStage
+            | TaskKind::ImageStage
+            | TaskKind::ImageRemove => 1,
         };
         let mut budget = runs * timeout_s as i64 * 1000
             + grace_ms
@@ -323,7 +327,12 @@ pub fn reap(
                 now_ms - last_seen > offline_ms
                     && row.dispatched_ms.is_some_and(|t| now_ms > t + budget)
             }
-            _ => false,
+            MachineState::Pending
+            | MachineState::Succeeded
+            | MachineState::Failed
+            | MachineState::TimedOut
+            | MachineState::Skipped
+            | MachineState::Cancelled => false,
         };
         if !overdue {
             continue;
@@ -337,7 +346,7 @@ pub fn reap(
         } else {
             (
                 MachineState::Failed,
-                Some(UNREACHABLE.to_string()),
+                Some(ErrorCode::MachineUnreachable),
                 format!(
                     "machine {} sent no result within its timeout ({timeout_s} s) plus {} s grace",
                     row.machine_id,

@@ -6,16 +6,17 @@
 use http::StatusCode;
 
 use super::store::StoreError;
+use crate::proto::domain::{ErrorCode, LogoffPolicy};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub msg: String,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, msg: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: ErrorCode, msg: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -23,19 +24,23 @@ impl ApiError {
         }
     }
     pub fn invalid(msg: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "INVALID_PARAMETER", msg)
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidParameter, msg)
     }
-    pub fn not_found(code: &'static str, msg: impl Into<String>) -> Self {
+    pub fn not_found(code: ErrorCode, msg: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, code, msg)
     }
     /// 409: the request is valid but the target's state does not allow it now.
     pub fn conflict(msg: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, "NOT_ALLOWED_IN_CURRENT_STATE", msg)
+        Self::new(
+            StatusCode::CONFLICT,
+            ErrorCode::NotAllowedInCurrentState,
+            msg,
+        )
     }
     pub fn internal(e: impl std::fmt::Display) -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "INTERNAL_ERROR",
+            ErrorCode::InternalError,
             e.to_string(),
         )
     }
@@ -46,9 +51,34 @@ impl From<StoreError> for ApiError {
         tracing::error!(error = %e, "store failure");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "INTERNAL_ERROR",
+            ErrorCode::InternalError,
             e.to_string(),
         )
+    }
+}
+
+/// Reads an enum field from its wire text; the error names the field, the value and what is
+/// accepted (`pre_start "nap" must be one of reboot, logoff`).
+pub fn one_of<T>(
+    field: &str,
+    value: &str,
+    parse: impl Fn(&str) -> Option<T>,
+    accepted: String,
+) -> Result<T, ApiError> {
+    parse(value)
+        .ok_or_else(|| ApiError::invalid(format!("{field} {value:?} must be one of {accepted}")))
+}
+
+/// Seed 000's `logoff_policy`, `WAIT_FOR_LOGOFF` when absent.
+pub fn logoff_policy(value: Option<&str>) -> Result<LogoffPolicy, ApiError> {
+    match value {
+        Some(v) => one_of(
+            "logoff_policy",
+            v,
+            LogoffPolicy::parse,
+            LogoffPolicy::texts(),
+        ),
+        None => Ok(LogoffPolicy::WaitForLogoff),
     }
 }
 
@@ -58,7 +88,7 @@ impl From<StoreError> for ApiError {
 /// The same answer, from every operation, for a pool with no machines in service.
 pub fn no_machines(pool_id: &str) -> ApiError {
     ApiError::not_found(
-        "POOL_NOT_FOUND",
+        ErrorCode::PoolNotFound,
         format!("pool_id {pool_id:?} has no machines (see GET /v1/machines)"),
     )
 }

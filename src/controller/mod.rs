@@ -11,7 +11,6 @@ pub mod engine;
 pub mod errors;
 pub mod identity;
 pub mod images;
-pub mod kinds;
 mod loops;
 pub mod progress;
 pub mod quickstart;
@@ -33,6 +32,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::config::controller::ControllerConfig;
 use crate::pki::Identity;
+use crate::proto::domain::ErrorCode;
 
 use errors::ApiError;
 use store::Store;
@@ -89,7 +89,7 @@ pub struct Controller {
 pub fn revoked_error() -> ApiError {
     ApiError::new(
         StatusCode::FORBIDDEN,
-        identity::CERT_REVOKED,
+        ErrorCode::CertRevoked,
         "this certificate has been revoked",
     )
 }
@@ -158,7 +158,7 @@ impl Controller {
                 })
             }
             None => Err(ApiError::not_found(
-                "NOT_FOUND",
+                ErrorCode::NotFound,
                 format!("no blob with sha256 {sha}"),
             )),
         }

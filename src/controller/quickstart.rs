@@ -13,6 +13,7 @@ use crate::net::client::HttpsClient;
 use crate::net::NetError;
 use crate::pki::Identity;
 use crate::proto::api;
+use crate::proto::domain::ErrorCode;
 use crate::sys::child::{self, Child};
 
 pub const POOL: &str = "quickstart";
@@ -407,7 +408,7 @@ pub fn table(task: &api::Task) -> String {
             m.exit_code
                 .map(|c| c.to_string())
                 .unwrap_or_else(|| "-".into()),
-            m.error_code.as_deref().unwrap_or("-"),
+            m.error_code.map_or("-", ErrorCode::as_str),
             first
         ));
     }

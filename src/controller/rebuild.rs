@@ -6,22 +6,21 @@
 
 use super::engine;
 use super::errors::ApiError;
-use super::images::{self, REBUILD_KIND};
+use super::images;
 use super::rollout::TaskState;
 use super::store::{ImageRow, MachineRow, StoreError, Tx};
 use super::Controller;
 use crate::proto::agent::{HostFacts, ImageAssignment, PowerSpec};
 use crate::proto::api;
+use crate::proto::domain::{
+    LogoffPolicy, PoolOperation, PostFinish, PreStart, RebuildCode, TaskKind,
+};
 use crate::sys::clock;
 
 /// Seed 003: "You can specify 1 to 20 IDs".
 pub const MAX_DESKTOPS: usize = 20;
 pub const LANGUAGES: [&str; 4] = ["en-US", "zh-HK", "zh-CN", "ja-JP"];
 const TIMEOUT_SECONDS: u64 = 3600;
-
-pub const SUCCESS: &str = "Success";
-pub const INCORRECT_DESKTOP_STATUS: &str = "IncorrectDesktopStatus";
-pub const INCOMPATIBLE_IMAGE: &str = "IncompatibleImage";
 
 /// A valid request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,10 +82,10 @@ pub fn empties_data(replace: bool, old_os: Option<&str>, new_os: &str) -> bool {
     replace || old_os.is_some_and(|o| o != new_os)
 }
 
-fn result(desktop_id: &str, code: &str, message: Option<String>) -> api::RebuildResult {
+fn result(desktop_id: &str, code: RebuildCode, message: Option<String>) -> api::RebuildResult {
     api::RebuildResult {
         desktop_id: desktop_id.to_string(),
-        code: code.to_string(),
+        code,
         message,
     }
 }
@@ -96,7 +95,7 @@ fn busy(tx: &mut Tx<'_>, id: &str, pool_id: &str) -> Result<Option<String>, Stor
     let pool_op = tx
         .pool_image(pool_id)?
         .map(|p| p.operation)
-        .filter(|o| o != images::NONE);
+        .filter(|o| *o != PoolOperation::None);
     if let Some(op) = pool_op {
         return Ok(Some(format!(
             "desktop {id:?}: its pool {pool_id:?} has image operation {op} in progress"
@@ -125,7 +124,13 @@ fn check(
     id: &str,
     online: bool,
 ) -> Result<Result<Start, api::RebuildResult>, StoreError> {
-    let status = |msg: String| Ok(Err(result(id, INCORRECT_DESKTOP_STATUS, Some(msg))));
+    let status = |msg: String| {
+        Ok(Err(result(
+            id,
+            RebuildCode::IncorrectDesktopStatus,
+            Some(msg),
+        )))
+    };
     let Some(m) = machine else {
         return status(format!(
             "desktop {id:?} is unknown: no such machine has ever connected"
@@ -171,7 +176,7 @@ fn check(
         };
         return Ok(Err(result(
             id,
-            INCOMPATIBLE_IMAGE,
+            RebuildCode::IncompatibleImage,
             Some(format!(
                 "image {image_id} is {img} and desktop {id:?} {mach}; GPU and non-GPU images cannot be swapped"
             )),
@@ -259,15 +264,15 @@ pub async fn rebuild(
                 };
                 let id = start.machine_id.clone();
                 if let Some(why) = busy(tx, &id, &start.pool_id)? {
-                    results.push(result(&id, INCORRECT_DESKTOP_STATUS, Some(why)));
+                    results.push(result(&id, RebuildCode::IncorrectDesktopStatus, Some(why)));
                     continue;
                 }
                 match &payloads[&start.image.image_id] {
                     Ok(p) => {
-                        results.push(result(&id, SUCCESS, start.data_note.clone()));
+                        results.push(result(&id, RebuildCode::Success, start.data_note.clone()));
                         starts.push((start, p.clone()));
                     }
-                    Err(e) => results.push(result(&id, INCORRECT_DESKTOP_STATUS, Some(e.msg.clone()))),
+                    Err(e) => results.push(result(&id, RebuildCode::IncorrectDesktopStatus, Some(e.msg.clone()))),
                 }
             }
             let mut pools: Vec<&str> = starts.iter().map(|(s, _)| s.pool_id.as_str()).collect();
@@ -275,16 +280,16 @@ pub async fn rebuild(
             pools.dedup();
             let pool = if pools.len() == 1 { pools[0] } else { "" };
             let power = PowerSpec {
-                pre_start: Some("logoff".into()),
-                post_finish: Some("reboot".into()),
+                pre_start: Some(PreStart::Logoff),
+                post_finish: Some(PostFinish::Reboot),
                 // Seed 003: a rebuild erases the system disk, so users are logged off after
                 // the global grace period (and warned), never waited for.
-                logoff_policy: "FORCE_LOGOFF".into(),
+                logoff_policy: LogoffPolicy::ForceLogoff,
                 logoff_timeout_seconds: super::settings::DEFAULT_LOGOFF_TIMEOUT_SECONDS as u64,
                 force_logoff_grace_seconds: super::settings::force_logoff_grace(tx)? as u64,
             };
             let task = images::new_task(
-                REBUILD_KIND,
+                TaskKind::ImageRebuild,
                 pool,
                 now_ms,
                 TIMEOUT_SECONDS,

@@ -2,124 +2,7 @@
 //! the rest, and what a task does next given the states of its machines. No I/O here, so every
 //! rule is unit-tested on plain values.
 
-use std::fmt;
-
-/// A machine's state within one task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MachineState {
-    Pending,
-    Dispatched,
-    Running,
-    Succeeded,
-    Failed,
-    TimedOut,
-    Skipped,
-    Cancelled,
-}
-
-impl MachineState {
-    pub const ALL: [MachineState; 8] = [
-        MachineState::Pending,
-        MachineState::Dispatched,
-        MachineState::Running,
-        MachineState::Succeeded,
-        MachineState::Failed,
-        MachineState::TimedOut,
-        MachineState::Skipped,
-        MachineState::Cancelled,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MachineState::Pending => "PENDING",
-            MachineState::Dispatched => "DISPATCHED",
-            MachineState::Running => "RUNNING",
-            MachineState::Succeeded => "SUCCEEDED",
-            MachineState::Failed => "FAILED",
-            MachineState::TimedOut => "TIMED_OUT",
-            MachineState::Skipped => "SKIPPED",
-            MachineState::Cancelled => "CANCELLED",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|m| m.as_str() == s)
-    }
-
-    pub fn is_final(self) -> bool {
-        match self {
-            MachineState::Pending | MachineState::Dispatched | MachineState::Running => false,
-            MachineState::Succeeded
-            | MachineState::Failed
-            | MachineState::TimedOut
-            | MachineState::Skipped
-            | MachineState::Cancelled => true,
-        }
-    }
-
-    /// What counts against `gray_fail_threshold` and makes a task `FAILED`.
-    pub fn is_failure(self) -> bool {
-        matches!(self, MachineState::Failed | MachineState::TimedOut)
-    }
-}
-
-impl fmt::Display for MachineState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TaskState {
-    Pending,
-    Running,
-    Succeeded,
-    Failed,
-    Halted,
-    /// Cancelled, but machines are still ending their runs (not terminal).
-    Cancelling,
-    Cancelled,
-}
-
-impl TaskState {
-    pub const ALL: [TaskState; 7] = [
-        TaskState::Pending,
-        TaskState::Running,
-        TaskState::Succeeded,
-        TaskState::Failed,
-        TaskState::Halted,
-        TaskState::Cancelling,
-        TaskState::Cancelled,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TaskState::Pending => "PENDING",
-            TaskState::Running => "RUNNING",
-            TaskState::Succeeded => "SUCCEEDED",
-            TaskState::Failed => "FAILED",
-            TaskState::Halted => "HALTED",
-            TaskState::Cancelling => "CANCELLING",
-            TaskState::Cancelled => "CANCELLED",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|t| t.as_str() == s)
-    }
-
-    /// Whether the task still moves on its own (a cancelled task may still have machines
-    /// finishing, but nothing new is dispatched).
-    pub fn is_active(self) -> bool {
-        matches!(self, TaskState::Pending | TaskState::Running)
-    }
-}
-
-impl fmt::Display for TaskState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::proto::domain::{BatchState, MachineState, TaskState};
 
 /// Splits a pool (sorted machine ids) into batches. Batch 0 is the gray batch: the first
 /// `gray_count` machines, or else `gray_ids`; `gray_count` wins when both are given (seed 002).
@@ -190,19 +73,19 @@ pub fn next_step(machines: &[(u32, MachineState)], gray_fail_threshold: Option<u
 }
 
 /// A batch's state for the task view, derived from its machines.
-pub fn batch_state(states: &[MachineState]) -> &'static str {
+pub fn batch_state(states: &[MachineState]) -> BatchState {
     if states.iter().all(|s| *s == MachineState::Pending) {
-        "PENDING"
+        BatchState::Pending
     } else if states.iter().any(|s| !s.is_final()) {
-        "RUNNING"
+        BatchState::Running
     } else if states.iter().all(|s| *s == MachineState::Skipped) {
-        "SKIPPED"
+        BatchState::Skipped
     } else if states.iter().all(|s| *s == MachineState::Succeeded) {
-        "SUCCEEDED"
+        BatchState::Succeeded
     } else if states.iter().any(|s| s.is_failure()) {
-        "FAILED"
+        BatchState::Failed
     } else {
-        "CANCELLED"
+        BatchState::Cancelled
     }
 }
 
@@ -264,20 +147,21 @@ mod tests {
 
     #[test]
     fn batch_states() {
-        assert_eq!(batch_state(&[Pending, Pending]), "PENDING");
-        assert_eq!(batch_state(&[Succeeded, Running]), "RUNNING");
-        assert_eq!(batch_state(&[Skipped]), "SKIPPED");
-        assert_eq!(batch_state(&[Succeeded, Failed]), "FAILED");
-        assert_eq!(batch_state(&[Succeeded, Cancelled]), "CANCELLED");
+        assert_eq!(batch_state(&[Pending, Pending]), BatchState::Pending);
+        assert_eq!(batch_state(&[Succeeded, Running]), BatchState::Running);
+        assert_eq!(batch_state(&[Skipped]), BatchState::Skipped);
+        assert_eq!(batch_state(&[Succeeded]), BatchState::Succeeded);
+        assert_eq!(batch_state(&[Succeeded, Failed]), BatchState::Failed);
+        assert_eq!(batch_state(&[Succeeded, Cancelled]), BatchState::Cancelled);
     }
 
     #[test]
     fn state_names_round_trip() {
         for s in MachineState::ALL {
-            assert_eq!(MachineState::parse(s.as_str()), Some(s));
+            assert_eq!(MachineState::parse(s.as_str()), Some(*s));
         }
         for s in TaskState::ALL {
-            assert_eq!(TaskState::parse(s.as_str()), Some(s));
+            assert_eq!(TaskState::parse(s.as_str()), Some(*s));
         }
     }
 }

@@ -16,6 +16,7 @@ use super::{
 use crate::net::server::{error_response, json_response, read_body, Handler, Peer};
 use crate::net::Body;
 use crate::pki::Role;
+use crate::proto::domain::ErrorCode;
 use crate::sys::clock;
 
 impl Controller {
@@ -29,7 +30,7 @@ impl Controller {
                 let body = read_body(req.into_body(), 64 * 1024).await.map_err(|e| {
                     ApiError::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
-                        "REQUEST_TOO_LARGE",
+                        ErrorCode::RequestTooLarge,
                         e.to_string(),
                     )
                 })?;
@@ -38,7 +39,7 @@ impl Controller {
             }
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
-                "CERTIFICATE_REQUIRED",
+                ErrorCode::CertificateRequired,
                 format!("{method} {path} needs a client certificate; without one only POST /agent/v1/enroll is served"),
             ));
         };
@@ -48,7 +49,7 @@ impl Controller {
         let Some(peer) = cert.identity.clone() else {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
-                "FORBIDDEN",
+                ErrorCode::Forbidden,
                 "the client certificate carries no urn:fieldhand identity",
             ));
         };
@@ -57,7 +58,7 @@ impl Controller {
             Some(&"v1") => Role::Operator,
             _ => {
                 return Err(ApiError::not_found(
-                    "NOT_FOUND",
+                    ErrorCode::NotFound,
                     format!("no route for {path}"),
                 ))
             }
@@ -69,7 +70,7 @@ impl Controller {
             };
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
-                "FORBIDDEN",
+                ErrorCode::Forbidden,
                 format!("{peer} may not call {path}: {allowed}"),
             ));
         }
@@ -122,7 +123,7 @@ impl Controller {
                 if !allowed {
                     return Err(ApiError::new(
                         StatusCode::FORBIDDEN,
-                        "FORBIDDEN",
+                        ErrorCode::Forbidden,
                         format!("{peer} has no assignment in flight that uses blob {sha}"),
                     ));
                 }
@@ -141,7 +142,7 @@ impl Controller {
                 .map_err(|_| {
                     ApiError::new(
                         StatusCode::REQUEST_TIMEOUT,
-                        "REQUEST_TIMEOUT",
+                        ErrorCode::RequestTimeout,
                         format!(
                             "the request body did not arrive within {} s (request_body_timeout_seconds)",
                             self.cfg.body_timeout.as_secs()
@@ -151,7 +152,7 @@ impl Controller {
                 .map_err(|e| {
                     ApiError::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
-                        "REQUEST_TOO_LARGE",
+                        ErrorCode::RequestTooLarge,
                         e.to_string(),
                     )
                 })?
@@ -311,11 +312,11 @@ fn no_route(method: &Method, path: &str, segs: &[&str]) -> ApiError {
         .map(|(m, _)| *m)
         .collect();
     if allowed.is_empty() {
-        return ApiError::not_found("NOT_FOUND", format!("no route for {method} {path}"));
+        return ApiError::not_found(ErrorCode::NotFound, format!("no route for {method} {path}"));
     }
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        "METHOD_NOT_ALLOWED",
+        ErrorCode::MethodNotAllowed,
         format!(
             "{method} is not allowed on {path}; allowed: {}",
             allowed.join(", ")
@@ -357,7 +358,7 @@ impl Handler for Router {
             match ctl.route(req, peer).await {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::debug!(%method, %path, status = %e.status, code = e.code, msg = %e.msg, "request refused");
+                    tracing::debug!(%method, %path, status = %e.status, code = %e.code, msg = %e.msg, "request refused");
                     let allow = (e.status == StatusCode::METHOD_NOT_ALLOWED)
                         .then(|| e.msg.rsplit_once("allowed: ").map(|(_, a)| a.to_string()))
                         .flatten();

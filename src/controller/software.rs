@@ -11,9 +11,9 @@ use crate::proto::agent::{
     ComponentProgress, PayloadManifest, PayloadRef, PayloadSignature, StagePayload,
 };
 use crate::proto::api;
+use crate::proto::domain::{ComponentPhase, ErrorCode, MachineState, TaskKind};
 use crate::sys::clock;
 
-pub const TASK_KIND: &str = "software_stage";
 const DEFAULT_TIMEOUT_SECONDS: i64 = 3600;
 const MAX_TIMEOUT_SECONDS: i64 = 172_800;
 /// Signatures outlive the task deadline by this much, so a slow but valid stage still verifies.
@@ -26,7 +26,7 @@ fn check_host(machine_id: &str) -> Result<(), ApiError> {
 
 fn unknown_host(machine_id: &str) -> ApiError {
     ApiError::not_found(
-        "NOT_FOUND",
+        ErrorCode::NotFound,
         format!("machine_id {machine_id:?}: no such host has ever connected"),
     )
 }
@@ -160,7 +160,7 @@ pub async fn stage(
                 .ok_or_else(|| unknown_host(&mid))?;
             let (latest, json) = tx.latest_commit(&mid)?.ok_or_else(|| {
                 ApiError::not_found(
-                    "NOT_FOUND",
+                    ErrorCode::NotFound,
                     format!("machine_id {mid:?} has no desired software document"),
                 )
             })?;
@@ -227,7 +227,7 @@ pub async fn stage(
             tx.insert_task(
                 &TaskRow {
                     task_id: tid.clone(),
-                    kind: TASK_KIND.into(),
+                    kind: TaskKind::SoftwareStage,
                     pool_id,
                     state: TaskState::Pending,
                     created_ms: now_ms,
@@ -297,7 +297,7 @@ pub async fn host_software(
 
 /// Per-component progress of a stage task's machine: the latest report, or the plan.
 pub fn component_view(task: &TaskRow, m: &TaskMachineRow) -> Option<Vec<ComponentProgress>> {
-    if task.kind != TASK_KIND {
+    if task.kind != TaskKind::SoftwareStage {
         return None;
     }
     let plan: StagePayload = serde_json::from_str(&task.scripts_json).ok()?;
@@ -306,7 +306,7 @@ pub fn component_view(task: &TaskRow, m: &TaskMachineRow) -> Option<Vec<Componen
         .as_deref()
         .and_then(|j| serde_json::from_str(j).ok())
         .unwrap_or_default();
-    let succeeded = m.state == super::rollout::MachineState::Succeeded;
+    let succeeded = m.state == MachineState::Succeeded;
     Some(
         plan.components
             .iter()
@@ -314,7 +314,7 @@ pub fn component_view(task: &TaskRow, m: &TaskMachineRow) -> Option<Vec<Componen
                 if succeeded {
                     return ComponentProgress {
                         name: c.name.clone(),
-                        phase: "STAGED".into(),
+                        phase: ComponentPhase::Staged,
                         bytes_done: c.size,
                         bytes_total: c.size,
                     };
@@ -325,7 +325,7 @@ pub fn component_view(task: &TaskRow, m: &TaskMachineRow) -> Option<Vec<Componen
                     .cloned()
                     .unwrap_or(ComponentProgress {
                         name: c.name.clone(),
-                        phase: "PENDING".into(),
+                        phase: ComponentPhase::Pending,
                         bytes_done: 0,
                         bytes_total: c.size,
                     })

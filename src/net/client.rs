@@ -286,7 +286,7 @@ impl HttpsClient {
         let (status, bytes) = self.request(method, path, payload, ct, timeout).await?;
         if !status.is_success() {
             let (error_code, error_msg) = match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(e) => (e.error_code, e.error_msg),
+                Ok(e) => (e.error_code.to_string(), e.error_msg),
                 Err(_) => (
                     status.canonical_reason().unwrap_or("ERROR").to_string(),
                     String::from_utf8_lossy(&bytes).chars().take(500).collect(),

@@ -25,6 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use super::{Body, NetError};
 use crate::pki::Identity;
 use crate::proto::api::ErrorBody;
+use crate::proto::domain::ErrorCode;
 use crate::tls::CertInfo;
 
 /// Connection limits and per-stage timeouts (`controller.toml`).
@@ -278,16 +279,20 @@ pub fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Respo
             .unwrap_or_else(|_| internal()),
         Err(e) => error_response(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "INTERNAL_ERROR",
+            ErrorCode::InternalError,
             format!("cannot encode the answer: {e}"),
         ),
     }
 }
 
 /// The API's one error shape: `{error_code, error_msg}`.
-pub fn error_response(status: StatusCode, code: &str, msg: impl Into<String>) -> Response<Body> {
+pub fn error_response(
+    status: StatusCode,
+    code: ErrorCode,
+    msg: impl Into<String>,
+) -> Response<Body> {
     let body = ErrorBody {
-        error_code: code.to_string(),
+        error_code: code,
         error_msg: msg.into(),
     };
     let bytes = serde_json::to_vec(&body).unwrap_or_default();

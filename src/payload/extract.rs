@@ -21,6 +21,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::proto::domain::ErrorCode;
 use flate2::read::MultiGzDecoder;
 
 /// Caps against archives that expand without bound (gzip bombs, entry floods).
@@ -76,16 +77,16 @@ pub enum ExtractError {
 }
 
 impl ExtractError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            ExtractError::Unsafe { .. } => "UNSAFE_ARCHIVE",
+            ExtractError::Unsafe { .. } => ErrorCode::UnsafeArchive,
             ExtractError::TooManyEntries { .. } | ExtractError::TooLarge { .. } => {
-                "ARCHIVE_LIMIT_EXCEEDED"
+                ErrorCode::ArchiveLimitExceeded
             }
-            ExtractError::Corrupt { .. } => "CORRUPT_ARCHIVE",
-            ExtractError::DestExists { .. } | ExtractError::Io { .. } => "EXTRACT_IO_ERROR",
-            ExtractError::Cancelled => "CANCELLED",
-            ExtractError::NoSpace { .. } => "INSUFFICIENT_DISK_SPACE",
+            ExtractError::Corrupt { .. } => ErrorCode::CorruptArchive,
+            ExtractError::DestExists { .. } | ExtractError::Io { .. } => ErrorCode::ExtractIoError,
+            ExtractError::Cancelled => ErrorCode::Cancelled,
+            ExtractError::NoSpace { .. } => ErrorCode::InsufficientDiskSpace,
         }
     }
 }
@@ -191,6 +192,7 @@ fn clean(raw: &Path) -> Result<Option<PathBuf>, ExtractError> {
 
 /// Whether `target`, read relative to the directory of `link` (both inside the root),
 /// stays inside the root when resolved lexically.
+#[allow(clippy::wildcard_enum_match_arm)] // std::path::Component: only names count
 fn link_stays_inside(link: &Path, target: &Path) -> bool {
     if target.as_os_str().is_empty() || target.is_absolute() {
         return false;
@@ -423,6 +425,7 @@ fn unpack_from<R: Read>(
 }
 
 impl Unpacker<'_> {
+    #[allow(clippy::wildcard_enum_match_arm)] // tar::EntryType: every type not allowed is refused
     fn entry<R: Read>(
         &mut self,
         entry: &mut tar::Entry<'_, R>,
@@ -727,7 +730,7 @@ mod tests {
 
     fn refused_case_with(c: &Case, limits: Limits, guard: &Guard<'_>, code: &str) -> ExtractError {
         let e = extract_tar_gz(&c.archive, &c.dest, &limits, guard, &mut |_| {}).unwrap_err();
-        assert_eq!(e.code(), code, "{e}");
+        assert_eq!(e.code().as_str(), code, "{e}");
         assert!(
             names(&c.area).is_empty(),
             "left behind: {:?}",
@@ -778,7 +781,7 @@ mod tests {
         assert_eq!(names(&c.area), vec!["dest".to_string()]);
         // The destination is never overwritten.
         let e = extract_tar_gz(&c.archive, &c.dest, &LIMITS, &GUARD, &mut |_| {}).unwrap_err();
-        assert_eq!(e.code(), "EXTRACT_IO_ERROR");
+        assert_eq!(e.code(), ErrorCode::ExtractIoError);
     }
 
     #[test]
@@ -890,7 +893,7 @@ mod tests {
             cancel.store(true, Ordering::Relaxed);
         })
         .unwrap_err();
-        assert_eq!(e.code(), "CANCELLED", "{e}");
+        assert_eq!(e.code(), ErrorCode::Cancelled, "{e}");
         assert_eq!(reports, 1);
         assert!(names(&c.area).is_empty(), "{:?}", names(&c.area));
         // A reserve larger than the disk: refused as soon as it is looked at.

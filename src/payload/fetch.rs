@@ -12,6 +12,7 @@ use time::OffsetDateTime;
 
 use crate::net::client::HttpsClient;
 use crate::proto::agent::{PayloadManifest, PayloadRef};
+use crate::proto::domain::ErrorCode;
 use crate::proto::state::PartialDownload;
 use crate::sys::{clock, fsutil};
 
@@ -61,15 +62,15 @@ pub enum FetchError {
 }
 
 impl FetchError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            FetchError::Download { .. } => "DOWNLOAD_FAILED",
-            FetchError::Size { .. } => "SIZE_MISMATCH",
-            FetchError::Hash { .. } => "HASH_MISMATCH",
-            FetchError::Unsigned { .. } => "SIGNATURE_REQUIRED",
-            FetchError::BadSignature { .. } => "SIGNATURE_INVALID",
-            FetchError::Expired { .. } => "SIGNATURE_EXPIRED",
-            FetchError::Io { .. } => "STAGING_IO_ERROR",
+            FetchError::Download { .. } => ErrorCode::DownloadFailed,
+            FetchError::Size { .. } => ErrorCode::SizeMismatch,
+            FetchError::Hash { .. } => ErrorCode::HashMismatch,
+            FetchError::Unsigned { .. } => ErrorCode::SignatureRequired,
+            FetchError::BadSignature { .. } => ErrorCode::SignatureInvalid,
+            FetchError::Expired { .. } => ErrorCode::SignatureExpired,
+            FetchError::Io { .. } => ErrorCode::StagingIoError,
         }
     }
 }

@@ -30,6 +30,11 @@ pub const SESSION_HEADER: &str = "fieldhand-session";
 
 use serde::{Deserialize, Serialize};
 
+use super::domain::{
+    ComponentPhase, CurrentImageState, ErrorCode, LogoffPolicy, PendingImageState, PostFinish,
+    PowerPhase, PreStart, RunState,
+};
+
 /// Host facts, gathered with sysinfo.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HostFacts {
@@ -77,26 +82,170 @@ pub struct PollResponse {
     pub cancels: Vec<String>,
 }
 
-/// One machine's share of a task.
+/// One machine's share of a task: what to do ([`Work`]), the limit, and the power and logoff
+/// steps around it. On the wire it is today's flat object (`kind`, `scripts`, `stage`,
+/// `image`; see [`AssignmentWire`]), so agents and controllers of 0.1.0 read it unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "AssignmentWire", into = "AssignmentWire")]
 pub struct Assignment {
     pub assignment_id: String,
     pub task_id: String,
-    pub kind: AssignmentKind,
-    /// Run in order; the first failure ends the run.
-    pub scripts: Vec<ScriptPayload>,
-    /// Limit for the whole run of `scripts` on this machine.
+    pub work: Work,
+    /// Limit for the whole run on this machine (the scripts, the staging, each hook).
     pub timeout_seconds: u64,
-    /// The payloads to stage, for `SoftwareStage` assignments.
+    /// Power and logoff steps around the work (seed 002 pre_start/post_finish, seed 000
+    /// logoff policy).
+    pub power: Option<PowerSpec>,
+}
+
+/// What an assignment does: exactly one kind of work, with exactly what that kind needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Work {
+    /// Run these scripts in order; the first failure ends the run.
+    Scripts(Vec<ScriptPayload>),
+    /// Stage one desired-software commit.
+    SoftwareStage(StagePayload),
+    /// Download and unpack an image into `image_root/<image_id>` (pending image).
+    ImageStage {
+        image: ImageAssignment,
+        payload: PayloadRef,
+    },
+    /// Switch to a staged image (or, for a rebuild, one staged into a fresh slot first), run
+    /// its hooks around a reboot, commit or roll back.
+    ImageApply(ImageAssignment),
+    /// Drop a pending image, or every image.
+    ImageRemove(ImageAssignment),
+    /// Work this agent cannot do: a kind from a newer controller, or a kind without the part
+    /// it needs. Refused with `INVALID_ASSIGNMENT` on its own, instead of failing the poll.
+    Invalid { kind: AssignmentKind, why: String },
+}
+
+impl Work {
+    pub fn kind(&self) -> AssignmentKind {
+        match self {
+            Work::Scripts(_) => AssignmentKind::ScriptExecution,
+            Work::SoftwareStage(_) => AssignmentKind::SoftwareStage,
+            Work::ImageStage { .. } => AssignmentKind::ImageStage,
+            Work::ImageApply(_) => AssignmentKind::ImageApply,
+            Work::ImageRemove(_) => AssignmentKind::ImageRemove,
+            Work::Invalid { kind, .. } => *kind,
+        }
+    }
+
+    /// The image worked on, for the image kinds.
+    pub fn image(&self) -> Option<&ImageAssignment> {
+        match self {
+            Work::ImageStage { image, .. } | Work::ImageApply(image) | Work::ImageRemove(image) => {
+                Some(image)
+            }
+            Work::Scripts(_) | Work::SoftwareStage(_) | Work::Invalid { .. } => None,
+        }
+    }
+
+    /// The payloads this work downloads.
+    pub fn payloads(&self) -> Vec<&PayloadRef> {
+        match self {
+            Work::SoftwareStage(stage) => stage.components.iter().collect(),
+            Work::ImageStage { payload, .. } => vec![payload],
+            Work::ImageApply(image) => image.payload.iter().collect(),
+            Work::Scripts(_) | Work::ImageRemove(_) | Work::Invalid { .. } => Vec::new(),
+        }
+    }
+
+    /// The scripts, for a script execution (none for the other kinds).
+    pub fn scripts(&self) -> &[ScriptPayload] {
+        match self {
+            Work::Scripts(scripts) => scripts,
+            Work::SoftwareStage(_)
+            | Work::ImageStage { .. }
+            | Work::ImageApply(_)
+            | Work::ImageRemove(_)
+            | Work::Invalid { .. } => &[],
+        }
+    }
+}
+
+/// An [`Assignment`] as it travels and as the agent's state file keeps it: a kind and the
+/// optional parts. Only the conversions below read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignmentWire {
+    pub assignment_id: String,
+    pub task_id: String,
+    pub kind: AssignmentKind,
+    #[serde(default)]
+    pub scripts: Vec<ScriptPayload>,
+    pub timeout_seconds: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage: Option<StagePayload>,
-    /// Power and logoff steps around the scripts (seed 002 pre_start/post_finish, seed 000
-    /// logoff policy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub power: Option<PowerSpec>,
-    /// What an image assignment (`ImageStage`, `ImageApply`, `ImageRemove`) works on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<ImageAssignment>,
+}
+
+impl From<AssignmentWire> for Assignment {
+    fn from(w: AssignmentWire) -> Assignment {
+        let invalid = |kind, why: &str| Work::Invalid {
+            kind,
+            why: why.to_string(),
+        };
+        let work = match (w.kind, w.stage, w.image) {
+            (AssignmentKind::ScriptExecution, _, _) => Work::Scripts(w.scripts),
+            (AssignmentKind::SoftwareStage, Some(stage), _) => Work::SoftwareStage(stage),
+            (k @ AssignmentKind::SoftwareStage, None, _) => {
+                invalid(k, "a software_stage assignment without its stage payload")
+            }
+            (k @ AssignmentKind::ImageStage, _, Some(mut image)) => match image.payload.take() {
+                Some(payload) => Work::ImageStage { image, payload },
+                None => invalid(k, "an image_stage assignment without the image's payload"),
+            },
+            (AssignmentKind::ImageApply, _, Some(image)) => Work::ImageApply(image),
+            (AssignmentKind::ImageRemove, _, Some(image)) => Work::ImageRemove(image),
+            (
+                k @ (AssignmentKind::ImageStage
+                | AssignmentKind::ImageApply
+                | AssignmentKind::ImageRemove),
+                _,
+                None,
+            ) => invalid(k, "an image assignment without an image"),
+            (k @ AssignmentKind::Unknown, _, _) => {
+                invalid(k, "an assignment kind this agent does not know")
+            }
+        };
+        Assignment {
+            assignment_id: w.assignment_id,
+            task_id: w.task_id,
+            work,
+            timeout_seconds: w.timeout_seconds,
+            power: w.power,
+        }
+    }
+}
+
+impl From<Assignment> for AssignmentWire {
+    fn from(a: Assignment) -> AssignmentWire {
+        let kind = a.work.kind();
+        let (scripts, stage, image) = match a.work {
+            Work::Scripts(scripts) => (scripts, None, None),
+            Work::SoftwareStage(stage) => (Vec::new(), Some(stage), None),
+            Work::ImageStage { mut image, payload } => {
+                image.payload = Some(payload);
+                (Vec::new(), None, Some(image))
+            }
+            Work::ImageApply(image) | Work::ImageRemove(image) => (Vec::new(), None, Some(image)),
+            Work::Invalid { .. } => (Vec::new(), None, None),
+        };
+        AssignmentWire {
+            assignment_id: a.assignment_id,
+            task_id: a.task_id,
+            kind,
+            scripts,
+            timeout_seconds: a.timeout_seconds,
+            stage,
+            power: a.power,
+            image,
+        }
+    }
 }
 
 /// The image part of an image assignment (seeds 000, 001 and 003).
@@ -134,22 +283,19 @@ pub struct ImageAssignment {
 pub struct ImageRecord {
     pub current_image_id: Option<String>,
     /// `READY` or `FAILED` (its health check failed after a rollback).
-    pub current_image_state: Option<String>,
+    pub current_image_state: Option<CurrentImageState>,
     pub pending_image_id: Option<String>,
     /// `PUBLISHING`, `READY` or `FAILED`.
-    pub pending_image_state: Option<String>,
+    pub pending_image_state: Option<PendingImageState>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PowerSpec {
-    /// `reboot` or `logoff`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pre_start: Option<String>,
-    /// `reboot` or `stop`.
+    pub pre_start: Option<PreStart>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub post_finish: Option<String>,
-    /// `WAIT_FOR_LOGOFF` or `FORCE_LOGOFF`.
-    pub logoff_policy: String,
+    pub post_finish: Option<PostFinish>,
+    pub logoff_policy: LogoffPolicy,
     pub logoff_timeout_seconds: u64,
     pub force_logoff_grace_seconds: u64,
 }
@@ -158,7 +304,7 @@ pub struct PowerSpec {
 /// (`REBOOTED`). Key: `<assignment_id>:power:<n>:<phase>`, n = the assignment's reboot count.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PowerEvent {
-    pub phase: String,
+    pub phase: PowerPhase,
     pub boot_id: String,
     pub count: u32,
 }
@@ -208,8 +354,7 @@ pub struct PayloadManifest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ComponentProgress {
     pub name: String,
-    /// `PENDING`, `DOWNLOADING`, `VERIFYING`, `EXTRACTING`, `STAGED`.
-    pub phase: String,
+    pub phase: ComponentPhase,
     pub bytes_done: u64,
     pub bytes_total: u64,
 }
@@ -278,15 +423,14 @@ pub enum EventBody {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunResult {
-    /// `SUCCEEDED`, `FAILED`, `TIMED_OUT` or `CANCELLED`.
-    pub state: String,
+    pub state: RunState,
     pub exit_code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
     pub output_truncated: bool,
     pub started_at: Option<String>,
     pub finished_at: String,
-    pub error_code: Option<String>,
+    pub error_code: Option<ErrorCode>,
     pub error_msg: Option<String>,
     /// The commit now staged, for a successful `SoftwareStage`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

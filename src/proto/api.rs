@@ -3,11 +3,15 @@
 use serde::{Deserialize, Serialize};
 
 use super::agent::HostFacts;
+use super::domain::{
+    BatchState, CurrentImageState, ErrorCode, MachineState, PendingImageState, PoolOperation,
+    PowerPhase, RebuildCode, TaskKind, TaskState,
+};
 
 /// Every error response: `{error_code, error_msg}` with the matching HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
-    pub error_code: String,
+    pub error_code: ErrorCode,
     pub error_msg: String,
 }
 
@@ -68,9 +72,9 @@ pub struct TaskCreated {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Task {
     pub task_id: String,
-    pub kind: String,
+    pub kind: TaskKind,
     pub pool_id: String,
-    pub state: String,
+    pub state: TaskState,
     pub created_at: String,
     pub finished_at: Option<String>,
     pub batches: Vec<Batch>,
@@ -81,25 +85,25 @@ pub struct Task {
 pub struct Batch {
     pub index: u32,
     pub machine_ids: Vec<String>,
-    pub state: String,
+    pub state: BatchState,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskMachine {
     pub machine_id: String,
     pub batch: u32,
-    pub state: String,
+    pub state: MachineState,
     pub exit_code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
     pub output_truncated: bool,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
-    pub error_code: Option<String>,
+    pub error_code: Option<ErrorCode>,
     pub error_msg: Option<String>,
-    /// The last power step: `REBOOTING`, `REBOOTED` or `SHUTTING_DOWN`.
+    /// The last power step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub power_state: Option<String>,
+    pub power_state: Option<PowerPhase>,
     /// Per-component staging progress (software staging tasks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub components: Option<Vec<crate::proto::agent::ComponentProgress>>,
@@ -180,8 +184,7 @@ pub struct RebuildResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RebuildResult {
     pub desktop_id: String,
-    /// `Success`, `IncorrectDesktopStatus` or `IncompatibleImage`.
-    pub code: String,
+    pub code: RebuildCode,
     /// Why, when `code` is not `Success`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -190,13 +193,11 @@ pub struct RebuildResult {
 /// `GET /v1/pools/{pool_id}/provisioning-status` (seed 001 names and values).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProvisioningStatus {
-    /// `NONE`, `INITIAL_PUBLISH`, `SCHEDULE_PUSH_IMAGE`, `CANCEL_SCHEDULED_PUSH_IMAGE` or
-    /// `FINAL_UNPUBLISH` (`INFRASTRUCTURE_CHANGE` is never produced).
-    pub operation: String,
-    /// `PENDING_PUBLISH`, `PUBLISHING`, `READY`, `FAILED`, or null without a pending image.
-    pub pending_image_state: Option<String>,
-    /// `READY`, `FAILED`, `PENDING_UNPUBLISH`, `UNPUBLISHING`, or null without an image.
-    pub current_image_state: Option<String>,
+    pub operation: PoolOperation,
+    /// Null without a pending image.
+    pub pending_image_state: Option<PendingImageState>,
+    /// Null without an image.
+    pub current_image_state: Option<CurrentImageState>,
     pub pending_image_id: Option<String>,
     pub current_image_id: Option<String>,
     /// Percent of the pending image's bytes staged across the targeted machines.
@@ -208,7 +209,7 @@ pub struct ProvisioningStatus {
     pub machines: MachineCounts,
     /// Why the last operation failed (its first machine's error), when it did.
     #[serde(default)]
-    pub error_code: Option<String>,
+    pub error_code: Option<ErrorCode>,
     #[serde(default)]
     pub error_msg: Option<String>,
 }
@@ -228,9 +229,9 @@ pub struct MachineCounts {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineImage {
     pub current_image_id: Option<String>,
-    pub current_image_state: Option<String>,
+    pub current_image_state: Option<CurrentImageState>,
     pub pending_image_id: Option<String>,
-    pub pending_image_state: Option<String>,
+    pub pending_image_state: Option<PendingImageState>,
     /// Percent of the pending image staged on this machine, while it is `PUBLISHING`.
     pub pending_image_progress: Option<u32>,
     /// The language of the last rebuild that set one (seed 003).

@@ -5,5 +5,6 @@
 pub mod agent;
 pub mod api;
 pub mod config;
+pub mod domain;
 pub mod state;
 pub mod status;

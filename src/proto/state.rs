@@ -105,6 +105,15 @@ impl PowerKind {
     }
 }
 
+impl From<super::domain::PostFinish> for PowerKind {
+    fn from(p: super::domain::PostFinish) -> PowerKind {
+        match p {
+            super::domain::PostFinish::Reboot => PowerKind::Reboot,
+            super::domain::PostFinish::Stop => PowerKind::Stop,
+        }
+    }
+}
+
 impl std::fmt::Display for PowerKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())

@@ -105,8 +105,8 @@ pub struct WaitingStatus {
 pub struct RecentResult {
     pub assignment_id: String,
     pub task_id: String,
-    pub state: String,
+    pub state: super::domain::RunState,
     pub exit_code: Option<i32>,
-    pub error_code: Option<String>,
+    pub error_code: Option<super::domain::ErrorCode>,
     pub finished_at: String,
 }

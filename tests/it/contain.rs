@@ -88,7 +88,7 @@ fn trial(extra: &str) -> Vec<(End, Vec<i32>)> {
         let pids = env.path().join(format!("pids-{end:?}"));
         let then = match end {
             End::Exit => "exit 0",
-            _ => "sleep 60",
+            End::Timeout | End::Cancel | End::AgentRestart => "sleep 60",
         };
         let task = op.execute(
             "p",

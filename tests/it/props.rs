@@ -11,11 +11,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use fieldhand::agent::codes::Failure;
 use fieldhand::agent::machine::{step, AgentState, Effect, Event};
 use fieldhand::proto::agent::{
     Assignment, AssignmentKind, EventBody, PayloadRef, PowerSpec, RunResult, ScriptPayload,
-    StagePayload,
+    StagePayload, Work,
 };
+use fieldhand::proto::domain::{ErrorCode, LogoffPolicy, PostFinish, PreStart, RunState};
 use fieldhand::proto::state::StateFile;
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
@@ -44,9 +46,9 @@ fn assignment(n: u8, kind: u8, power: u8) -> Assignment {
     };
     let spec = |pre: Option<&str>, post: Option<&str>| {
         Some(PowerSpec {
-            pre_start: pre.map(str::to_string),
-            post_finish: post.map(str::to_string),
-            logoff_policy: "FORCE_LOGOFF".into(),
+            pre_start: pre.map(|p| PreStart::parse(p).expect("a pre_start")),
+            post_finish: post.map(|p| PostFinish::parse(p).expect("a post_finish")),
+            logoff_policy: LogoffPolicy::ForceLogoff,
             logoff_timeout_seconds: 60,
             force_logoff_grace_seconds: 5,
         })
@@ -55,31 +57,24 @@ fn assignment(n: u8, kind: u8, power: u8) -> Assignment {
     Assignment {
         assignment_id: id,
         task_id: "t".into(),
-        kind: if is_stage {
-            AssignmentKind::SoftwareStage
+        work: if is_stage {
+            Work::SoftwareStage(stage)
         } else {
-            AssignmentKind::ScriptExecution
-        },
-        scripts: if is_stage {
-            Vec::new()
-        } else {
-            vec![script.clone(), script]
+            Work::Scripts(vec![script.clone(), script])
         },
         timeout_seconds: 60,
-        stage: is_stage.then_some(stage),
         power: match (is_stage, power % 5) {
             (true, _) | (_, 0) | (_, 1) => None,
             (_, 2) => spec(Some("reboot"), None),
             (_, 3) => spec(Some("logoff"), Some("reboot")),
             _ => spec(None, Some("stop")),
         },
-        image: None,
     }
 }
 
 fn run_result(state: &str) -> RunResult {
     RunResult {
-        state: state.into(),
+        state: RunState::parse(state).expect("a run state"),
         exit_code: Some(if state == "SUCCEEDED" { 0 } else { 1 }),
         stdout: String::new(),
         stderr: String::new(),
@@ -127,7 +122,7 @@ fn op() -> impl Strategy<Value = Op> {
 struct World {
     state: AgentState,
     disk: StateFile,
-    outbox: Vec<(String, String, String)>, // (assignment, key, result state)
+    outbox: Vec<(String, String, RunState)>, // (assignment, key, result state)
     starts: BTreeMap<String, u32>,
     acked: BTreeSet<String>,
     kinds: BTreeMap<String, AssignmentKind>,
@@ -201,7 +196,7 @@ impl World {
                         self.outbox.push((
                             ev.assignment_id.clone(),
                             ev.idempotency_key.clone(),
-                            r.state.clone(),
+                            r.state,
                         ));
                     }
                 }
@@ -218,7 +213,7 @@ impl World {
                         a.assignment_id
                     );
                     *self.starts.entry(a.assignment_id.clone()).or_default() += 1;
-                    if a.kind == AssignmentKind::ScriptExecution {
+                    if a.work.kind() == AssignmentKind::ScriptExecution {
                         assert!(
                             self.starts[&a.assignment_id] <= 1,
                             "script assignment {} started twice",
@@ -262,8 +257,11 @@ impl World {
             Op::Offer(n, k, p) => {
                 let a = assignment(n, k, p);
                 // An id always names the same work (the controller never reuses one).
-                let kind = *self.kinds.entry(a.assignment_id.clone()).or_insert(a.kind);
-                if kind == a.kind {
+                let kind = *self
+                    .kinds
+                    .entry(a.assignment_id.clone())
+                    .or_insert(a.work.kind());
+                if kind == a.work.kind() {
                     self.feed(Event::Offered(vec![a]));
                 }
             }
@@ -293,7 +291,10 @@ impl World {
                         outcome: if ok {
                             Ok(())
                         } else {
-                            Err(("SESSIONS_ACTIVE".into(), "users stayed".into()))
+                            Err(Failure::new(
+                                ErrorCode::WaitForLogoffTimeout,
+                                "users stayed",
+                            ))
                         },
                     })
                 }

@@ -5,16 +5,14 @@
 use http::StatusCode;
 
 use super::gate::{conflict_error, gate, AgentCall};
-use super::{
-    ms_text, now_ms, sha256_hex, DEFAULT_TOKEN_SECONDS, INVALID_TOKEN, MACHINE_ID_TAKEN,
-    MAX_TOKEN_SECONDS, TOKEN_EXPIRED, TOKEN_USED_UP,
-};
+use super::{ms_text, now_ms, sha256_hex, DEFAULT_TOKEN_SECONDS, MAX_TOKEN_SECONDS};
 use crate::controller::errors::{parse_json, ApiError};
 use crate::controller::store::{EnrollmentTokenRow, StoreError, TokenCheck};
 use crate::controller::Controller;
 use crate::pki::Identity;
 use crate::proto::agent::{EnrollRequest, Enrolled, RenewRequest};
 use crate::proto::api;
+use crate::proto::domain::ErrorCode;
 use crate::sys::clock;
 
 fn random_hex(bytes: usize) -> Result<String, ApiError> {
@@ -110,7 +108,7 @@ pub async fn delete_token(
         .await?
         .ok_or_else(|| {
             ApiError::not_found(
-                "TOKEN_NOT_FOUND",
+                ErrorCode::TokenNotFound,
                 format!("token_id {token_id:?}: no such enrollment token"),
             )
         })?;
@@ -118,7 +116,7 @@ pub async fn delete_token(
     Ok(token_view(&row))
 }
 
-fn enroll_error(status: StatusCode, code: &'static str, msg: String) -> ApiError {
+fn enroll_error(status: StatusCode, code: ErrorCode, msg: String) -> ApiError {
     ApiError::new(status, code, msg)
 }
 
@@ -127,7 +125,7 @@ pub async fn enroll(ctl: &Controller, body: &[u8]) -> Result<Enrolled, ApiError>
     if let Err(wait) = ctl.enroll_limit.take() {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
-            "RATE_LIMITED",
+            ErrorCode::RateLimited,
             format!(
                 "too many enrollment attempts; retry in {} ms",
                 wait.as_millis().max(1)
@@ -140,7 +138,7 @@ pub async fn enroll(ctl: &Controller, body: &[u8]) -> Result<Enrolled, ApiError>
     let Some(issuer) = ctl.issuer.clone() else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "ENROLLMENT_DISABLED",
+            ErrorCode::EnrollmentDisabled,
             "this controller does not enroll agents: set [enrollment] issuing_cert and \
              issuing_key in its config",
         ));
@@ -158,7 +156,7 @@ pub async fn enroll(ctl: &Controller, body: &[u8]) -> Result<Enrolled, ApiError>
                 TokenCheck::Invalid => {
                     return Err(enroll_error(
                         StatusCode::UNAUTHORIZED,
-                        INVALID_TOKEN,
+                        ErrorCode::InvalidToken,
                         "the enrollment token is not valid (unknown, wrong secret, or deleted)"
                             .into(),
                     ))
@@ -166,7 +164,7 @@ pub async fn enroll(ctl: &Controller, body: &[u8]) -> Result<Enrolled, ApiError>
                 TokenCheck::Expired { expires_ms } => {
                     return Err(enroll_error(
                         StatusCode::FORBIDDEN,
-                        TOKEN_EXPIRED,
+                        ErrorCode::TokenExpired,
                         format!(
                             "enrollment token {token_id} expired at {}",
                             ms_text(expires_ms)
@@ -176,7 +174,7 @@ pub async fn enroll(ctl: &Controller, body: &[u8]) -> Result<Enrolled, ApiError>
                 TokenCheck::UsedUp => {
                     return Err(enroll_error(
                         StatusCode::FORBIDDEN,
-                        TOKEN_USED_UP,
+                        ErrorCode::TokenUsedUp,
                         format!("enrollment token {token_id} has no uses left"),
                     ))
                 }
@@ -192,7 +190,7 @@ pub async fn enroll(ctl: &Controller, body: &[u8]) -> Result<Enrolled, ApiError>
                 if live {
                     return Err(enroll_error(
                         StatusCode::CONFLICT,
-                        MACHINE_ID_TAKEN,
+                        ErrorCode::MachineIdTaken,
                         format!(
                             "machine_id {machine_id:?} is enrolled and its certificate is valid; \
                              choose another machine_id, or decommission it first \
@@ -227,7 +225,7 @@ pub async fn renew(ctl: &Controller, call: AgentCall, body: &[u8]) -> Result<Enr
     let Some(issuer) = ctl.issuer.clone() else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "ENROLLMENT_DISABLED",
+            ErrorCode::EnrollmentDisabled,
             "this controller does not renew certificates: set [enrollment] issuing_cert and \
              issuing_key in its config",
         ));

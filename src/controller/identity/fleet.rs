@@ -1,13 +1,14 @@
 //! What operators do to machines' identities: move a machine between pools (the only way
 //! its pool changes), decommission it, revoke any certificate by serial.
 
-use super::{ms_text, now_ms, MACHINE_DECOMMISSIONED};
+use super::{ms_text, now_ms};
 use crate::controller::errors::ApiError;
 use crate::controller::rollout::MachineState;
 use crate::controller::store::{Outcome, RevocationRow, StoreError};
 use crate::controller::Controller;
 use crate::pki::Identity;
 use crate::proto::api;
+use crate::proto::domain::ErrorCode;
 
 fn check_machine_id(id: &str) -> Result<(), ApiError> {
     crate::pki::validate_name("machine_id", id).map_err(|e| ApiError::invalid(e.to_string()))
@@ -15,7 +16,7 @@ fn check_machine_id(id: &str) -> Result<(), ApiError> {
 
 fn no_machine(id: &str) -> ApiError {
     ApiError::not_found(
-        "NOT_FOUND",
+        ErrorCode::NotFound,
         format!("machine_id {id:?}: no such machine in service"),
     )
 }
@@ -69,7 +70,7 @@ pub async fn decommission(
                 if let Some(tm) = tx.assignment(id)? {
                     let outcome = Outcome {
                         started_at: tm.outcome.started_at.clone(),
-                        error_code: Some(MACHINE_DECOMMISSIONED.into()),
+                        error_code: Some(ErrorCode::MachineDecommissioned),
                         error_msg: Some(format!("machine {m:?} was decommissioned by {by}")),
                         ..Outcome::default()
                     };

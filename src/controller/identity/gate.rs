@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 
-use super::{IDENTITY_CONFLICT, MACHINE_DECOMMISSIONED};
 use crate::controller::errors::ApiError;
 use crate::controller::store::{Store, StoreError, Tx};
+use crate::proto::domain::ErrorCode;
 use crate::tls::CertInfo;
 
 /// Revoked serials, held in memory so every request is checked without a query, and
@@ -166,7 +166,7 @@ pub fn gate_holding(
     let decommissioned = || {
         ApiError::new(
             StatusCode::FORBIDDEN,
-            MACHINE_DECOMMISSIONED,
+            ErrorCode::MachineDecommissioned,
             format!(
                 "machine {:?} was decommissioned; enroll it again with a token",
                 call.machine_id
@@ -221,7 +221,7 @@ pub fn gate_holding(
 pub fn conflict_error(machine_id: &str) -> ApiError {
     ApiError::new(
         StatusCode::CONFLICT,
-        IDENTITY_CONFLICT,
+        ErrorCode::IdentityConflict,
         format!(
             "another live agent presents the certificate of machine {machine_id:?} (a cloned \
              identity); no work is handed out until only one is left. A clone with an \

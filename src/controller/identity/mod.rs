@@ -23,14 +23,6 @@ use sha2::{Digest, Sha256};
 
 use crate::sys::clock;
 
-pub const IDENTITY_CONFLICT: &str = "IDENTITY_CONFLICT";
-pub const CERT_REVOKED: &str = "CERT_REVOKED";
-pub const MACHINE_DECOMMISSIONED: &str = "MACHINE_DECOMMISSIONED";
-pub const MACHINE_ID_TAKEN: &str = "MACHINE_ID_TAKEN";
-pub const INVALID_TOKEN: &str = "INVALID_TOKEN";
-pub const TOKEN_EXPIRED: &str = "TOKEN_EXPIRED";
-pub const TOKEN_USED_UP: &str = "TOKEN_USED_UP";
-
 pub(crate) const DEFAULT_TOKEN_SECONDS: i64 = 86_400;
 pub(crate) const MAX_TOKEN_SECONDS: i64 = 366 * 86_400;
 

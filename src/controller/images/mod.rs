@@ -22,6 +22,7 @@ mod push;
 mod registry;
 mod views;
 
+use crate::proto::domain::PoolOperation;
 pub use pool_op::{observe, reconcile, tick};
 pub use push::{
     cancel_push, differing_field, hook_env, image_payload, new_task, push, unpublish,
@@ -34,22 +35,6 @@ pub use views::{machine_view, provisioning_status};
 
 use super::errors::ApiError;
 use super::store::{PoolImageRow, StoreError, Tx};
-use crate::proto::agent::AssignmentKind;
-
-pub use super::kinds::{APPLY_KIND, REBUILD_KIND, REMOVE_KIND, STAGE_KIND};
-
-pub const NONE: &str = "NONE";
-pub const INITIAL_PUBLISH: &str = "INITIAL_PUBLISH";
-pub const SCHEDULE_PUSH_IMAGE: &str = "SCHEDULE_PUSH_IMAGE";
-pub const CANCEL_SCHEDULED_PUSH_IMAGE: &str = "CANCEL_SCHEDULED_PUSH_IMAGE";
-pub const FINAL_UNPUBLISH: &str = "FINAL_UNPUBLISH";
-
-const PENDING_PUBLISH: &str = "PENDING_PUBLISH";
-const PUBLISHING: &str = "PUBLISHING";
-const READY: &str = "READY";
-const FAILED: &str = "FAILED";
-const PENDING_UNPUBLISH: &str = "PENDING_UNPUBLISH";
-const UNPUBLISHING: &str = "UNPUBLISHING";
 
 const DEFAULT_TIMEOUT_SECONDS: i64 = 3600;
 const MAX_TIMEOUT_SECONDS: i64 = 172_800;
@@ -58,16 +43,6 @@ const MAX_TIMEOUT_SECONDS: i64 = 172_800;
 const REMOVE_TIMEOUT_SECONDS: u64 = 300;
 /// Signatures outlive the staging deadline by this much.
 const SIGNATURE_SLACK_SECONDS: i64 = 86_400;
-
-/// The agent's assignment kind for an image task kind.
-pub fn assignment_kind(task_kind: &str) -> Option<AssignmentKind> {
-    match task_kind {
-        STAGE_KIND => Some(AssignmentKind::ImageStage),
-        APPLY_KIND | REBUILD_KIND => Some(AssignmentKind::ImageApply),
-        REMOVE_KIND => Some(AssignmentKind::ImageRemove),
-        _ => None,
-    }
-}
 
 fn check_pool(pool_id: &str) -> Result<(), ApiError> {
     crate::pki::validate_name("pool_id", pool_id).map_err(|e| invalid(e.to_string()))
@@ -90,13 +65,18 @@ fn text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
 pub(super) fn pool_row(tx: &mut Tx<'_>, pool_id: &str) -> Result<PoolImageRow, StoreError> {
     Ok(tx.pool_image(pool_id)?.unwrap_or_else(|| PoolImageRow {
         pool_id: pool_id.to_string(),
-        operation: NONE.into(),
+        operation: PoolOperation::None,
         ..PoolImageRow::default()
     }))
 }
 
-pub(super) fn is_push(op: &str) -> bool {
-    op == INITIAL_PUBLISH || op == SCHEDULE_PUSH_IMAGE
+pub(super) fn is_push(op: PoolOperation) -> bool {
+    match op {
+        PoolOperation::InitialPublish | PoolOperation::SchedulePushImage => true,
+        PoolOperation::None
+        | PoolOperation::CancelScheduledPushImage
+        | PoolOperation::FinalUnpublish => false,
+    }
 }
 
 #[cfg(test)]
@@ -120,7 +100,10 @@ mod tests {
     #[test]
     fn defaults_follow_the_seed() {
         let s = validate_push(&req()).unwrap();
-        assert_eq!(s.logoff_policy, "WAIT_FOR_LOGOFF");
+        assert_eq!(
+            s.logoff_policy,
+            crate::proto::domain::LogoffPolicy::WaitForLogoff
+        );
         assert!(s.stop_on_first_error);
         assert!(!s.add_virtual_tpm);
         assert_eq!(s.machine_ids, None);
@@ -266,7 +249,7 @@ mod tests {
                 progress_json: Some(
                     serde_json::to_string(&[ComponentProgress {
                         name: "i".into(),
-                        phase: "DOWNLOADING".into(),
+                        phase: crate::proto::domain::ComponentPhase::Downloading,
                         bytes_done: done,
                         bytes_total: total,
                     }])

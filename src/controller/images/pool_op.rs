@@ -4,9 +4,12 @@
 
 use super::*;
 use crate::controller::engine;
-use crate::controller::rollout::{MachineState, TaskState};
 use crate::controller::store::{StoreError, TaskRow, Tx};
-use crate::proto::agent::{AssignmentKind, EventBody, ImageAssignment};
+use crate::proto::agent::{EventBody, ImageAssignment};
+use crate::proto::domain::{
+    CurrentImageState, ErrorCode, MachineState, PendingImageState, PoolOperation, RunState,
+    TaskKind, TaskState,
+};
 
 /// A push whose staging failed ends here: each machine of the apply task that never started
 /// fails with the staging error (its own, or the first one), so the operator's task says why.
@@ -17,7 +20,7 @@ fn fail_unstarted(
     now_ms: i64,
     wake: &mut engine::Wake,
 ) -> Result<(), StoreError> {
-    let failures: Vec<(String, Option<String>, Option<String>)> = tx
+    let failures: Vec<(String, Option<ErrorCode>, Option<String>)> = tx
         .task_machines(stage_id)?
         .into_iter()
         .filter(|m| m.state != MachineState::Succeeded)
@@ -33,13 +36,13 @@ fn fail_unstarted(
             .or(failures.first());
         let (code, msg) = match why {
             Some((id, code, msg)) => (
-                code.clone().unwrap_or_else(|| "STAGING_FAILED".into()),
+                code.unwrap_or(ErrorCode::StagingFailed),
                 format!(
                     "staging the image failed on {id}: {}",
                     msg.as_deref().unwrap_or("no message")
                 ),
             ),
-            None => ("STAGING_FAILED".into(), "staging the image failed".into()),
+            None => (ErrorCode::StagingFailed, "staging the image failed".into()),
         };
         let outcome = crate::controller::store::Outcome {
             error_code: Some(code),
@@ -80,18 +83,22 @@ pub fn reconcile(
         return Ok(());
     };
     let before = op.clone();
-    if is_push(&op.operation) {
+    if is_push(op.operation) {
         let stage_id = op.stage_task_id.clone().unwrap_or_default();
-        if op.pending_state.as_deref() == Some(PENDING_PUBLISH) && any_started(tx, &stage_id)? {
-            op.pending_state = Some(PUBLISHING.into());
+        if op.pending_state == Some(PendingImageState::PendingPublish)
+            && any_started(tx, &stage_id)?
+        {
+            op.pending_state = Some(PendingImageState::Publishing);
         }
         match finished(tx, Some(&stage_id))? {
-            Some(TaskState::Succeeded) if !op.released => op.pending_state = Some(READY.into()),
+            Some(TaskState::Succeeded) if !op.released => {
+                op.pending_state = Some(PendingImageState::Ready)
+            }
             Some(_) if !op.released => {
                 // Staging failed somewhere: the push ends here and nothing is applied.
-                op.pending_state = Some(FAILED.into());
+                op.pending_state = Some(PendingImageState::Failed);
                 op.released = true;
-                op.operation = NONE.into();
+                op.operation = PoolOperation::None;
                 tx.put_pool_image(&op)?;
                 if let Some(apply) = &op.apply_task_id {
                     fail_unstarted(tx, &stage_id, apply, now_ms, wake)?;
@@ -102,7 +109,7 @@ pub fn reconcile(
             _ => {}
         }
         let due = op.start_ms.is_some_and(|t| now_ms >= t);
-        if !op.released && op.pending_state.as_deref() == Some(READY) && due {
+        if !op.released && op.pending_state == Some(PendingImageState::Ready) && due {
             op.released = true;
             // Saved first: `advance` refuses a held task.
             tx.put_pool_image(&op)?;
@@ -115,40 +122,42 @@ pub fn reconcile(
             if let Some(state) = finished(tx, op.apply_task_id.as_deref())? {
                 if state == TaskState::Succeeded && !op.selective {
                     op.current_image_id = op.pending_image_id.take();
-                    op.current_state = Some(READY.into());
+                    op.current_state = Some(CurrentImageState::Ready);
                     op.pending_state = None;
                 } else if state != TaskState::Succeeded {
-                    op.pending_state = Some(FAILED.into());
+                    op.pending_state = Some(PendingImageState::Failed);
                 }
                 // A selective push keeps the image pending (seed 000: "held as a pending
                 // image"); the machines it reached run it.
-                op.operation = NONE.into();
+                op.operation = PoolOperation::None;
                 tracing::info!(pool_id, task_id = ?op.apply_task_id, %state, "push ended");
             }
         }
-    } else if op.operation == CANCEL_SCHEDULED_PUSH_IMAGE {
+    } else if op.operation == PoolOperation::CancelScheduledPushImage {
         let stage_done = finished(tx, op.stage_task_id.as_deref())?.is_some();
         if stage_done && finished(tx, op.remove_task_id.as_deref())?.is_some() {
-            op.operation = NONE.into();
+            op.operation = PoolOperation::None;
             op.pending_image_id = None;
             op.pending_state = None;
         }
-    } else if op.operation == FINAL_UNPUBLISH {
+    } else if op.operation == PoolOperation::FinalUnpublish {
         let remove = op.remove_task_id.clone().unwrap_or_default();
-        if op.current_state.as_deref() == Some(PENDING_UNPUBLISH) && any_started(tx, &remove)? {
-            op.current_state = Some(UNPUBLISHING.into());
+        if op.current_state == Some(CurrentImageState::PendingUnpublish)
+            && any_started(tx, &remove)?
+        {
+            op.current_state = Some(CurrentImageState::Unpublishing);
         }
         match finished(tx, Some(&remove))? {
             Some(TaskState::Succeeded) => {
-                op.operation = NONE.into();
+                op.operation = PoolOperation::None;
                 op.current_image_id = None;
                 op.current_state = None;
                 op.pending_image_id = None;
                 op.pending_state = None;
             }
             Some(_) => {
-                op.operation = NONE.into();
-                op.current_state = Some(FAILED.into());
+                op.operation = PoolOperation::None;
+                op.current_state = Some(CurrentImageState::Failed);
             }
             None => {}
         }
@@ -171,34 +180,38 @@ pub fn observe(
     now_ms: i64,
     wake: &mut engine::Wake,
 ) -> Result<(), StoreError> {
-    let Some(kind) = assignment_kind(&task.kind) else {
-        return Ok(());
-    };
+    match task.kind {
+        TaskKind::ImageStage
+        | TaskKind::ImageApply
+        | TaskKind::ImageRemove
+        | TaskKind::ImageRebuild => {}
+        TaskKind::ScriptExecution | TaskKind::SoftwareStage => return Ok(()),
+    }
     if let Some(body) = body {
         let mut m = tx.machine_image(machine_id)?;
         let before = m.clone();
         match body {
-            EventBody::Started if kind == AssignmentKind::ImageStage => {
-                m.pending_state = Some(PUBLISHING.into());
+            EventBody::Started if task.kind == TaskKind::ImageStage => {
+                m.pending_state = Some(PendingImageState::Publishing);
             }
             EventBody::Result(r) => {
                 if let Some(rec) = &r.image {
                     m.current_image_id = rec.current_image_id.clone();
-                    m.current_state = rec.current_image_state.clone();
+                    m.current_state = rec.current_image_state;
                     m.pending_image_id = rec.pending_image_id.clone();
-                    m.pending_state = rec.pending_image_state.clone();
+                    m.pending_state = rec.pending_image_state;
                 }
                 let own = tx.assignment_payload(assignment_id)?;
                 let img: Option<ImageAssignment> =
                     serde_json::from_str(own.as_deref().unwrap_or(&task.scripts_json)).ok();
                 if let Some(lang) = img
                     .and_then(|i| i.language)
-                    .filter(|_| r.state == "SUCCEEDED")
+                    .filter(|_| r.state == RunState::Succeeded)
                 {
                     m.language = Some(lang);
                 }
             }
-            _ => {}
+            EventBody::Started | EventBody::Progress(_) | EventBody::Power(_) => {}
         }
         if m != before {
             tx.put_machine_image(&m)?;

@@ -4,14 +4,18 @@
 
 use super::*;
 use crate::controller::engine;
+use crate::controller::errors::logoff_policy;
 use crate::controller::errors::ApiError;
-use crate::controller::rollout::TaskState;
 use crate::controller::store::{ImageRow, PoolImageRow, TaskRow, Tx};
 use crate::controller::Controller;
 use crate::proto::agent::{
     ImageAssignment, PayloadManifest, PayloadRef, PayloadSignature, PowerSpec,
 };
 use crate::proto::api;
+use crate::proto::domain::{
+    CurrentImageState, LogoffPolicy, PendingImageState, PoolOperation, PostFinish, PreStart,
+    TaskKind, TaskState,
+};
 use crate::sys::clock;
 
 /// A push request with the seed's defaults applied.
@@ -20,7 +24,7 @@ pub struct PushSpec {
     pub image_id: String,
     /// Epoch ms; `None`: now.
     pub start_time: Option<i64>,
-    pub logoff_policy: String,
+    pub logoff_policy: LogoffPolicy,
     pub stop_on_first_error: bool,
     /// `Some` only for a selective push.
     pub machine_ids: Option<Vec<String>>,
@@ -49,15 +53,7 @@ pub fn validate_push(req: &api::PushImage) -> Result<PushSpec, ApiError> {
             )));
         }
     }
-    let logoff_policy = req
-        .logoff_policy
-        .clone()
-        .unwrap_or_else(|| "WAIT_FOR_LOGOFF".into());
-    if logoff_policy != "WAIT_FOR_LOGOFF" && logoff_policy != "FORCE_LOGOFF" {
-        return Err(invalid(format!(
-            "logoff_policy {logoff_policy:?} must be WAIT_FOR_LOGOFF or FORCE_LOGOFF"
-        )));
-    }
+    let logoff_policy = logoff_policy(req.logoff_policy.as_deref())?;
     let selective = req.selective_push_image.unwrap_or(false);
     let machine_ids = match (&req.machine_ids, selective) {
         (Some(ids), false) => {
@@ -195,7 +191,7 @@ pub fn hook_env(
     );
     put("COMPUTE_PROFILE_RAM_MB", cp.ram_mb.map(|v| v.to_string()));
     put("ADD_VIRTUAL_TPM", Some(spec.add_virtual_tpm.to_string()));
-    put("LOGOFF_POLICY", Some(spec.logoff_policy.clone()));
+    put("LOGOFF_POLICY", Some(spec.logoff_policy.to_string()));
     put(
         "POOL_PREVIOUS_IMAGE_ID",
         previous_image_id.map(str::to_string),
@@ -238,7 +234,7 @@ pub fn image_payload(
 }
 
 pub fn new_task(
-    kind: &str,
+    kind: TaskKind,
     pool_id: &str,
     now_ms: i64,
     timeout: u64,
@@ -248,7 +244,7 @@ pub fn new_task(
 ) -> Result<TaskRow, ApiError> {
     Ok(TaskRow {
         task_id: uuid::Uuid::new_v4().to_string(),
-        kind: kind.into(),
+        kind,
         pool_id: pool_id.into(),
         state: TaskState::Pending,
         created_ms: now_ms,
@@ -304,13 +300,13 @@ pub async fn push(
             let mut op = pool_row(tx, &pool_id)?;
             let start_ms = spec.start_time.unwrap_or(now_ms).max(now_ms);
             let not_started = !op.released && op.start_ms.is_some_and(|t| now_ms < t);
-            if is_push(&op.operation) && !not_started {
+            if is_push(op.operation) && !not_started {
                 return Err(ApiError::conflict(format!(
                     "pool {pool_id:?}: the push of task {} reached its start_time; it can no longer be rescheduled",
                     op.task_id.as_deref().unwrap_or("?")
                 )));
             }
-            if is_push(&op.operation) {
+            if is_push(op.operation) {
                 let prev: api::PushImage = serde_json::from_str(op.request_json.as_deref().unwrap_or("{}"))
                     .map_err(ApiError::internal)?;
                 let prev = validate_push(&prev)?;
@@ -327,7 +323,7 @@ pub async fn push(
                 tracing::info!(pool_id, task_id = ?op.task_id, start_ms, "push rescheduled");
                 return Ok((op.task_id.unwrap_or_default(), wake));
             }
-            if op.operation != NONE {
+            if op.operation != PoolOperation::None {
                 return Err(ApiError::conflict(format!(
                     "pool {pool_id:?} has operation {} in progress (task {}); wait for it to end",
                     op.operation,
@@ -368,15 +364,15 @@ pub async fn push(
             };
             let grace = crate::controller::settings::force_logoff_grace(tx)? as u64;
             let power = PowerSpec {
-                pre_start: Some("logoff".into()),
-                post_finish: Some("reboot".into()),
-                logoff_policy: spec.logoff_policy.clone(),
+                pre_start: Some(PreStart::Logoff),
+                post_finish: Some(PostFinish::Reboot),
+                logoff_policy: spec.logoff_policy,
                 logoff_timeout_seconds: crate::controller::settings::DEFAULT_LOGOFF_TIMEOUT_SECONDS as u64,
                 force_logoff_grace_seconds: grace,
             };
-            let stage = new_task(STAGE_KIND, &pool_id, now_ms, spec.timeout_seconds, &stage_img, None, None)?;
+            let stage = new_task(TaskKind::ImageStage, &pool_id, now_ms, spec.timeout_seconds, &stage_img, None, None)?;
             let apply = new_task(
-                APPLY_KIND,
+                TaskKind::ImageApply,
                 &pool_id,
                 now_ms,
                 spec.timeout_seconds,
@@ -387,7 +383,7 @@ pub async fn push(
             tx.insert_task(&stage, &machines_of(std::slice::from_ref(&ids)))?;
             tx.insert_task(&apply, &machines_of(&apply_batches))?;
             op = PoolImageRow {
-                operation: if op.current_image_id.is_none() { INITIAL_PUBLISH } else { SCHEDULE_PUSH_IMAGE }.into(),
+                operation: if op.current_image_id.is_none() { PoolOperation::InitialPublish } else { PoolOperation::SchedulePushImage },
                 task_id: Some(apply.task_id.clone()),
                 stage_task_id: Some(stage.task_id.clone()),
                 apply_task_id: Some(apply.task_id.clone()),
@@ -397,7 +393,7 @@ pub async fn push(
                 start_ms: Some(start_ms),
                 selective: spec.machine_ids.is_some(),
                 pending_image_id: Some(spec.image_id.clone()),
-                pending_state: Some(PENDING_PUBLISH.into()),
+                pending_state: Some(PendingImageState::PendingPublish),
                 ..op
             };
             // Saved before the stage task moves, so the apply task is held from the start.
@@ -405,7 +401,7 @@ pub async fn push(
             for id in &ids {
                 let mut m = tx.machine_image(id)?;
                 m.pending_image_id = Some(spec.image_id.clone());
-                m.pending_state = Some(PENDING_PUBLISH.into());
+                m.pending_state = Some(PendingImageState::PendingPublish);
                 tx.put_machine_image(&m)?;
             }
             engine::advance(tx, &stage.task_id, now_ms, &mut wake)?;
@@ -435,7 +431,7 @@ fn start_removal(
         ..Default::default()
     };
     let task = new_task(
-        REMOVE_KIND,
+        TaskKind::ImageRemove,
         pool_id,
         now_ms,
         REMOVE_TIMEOUT_SECONDS,
@@ -461,7 +457,7 @@ pub async fn cancel_push(
         .tx(move |tx| {
             let mut wake = Vec::new();
             let mut op = pool_row(tx, &pid)?;
-            if !is_push(&op.operation) {
+            if !is_push(op.operation) {
                 return Err(ApiError::conflict(format!(
                     "pool {pid:?} has no scheduled push to cancel (operation {})",
                     op.operation
@@ -481,7 +477,7 @@ pub async fn cancel_push(
             };
             // The apply task never ran: release it so that cancelling can end it.
             op.released = true;
-            op.operation = CANCEL_SCHEDULED_PUSH_IMAGE.into();
+            op.operation = PoolOperation::CancelScheduledPushImage;
             tx.put_pool_image(&op)?;
             for id in [&stage_id, &apply_id] {
                 match engine::cancel(tx, id, now_ms, &mut wake) {
@@ -513,7 +509,7 @@ pub async fn unpublish(ctl: &Controller, pool_id: String) -> Result<api::TaskCre
         .tx(move |tx| {
             let mut wake = Vec::new();
             let mut op = pool_row(tx, &pool_id)?;
-            if op.operation != NONE {
+            if op.operation != PoolOperation::None {
                 return Err(ApiError::conflict(format!(
                     "pool {pool_id:?} has operation {} in progress (task {})",
                     op.operation,
@@ -531,8 +527,8 @@ pub async fn unpublish(ctl: &Controller, pool_id: String) -> Result<api::TaskCre
             }
             let task_id =
                 start_removal(tx, &pool_id, &machines, image_id, true, now_ms, &mut wake)?;
-            op.operation = FINAL_UNPUBLISH.into();
-            op.current_state = Some(PENDING_UNPUBLISH.into());
+            op.operation = PoolOperation::FinalUnpublish;
+            op.current_state = Some(CurrentImageState::PendingUnpublish);
             op.task_id = Some(task_id.clone());
             op.remove_task_id = Some(task_id.clone());
             tx.put_pool_image(&op)?;

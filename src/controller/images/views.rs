@@ -2,11 +2,11 @@
 
 use super::*;
 use crate::controller::errors::ApiError;
-use crate::controller::rollout::MachineState;
 use crate::controller::store::{MachineImageRow, StoreError, Tx};
 use crate::controller::Controller;
 use crate::proto::agent::ComponentProgress;
 use crate::proto::api;
+use crate::proto::domain::{ComponentPhase, ErrorCode, MachineState, PendingImageState};
 
 /// Percent of bytes staged, from an image stage task's machine rows.
 pub(super) fn percent(machines: &[crate::controller::store::TaskMachineRow]) -> Option<u32> {
@@ -20,9 +20,11 @@ pub(super) fn percent(machines: &[crate::controller::store::TaskMachineRow]) -> 
         // Past the download (verifying, extracting: their byte counts start again from 0),
         // a component counts as fully downloaded, so the percentage never goes back.
         let (d, t) = comps.iter().fold((0u64, 0u64), |(d, t), c| {
-            let done = match c.phase.as_str() {
-                "PENDING" | "DOWNLOADING" => c.bytes_done,
-                _ => c.bytes_total,
+            let done = match c.phase {
+                ComponentPhase::Pending | ComponentPhase::Downloading => c.bytes_done,
+                ComponentPhase::Verifying | ComponentPhase::Extracting | ComponentPhase::Staged => {
+                    c.bytes_total
+                }
             };
             (d + done, t + c.bytes_total)
         });
@@ -46,14 +48,14 @@ pub async fn provisioning_status(
         .tx(move |tx| {
             let op = pool_row(tx, &pool_id)?;
             let mut counts = api::MachineCounts::default();
-            let mut first_error: Option<(String, String)> = None;
+            let mut first_error: Option<(ErrorCode, String)> = None;
             if let Some(task) = &op.task_id {
                 for m in tx.task_machines(task)? {
                     counts.total += 1;
                     if first_error.is_none() && m.state.is_final() {
                         if let Some(code) = &m.outcome.error_code {
                             let msg = m.outcome.error_msg.clone().unwrap_or_default();
-                            first_error = Some((code.clone(), msg));
+                            first_error = Some((*code, msg));
                         }
                     }
                     match m.state {
@@ -78,7 +80,7 @@ pub async fn provisioning_status(
                 current_image_id: op.current_image_id,
                 pending_image_progress: progress,
                 start_time: op.start_ms,
-                error_code: first_error.as_ref().map(|e| e.0.clone()),
+                error_code: first_error.as_ref().map(|e| e.0),
                 error_msg: first_error.map(|e| e.1),
                 task_id: op.task_id,
                 machines: counts,
@@ -101,7 +103,7 @@ pub fn machine_view(
         return Ok(None);
     }
     let mut progress = None;
-    if m.pending_state.as_deref() == Some(PUBLISHING) {
+    if m.pending_state == Some(PendingImageState::Publishing) {
         if let Some(stage) = tx.pool_image(pool_id)?.and_then(|o| o.stage_task_id) {
             let rows: Vec<_> = tx
                 .task_machines(&stage)?

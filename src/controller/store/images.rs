@@ -4,6 +4,7 @@
 use rusqlite::{params, OptionalExtension, Row};
 
 use super::{Ctx, StoreError, Tx};
+use crate::proto::domain::{CurrentImageState, PendingImageState, PoolOperation};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageRow {
@@ -23,7 +24,7 @@ pub struct PoolImageRow {
     pub pool_id: String,
     /// `NONE`, `INITIAL_PUBLISH`, `SCHEDULE_PUSH_IMAGE`, `CANCEL_SCHEDULED_PUSH_IMAGE`,
     /// `FINAL_UNPUBLISH`.
-    pub operation: String,
+    pub operation: PoolOperation,
     /// The operator's task of the last operation (a push's apply task, or a removal).
     pub task_id: Option<String>,
     pub stage_task_id: Option<String>,
@@ -36,9 +37,9 @@ pub struct PoolImageRow {
     pub start_ms: Option<i64>,
     pub selective: bool,
     pub pending_image_id: Option<String>,
-    pub pending_state: Option<String>,
+    pub pending_state: Option<PendingImageState>,
     pub current_image_id: Option<String>,
-    pub current_state: Option<String>,
+    pub current_state: Option<CurrentImageState>,
 }
 
 /// One machine's images as the controller last heard of them.
@@ -46,9 +47,9 @@ pub struct PoolImageRow {
 pub struct MachineImageRow {
     pub machine_id: String,
     pub current_image_id: Option<String>,
-    pub current_state: Option<String>,
+    pub current_state: Option<CurrentImageState>,
     pub pending_image_id: Option<String>,
-    pub pending_state: Option<String>,
+    pub pending_state: Option<PendingImageState>,
     /// The language of the last rebuild that set one.
     pub language: Option<String>,
 }

@@ -10,6 +10,7 @@
 //! commits and settings; `tasks`: tasks, their machines, delivery and results.
 
 mod blobrefs;
+mod columns;
 mod identity;
 mod images;
 mod migrate;
@@ -22,9 +23,8 @@ pub use images::{ImageRow, MachineImageRow, PoolImageRow};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::proto::domain::{ErrorCode, MachineState, PowerPhase, TaskKind, TaskState};
 use rusqlite::{params, Connection, OptionalExtension, Row};
-
-use super::rollout::{MachineState, TaskState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -201,7 +201,7 @@ pub struct ScriptRow {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskRow {
     pub task_id: String,
-    pub kind: String,
+    pub kind: TaskKind,
     pub pool_id: String,
     pub state: TaskState,
     pub created_ms: i64,
@@ -223,7 +223,7 @@ pub struct Outcome {
     pub output_truncated: bool,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
-    pub error_code: Option<String>,
+    pub error_code: Option<ErrorCode>,
     pub error_msg: Option<String>,
 }
 
@@ -242,7 +242,7 @@ pub struct TaskMachineRow {
     /// Latest `proto::agent::Progress` components as JSON, if any arrived.
     pub progress_json: Option<String>,
     /// The last power step the agent announced, and when it arrived.
-    pub power_state: Option<String>,
+    pub power_state: Option<PowerPhase>,
     pub power_ms: Option<i64>,
 }
 
@@ -253,7 +253,7 @@ pub struct InFlight {
     pub timeout_seconds: u64,
     pub power_json: Option<String>,
     /// The task's kind.
-    pub kind: String,
+    pub kind: TaskKind,
 }
 
 /// Dispatched assignments (with their task) and cancellations an agent has not acknowledged.
@@ -549,7 +549,7 @@ mod tests {
                 tx.insert_task(
                     &TaskRow {
                         task_id: "t1".into(),
-                        kind: "script_execution".into(),
+                        kind: TaskKind::ScriptExecution,
                         pool_id: "p".into(),
                         state: TaskState::Pending,
                         created_ms: 1,

@@ -7,7 +7,7 @@ use super::{
     finish_task, finish_tm, task_row, tm_row, Ctx, InFlight, Outcome, StoreError, TaskMachineRow,
     TaskRow, Tx, Undelivered, TASK_COLS, TM_COLS,
 };
-use crate::controller::rollout::{MachineState, TaskState};
+use crate::proto::domain::{ErrorCode, MachineState, PowerPhase, TaskKind, TaskState};
 
 impl Tx<'_> {
     /// Inserts a task and its machines (`(machine_id, assignment_id, batch)`), all `PENDING`.
@@ -151,7 +151,7 @@ impl Tx<'_> {
         task_id: &str,
         from: MachineState,
         to: MachineState,
-        why: (&str, &str),
+        why: (ErrorCode, &str),
     ) -> Result<Vec<String>, StoreError> {
         let ids: Vec<String> = {
             let mut st = self
@@ -382,7 +382,7 @@ impl Tx<'_> {
                     tm_row(r)?,
                     r.get::<_, i64>(at)? as u64,
                     r.get::<_, Option<String>>(at + 1)?,
-                    r.get::<_, String>(at + 2)?,
+                    r.get::<_, TaskKind>(at + 2)?,
                 ))
             })
             .ctx("scanning in-flight machines")?;
@@ -440,7 +440,7 @@ impl Tx<'_> {
     pub fn set_power_state(
         &mut self,
         assignment_id: &str,
-        phase: &str,
+        phase: PowerPhase,
         now_ms: i64,
     ) -> Result<(), StoreError> {
         self.tx
