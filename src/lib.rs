@@ -21,7 +21,8 @@
 //!   limits per stage and connection caps (per agent, in total, a reserve for operators).
 //! - [`payload`]: the payload engine shared by staging and image pushes: resumable,
 //!   verified downloads (`fetch`), ed25519 manifest signatures (`sign`), and hardened
-//!   tar.gz extraction (`extract`).
+//!   tar.gz extraction (`extract`; what an entry's path and a link's target may be is
+//!   `entry_path`, a leaf of pure functions).
 //! - [`sys`]: every side effect on the host: processes (`process`: script runs in their own
 //!   process group and `cgroup` v2 group, or under the subreaper fallback; `child`: the
 //!   quickstart's daemons), `power` commands, user `sessions`
@@ -70,7 +71,10 @@
 //!
 //! - Only `proto` derives `Serialize`/`Deserialize`; internal types convert to and from it.
 //! - Kinds, states, policies and error codes are enums (`proto::domain`), and a match over
-//!   one names every variant: no catch-all arm hides a new one.
+//!   one names every variant: no catch-all arm hides a new one (clippy's
+//!   `wildcard_enum_match_arm`, denied in `Cargo.toml`).
+//! - Errors are typed: one `thiserror` enum per module with its context, and inside the
+//!   agent every failed step is a `Failure` (an `ErrorCode` and a message).
 //! - Only `sys` spawns processes, reads the boot id or reads the wall clock (checked by
 //!   `tests/it/tidy.rs`, and by clippy's `disallowed-methods` in `clippy.toml`).
 //! - Identity comes only from the verified peer certificate, never from a request field; an

@@ -222,29 +222,70 @@ pub struct Enroller {
     pub retry_max: Duration,
 }
 
-fn read_token(src: &TokenSource) -> Result<String, String> {
+/// Why the agent has no usable certificate yet, or could not get a fresh one: shown in
+/// `fieldhand status` and the journal, retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("no certificate at {path} and no enrollment token configured (enrollment_token_file)")]
+    NoToken { path: PathBuf },
+    #[error("cannot read enrollment_token_file {path}: {source}")]
+    Token {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot make a key and its CSR: {0}")]
+    Key(#[from] crate::pki::PkiError),
+    /// The controller answered with an error (`INVALID_TOKEN`, `MACHINE_ID_TAKEN`, ...).
+    #[error("{what} refused: {code}: {msg}")]
+    Refused {
+        what: &'static str,
+        code: String,
+        msg: String,
+    },
+    #[error("{what} failed: {source}")]
+    Net {
+        what: &'static str,
+        source: NetError,
+    },
+    #[error("cannot write {path}: {source}")]
+    Install {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("certificate {path} {reason}")]
+    Certificate { path: PathBuf, reason: String },
+}
+
+fn read_token(src: &TokenSource) -> Result<String, IdentityError> {
     match src {
         TokenSource::Inline(t) => Ok(t.clone()),
         TokenSource::File(p) => std::fs::read_to_string(p)
             .map(|s| s.trim().to_string())
-            .map_err(|e| format!("cannot read enrollment_token_file {}: {e}", p.display())),
+            .map_err(|source| IdentityError::Token {
+                path: p.clone(),
+                source,
+            }),
     }
 }
 
-fn refused(what: &str, e: &NetError) -> String {
+fn refused(what: &'static str, e: NetError) -> IdentityError {
     match e {
         NetError::Status {
             error_code,
             error_msg,
             ..
-        } => format!("{what} refused: {error_code}: {error_msg}"),
-        e @ (NetError::BadUrl { .. }
+        } => IdentityError::Refused {
+            what,
+            code: error_code,
+            msg: error_msg,
+        },
+        source @ (NetError::BadUrl { .. }
         | NetError::Connect { .. }
         | NetError::Tls { .. }
         | NetError::Http { .. }
         | NetError::Timeout { .. }
         | NetError::Decode { .. }
-        | NetError::Encode { .. }) => format!("{what} failed: {e}"),
+        | NetError::Encode { .. }) => IdentityError::Net { what, source },
     }
 }
 
@@ -266,7 +307,8 @@ impl Enroller {
                         continue;
                     }
                     Err(why) => {
-                        self.state.set(IdentityPhase::Enrolling, Some(why));
+                        self.state
+                            .set(IdentityPhase::Enrolling, Some(why.to_string()));
                         backoff.next_delay()
                     }
                 },
@@ -278,7 +320,7 @@ impl Enroller {
                 Some(Ok(info)) => match self.check(&info) {
                     Err(why) => {
                         self.state
-                            .set(IdentityPhase::CertificateInvalid, Some(why.clone()));
+                            .set(IdentityPhase::CertificateInvalid, Some(why.to_string()));
                         // An expired certificate cannot renew itself; a token re-enrolls it.
                         let name = info.identity.as_ref().map(|i| i.name.clone());
                         if let (Some(_), Some(name)) = (&self.token, name) {
@@ -328,32 +370,35 @@ impl Enroller {
     }
 
     /// The identity name if the certificate is usable now, else why not.
-    fn check(&self, info: &CertInfo) -> Result<String, String> {
+    fn check(&self, info: &CertInfo) -> Result<String, IdentityError> {
         let now = clock::unix_ms(clock::now());
         let at = |ms: i64| {
             clock::from_unix_ms(ms)
                 .map(clock::rfc3339)
                 .unwrap_or_default()
         };
-        let path = self.files.cert.display();
+        let bad = |reason: String| IdentityError::Certificate {
+            path: self.files.cert.clone(),
+            reason,
+        };
         let Some(id) = info
             .identity
             .as_ref()
             .filter(|i| i.role == crate::pki::Role::Agent)
         else {
-            return Err(format!("certificate {path} names no agent identity"));
+            return Err(bad("names no agent identity".into()));
         };
         if now >= info.not_after_ms {
-            return Err(format!(
-                "certificate {path} expired at {}; renew or re-enroll it",
+            return Err(bad(format!(
+                "expired at {}; renew or re-enroll it",
                 at(info.not_after_ms)
-            ));
+            )));
         }
         if now < info.not_before_ms {
-            return Err(format!(
-                "certificate {path} is not valid before {} (check this machine's clock)",
+            return Err(bad(format!(
+                "is not valid before {} (check this machine's clock)",
                 at(info.not_before_ms)
-            ));
+            )));
         }
         Ok(id.name.clone())
     }
@@ -383,7 +428,7 @@ impl Enroller {
                 return match self.enroll(&self.own_machine_id).await {
                     Ok(()) => Wake::Again,
                     Err(why) => {
-                        self.state.set(IdentityPhase::Conflict, Some(why));
+                        self.state.set(IdentityPhase::Conflict, Some(why.to_string()));
                         Wake::Retry(self.retry_max)
                     }
                 };
@@ -425,16 +470,14 @@ impl Enroller {
         }
     }
 
-    async fn enroll(&self, machine_id: &str) -> Result<(), String> {
+    async fn enroll(&self, machine_id: &str) -> Result<(), IdentityError> {
         let Some(src) = &self.token else {
-            return Err(format!(
-                "no certificate at {} and no enrollment token configured \
-                 (enrollment_token_file)",
-                self.files.cert.display()
-            ));
+            return Err(IdentityError::NoToken {
+                path: self.files.cert.clone(),
+            });
         };
         let token = read_token(src)?;
-        let (key, csr) = crate::pki::new_key_and_csr().map_err(|e| e.to_string())?;
+        let (key, csr) = crate::pki::new_key_and_csr()?;
         let req = EnrollRequest {
             token,
             machine_id: machine_id.to_string(),
@@ -449,16 +492,19 @@ impl Enroller {
                 Duration::from_secs(30),
             )
             .await
-            .map_err(|e| refused("enrollment", &e))?;
+            .map_err(|e| refused("enrollment", e))?;
         self.files
             .install(&key, &got.certificate_pem)
-            .map_err(|e| format!("cannot write {}: {e}", self.files.cert.display()))?;
+            .map_err(|source| IdentityError::Install {
+                path: self.files.cert.clone(),
+                source,
+            })?;
         tracing::info!(machine_id = %got.machine_id, pool_id = ?got.pool_id, serial = %got.serial, not_after = %got.not_after, "enrolled");
         Ok(())
     }
 
-    async fn renew(&self) -> Result<(), String> {
-        let (key, csr) = crate::pki::new_key_and_csr().map_err(|e| e.to_string())?;
+    async fn renew(&self) -> Result<(), IdentityError> {
+        let (key, csr) = crate::pki::new_key_and_csr()?;
         let got: Enrolled = self
             .client
             .json(
@@ -468,10 +514,13 @@ impl Enroller {
                 Duration::from_secs(30),
             )
             .await
-            .map_err(|e| refused("certificate renewal", &e))?;
+            .map_err(|e| refused("certificate renewal", e))?;
         self.files
             .install(&key, &got.certificate_pem)
-            .map_err(|e| format!("cannot write {}: {e}", self.files.cert.display()))?;
+            .map_err(|source| IdentityError::Install {
+                path: self.files.cert.clone(),
+                source,
+            })?;
         tracing::info!(serial = %got.serial, not_after = %got.not_after, "certificate renewed");
         Ok(())
     }

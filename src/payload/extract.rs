@@ -13,16 +13,18 @@
 //! were written.
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::proto::domain::ErrorCode;
 use flate2::read::MultiGzDecoder;
+
+use super::entry_path::{clean, link_stays_inside, resolves_inside};
+use crate::proto::domain::ErrorCode;
 
 /// Caps against archives that expand without bound (gzip bombs, entry floods).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,98 +174,6 @@ fn start_writeback(f: &File) {
         0,
         nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
     );
-}
-
-/// The entry's path made relative and plain, or why it is refused. `None`: the root itself.
-fn clean(raw: &Path) -> Result<Option<PathBuf>, ExtractError> {
-    let mut out = PathBuf::new();
-    for c in raw.components() {
-        match c {
-            Component::Normal(p) => out.push(p),
-            Component::CurDir => {}
-            Component::ParentDir => return Err(unsafe_entry(raw, "path contains '..'")),
-            Component::RootDir | Component::Prefix(_) => {
-                return Err(unsafe_entry(raw, "absolute path"))
-            }
-        }
-    }
-    Ok((!out.as_os_str().is_empty()).then_some(out))
-}
-
-/// Whether `target`, read relative to the directory of `link` (both inside the root),
-/// stays inside the root when resolved lexically.
-#[allow(clippy::wildcard_enum_match_arm)] // std::path::Component: only names count
-fn link_stays_inside(link: &Path, target: &Path) -> bool {
-    if target.as_os_str().is_empty() || target.is_absolute() {
-        return false;
-    }
-    let mut depth: Vec<&OsStr> = link
-        .parent()
-        .map(|p| {
-            p.components()
-                .filter_map(|c| match c {
-                    Component::Normal(n) => Some(n),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    for c in target.components() {
-        match c {
-            Component::Normal(n) => depth.push(n),
-            Component::CurDir => {}
-            Component::ParentDir => {
-                if depth.pop().is_none() {
-                    return false;
-                }
-            }
-            Component::RootDir | Component::Prefix(_) => return false,
-        }
-    }
-    true
-}
-
-/// Resolves the symlink at `link` (relative to the root) through the archive's other links
-/// (`links`: path -> target), as a reader would follow it; `false` if it leaves the root (or
-/// loops). Components that are not links are taken as directories: what is not there yet
-/// cannot lead anywhere but further down.
-fn resolves_inside(links: &HashMap<PathBuf, PathBuf>, link: &Path) -> bool {
-    let mut stack: Vec<OsString> = link
-        .parent()
-        .map(|p| p.iter().map(OsStr::to_os_string).collect())
-        .unwrap_or_default();
-    let Some(target) = links.get(link) else {
-        return true;
-    };
-    let mut pending: std::collections::VecDeque<Component<'_>> = target.components().collect();
-    let mut hops = 0;
-    while let Some(c) = pending.pop_front() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                if stack.pop().is_none() {
-                    return false;
-                }
-            }
-            Component::RootDir | Component::Prefix(_) => return false,
-            Component::Normal(n) => {
-                stack.push(n.to_os_string());
-                let here: PathBuf = stack.iter().collect();
-                if let Some(next) = links.get(&here) {
-                    // As the kernel does (ELOOP): a chain this long is refused.
-                    hops += 1;
-                    if hops > 40 {
-                        return false;
-                    }
-                    stack.pop();
-                    for c in next.components().rev() {
-                        pending.push_front(c);
-                    }
-                }
-            }
-        }
-    }
-    true
 }
 
 struct Unpacker<'a> {
@@ -439,7 +349,7 @@ impl Unpacker<'_> {
         ) {
             return Ok(());
         }
-        let Some(rel) = clean(&raw)? else {
+        let Some(rel) = clean(&raw).map_err(|why| unsafe_entry(&raw, why))? else {
             return Ok(()); // "./": the root, which we create ourselves
         };
         for anc in rel.ancestors().skip(1) {
