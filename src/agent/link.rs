@@ -23,6 +23,8 @@ use crate::proto::status::{IdentityPhase, LinkPhase};
 use crate::sys::clock;
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Outbox entries sent in one `POST /agent/v1/events` (the fleet simulator sends as many).
+pub const EVENTS_PER_REQUEST: usize = 1;
 
 #[derive(Debug, Default)]
 struct LinkInner {
