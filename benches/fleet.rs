@@ -90,6 +90,7 @@ impl Shared {
         let kind = match e {
             NetError::Status { status, .. } => format!("HTTP {status}"),
             NetError::Timeout { .. } => "timeout".into(),
+            NetError::Busy { .. } => "busy (503, Retry-After)".into(),
             NetError::Connect { source, .. } => format!("connect: {}", source.kind()),
             NetError::Tls { .. } => "tls".into(),
             NetError::Http { .. } => "http".into(),
@@ -97,7 +98,13 @@ impl Shared {
                 "other".into()
             }
         };
-        *self.errors.lock().unwrap().entry(kind).or_default() += 1;
+        let mut errors = self.errors.lock().unwrap();
+        let n = errors.entry(kind).or_default();
+        *n += 1;
+        // The first few of each kind, word for word, for whoever reads the run.
+        if *n <= 3 {
+            eprintln!("fleet: {e}");
+        }
     }
 }
 
@@ -113,30 +120,8 @@ async fn call(
     timeout: Duration,
 ) -> Result<Value, NetError> {
     shared.requests.fetch_add(1, Ordering::Relaxed);
-    let bytes = Bytes::from(serde_json::to_vec(body).unwrap());
-    let (status, out) = c
-        .request(
-            Method::POST,
-            path,
-            Some(bytes),
-            Some("application/json"),
-            timeout,
-        )
-        .await?;
-    if !status.is_success() {
-        let v: Value = serde_json::from_slice(&out).unwrap_or(Value::Null);
-        return Err(NetError::Status {
-            url: path.to_string(),
-            status: status.as_u16(),
-            error_code: v["error_code"].as_str().unwrap_or("?").to_string(),
-            error_msg: v["error_msg"].as_str().unwrap_or("").to_string(),
-        });
-    }
-    Ok(if out.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&out).unwrap_or(Value::Null)
-    })
+    c.json::<Value, Value>(Method::POST, path, Some(body), timeout)
+        .await
 }
 
 /// Sleeps for the backoff after a failure; honours `Retry-After` when the controller sent
@@ -147,7 +132,11 @@ impl Backoff {
     fn new() -> Self {
         Backoff(RETRY_INITIAL)
     }
-    async fn wait(&mut self) {
+    async fn wait(&mut self, e: &NetError) {
+        if let Some(d) = fieldhand::agent::link::busy_wait(e) {
+            tokio::time::sleep(d).await;
+            return;
+        }
         let jitter = 0.5 + fastrand::f64();
         tokio::time::sleep(self.0.mul_f64(jitter)).await;
         self.0 = (self.0 * 2).min(RETRY_MAX);
@@ -161,7 +150,8 @@ impl Backoff {
 async fn agent(id: String, client: HttpsClient, shared: Arc<Shared>, per_request: usize) {
     let outbox: Arc<tokio::sync::Mutex<Vec<Value>>> = Arc::default();
     let wake = Arc::new(tokio::sync::Notify::new());
-    // Heartbeat loop.
+    // Heartbeat loop; the first poll follows the first heartbeat, as the agent's does.
+    let (introduced, mut first_heartbeat) = tokio::sync::watch::channel(false);
     {
         let (c, s, id) = (client.clone(), shared.clone(), id.clone());
         tokio::spawn(async move {
@@ -183,6 +173,7 @@ async fn agent(id: String, client: HttpsClient, shared: Arc<Shared>, per_request
                     first = false;
                     s.online.fetch_add(1, Ordering::Relaxed);
                 }
+                introduced.send_replace(true);
                 tokio::time::sleep(if ok {
                     HEARTBEAT
                 } else {
@@ -214,13 +205,14 @@ async fn agent(id: String, client: HttpsClient, shared: Arc<Shared>, per_request
                     }
                     Err(e) => {
                         s.error(&e);
-                        backoff.wait().await;
+                        backoff.wait(&e).await;
                     }
                 }
             }
         });
     }
     // Poll loop.
+    let _ = first_heartbeat.wait_for(|i| *i).await;
     let mut acks: Vec<String> = Vec::new();
     let mut backoff = Backoff::new();
     loop {
@@ -266,10 +258,16 @@ async fn agent(id: String, client: HttpsClient, shared: Arc<Shared>, per_request
                 *shared.last_end.lock().unwrap() = Some(Instant::now());
                 drop(q);
                 wake.notify_one();
+                // As the agent does: the events go out over the connection this poll freed
+                // before the next poll takes it (`link::DELIVER_BEFORE_POLLING`).
+                let until = Instant::now() + fieldhand::agent::link::DELIVER_BEFORE_POLLING;
+                while !outbox.lock().await.is_empty() && Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
             }
             Err(e) => {
                 shared.error(&e);
-                backoff.wait().await;
+                backoff.wait(&e).await;
             }
         }
     }

@@ -16,7 +16,8 @@
 //!   [`pki::Identity`] (role + name) bound in each certificate as a URI SAN.
 //! - [`tls`]: rustls server/client configs, and what a verified cert says
 //!   ([`tls::CertInfo`]: identity, bound pool, serial, validity).
-//! - [`net`]: the HTTPS client (its TLS swappable, for renewal) and the accept loop that hands
+//! - [`net`]: the HTTPS client (its TLS swappable, for renewal; connections kept alive and
+//!   reused while young) and the accept loop that hands
 //!   each request to a handler with its peer (certificate, if any, and address), with time
 //!   limits per stage and connection caps (per agent, in total, a reserve for operators).
 //! - [`payload`]: the payload engine shared by staging and image pushes: resumable,
@@ -27,7 +28,7 @@
 //!   process group and `cgroup` v2 group, or under the subreaper fallback; `child`: the
 //!   quickstart's daemons), `power` commands, user `sessions`
 //!   (logind or utmp), systemd `notify`, `clock`, `bootid`, host `facts`, crash-safe
-//!   file writes (`fsutil`).
+//!   file writes (`fsutil`), the open-files limit the connection cap must fit (`fdlimit`).
 //! - [`controller`]: `serve` and `run`, the `router` (the checks every request passes, and
 //!   the route table `ROUTES`), the background `loops`, the one error shape
 //!   and body parser (`errors`, a leaf), global `settings`, the
@@ -38,7 +39,9 @@
 //!   decommissioned, two live sessions of one identity), the pure rollout rules
 //!   of gray batches (`rollout`), the `engine` that advances tasks, the SQLite `store` (its
 //!   `migrate` steps; `tasks`, `images`, `software`, `identity` tables; `blobrefs`: what
-//!   refers to blobs; `columns`: the domain enums stored as their wire text), the blob store (`blobs`: bounded uploads, deletion, retention),
+//!   refers to blobs; `columns`: the domain enums stored as their wire text; `writer`: the one
+//!   thread that owns the connection and commits waiting transactions together, each in
+//!   its own savepoint), the blob store (`blobs`: bounded uploads, deletion, retention),
 //!   desired software by commit (`software`), images (`images`: the `registry`, `push`
 //!   with schedule/reschedule/cancel and unpublish, `pool_op` (the pool operation moved on
 //!   from its tasks) and `views` (the provisioning status), as three ordinary tasks per
@@ -110,7 +113,10 @@
 //!   free-space reserve, follows no link out of its destination, and stops within a chunk
 //!   when its run is stopped; the result is reported only after it has cleaned up.
 //! - Every controller state change happens in one store transaction; the store is the only
-//!   module that speaks SQL.
+//!   module that speaks SQL. A caller is answered only after its transaction's group commit
+//!   is durable; a transaction that fails or panics rolls back alone.
+//! - An agent event costs O(1) in the size of its task: the task is re-planned only when
+//!   the event's batch has no machine left at work.
 //! - A payload is used only after its size and sha256 (and, when configured, signature)
 //!   are verified; an extracted tree or a staged commit appears in one rename, complete,
 //!   or not at all.

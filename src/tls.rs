@@ -125,6 +125,12 @@ pub fn server_config(
         .with_single_cert(load_certs(cert)?, load_key(key)?)
         .map_err(|e| pair_err(e.to_string()))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Resumption: a reconnecting agent (a kept connection that was closed, a restart) skips
+    // the full handshake. TLS 1.3 tickets keep no state per client; the cache covers 1.2.
+    // A resumed session carries the verified client certificate, and the router checks its
+    // serial against the revocations on every request as for a full handshake.
+    cfg.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| pair_err(e.to_string()))?;
+    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(16_384);
     Ok(Arc::new(cfg))
 }
 

@@ -284,6 +284,7 @@ fn refused(what: &'static str, e: NetError) -> IdentityError {
         | NetError::Tls { .. }
         | NetError::Http { .. }
         | NetError::Timeout { .. }
+        | NetError::Busy { .. }
         | NetError::Decode { .. }
         | NetError::Encode { .. }) => IdentityError::Net { what, source },
     }

@@ -24,7 +24,8 @@ use crate::sys::clock;
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Outbox entries sent in one `POST /agent/v1/events` (the fleet simulator sends as many).
-pub const EVENTS_PER_REQUEST: usize = 1;
+/// The controller applies them in one transaction, in order, each under its own key.
+pub const EVENTS_PER_REQUEST: usize = 16;
 
 #[derive(Debug, Default)]
 struct LinkInner {
@@ -90,6 +91,10 @@ pub struct Link {
     pub long_poll: Duration,
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// Becomes `true` once the first heartbeat was answered (or failed): the first poll
+    /// follows it over the same connection, so a fleet that starts at once opens one
+    /// connection per agent, not two.
+    pub introduced: watch::Sender<bool>,
 }
 
 async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
@@ -114,11 +119,19 @@ fn refused_wait(link: &Link) -> Duration {
     (link.retry_max * 10).clamp(Duration::from_secs(5), Duration::from_secs(60))
 }
 
+/// How long a poll that brought work waits for the outbox to empty before the next poll.
+pub const DELIVER_BEFORE_POLLING: Duration = Duration::from_secs(1);
+
 /// Long-polls for work, hands it to the core, and acknowledges what the core persisted in the
-/// next poll.
+/// next poll. After a poll that brought work, the next one waits (up to
+/// [`DELIVER_BEFORE_POLLING`]) for the outbox to empty: the events it produced at once (a
+/// `STARTED`, the result of a quick script) then go out over the connection the poll just
+/// freed, instead of a second connection (and handshake) per agent at the moment the whole
+/// fleet reports at once.
 pub async fn poll_loop(
     link: Arc<Link>,
     inputs: mpsc::Sender<Input>,
+    outbox: Arc<Mutex<Outbox>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(link.retry_initial, link.retry_max);
@@ -127,6 +140,11 @@ pub async fn poll_loop(
         return;
     }
     let mut identity_changed = link.identity.subscribe();
+    let mut introduced = link.introduced.subscribe();
+    tokio::select! {
+        _ = introduced.wait_for(|i| *i) => {}
+        _ = stop.changed() => return,
+    }
     loop {
         let req = PollRequest {
             agent_version: AGENT_VERSION.into(),
@@ -169,6 +187,15 @@ pub async fn poll_loop(
                     }
                     ack_c = rx.await.unwrap_or_default();
                 }
+                if !ack_a.is_empty() || !ack_c.is_empty() {
+                    let until = tokio::time::Instant::now() + DELIVER_BEFORE_POLLING;
+                    while Outbox::pending_events(&outbox) > 0 && tokio::time::Instant::now() < until
+                    {
+                        if sleep_or_stop(Duration::from_millis(10), &mut stop).await {
+                            return;
+                        }
+                    }
+                }
             }
             Err(NetError::Status {
                 status,
@@ -199,8 +226,9 @@ pub async fn poll_loop(
                 }
             }
             Err(e) => {
+                let wait = busy_wait(&e).unwrap_or_else(|| backoff.next_delay());
                 link.state.down(&e);
-                if sleep_or_stop(backoff.next_delay(), &mut stop).await {
+                if sleep_or_stop(wait, &mut stop).await {
                     return;
                 }
             }
@@ -242,6 +270,7 @@ pub async fn heartbeat_loop(
                 Duration::from_secs(30),
             )
             .await;
+        link.introduced.send_replace(true);
         let wait = match res {
             Ok(()) => {
                 link.state.up();
@@ -326,12 +355,32 @@ pub async fn progress_loop(
     }
 }
 
+/// How long to wait when the controller sheds load (503 with `Retry-After`): what it asked
+/// for, spread by up to half again so a shed fleet does not come back in one instant.
+pub fn busy_wait(e: &NetError) -> Option<Duration> {
+    match e {
+        NetError::Busy { retry_after, .. } => {
+            Some(retry_after.mul_f64(1.0 + fastrand::f64() / 2.0))
+        }
+        NetError::BadUrl { .. }
+        | NetError::Connect { .. }
+        | NetError::Tls { .. }
+        | NetError::Http { .. }
+        | NetError::Timeout { .. }
+        | NetError::Status { .. }
+        | NetError::Decode { .. }
+        | NetError::Encode { .. } => None,
+    }
+}
+
 /// 4xx answers that will never change on retry: the event is moved aside, not resent forever.
 fn permanent(status: u16) -> bool {
     matches!(status, 400 | 403 | 404 | 409 | 413 | 422)
 }
 
-/// Delivers the outbox in order, one event per request, until each is acknowledged.
+/// Delivers the outbox in order, up to [`EVENTS_PER_REQUEST`] events per request, until each
+/// is acknowledged. When the controller refuses a batch for good, its events are sent one by
+/// one, so only the one it refuses is moved aside.
 pub async fn deliver_loop(
     link: Arc<Link>,
     outbox: Arc<Mutex<Outbox>>,
@@ -366,9 +415,17 @@ pub async fn deliver_loop(
                 _ = stop.changed() => return,
             }
         }
-        for rec in pending {
+        let mut single = false;
+        let mut pending = std::collections::VecDeque::from(pending);
+        while !pending.is_empty() {
+            let n = if single {
+                1
+            } else {
+                EVENTS_PER_REQUEST.min(pending.len())
+            };
+            let recs: Vec<_> = pending.iter().take(n).cloned().collect();
             let batch = EventBatch {
-                events: vec![rec.event.clone()],
+                events: recs.iter().map(|r| r.event.clone()).collect(),
             };
             let res = tokio::select! {
                 r = link.client.json::<_, EventsApplied>(Method::POST, "/agent/v1/events", Some(&batch), Duration::from_secs(30)) => r,
@@ -379,9 +436,17 @@ pub async fn deliver_loop(
                 Ok(_) => {
                     link.state.up();
                     backoff.reset();
-                    if let Err(e) = ob().remove(rec.seq) {
-                        tracing::error!(error = %e, "cannot remove a delivered event");
+                    for rec in &recs {
+                        if let Err(e) = ob().remove(rec.seq) {
+                            tracing::error!(error = %e, "cannot remove a delivered event");
+                        }
                     }
+                    pending.drain(..n);
+                }
+                Err(NetError::Status { status, .. }) if permanent(status) && n > 1 => {
+                    // One of them is refused: find it by sending them one at a time.
+                    link.state.up();
+                    single = true;
                 }
                 Err(NetError::Status {
                     status,
@@ -390,6 +455,7 @@ pub async fn deliver_loop(
                     ..
                 }) if permanent(status) => {
                     link.state.up();
+                    let rec = &recs[0];
                     let kept = ob().reject(rec.seq);
                     tracing::error!(
                         key = %rec.event.idempotency_key,
@@ -397,15 +463,48 @@ pub async fn deliver_loop(
                         kept_at = ?kept.as_ref().ok(),
                         "the controller refused an event for good; it was moved aside"
                     );
+                    pending.pop_front();
                 }
                 Err(e) => {
+                    let wait = busy_wait(&e).unwrap_or_else(|| backoff.next_delay());
                     link.state.down(&e);
-                    if sleep_or_stop(backoff.next_delay(), &mut stop).await {
+                    if sleep_or_stop(wait, &mut stop).await {
                         return;
                     }
                     break;
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shed_agent_waits_what_it_was_told_spread_by_up_to_half_again() {
+        let busy = NetError::Busy {
+            url: "https://c/agent/v1/poll".into(),
+            retry_after: Duration::from_secs(2),
+        };
+        for _ in 0..100 {
+            let w = busy_wait(&busy).expect("a 503 with Retry-After is waited out");
+            assert!(
+                w >= Duration::from_secs(2) && w <= Duration::from_secs(3),
+                "{w:?}"
+            );
+        }
+        let refused = NetError::Status {
+            url: "u".into(),
+            status: 503,
+            error_code: "ENROLLMENT_DISABLED".into(),
+            error_msg: String::new(),
+        };
+        assert_eq!(
+            busy_wait(&refused),
+            None,
+            "no Retry-After: the normal backoff"
+        );
     }
 }

@@ -327,11 +327,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         long_poll: cfg.long_poll,
         retry_initial: cfg.retry_initial,
         retry_max: cfg.retry_max,
+        introduced: watch::channel(false).0,
     });
     let tasks = vec![
         tokio::spawn(link::poll_loop(
             link.clone(),
             inputs_tx.clone(),
+            outbox.clone(),
             stop.clone(),
         )),
         tokio::spawn(link::heartbeat_loop(

@@ -101,6 +101,9 @@ pub async fn heartbeat(ctl: &Controller, call: AgentCall, body: &[u8]) -> Result
 /// What one look at a poller's machine found.
 enum Answer {
     Decommissioned,
+    /// Two live agents present this identity (noticed by another request while this poll
+    /// waited).
+    Conflict,
     /// A newer session of the identity holds it.
     Superseded,
     Work(Vec<Assignment>, Vec<String>),
@@ -109,6 +112,10 @@ enum Answer {
 /// Long-poll: answers at once when something is waiting for this machine, otherwise as soon as
 /// something is dispatched or cancelled for it, or after `wait_ms`. Only the newest session of
 /// an identity is handed work, and none while two are live.
+///
+/// At fleet size this is the controller's most frequent request, so it costs one transaction
+/// when nothing is waiting (the gate, the acks and the first look together) and one more per
+/// wake-up that finds work (the look, and the end of the session's hold).
 pub async fn poll(
     ctl: &Controller,
     call: AgentCall,
@@ -117,16 +124,18 @@ pub async fn poll(
     let req: PollRequest = parse_json(body)?;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(req.wait_ms).min(MAX_WAIT);
     let machine_id = call.machine_id.clone();
-    let session = call.session();
     let quiet = ctl.cfg.identity_conflict_quiet;
     let notify = ctl.waiter(&machine_id);
     let mut shutdown = ctl.shutdown.clone();
     let now = now_ms();
     let hold = now + Duration::from_millis(req.wait_ms).min(MAX_WAIT).as_millis() as i64;
-    {
+    // Armed before the first look, so a dispatch that lands between look and wait wakes us.
+    let notified = notify.notified();
+    tokio::pin!(notified);
+    notified.as_mut().enable();
+    let first = {
         let (c, r) = (call.clone(), req.clone());
-        let conflict = ctl
-            .store
+        ctl.store
             .tx(move |tx| {
                 let g = identity::gate_holding(
                     tx,
@@ -138,95 +147,117 @@ pub async fn poll(
                 )?;
                 // Acks are the agent's record of what it holds: applied even in a conflict.
                 tx.ack(&c.machine_id, &r.ack_assignments, &r.ack_cancels)?;
-                Ok::<_, ApiError>(g.conflict)
+                if g.conflict {
+                    return Ok(None);
+                }
+                look(tx, &c, now, quiet).map(Some)
             })
-            .await?;
-        if conflict {
-            ctl.wake(std::slice::from_ref(&machine_id));
-            return Err(identity::conflict_error(&machine_id));
-        }
+            .await?
+    };
+    let Some(first) = first else {
+        ctl.wake(std::slice::from_ref(&machine_id));
+        return Err(identity::conflict_error(&machine_id));
+    };
+    if let Some(answer) = finished(&machine_id, first)? {
+        return Ok(answer);
     }
-    let answer = wait_for_work(ctl, &call, deadline, notify, &mut shutdown).await;
-    if call.session.is_some() {
-        // The poll is over: its session is remembered from its last request only, so a clone
-        // that went away stops counting `quiet` after its last word, not after its last wait.
-        let (m, s, now) = (machine_id, session.key, now_ms());
-        ctl.store.tx(move |tx| tx.release_hold(&m, &s, now)).await?;
-    }
-    answer
-}
-
-/// The waiting part of [`poll`].
-async fn wait_for_work(
-    ctl: &Controller,
-    call: &AgentCall,
-    deadline: tokio::time::Instant,
-    notify: std::sync::Arc<tokio::sync::Notify>,
-    shutdown: &mut tokio::sync::watch::Receiver<bool>,
-) -> Result<PollResponse, ApiError> {
-    let machine_id = call.machine_id.clone();
-    let session = call.session();
-    let quiet = ctl.cfg.identity_conflict_quiet;
     loop {
-        // Armed before the query, so a dispatch that lands between query and wait still wakes us.
-        let notified = notify.notified();
-        tokio::pin!(notified);
+        tokio::select! {
+            _ = &mut notified => {}
+            // The hold ends with the wait: nothing to record.
+            _ = tokio::time::sleep_until(deadline) => return Ok(PollResponse::default()),
+            _ = shutdown.changed() => {
+                if call.session.is_some() {
+                    let (m, s, now) = (machine_id.clone(), call.session().key, now_ms());
+                    ctl.store.tx(move |tx| tx.release_hold(&m, &s, now)).await?;
+                }
+                return Ok(PollResponse::default());
+            }
+        }
+        notified.set(notify.notified());
         notified.as_mut().enable();
         if ctl.revoked.contains(&call.cert.serial) {
             return Err(super::revoked_error());
         }
-        let (m, s, tracked) = (machine_id.clone(), session.clone(), call.session.is_some());
-        let now = now_ms();
-        let silent_since = now - quiet.as_millis() as i64;
+        let c = call.clone();
         let answer = ctl
             .store
-            .tx(move |tx| {
-                match tx.machine(&m)? {
-                    Some((_, Some(_))) => return Ok(Answer::Decommissioned),
-                    // Noticed by another request of this identity while this poll waited.
-                    Some((row, None)) if row.conflict_ms.is_some() && tracked => {
-                        return Err(identity::conflict_error(&m))
-                    }
-                    _ => {}
-                }
-                // A newer session of this identity took over while this poll waited (a
-                // restart, a reboot, or a clone): this one gets nothing more.
-                if tracked && tx.newest_session(&m)?.as_deref() != Some(s.key.as_str()) {
-                    return Ok(Answer::Superseded);
-                }
-                let (rows, cancels) = tx.undelivered_for(&m, &s.key, &s.instance, silent_since)?;
-                let mut out = Vec::with_capacity(rows.len());
-                for (row, task) in &rows {
-                    let own = tx.assignment_payload(&row.assignment_id)?;
-                    out.push(assignment_of(row, task, own.as_deref())?);
-                }
-                Ok::<_, ApiError>(Answer::Work(out, cancels))
-            })
+            .tx(move |tx| look(tx, &c, now_ms(), quiet))
             .await?;
-        match answer {
-            Answer::Decommissioned => {
-                return Err(ApiError::new(
-                    http::StatusCode::FORBIDDEN,
-                    ErrorCode::MachineDecommissioned,
-                    format!("machine {machine_id:?} was decommissioned"),
-                ))
-            }
-            // Answered at once: if that agent is alive, its next poll shows it.
-            Answer::Superseded => return Ok(PollResponse::default()),
-            Answer::Work(rows, cancels) if !rows.is_empty() || !cancels.is_empty() => {
-                return Ok(PollResponse {
-                    assignments: rows,
-                    cancels,
-                })
-            }
-            Answer::Work(..) => {}
-        }
-        tokio::select! {
-            _ = &mut notified => {}
-            _ = tokio::time::sleep_until(deadline) => return Ok(PollResponse::default()),
-            _ = shutdown.changed() => return Ok(PollResponse::default()),
+        if let Some(answer) = finished(&machine_id, answer)? {
+            return Ok(answer);
         }
     }
+}
+
+/// The poll's answer, or `None` to keep waiting.
+fn finished(machine_id: &str, answer: Answer) -> Result<Option<PollResponse>, ApiError> {
+    match answer {
+        Answer::Conflict => Err(identity::conflict_error(machine_id)),
+        Answer::Decommissioned => Err(ApiError::new(
+            http::StatusCode::FORBIDDEN,
+            ErrorCode::MachineDecommissioned,
+            format!("machine {machine_id:?} was decommissioned"),
+        )),
+        // Answered at once: if that agent is alive, its next poll shows it.
+        Answer::Superseded => Ok(Some(PollResponse::default())),
+        Answer::Work(rows, cancels) if !rows.is_empty() || !cancels.is_empty() => {
+            Ok(Some(PollResponse {
+                assignments: rows,
+                cancels,
+            }))
+        }
+        Answer::Work(..) => Ok(None),
+    }
+}
+
+/// One look at what waits for the poller's machine. When the poll ends with it (work, or
+/// nothing more for this session), the session's hold ends in the same transaction: its
+/// long poll is over, so a clone that went away stops counting `quiet` after its last word.
+fn look(
+    tx: &mut super::store::Tx<'_>,
+    call: &AgentCall,
+    now: i64,
+    quiet: Duration,
+) -> Result<Answer, ApiError> {
+    let m = &call.machine_id;
+    let s = call.session();
+    let tracked = call.session.is_some();
+    let silent_since = now - quiet.as_millis() as i64;
+    let end_hold = |tx: &mut super::store::Tx<'_>| -> Result<(), ApiError> {
+        if tracked {
+            tx.release_hold(m, &s.key, now)?;
+        }
+        Ok(())
+    };
+    match tx.machine(m)? {
+        Some((_, Some(_))) => {
+            end_hold(tx)?;
+            return Ok(Answer::Decommissioned);
+        }
+        // Noticed by another request of this identity while this poll waited.
+        Some((row, None)) if row.conflict_ms.is_some() && tracked => {
+            end_hold(tx)?;
+            return Ok(Answer::Conflict);
+        }
+        _ => {}
+    }
+    // A newer session of this identity took over while this poll waited (a restart, a
+    // reboot, or a clone): this one gets nothing more.
+    if tracked && tx.newest_session(m)?.as_deref() != Some(s.key.as_str()) {
+        end_hold(tx)?;
+        return Ok(Answer::Superseded);
+    }
+    let (rows, cancels) = tx.undelivered_for(m, &s.key, &s.instance, silent_since)?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (row, task) in &rows {
+        let own = tx.assignment_payload(&row.assignment_id)?;
+        out.push(assignment_of(row, task, own.as_deref())?);
+    }
+    if !out.is_empty() || !cancels.is_empty() {
+        end_hold(tx)?;
+    }
+    Ok(Answer::Work(out, cancels))
 }
 
 /// Results are accepted even while the identity is in conflict: work already running when

@@ -203,6 +203,9 @@ pub fn apply_event(
             if !row.state.is_final() {
                 tx.mark_running(&ev.assignment_id, &ev.at, now_ms)?;
             }
+            // Dispatched and running are both "at work": nothing the task does next depends
+            // on the difference.
+            return Ok(Applied::Applied);
         }
         (EventBody::Result(r), Some(state)) => {
             // A machine already declared unreachable may still deliver its real result later;
@@ -236,6 +239,12 @@ pub fn apply_event(
             }
         }
         (EventBody::Result(_), None) => unreachable!("result_state is Some for every Result"),
+    }
+    // While other machines of its batch are at work, the batch's outcome cannot change, so
+    // the task is not re-planned: an event costs one index probe, not a read of the whole
+    // task (which made a rollout O(N^2)). The last result of a batch re-plans it.
+    if tx.batch_in_flight(&row.task_id, row.batch)? {
+        return Ok(Applied::Applied);
     }
     advance(tx, &row.task_id, now_ms, wake)?;
     Ok(Applied::Applied)

@@ -287,11 +287,25 @@ pub async fn run(
             }
         })
     });
+    let mut net = ctl.cfg.net;
+    let nofile = crate::sys::fdlimit::raise_nofile();
+    let fits = crate::sys::fdlimit::connections_within(nofile, net.max_connections);
+    if fits < net.max_connections {
+        tracing::warn!(
+            max_connections = net.max_connections,
+            open_files_limit = nofile,
+            serving = fits,
+            "max_connections does not fit the open-files limit (LimitNOFILE); serving fewer \
+             connections, so the database always has descriptors left"
+        );
+        net.max_connections = fits;
+        net.operator_reserve = net.operator_reserve.min(fits / 2);
+    }
     let result = crate::net::server::serve(
         listener,
         tls,
         Arc::new(router::Router(ctl.clone())),
-        ctl.cfg.net,
+        net,
         async move {
             shutdown.await;
             let _ = stop_tx.send(true);

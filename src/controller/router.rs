@@ -19,6 +19,12 @@ use crate::pki::Role;
 use crate::proto::domain::ErrorCode;
 use crate::sys::clock;
 
+/// While transactions wait this long for the database, agent requests are shed; below it,
+/// every request waits its turn (a burst the database clears in a second is not overload).
+const SHED_LAG: std::time::Duration = std::time::Duration::from_millis(1500);
+/// What a shed agent is told to wait.
+const SHED_RETRY_AFTER_SECONDS: u64 = 2;
+
 impl Controller {
     async fn route(&self, req: Request<Incoming>, peer: Peer) -> Result<Response<Body>, ApiError> {
         let method = req.method().clone();
@@ -72,6 +78,21 @@ impl Controller {
                 StatusCode::FORBIDDEN,
                 ErrorCode::Forbidden,
                 format!("{peer} may not call {path}: {allowed}"),
+            ));
+        }
+        if area == Role::Agent && self.store.queue_lag() > SHED_LAG {
+            // Overload slows agents down instead of queueing requests that outlive their
+            // timeouts: they come back after Retry-After (operators are never shed).
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::ControllerBusy,
+                format!(
+                    "the controller is busy (its database queue is {} ms behind, {} \
+                     transactions); retry after {} s",
+                    self.store.queue_lag().as_millis(),
+                    self.store.queue_depth(),
+                    SHED_RETRY_AFTER_SECONDS
+                ),
             ));
         }
         let call = match area {
@@ -365,6 +386,12 @@ impl Handler for Router {
                     let mut r = error_response(e.status, e.code, e.msg);
                     if let Some(v) = allow.and_then(|a| http::HeaderValue::from_str(&a).ok()) {
                         r.headers_mut().insert(http::header::ALLOW, v);
+                    }
+                    if e.code == ErrorCode::ControllerBusy {
+                        r.headers_mut().insert(
+                            http::header::RETRY_AFTER,
+                            http::HeaderValue::from(SHED_RETRY_AFTER_SECONDS),
+                        );
                     }
                     if e.status == StatusCode::TOO_MANY_REQUESTS {
                         r.headers_mut().insert(

@@ -1,8 +1,11 @@
-//! The HTTPS client used by agents, the CLI and tests: one TLS connection per request.
-//!
-//! Opening a connection per request costs a handshake (about a millisecond on a LAN) but
-//! means a half-dead pooled connection can never swallow a result; long polls hold their
-//! connection for the whole wait anyway.
+//! The HTTPS client used by agents, the CLI and tests. Connections are kept alive: a request
+//! takes an idle connection of this client (and its clones) if there is one, so an agent's
+//! polls, heartbeats and events do not pay a TLS handshake each (at fleet size, handshakes
+//! were a third of the controller's idle CPU). A kept connection is used only while it is
+//! young (below the controller's idle limit), and a request that a dead connection never
+//! sent is sent again on a fresh one; a request that may have been sent is not retried here
+//! (the agent's outbox retries under the same idempotency key). Payload downloads
+//! (`get_stream`) keep a connection of their own.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +24,19 @@ use crate::proto::api::ErrorBody;
 
 /// Upper bound on an answer we are willing to buffer.
 const MAX_RESPONSE: usize = 64 << 20;
+/// Idle connections kept per client (a long poll holds one more while it waits).
+const MAX_IDLE: usize = 2;
+/// An idle connection older than this is closed rather than used: the controller closes
+/// keep-alive connections idle for `request_header_timeout_seconds` (10 s by default), and a
+/// request must not race that close.
+const IDLE_FOR_AT_MOST: Duration = Duration::from_secs(4);
+
+/// A kept-alive connection waiting for its next request.
+struct Idle {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    driver: AbortOnDrop,
+    since: std::time::Instant,
+}
 
 /// Aborts the connection task when the response is dropped.
 pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -51,6 +67,8 @@ pub struct HttpsClient {
     tls: Arc<std::sync::RwLock<TlsConnector>>,
     /// Sent with every request (the agent's session header).
     headers: Arc<Vec<(header::HeaderName, String)>>,
+    /// Kept-alive connections, shared by every clone.
+    idle: Arc<std::sync::Mutex<Vec<Idle>>>,
 }
 
 impl std::fmt::Debug for HttpsClient {
@@ -103,6 +121,7 @@ impl HttpsClient {
             authority: authority.to_string(),
             tls: Arc::new(std::sync::RwLock::new(TlsConnector::from(tls))),
             headers: Arc::new(Vec::new()),
+            idle: Arc::default(),
         })
     }
 
@@ -115,6 +134,38 @@ impl HttpsClient {
     pub fn set_tls(&self, tls: Arc<rustls::ClientConfig>) {
         let mut w = self.tls.write().unwrap_or_else(|p| p.into_inner());
         *w = TlsConnector::from(tls);
+        // Kept connections were made with the old certificate.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// A young idle connection, if there is one.
+    fn take_idle(&self) -> Option<Idle> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(c) = idle.pop() {
+            if c.since.elapsed() < IDLE_FOR_AT_MOST && !c.sender.is_closed() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn keep_idle(&self, c: Idle) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|c| c.since.elapsed() < IDLE_FOR_AT_MOST && !c.sender.is_closed());
+        if idle.len() < MAX_IDLE {
+            idle.push(c);
+            // Closed when it has been idle too long to use, not when the controller's
+            // idle limit closes it: an agent between heartbeats holds no second connection.
+            let pool = Arc::downgrade(&self.idle);
+            tokio::spawn(async move {
+                tokio::time::sleep(IDLE_FOR_AT_MOST).await;
+                if let Some(pool) = pool.upgrade() {
+                    pool.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .retain(|c| c.since.elapsed() < IDLE_FOR_AT_MOST);
+                }
+            });
+        }
     }
 
     /// A client that sends `name: value` with every request.
@@ -141,7 +192,7 @@ impl HttpsClient {
         )
         .await
         {
-            Ok(r) => r,
+            Ok(r) => r.map(|(status, _, body)| (status, body)),
             Err(_) => Err(NetError::Timeout {
                 url,
                 after: timeout,
@@ -156,34 +207,75 @@ impl HttpsClient {
         path: &str,
         body: Option<Bytes>,
         content_type: Option<&str>,
-    ) -> Result<(StatusCode, Bytes), NetError> {
+    ) -> Result<(StatusCode, Option<Duration>, Bytes), NetError> {
         let mut headers = Vec::new();
         if let Some(ct) = content_type {
             headers.push((header::CONTENT_TYPE, ct.to_string()));
         }
-        let (resp, _driver) = self.send(url, method, path, body, &headers).await?;
-        let status = resp.status();
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE)
-            .collect()
-            .await
-            .map_err(|e| NetError::Http {
-                url: url.to_string(),
-                reason: e.to_string(),
-            })?
-            .to_bytes();
-        Ok((status, body))
+        let body = body.unwrap_or_default();
+        let http_err = |e: hyper::Error| NetError::Http {
+            url: url.to_string(),
+            reason: describe(&e),
+        };
+        let mut kept = self.take_idle();
+        loop {
+            let reused = kept.is_some();
+            let (mut sender, driver) = match kept.take() {
+                Some(c) => (c.sender, c.driver),
+                None => self.connect(url).await?,
+            };
+            if reused && sender.ready().await.is_err() {
+                // Closed while idle: nothing was sent on it.
+                continue;
+            }
+            let req = self.build(url, method.clone(), path, body.clone(), &headers)?;
+            let resp = match sender.send_request(req).await {
+                Ok(r) => r,
+                // Never written to the dead connection: safe to send on a fresh one.
+                Err(e) if reused && e.is_canceled() => continue,
+                Err(e) => return Err(http_err(e)),
+            };
+            let status = resp.status();
+            let retry_after = resp
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let close = resp
+                .headers()
+                .get(header::CONNECTION)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+            let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| NetError::Http {
+                    url: url.to_string(),
+                    reason: e.to_string(),
+                })?
+                .to_bytes();
+            if !close {
+                self.keep_idle(Idle {
+                    sender,
+                    driver,
+                    since: std::time::Instant::now(),
+                });
+            }
+            return Ok((status, retry_after, body));
+        }
     }
 
-    /// Connects, sends one request and returns the response head with its unread body. The
-    /// connection lives as long as the returned guard.
-    async fn send(
+    /// Opens a connection: TCP, TLS, HTTP/1.1. It lives as long as the returned guard.
+    async fn connect(
         &self,
         url: &str,
-        method: Method,
-        path: &str,
-        body: Option<Bytes>,
-        headers: &[(header::HeaderName, String)],
-    ) -> Result<(http::Response<Incoming>, AbortOnDrop), NetError> {
+    ) -> Result<
+        (
+            hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+            AbortOnDrop,
+        ),
+        NetError,
+    > {
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|source| NetError::Connect {
@@ -203,18 +295,28 @@ impl HttpsClient {
                 url: url.to_string(),
                 source,
             })?;
-        let http_err = |e: hyper::Error| NetError::Http {
-            url: url.to_string(),
-            reason: describe(&e),
-        };
-        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .max_buf_size(4 << 20)
             .handshake(TokioIo::new(tls))
             .await
-            .map_err(http_err)?;
+            .map_err(|e| NetError::Http {
+                url: url.to_string(),
+                reason: describe(&e),
+            })?;
         let driver = AbortOnDrop(tokio::spawn(async move {
             let _ = conn.await;
         }));
+        Ok((sender, driver))
+    }
+
+    fn build(
+        &self,
+        url: &str,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        headers: &[(header::HeaderName, String)],
+    ) -> Result<Request<Full<Bytes>>, NetError> {
         let mut req = Request::builder()
             .method(method)
             .uri(path)
@@ -223,13 +325,28 @@ impl HttpsClient {
         for (k, v) in self.headers.iter().chain(headers) {
             req = req.header(k, v);
         }
-        let req = req
-            .body(Full::new(body.unwrap_or_default()))
-            .map_err(|e| NetError::BadUrl {
-                url: url.to_string(),
-                reason: e.to_string(),
-            })?;
-        let resp = sender.send_request(req).await.map_err(http_err)?;
+        req.body(Full::new(body)).map_err(|e| NetError::BadUrl {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Connects, sends one request and returns the response head with its unread body. The
+    /// connection lives as long as the returned guard.
+    async fn send(
+        &self,
+        url: &str,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        headers: &[(header::HeaderName, String)],
+    ) -> Result<(http::Response<Incoming>, AbortOnDrop), NetError> {
+        let (mut sender, driver) = self.connect(url).await?;
+        let req = self.build(url, method, path, body.unwrap_or_default(), headers)?;
+        let resp = sender.send_request(req).await.map_err(|e| NetError::Http {
+            url: url.to_string(),
+            reason: describe(&e),
+        })?;
         Ok((resp, driver))
     }
 
@@ -283,7 +400,24 @@ impl HttpsClient {
             None => None,
         };
         let ct = payload.as_ref().map(|_| "application/json");
-        let (status, bytes) = self.request(method, path, payload, ct, timeout).await?;
+        let (status, retry_after, bytes) =
+            match tokio::time::timeout(timeout, self.exchange(&url, method, path, payload, ct))
+                .await
+            {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(NetError::Timeout {
+                        url,
+                        after: timeout,
+                    })
+                }
+            };
+        if let (StatusCode::SERVICE_UNAVAILABLE, Some(after)) = (status, retry_after) {
+            return Err(NetError::Busy {
+                url,
+                retry_after: after,
+            });
+        }
         if !status.is_success() {
             let (error_code, error_msg) = match serde_json::from_slice::<ErrorBody>(&bytes) {
                 Ok(e) => (e.error_code.to_string(), e.error_msg),

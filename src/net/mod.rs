@@ -62,6 +62,12 @@ pub enum NetError {
         error_code: String,
         error_msg: String,
     },
+    /// 503 with `Retry-After`: the controller sheds load and says when to come back.
+    #[error("{url} is busy; retry after {retry_after:?}")]
+    Busy {
+        url: String,
+        retry_after: std::time::Duration,
+    },
     #[error("cannot decode the answer from {url}: {reason}")]
     Decode { url: String, reason: String },
     #[error("cannot encode the request to {url}: {reason}")]

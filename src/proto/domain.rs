@@ -301,6 +301,9 @@ wire_enum! {
         RequestTimeout = "REQUEST_TIMEOUT",
         RangeNotSatisfiable = "RANGE_NOT_SATISFIABLE",
         RateLimited = "RATE_LIMITED",
+        /// The controller sheds agent requests while its database queue is deep (503 with
+        /// `Retry-After`); the agent waits that long and asks again.
+        ControllerBusy = "CONTROLLER_BUSY",
         InternalError = "INTERNAL_ERROR",
         // Identity.
         CertificateRequired = "CERTIFICATE_REQUIRED",

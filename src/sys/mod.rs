@@ -13,6 +13,7 @@ pub mod cgroup;
 pub mod child;
 pub mod clock;
 pub mod facts;
+pub mod fdlimit;
 pub mod fsutil;
 pub mod notify;
 pub mod power;

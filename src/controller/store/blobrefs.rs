@@ -12,7 +12,10 @@ impl Tx<'_> {
         let what = "listing what refers to blobs";
         let mut images = Vec::new();
         {
-            let mut st = self.tx.prepare("SELECT sha256 FROM images").ctx(what)?;
+            let mut st = self
+                .tx
+                .prepare_cached("SELECT sha256 FROM images")
+                .ctx(what)?;
             let rows = st.query_map([], |r| r.get(0)).ctx(what)?;
             for r in rows {
                 images.push(r.ctx(what)?);
@@ -28,7 +31,7 @@ impl Tx<'_> {
                 ON tm.assignment_id = p.assignment_id
                 WHERE tm.state IN ('PENDING', 'DISPATCHED', 'RUNNING')",
         ] {
-            let mut st = self.tx.prepare(sql).ctx(what)?;
+            let mut st = self.tx.prepare_cached(sql).ctx(what)?;
             let rows = st.query_map(params![], |r| r.get(0)).ctx(what)?;
             for r in rows {
                 docs.push(r.ctx(what)?);

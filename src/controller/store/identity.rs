@@ -5,6 +5,7 @@
 
 use rusqlite::{params, OptionalExtension, Row};
 
+use super::Cached;
 use super::{Ctx, MachineRow, StoreError, Tx};
 
 const MACHINE_COLS: &str = "machine_id, pool_id, agent_version, last_seen_ms, facts_json, \
@@ -71,7 +72,7 @@ impl Tx<'_> {
     pub fn machines(&mut self) -> Result<Vec<MachineRow>, StoreError> {
         let mut st = self
             .tx
-            .prepare(&format!(
+            .prepare_cached(&format!(
                 "SELECT {MACHINE_COLS} FROM machines WHERE decommissioned_ms IS NULL
                  ORDER BY machine_id"
             ))
@@ -87,7 +88,7 @@ impl Tx<'_> {
         machine_id: &str,
     ) -> Result<Option<(MachineRow, Option<i64>)>, StoreError> {
         self.tx
-            .query_row(
+            .one(
                 &format!("SELECT {MACHINE_COLS} FROM machines WHERE machine_id = ?1"),
                 params![machine_id],
                 machine_row,
@@ -113,7 +114,7 @@ impl Tx<'_> {
     ) -> Result<bool, StoreError> {
         let n = self
             .tx
-            .execute(
+            .exec(
                 "INSERT INTO machines (machine_id, pool_id, agent_version, last_seen_ms,
                     facts_json, cert_serial, cert_not_after_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
@@ -157,14 +158,14 @@ impl Tx<'_> {
     ) -> Result<SessionVerdict, StoreError> {
         let what = "recording an agent session";
         self.tx
-            .execute(
+            .exec(
                 "DELETE FROM agent_sessions WHERE machine_id = ?1
                  AND last_ms < ?2 AND hold_ms < ?2",
                 params![machine_id, now_ms - quiet_ms],
             )
             .ctx(what)?;
         self.tx
-            .execute(
+            .exec(
                 "INSERT INTO agent_sessions (machine_id, session, instance, first_ms, last_ms)
                  VALUES (?1, ?2, ?3, ?4, ?4)
                  ON CONFLICT (machine_id, session) DO UPDATE SET last_ms = excluded.last_ms",
@@ -173,7 +174,7 @@ impl Tx<'_> {
             .ctx(what)?;
         let overlap: bool = self
             .tx
-            .query_row(
+            .one(
                 "SELECT EXISTS (SELECT 1 FROM agent_sessions o, agent_sessions me
                     WHERE me.machine_id = ?1 AND me.session = ?2
                     AND o.machine_id = ?1 AND o.session <> ?2 AND o.last_ms >= me.first_ms)",
@@ -183,7 +184,7 @@ impl Tx<'_> {
             .ctx(what)?;
         let was: Option<i64> = self
             .tx
-            .query_row(
+            .one(
                 "SELECT conflict_ms FROM machines WHERE machine_id = ?1",
                 params![machine_id],
                 |r| r.get(0),
@@ -193,7 +194,7 @@ impl Tx<'_> {
             .flatten();
         if let (false, Some(hold)) = (overlap, hold_until_ms) {
             self.tx
-                .execute(
+                .exec(
                     "UPDATE agent_sessions SET hold_ms = ?3 WHERE machine_id = ?1 AND session = ?2",
                     params![machine_id, session, hold],
                 )
@@ -206,7 +207,7 @@ impl Tx<'_> {
         };
         if let Some(v) = set {
             self.tx
-                .execute(
+                .exec(
                     "UPDATE machines SET conflict_ms = ?2 WHERE machine_id = ?1",
                     params![machine_id, v],
                 )
@@ -226,7 +227,7 @@ impl Tx<'_> {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         self.tx
-            .execute(
+            .exec(
                 "UPDATE agent_sessions SET hold_ms = ?3
                  WHERE machine_id = ?1 AND session = ?2 AND hold_ms > ?3",
                 params![machine_id, session, now_ms],
@@ -238,7 +239,7 @@ impl Tx<'_> {
     /// The newest session of a machine (the only one that may be handed work).
     pub fn newest_session(&mut self, machine_id: &str) -> Result<Option<String>, StoreError> {
         self.tx
-            .query_row(
+            .one(
                 "SELECT session FROM agent_sessions WHERE machine_id = ?1
                  ORDER BY first_ms DESC, session LIMIT 1",
                 params![machine_id],
@@ -256,7 +257,7 @@ impl Tx<'_> {
     ) -> Result<bool, StoreError> {
         let n = self
             .tx
-            .execute(
+            .exec(
                 "UPDATE machines SET pool_id = ?2 WHERE machine_id = ?1
                  AND decommissioned_ms IS NULL",
                 params![machine_id, pool_id],
@@ -269,14 +270,14 @@ impl Tx<'_> {
     /// history (task rows) stays.
     pub fn decommission(&mut self, machine_id: &str, now_ms: i64) -> Result<(), StoreError> {
         self.tx
-            .execute(
+            .exec(
                 "UPDATE machines SET decommissioned_ms = ?2, pool_id = NULL, conflict_ms = NULL
                  WHERE machine_id = ?1",
                 params![machine_id, now_ms],
             )
             .ctx("decommissioning a machine")?;
         self.tx
-            .execute(
+            .exec(
                 "DELETE FROM agent_sessions WHERE machine_id = ?1",
                 params![machine_id],
             )
@@ -288,7 +289,7 @@ impl Tx<'_> {
     pub fn unfinished_assignments(&mut self, machine_id: &str) -> Result<Vec<String>, StoreError> {
         let mut st = self
             .tx
-            .prepare(
+            .prepare_cached(
                 "SELECT assignment_id FROM task_machines WHERE machine_id = ?1
                  AND state IN ('PENDING', 'DISPATCHED', 'RUNNING')",
             )
@@ -311,7 +312,7 @@ impl Tx<'_> {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         self.tx
-            .execute(
+            .exec(
                 "INSERT INTO machines (machine_id, pool_id, agent_version, last_seen_ms,
                     cert_serial, cert_not_after_ms)
                  VALUES (?1, ?2, '', ?3, ?4, ?5)
@@ -323,7 +324,7 @@ impl Tx<'_> {
             )
             .ctx("enrolling a machine")?;
         self.tx
-            .execute(
+            .exec(
                 "DELETE FROM agent_sessions WHERE machine_id = ?1",
                 params![machine_id],
             )
@@ -339,7 +340,7 @@ impl Tx<'_> {
         not_after_ms: i64,
     ) -> Result<(), StoreError> {
         self.tx
-            .execute(
+            .exec(
                 "UPDATE machines SET cert_serial = ?2, cert_not_after_ms = ?3
                  WHERE machine_id = ?1",
                 params![machine_id, serial, not_after_ms],
@@ -350,7 +351,7 @@ impl Tx<'_> {
 
     pub fn insert_token(&mut self, t: &EnrollmentTokenRow) -> Result<(), StoreError> {
         self.tx
-            .execute(
+            .exec(
                 "INSERT INTO enrollment_tokens (token_id, secret_sha256, pool_id, uses_left,
                     expires_ms, created_ms, created_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
@@ -372,7 +373,7 @@ impl Tx<'_> {
     pub fn tokens(&mut self) -> Result<Vec<EnrollmentTokenRow>, StoreError> {
         let mut st = self
             .tx
-            .prepare(
+            .prepare_cached(
                 "SELECT token_id, secret_sha256, pool_id, uses_left, expires_ms, created_ms,
                     created_by FROM enrollment_tokens WHERE deleted_ms IS NULL
                  ORDER BY created_ms DESC, token_id",
@@ -389,7 +390,7 @@ impl Tx<'_> {
     pub fn delete_token(&mut self, token_id: &str, now_ms: i64) -> Result<bool, StoreError> {
         let n = self
             .tx
-            .execute(
+            .exec(
                 "UPDATE enrollment_tokens SET deleted_ms = ?2
                  WHERE token_id = ?1 AND deleted_ms IS NULL",
                 params![token_id, now_ms],
@@ -407,7 +408,7 @@ impl Tx<'_> {
     ) -> Result<TokenCheck, StoreError> {
         let row = self
             .tx
-            .query_row(
+            .one(
                 "SELECT token_id, secret_sha256, pool_id, uses_left, expires_ms, created_ms,
                     created_by FROM enrollment_tokens WHERE token_id = ?1 AND deleted_ms IS NULL",
                 params![token_id],
@@ -429,7 +430,7 @@ impl Tx<'_> {
     /// One use of a token with a limited number.
     pub fn use_token(&mut self, token_id: &str) -> Result<(), StoreError> {
         self.tx
-            .execute(
+            .exec(
                 "UPDATE enrollment_tokens SET uses_left = uses_left - 1
                  WHERE token_id = ?1 AND uses_left > 0",
                 params![token_id],
@@ -442,7 +443,7 @@ impl Tx<'_> {
     pub fn revoke(&mut self, r: &RevocationRow) -> Result<bool, StoreError> {
         let n = self
             .tx
-            .execute(
+            .exec(
                 "INSERT INTO revocations (serial, revoked_ms, revoked_by, machine_id)
                  VALUES (?1, ?2, ?3, ?4) ON CONFLICT (serial) DO NOTHING",
                 params![r.serial, r.revoked_ms, r.revoked_by, r.machine_id],
@@ -454,7 +455,7 @@ impl Tx<'_> {
     pub fn revocations(&mut self) -> Result<Vec<RevocationRow>, StoreError> {
         let mut st = self
             .tx
-            .prepare(
+            .prepare_cached(
                 "SELECT serial, revoked_ms, revoked_by, machine_id FROM revocations
                  ORDER BY revoked_ms DESC, serial",
             )
@@ -474,7 +475,7 @@ impl Tx<'_> {
 
     pub fn is_revoked(&mut self, serial: &str) -> Result<bool, StoreError> {
         self.tx
-            .query_row(
+            .one(
                 "SELECT EXISTS (SELECT 1 FROM revocations WHERE serial = ?1)",
                 params![serial],
                 |r| r.get(0),
@@ -486,7 +487,7 @@ impl Tx<'_> {
     pub fn revocations_since(&mut self, since_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
         let mut st = self
             .tx
-            .prepare("SELECT serial, revoked_ms FROM revocations WHERE revoked_ms >= ?1")
+            .prepare_cached("SELECT serial, revoked_ms FROM revocations WHERE revoked_ms >= ?1")
             .ctx("reading revocations")?;
         let rows = st
             .query_map(params![since_ms], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -497,7 +498,7 @@ impl Tx<'_> {
     /// The machine that last presented `serial`, if any.
     pub fn machine_of_serial(&mut self, serial: &str) -> Result<Option<String>, StoreError> {
         self.tx
-            .query_row(
+            .one(
                 "SELECT machine_id FROM machines WHERE cert_serial = ?1",
                 params![serial],
                 |r| r.get(0),

@@ -3,6 +3,7 @@
 
 use rusqlite::{params, OptionalExtension, Row};
 
+use super::Cached;
 use super::{Ctx, StoreError, Tx};
 use crate::proto::domain::{CurrentImageState, PendingImageState, PoolOperation};
 
@@ -80,7 +81,7 @@ fn pool_image_row(r: &Row<'_>) -> rusqlite::Result<PoolImageRow> {
 impl Tx<'_> {
     pub fn insert_image(&mut self, i: &ImageRow) -> Result<(), StoreError> {
         self.tx
-            .execute(
+            .exec(
                 "INSERT INTO images (image_id, name, version, os_type, gpu, sha256, size, created_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
@@ -101,7 +102,7 @@ impl Tx<'_> {
     pub fn images(&mut self) -> Result<Vec<ImageRow>, StoreError> {
         let mut st = self
             .tx
-            .prepare(
+            .prepare_cached(
                 "SELECT image_id, name, version, os_type, gpu, sha256, size, created_ms
                  FROM images ORDER BY created_ms, image_id",
             )
@@ -125,7 +126,7 @@ impl Tx<'_> {
 
     pub fn pool_image(&mut self, pool_id: &str) -> Result<Option<PoolImageRow>, StoreError> {
         self.tx
-            .query_row(
+            .one(
                 &format!("SELECT {POOL_IMAGE_COLS} FROM pool_images WHERE pool_id = ?1"),
                 params![pool_id],
                 pool_image_row,
@@ -138,7 +139,7 @@ impl Tx<'_> {
     pub fn busy_pool_images(&mut self) -> Result<Vec<PoolImageRow>, StoreError> {
         let mut st = self
             .tx
-            .prepare(&format!(
+            .prepare_cached(&format!(
                 "SELECT {POOL_IMAGE_COLS} FROM pool_images WHERE operation <> 'NONE' ORDER BY pool_id"
             ))
             .ctx("listing image operations")?;
@@ -151,7 +152,7 @@ impl Tx<'_> {
 
     pub fn put_pool_image(&mut self, p: &PoolImageRow) -> Result<(), StoreError> {
         self.tx
-            .execute(
+            .exec(
                 &format!(
                     "INSERT INTO pool_images ({POOL_IMAGE_COLS})
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
@@ -190,7 +191,7 @@ impl Tx<'_> {
     /// Whether `task_id` is a push's apply task still waiting for its start time.
     pub fn task_held(&mut self, task_id: &str) -> Result<bool, StoreError> {
         self.tx
-            .query_row(
+            .one(
                 "SELECT EXISTS (SELECT 1 FROM pool_images WHERE apply_task_id = ?1 AND released = 0)",
                 params![task_id],
                 |r| r.get::<_, i64>(0),
@@ -202,7 +203,7 @@ impl Tx<'_> {
     pub fn machine_image(&mut self, machine_id: &str) -> Result<MachineImageRow, StoreError> {
         Ok(self
             .tx
-            .query_row(
+            .one(
                 "SELECT current_image_id, current_state, pending_image_id, pending_state, language
                  FROM machine_images WHERE machine_id = ?1",
                 params![machine_id],
@@ -227,7 +228,7 @@ impl Tx<'_> {
 
     pub fn put_machine_image(&mut self, m: &MachineImageRow) -> Result<(), StoreError> {
         self.tx
-            .execute(
+            .exec(
                 "INSERT INTO machine_images (machine_id, current_image_id, current_state,
                  pending_image_id, pending_state, language) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (machine_id) DO UPDATE SET
@@ -256,7 +257,7 @@ impl Tx<'_> {
         json: &str,
     ) -> Result<(), StoreError> {
         self.tx
-            .execute(
+            .exec(
                 "INSERT INTO assignment_payloads (assignment_id, payload_json) VALUES (?1, ?2)",
                 params![assignment_id, json],
             )
@@ -269,7 +270,7 @@ impl Tx<'_> {
         assignment_id: &str,
     ) -> Result<Option<String>, StoreError> {
         self.tx
-            .query_row(
+            .one(
                 "SELECT payload_json FROM assignment_payloads WHERE assignment_id = ?1",
                 params![assignment_id],
                 |r| r.get(0),

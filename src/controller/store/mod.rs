@@ -16,12 +16,12 @@ mod images;
 mod migrate;
 mod software;
 mod tasks;
+mod writer;
 
 pub use identity::{EnrollmentTokenRow, RevocationRow, SessionVerdict, TokenCheck};
 pub use images::{ImageRow, MachineImageRow, PoolImageRow};
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use crate::proto::domain::{ErrorCode, MachineState, PowerPhase, TaskKind, TaskState};
 use rusqlite::{params, Connection, OptionalExtension, Row};
@@ -42,6 +42,31 @@ pub enum StoreError {
     Corrupt { what: &'static str, value: String },
     #[error("database worker stopped: {0}")]
     Worker(String),
+}
+
+/// Every statement of the store goes through SQLite's prepared-statement cache: a poll runs
+/// the same few statements thousands of times a second at fleet size, and parsing them again
+/// each time was most of the database's CPU.
+trait Cached {
+    fn exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize>;
+    fn one<T, P, F>(&self, sql: &str, params: P, f: F) -> rusqlite::Result<T>
+    where
+        P: rusqlite::Params,
+        F: FnOnce(&Row<'_>) -> rusqlite::Result<T>;
+}
+
+impl Cached for Connection {
+    fn exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
+    }
+
+    fn one<T, P, F>(&self, sql: &str, params: P, f: F) -> rusqlite::Result<T>
+    where
+        P: rusqlite::Params,
+        F: FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+    {
+        self.prepare_cached(sql)?.query_row(params, f)
+    }
 }
 
 trait Ctx<T> {
@@ -259,15 +284,16 @@ pub struct InFlight {
 /// Dispatched assignments (with their task) and cancellations an agent has not acknowledged.
 pub type Undelivered = (Vec<(TaskMachineRow, TaskRow)>, Vec<String>);
 
-/// A handle to the database; clones share one connection.
+/// A handle to the database; clones share its writer ([`writer`]: group commit).
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
+    writer: writer::Writer,
 }
 
-/// One open transaction. Every method is a single statement or a short fixed sequence.
+/// One open transaction (a savepoint of its group's transaction; see [`writer`]). Every
+/// method is a single statement or a short fixed sequence.
 pub struct Tx<'a> {
-    tx: rusqlite::Transaction<'a>,
+    tx: rusqlite::Savepoint<'a>,
 }
 
 impl Store {
@@ -284,39 +310,33 @@ impl Store {
             .map_err(open_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_err)?;
+        conn.set_prepared_statement_cache_capacity(256);
         let mut conn = conn;
         migrate::apply(&mut conn).map_err(open_err)?;
         Ok(Store {
-            conn: Arc::new(Mutex::new(conn)),
+            writer: writer::Writer::start(conn),
         })
     }
 
-    /// Runs `f` in one transaction on a blocking thread; commits only if `f` returns `Ok`.
+    /// Runs `f` in one transaction; commits only if `f` returns `Ok`, and answers only once
+    /// the commit is durable. Transactions queued together share one commit.
     pub async fn tx<R, E, F>(&self, f: F) -> Result<R, E>
     where
         R: Send + 'static,
         E: From<StoreError> + Send + 'static,
         F: FnOnce(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
     {
-        let conn = self.conn.clone();
-        let joined = tokio::task::spawn_blocking(move || {
-            // A panic while holding the lock leaves the connection usable (the transaction is
-            // rolled back on drop), so a poisoned lock is recovered rather than propagated.
-            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
-            let tx = guard
-                .transaction()
-                .ctx("starting a transaction")
-                .map_err(E::from)?;
-            let mut tx = Tx { tx };
-            let out = f(&mut tx)?;
-            tx.tx.commit().ctx("committing").map_err(E::from)?;
-            Ok(out)
-        })
-        .await;
-        match joined {
-            Ok(r) => r,
-            Err(e) => Err(E::from(StoreError::Worker(e.to_string()))),
-        }
+        self.writer.tx(f).await
+    }
+
+    /// Transactions waiting for the database now.
+    pub fn queue_depth(&self) -> usize {
+        self.writer.depth()
+    }
+
+    /// How long transactions wait for the database (the load the router sheds on).
+    pub fn queue_lag(&self) -> std::time::Duration {
+        self.writer.lag()
     }
 }
 
@@ -402,7 +422,7 @@ fn finish_tm(pair: (TaskMachineRow, String)) -> Result<TaskMachineRow, StoreErro
 impl Tx<'_> {
     pub fn machine_last_seen(&mut self, machine_id: &str) -> Result<Option<i64>, StoreError> {
         self.tx
-            .query_row(
+            .one(
                 "SELECT last_seen_ms FROM machines WHERE machine_id = ?1",
                 params![machine_id],
                 |r| r.get(0),
@@ -415,7 +435,7 @@ impl Tx<'_> {
     pub fn pool_machines(&mut self, pool_id: &str) -> Result<Vec<String>, StoreError> {
         let mut st = self
             .tx
-            .prepare(
+            .prepare_cached(
                 "SELECT machine_id FROM machines WHERE pool_id = ?1
                  AND decommissioned_ms IS NULL ORDER BY machine_id",
             )
@@ -428,7 +448,7 @@ impl Tx<'_> {
 
     pub fn insert_script(&mut self, s: &ScriptRow) -> Result<(), StoreError> {
         self.tx
-            .execute(
+            .exec(
                 "INSERT INTO scripts (script_id, name, command_type, content, sha256, created_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
@@ -446,7 +466,7 @@ impl Tx<'_> {
 
     pub fn script(&mut self, script_id: &str) -> Result<Option<ScriptRow>, StoreError> {
         self.tx
-            .query_row(
+            .one(
                 "SELECT script_id, name, command_type, content, sha256, created_ms
                  FROM scripts WHERE script_id = ?1",
                 params![script_id],
@@ -468,7 +488,7 @@ impl Tx<'_> {
     /// Whether the machine has an operation that is not final (queued ones included).
     pub fn machine_busy(&mut self, machine_id: &str) -> Result<bool, StoreError> {
         self.tx
-            .query_row(
+            .one(
                 "SELECT EXISTS (SELECT 1 FROM task_machines WHERE machine_id = ?1
                  AND state IN ('PENDING', 'DISPATCHED', 'RUNNING')
                  AND task_id NOT IN (SELECT apply_task_id FROM pool_images
@@ -484,7 +504,7 @@ impl Tx<'_> {
     pub fn unfinished_tasks(&mut self) -> Result<Vec<String>, StoreError> {
         let mut st = self
             .tx
-            .prepare("SELECT task_id FROM tasks WHERE finished_ms IS NULL")
+            .prepare_cached("SELECT task_id FROM tasks WHERE finished_ms IS NULL")
             .ctx("listing unfinished tasks")?;
         let rows = st
             .query_map([], |r| r.get(0))

@@ -3,12 +3,13 @@
 
 use rusqlite::{params, OptionalExtension};
 
+use super::Cached;
 use super::{Ctx, StoreError, Tx};
 
 impl Tx<'_> {
     pub fn setting(&mut self, key: &str) -> Result<Option<String>, StoreError> {
         self.tx
-            .query_row(
+            .one(
                 "SELECT value FROM settings WHERE key = ?1",
                 params![key],
                 |r| r.get(0),
@@ -19,7 +20,7 @@ impl Tx<'_> {
 
     pub fn set_setting(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
         self.tx
-            .execute(
+            .exec(
                 "INSERT INTO settings (key, value) VALUES (?1, ?2)
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 params![key, value],
@@ -37,14 +38,14 @@ impl Tx<'_> {
     ) -> Result<i64, StoreError> {
         let next: i64 = self
             .tx
-            .query_row(
+            .one(
                 "SELECT COALESCE(MAX(commit_no), 0) + 1 FROM software_commits WHERE machine_id = ?1",
                 params![machine_id],
                 |r| r.get(0),
             )
             .ctx("numbering a commit")?;
         self.tx
-            .execute(
+            .exec(
                 "INSERT INTO software_commits (machine_id, commit_no, doc_json, created_ms)
                  VALUES (?1, ?2, ?3, ?4)",
                 params![machine_id, next, doc_json, now_ms],
@@ -56,7 +57,7 @@ impl Tx<'_> {
     /// The newest commit of a machine: `(commit, doc_json)`.
     pub fn latest_commit(&mut self, machine_id: &str) -> Result<Option<(i64, String)>, StoreError> {
         self.tx
-            .query_row(
+            .one(
                 "SELECT commit_no, doc_json FROM software_commits WHERE machine_id = ?1
                  ORDER BY commit_no DESC LIMIT 1",
                 params![machine_id],
@@ -72,7 +73,7 @@ impl Tx<'_> {
         commit: i64,
     ) -> Result<Option<String>, StoreError> {
         self.tx
-            .query_row(
+            .one(
                 "SELECT doc_json FROM software_commits WHERE machine_id = ?1 AND commit_no = ?2",
                 params![machine_id, commit],
                 |r| r.get(0),
@@ -83,7 +84,7 @@ impl Tx<'_> {
 
     pub fn set_staged_commit(&mut self, machine_id: &str, commit: i64) -> Result<(), StoreError> {
         self.tx
-            .execute(
+            .exec(
                 "INSERT INTO host_software (machine_id, staged_commit) VALUES (?1, ?2)
                  ON CONFLICT (machine_id) DO UPDATE SET staged_commit = excluded.staged_commit",
                 params![machine_id, commit],
@@ -94,7 +95,7 @@ impl Tx<'_> {
 
     pub fn staged_commit(&mut self, machine_id: &str) -> Result<Option<i64>, StoreError> {
         self.tx
-            .query_row(
+            .one(
                 "SELECT staged_commit FROM host_software WHERE machine_id = ?1",
                 params![machine_id],
                 |r| r.get(0),

@@ -3,6 +3,7 @@
 
 use rusqlite::{params, OptionalExtension};
 
+use super::Cached;
 use super::{
     finish_task, finish_tm, task_row, tm_row, Ctx, InFlight, Outcome, StoreError, TaskMachineRow,
     TaskRow, Tx, Undelivered, TASK_COLS, TM_COLS,
@@ -17,7 +18,7 @@ impl Tx<'_> {
         machines: &[(String, String, u32)],
     ) -> Result<(), StoreError> {
         self.tx
-            .execute(
+            .exec(
                 &format!(
                     "INSERT INTO tasks ({TASK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
                 ),
@@ -37,7 +38,7 @@ impl Tx<'_> {
             .ctx("saving a task")?;
         for (machine_id, assignment_id, batch) in machines {
             self.tx
-                .execute(
+                .exec(
                     "INSERT INTO task_machines (task_id, machine_id, assignment_id, batch, state)
                      VALUES (?1, ?2, ?3, ?4, ?5)",
                     params![
@@ -56,7 +57,7 @@ impl Tx<'_> {
     pub fn task(&mut self, task_id: &str) -> Result<Option<TaskRow>, StoreError> {
         let pair = self
             .tx
-            .query_row(
+            .one(
                 &format!("SELECT {TASK_COLS} FROM tasks WHERE task_id = ?1"),
                 params![task_id],
                 task_row,
@@ -69,7 +70,7 @@ impl Tx<'_> {
     pub fn task_machines(&mut self, task_id: &str) -> Result<Vec<TaskMachineRow>, StoreError> {
         let mut st = self
             .tx
-            .prepare(&format!(
+            .prepare_cached(&format!(
                 "SELECT {TM_COLS} FROM task_machines WHERE task_id = ?1 ORDER BY batch, machine_id"
             ))
             .ctx("reading a task's machines")?;
@@ -88,7 +89,7 @@ impl Tx<'_> {
     ) -> Result<Option<TaskMachineRow>, StoreError> {
         let pair = self
             .tx
-            .query_row(
+            .one(
                 &format!("SELECT {TM_COLS} FROM task_machines WHERE assignment_id = ?1"),
                 params![assignment_id],
                 tm_row,
@@ -105,7 +106,7 @@ impl Tx<'_> {
         finished_ms: Option<i64>,
     ) -> Result<(), StoreError> {
         self.tx
-            .execute(
+            .exec(
                 "UPDATE tasks SET state = ?2, finished_ms = ?3 WHERE task_id = ?1",
                 params![task_id, state.as_str(), finished_ms],
             )
@@ -123,7 +124,7 @@ impl Tx<'_> {
         let ids: Vec<String> = {
             let mut st = self
                 .tx
-                .prepare(
+                .prepare_cached(
                     "SELECT machine_id FROM task_machines
                      WHERE task_id = ?1 AND batch = ?2 AND state = 'PENDING'",
                 )
@@ -134,7 +135,7 @@ impl Tx<'_> {
             rows.collect::<Result<_, _>>().ctx("dispatching a batch")?
         };
         self.tx
-            .execute(
+            .exec(
                 "UPDATE task_machines SET state = 'DISPATCHED', dispatched_ms = ?3
                  WHERE task_id = ?1 AND batch = ?2 AND state = 'PENDING'",
                 params![task_id, i64::from(batch), now_ms],
@@ -156,7 +157,9 @@ impl Tx<'_> {
         let ids: Vec<String> = {
             let mut st = self
                 .tx
-                .prepare("SELECT machine_id FROM task_machines WHERE task_id = ?1 AND state = ?2")
+                .prepare_cached(
+                    "SELECT machine_id FROM task_machines WHERE task_id = ?1 AND state = ?2",
+                )
                 .ctx("updating machines")?;
             let rows = st
                 .query_map(params![task_id, from.as_str()], |r| r.get(0))
@@ -164,7 +167,7 @@ impl Tx<'_> {
             rows.collect::<Result<_, _>>().ctx("updating machines")?
         };
         self.tx
-            .execute(
+            .exec(
                 "UPDATE task_machines SET state = ?3, error_code = ?4, error_msg = ?5
                  WHERE task_id = ?1 AND state = ?2",
                 params![task_id, from.as_str(), to.as_str(), why.0, why.1],
@@ -173,12 +176,24 @@ impl Tx<'_> {
         Ok(ids)
     }
 
+    /// Whether `batch` of the task has a machine dispatched or running (one index probe).
+    pub fn batch_in_flight(&mut self, task_id: &str, batch: u32) -> Result<bool, StoreError> {
+        self.tx
+            .one(
+                "SELECT EXISTS (SELECT 1 FROM task_machines WHERE task_id = ?1 AND batch = ?2
+                 AND state IN ('DISPATCHED', 'RUNNING'))",
+                params![task_id, i64::from(batch)],
+                |r| r.get(0),
+            )
+            .ctx("looking at a batch")
+    }
+
     /// Flags the task's machines that an agent holds (delivered, not final) for cancellation.
     pub fn request_cancel(&mut self, task_id: &str) -> Result<Vec<String>, StoreError> {
         let ids: Vec<String> = {
             let mut st = self
                 .tx
-                .prepare(
+                .prepare_cached(
                     "SELECT machine_id FROM task_machines WHERE task_id = ?1
                      AND state IN ('DISPATCHED', 'RUNNING')",
                 )
@@ -189,7 +204,7 @@ impl Tx<'_> {
             rows.collect::<Result<_, _>>().ctx("cancelling")?
         };
         self.tx
-            .execute(
+            .exec(
                 "UPDATE task_machines SET cancel_requested = 1 WHERE task_id = ?1
                  AND state IN ('DISPATCHED', 'RUNNING')",
                 params![task_id],
@@ -212,7 +227,7 @@ impl Tx<'_> {
         let assignments: Vec<TaskMachineRow> = {
             let mut st = self
                 .tx
-                .prepare(&format!(
+                .prepare_cached(&format!(
                     "SELECT {TM_COLS} FROM task_machines tm WHERE machine_id = ?1
                      AND state = 'DISPATCHED' AND delivered = 0 AND cancel_requested = 0
                      AND (offered_session IS NULL OR offered_session = ?2
@@ -235,7 +250,7 @@ impl Tx<'_> {
         };
         for a in &assignments {
             self.tx
-                .execute(
+                .exec(
                     "UPDATE task_machines SET offered_session = ?2, offered_instance = ?3
                      WHERE assignment_id = ?1",
                     params![a.assignment_id, session, instance],
@@ -253,7 +268,7 @@ impl Tx<'_> {
         let cancels: Vec<String> = {
             let mut st = self
                 .tx
-                .prepare(
+                .prepare_cached(
                     "SELECT assignment_id FROM task_machines WHERE machine_id = ?1
                      AND cancel_requested = 1 AND cancel_delivered = 0
                      AND state IN ('DISPATCHED', 'RUNNING')",
@@ -275,7 +290,7 @@ impl Tx<'_> {
     ) -> Result<(), StoreError> {
         for a in assignments {
             self.tx
-                .execute(
+                .exec(
                     "UPDATE task_machines SET delivered = 1
                      WHERE machine_id = ?1 AND assignment_id = ?2",
                     params![machine_id, a],
@@ -284,7 +299,7 @@ impl Tx<'_> {
         }
         for a in cancels {
             self.tx
-                .execute(
+                .exec(
                     "UPDATE task_machines SET cancel_delivered = 1
                      WHERE machine_id = ?1 AND assignment_id = ?2",
                     params![machine_id, a],
@@ -303,7 +318,7 @@ impl Tx<'_> {
     ) -> Result<bool, StoreError> {
         let n = self
             .tx
-            .execute(
+            .exec(
                 "INSERT INTO applied_events (machine_id, idempotency_key, applied_ms)
                  VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
                 params![machine_id, key, now_ms],
@@ -319,7 +334,7 @@ impl Tx<'_> {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         self.tx
-            .execute(
+            .exec(
                 "UPDATE task_machines SET state = 'RUNNING', delivered = 1, started_at = ?2,
                     started_received_ms = ?3
                  WHERE assignment_id = ?1 AND state IN ('PENDING', 'DISPATCHED')",
@@ -336,7 +351,7 @@ impl Tx<'_> {
         o: &Outcome,
     ) -> Result<(), StoreError> {
         self.tx
-            .execute(
+            .exec(
                 "UPDATE task_machines SET state = ?2, delivered = 1, exit_code = ?3, stdout = ?4,
                     stderr = ?5, output_truncated = ?6, started_at = COALESCE(?7, started_at),
                     finished_at = ?8, error_code = ?9, error_msg = ?10
@@ -363,7 +378,7 @@ impl Tx<'_> {
     pub fn in_flight(&mut self) -> Result<Vec<InFlight>, StoreError> {
         let mut st = self
             .tx
-            .prepare(&format!(
+            .prepare_cached(&format!(
                 "SELECT {}, t.timeout_seconds, t.power_json, t.kind FROM task_machines tm
                  JOIN tasks t ON t.task_id = tm.task_id
                  WHERE tm.state IN ('DISPATCHED', 'RUNNING')",
@@ -410,7 +425,7 @@ impl Tx<'_> {
         json: &str,
     ) -> Result<(), StoreError> {
         self.tx
-            .execute(
+            .exec(
                 "UPDATE task_machines SET progress_seq = ?2, progress_json = ?3
                  WHERE assignment_id = ?1 AND progress_seq < ?2",
                 params![assignment_id, seq as i64, json],
@@ -425,7 +440,7 @@ impl Tx<'_> {
         // with any other field.
         let needle = format!("\"{sha256}\"");
         self.tx
-            .query_row(
+            .one(
                 "SELECT EXISTS (SELECT 1 FROM task_machines tm JOIN tasks t ON t.task_id = tm.task_id
                  LEFT JOIN assignment_payloads ap ON ap.assignment_id = tm.assignment_id
                  WHERE tm.machine_id = ?1 AND tm.state IN ('DISPATCHED', 'RUNNING')
@@ -444,7 +459,7 @@ impl Tx<'_> {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         self.tx
-            .execute(
+            .exec(
                 "UPDATE task_machines SET power_state = ?2, power_ms = ?3 WHERE assignment_id = ?1",
                 params![assignment_id, phase, now_ms],
             )
