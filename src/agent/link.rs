@@ -19,6 +19,7 @@ use crate::proto::agent::{
     AgentEvent, EventBatch, EventBody, EventsApplied, Heartbeat, PollRequest, PollResponse,
     Progress,
 };
+use crate::proto::domain::ErrorCode;
 use crate::proto::status::{IdentityPhase, LinkPhase};
 use crate::sys::clock;
 
@@ -202,11 +203,7 @@ pub async fn poll_loop(
                 error_code,
                 error_msg,
                 ..
-            }) if matches!(
-                error_code.as_str(),
-                "IDENTITY_CONFLICT" | "CERT_REVOKED" | "MACHINE_DECOMMISSIONED"
-            ) =>
-            {
+            }) if refuses_identity(ErrorCode::from_stored(&error_code)) => {
                 link.state.up();
                 let phase = if status == 409 {
                     IdentityPhase::Conflict
@@ -353,6 +350,16 @@ pub async fn progress_loop(
             tracing::debug!(error = %e, "progress not delivered (the next report supersedes it)");
         }
     }
+}
+
+/// The codes by which the controller refuses this identity any work (not a failure of one
+/// request): the agent stops asking for a while and says why.
+/// Every other code is about one request (or unknown) and is retried with backoff.
+fn refuses_identity(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::IdentityConflict | ErrorCode::CertRevoked | ErrorCode::MachineDecommissioned
+    )
 }
 
 /// How long to wait when the controller sheds load (503 with `Retry-After`): what it asked

@@ -126,3 +126,70 @@ fn controller_killed_while_script_runs_still_gets_the_result_once() {
     assert_eq!(t2["machines"], t["machines"]);
     assert_eq!(t2["state"], "SUCCEEDED");
 }
+
+/// Events go several to a request; when the controller refuses a batch for good, the agent
+/// sends its events one by one, so only the refused one is moved aside and the good one
+/// (here first in the batch) is delivered, not dropped in its place.
+#[test]
+fn a_refused_batch_moves_aside_only_the_event_the_controller_refuses() {
+    let env = Env::new();
+    let ctl = env.controller();
+    let mut a = env.agent(&ctl, "b1", "pool-b");
+    let op = env.operator(&ctl);
+    op.wait_online(&["b1"], T);
+    let task = op.execute(
+        "pool-b",
+        json!({"command_content": "true", "command_type": "sh"}),
+    );
+    let t = op.wait_task(&task, T);
+    assert_eq!(machine_of(&t, "b1")["state"], "SUCCEEDED", "{t:#}");
+    wait_until("the outbox to drain", T, || {
+        (a.status()["undelivered_events"] == 0).then_some(())
+    });
+    let assignment = a.status()["recent_results"][0]["assignment_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    a.kill();
+    // Two records written as the agent writes them: first a result the controller has
+    // (a duplicate: accepted), then one for an assignment it never made (404, for good).
+    let outbox = a.dir.join("state").join("outbox");
+    std::fs::create_dir_all(&outbox).unwrap();
+    let result = |id: &str| {
+        json!({"idempotency_key": format!("{id}:result"), "assignment_id": id,
+               "at": "2026-12-01T00:00:00Z", "body": {"type": "RESULT", "state": "SUCCEEDED",
+               "exit_code": 0, "stdout": "", "stderr": "", "output_truncated": false,
+               "started_at": null, "finished_at": "2026-12-01T00:00:00Z",
+               "error_code": null, "error_msg": null}})
+    };
+    for (seq, ev) in [
+        (900_000u64, result(&assignment)),
+        (900_001, result("no-such-assignment")),
+    ] {
+        std::fs::write(
+            outbox.join(format!("{seq:020}.json")),
+            serde_json::to_vec(&json!({"seq": seq, "event": ev})).unwrap(),
+        )
+        .unwrap();
+    }
+    a.start_again();
+    wait_until("the outbox to drain", T, || {
+        (a.status()["undelivered_events"] == 0).then_some(())
+    });
+    let rejected: Vec<String> = std::fs::read_dir(a.dir.join("state").join("outbox-rejected"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| std::fs::read_to_string(e.path()).unwrap())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        rejected.len(),
+        1,
+        "exactly one event moved aside: {rejected:?}"
+    );
+    assert!(
+        rejected[0].contains("no-such-assignment"),
+        "the refused one, not the good one before it: {rejected:?}"
+    );
+}
