@@ -115,8 +115,9 @@
 //! - Every controller state change happens in one store transaction; the store is the only
 //!   module that speaks SQL. A caller is answered only after its transaction's group commit
 //!   is durable; a transaction that fails or panics rolls back alone.
-//! - An agent event costs O(1) in the size of its task: the task is re-planned only when
-//!   the event's batch has no machine left at work.
+//! - A machine's ending (its result, or the reaper declaring it unreachable) costs O(1) in
+//!   the size of its task: the task is re-planned only when that batch has no machine left
+//!   at work (`engine::settle`).
 //! - A payload is used only after its size and sha256 (and, when configured, signature)
 //!   are verified; an extracted tree or a staged commit appears in one rename, complete,
 //!   or not at all.

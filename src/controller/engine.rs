@@ -240,13 +240,7 @@ pub fn apply_event(
         }
         (EventBody::Result(_), None) => unreachable!("result_state is Some for every Result"),
     }
-    // While other machines of its batch are at work, the batch's outcome cannot change, so
-    // the task is not re-planned: an event costs one index probe, not a read of the whole
-    // task (which made a rollout O(N^2)). The last result of a batch re-plans it.
-    if tx.batch_in_flight(&row.task_id, row.batch)? {
-        return Ok(Applied::Applied);
-    }
-    advance(tx, &row.task_id, now_ms, wake)?;
+    settle(tx, &row.task_id, row.batch, now_ms, wake)?;
     Ok(Applied::Applied)
 }
 
@@ -386,5 +380,22 @@ pub fn end_assignment(
     wake: &mut Wake,
 ) -> Result<(), StoreError> {
     tx.set_final(&row.assignment_id, state, outcome)?;
-    advance(tx, &row.task_id, now_ms, wake)
+    settle(tx, &row.task_id, row.batch, now_ms, wake)
+}
+
+/// A machine of `batch` has just ended. While other machines of its batch are at work, the
+/// batch's outcome cannot change, so the task is not re-planned: an ending costs one index
+/// probe, not a read of the whole task (which made a rollout, or a fleet going dark under
+/// the reaper, O(N^2)). The last machine of a batch re-plans it.
+fn settle(
+    tx: &mut Tx<'_>,
+    task_id: &str,
+    batch: u32,
+    now_ms: i64,
+    wake: &mut Wake,
+) -> Result<(), StoreError> {
+    if tx.batch_in_flight(task_id, batch)? {
+        return Ok(());
+    }
+    advance(tx, task_id, now_ms, wake)
 }

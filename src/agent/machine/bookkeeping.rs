@@ -15,6 +15,19 @@ use crate::proto::status::RecentResult;
 use crate::sys::clock;
 
 impl AgentState {
+    /// The running assignment, if it is `id` (events about another one are stale).
+    pub(super) fn running_for(&self, id: &str) -> Option<&Running> {
+        self.running
+            .as_ref()
+            .filter(|r| r.assignment.assignment_id == id)
+    }
+
+    pub(super) fn running_mut(&mut self, id: &str) -> Option<&mut Running> {
+        self.running
+            .as_mut()
+            .filter(|r| r.assignment.assignment_id == id)
+    }
+
     pub(super) fn remember(&mut self, id: &str) {
         self.seen.push_back(id.to_string());
         while self.seen.len() > SEEN_LIMIT {

@@ -188,11 +188,7 @@ pub(super) fn cancel_requested(
 ) {
     let mut changed = false;
     for id in &ids {
-        if let Some(r) = s
-            .running
-            .as_mut()
-            .filter(|r| &r.assignment.assignment_id == id)
-        {
+        if let Some(r) = s.running_mut(id) {
             if !r.cancel_requested {
                 r.cancel_requested = true;
                 changed = true;
@@ -236,11 +232,7 @@ pub(super) fn cancel_requested(
 
 /// A script of the running assignment started in process group `pgid`.
 pub(super) fn spawned(s: &mut AgentState, assignment_id: String, pgid: i32, fx: &mut Vec<Effect>) {
-    if let Some(r) = s
-        .running
-        .as_mut()
-        .filter(|r| r.assignment.assignment_id == assignment_id)
-    {
+    if let Some(r) = s.running_mut(&assignment_id) {
         r.pgid = Some(pgid);
         fx.push(Effect::Persist);
     }
@@ -256,9 +248,7 @@ pub(super) fn finished(
     fx: &mut Vec<Effect>,
 ) {
     let power_next = s
-        .running
-        .as_ref()
-        .filter(|r| r.assignment.assignment_id == assignment_id)
+        .running_for(&assignment_id)
         .and_then(|r| after_scripts(r, &result, reboot_after));
     if let Some(next) = power_next {
         let r = s.running.as_mut().expect("filtered above");
@@ -299,8 +289,8 @@ pub(super) fn logoff_done(
     now: OffsetDateTime,
     fx: &mut Vec<Effect>,
 ) {
-    let next = match s.running.as_ref() {
-        Some(r) if r.assignment.assignment_id == assignment_id => match &r.phase {
+    let next = match s.running_for(&assignment_id) {
+        Some(r) => match &r.phase {
             Some(PhaseRecord::Logoff { next, .. }) => next.clone(),
             _ => return,
         },
@@ -320,10 +310,7 @@ pub(super) fn power_issued(
     fx: &mut Vec<Effect>,
 ) {
     let stop = matches!(
-        s.running
-            .as_ref()
-            .filter(|r| r.assignment.assignment_id == assignment_id)
-            .and_then(|r| r.phase.as_ref()),
+        s.running_for(&assignment_id).and_then(|r| r.phase.as_ref()),
         Some(PhaseRecord::Power {
             kind: PowerKind::Stop,
             ..
@@ -352,10 +339,7 @@ pub(super) fn power_failed(
     now: OffsetDateTime,
     fx: &mut Vec<Effect>,
 ) {
-    let ours = s
-        .running
-        .as_ref()
-        .is_some_and(|r| r.assignment.assignment_id == assignment_id);
+    let ours = s.running_for(&assignment_id).is_some();
     if ours {
         s.fail_running(ErrorCode::PowerCommandFailed, msg, now, fx);
     }
@@ -368,10 +352,7 @@ pub(super) fn reboot_timeout(
     now: OffsetDateTime,
     fx: &mut Vec<Effect>,
 ) {
-    let pending = s
-        .running
-        .as_ref()
-        .and_then(|r| (r.assignment.assignment_id == assignment_id).then_some(r.phase.clone())?);
+    let pending = s.running_for(&assignment_id).and_then(|r| r.phase.clone());
     if let Some(PhaseRecord::Power {
         kind,
         boot_id,
