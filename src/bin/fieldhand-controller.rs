@@ -28,6 +28,14 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Bring the database to this build's schema and exit (also done by `serve` at start,
+    /// under a lock, so running it first is optional: it lets an upgrade fail before any
+    /// replica restarts).
+    Migrate {
+        /// Controller configuration file (its `database_url`).
+        #[arg(long, default_value = DEFAULT_PATH)]
+        config: PathBuf,
+    },
     /// Create the CA and certificates.
     #[command(subcommand)]
     Pki(PkiCmd),
@@ -89,6 +97,7 @@ fn main() -> ExitCode {
     };
     match cli.cmd {
         Cmd::Serve { config } => serve(config),
+        Cmd::Migrate { config } => migrate(config),
         Cmd::Pki(cmd) => pki(cmd),
         Cmd::Quickstart { dir, agents, exit } => quickstart(dir, agents, exit),
     }
@@ -105,6 +114,21 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         .enable_all()
         .build()
         .map_err(|e| fail(e, Exit::Software))
+}
+
+fn migrate(config: PathBuf) -> ExitCode {
+    let cfg = match ControllerConfig::load(&config) {
+        Ok(c) => c,
+        Err(e) => return fail(e, Exit::Config),
+    };
+    fieldhand::daemon::init_logging(&[]);
+    match fieldhand::controller::store::migrate_only(&cfg.database) {
+        Ok(version) => {
+            println!("{}: schema at version {version}", cfg.database);
+            Exit::Ok.into()
+        }
+        Err(e) => fail(e, Exit::IoErr),
+    }
 }
 
 fn serve(config: PathBuf) -> ExitCode {

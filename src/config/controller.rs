@@ -14,8 +14,10 @@ pub const DEFAULT_PATH: &str = "/etc/fieldhand-controller/controller.toml";
 pub struct ControllerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
-    /// Path of the SQLite database (from `database_url = "sqlite://PATH"`).
-    pub database: PathBuf,
+    /// `database_url`: SQLite in `data_dir` by default, or PostgreSQL.
+    pub database: Database,
+    /// Payload blobs (`blob_dir`, default `data_dir/blobs`).
+    pub blob_dir: PathBuf,
     pub tls: TlsFiles,
     /// A machine not heard from for this long is shown offline.
     pub offline_after: Duration,
@@ -33,6 +35,39 @@ pub struct ControllerConfig {
     pub net: crate::net::server::Limits,
     pub body_timeout: Duration,
     pub blobs: BlobLimits,
+}
+
+/// Which database the controller runs on (`database_url`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// The embedded default: one file, one controller.
+    Sqlite(PathBuf),
+    /// A PostgreSQL server (its URL), shared by any number of controller replicas.
+    Postgres(String),
+}
+
+impl std::fmt::Display for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite(p) => write!(f, "sqlite://{}", p.display()),
+            // A password in the URL stays out of logs and error messages.
+            Database::Postgres(url) => f.write_str(&redact(url)),
+        }
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let auth = &url[s + 3..at];
+            match auth.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &auth[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// `max_blob_bytes`, `blob_quota_bytes`, `blob_retention_seconds`.
@@ -60,18 +95,35 @@ impl ControllerConfig {
         })?;
         let data_dir = non_empty_path(origin, "data_dir", raw.data_dir)?;
         let database = match raw.database_url {
-            None => data_dir.join("fieldhand.db"),
-            Some(url) => match url.strip_prefix("sqlite://") {
-                Some(p) if !p.is_empty() => super::resolve(origin, Path::new(p)),
-                _ => {
+            None => Database::Sqlite(data_dir.join("fieldhand.db")),
+            Some(url) => {
+                if let Some(p) = url.strip_prefix("sqlite://").filter(|p| !p.is_empty()) {
+                    Database::Sqlite(super::resolve(origin, Path::new(p)))
+                } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+                    Database::Postgres(url)
+                } else {
                     return Err(invalid(
                         origin,
                         "database_url",
-                        &url,
-                        "only sqlite://PATH is supported in this version",
-                    ))
+                        redact(&url),
+                        "must be sqlite://PATH or postgres://USER@HOST/DATABASE",
+                    ));
                 }
-            },
+            }
+        };
+        let blob_dir = match (raw.blob_dir, &database) {
+            (Some(p), _) => non_empty_path(origin, "blob_dir", p)?,
+            (None, Database::Sqlite(_)) => data_dir.join("blobs"),
+            (None, Database::Postgres(_)) => {
+                return Err(invalid(
+                    origin,
+                    "blob_dir",
+                    "(unset)",
+                    "is required with a postgres:// database_url: a directory every \
+                     replica reaches (payload blobs are served by whichever replica an agent \
+                     asks)",
+                ))
+            }
         };
         let offline = raw.offline_after_seconds.unwrap_or(30);
         if !(1..=86_400).contains(&offline) {
@@ -238,6 +290,7 @@ impl ControllerConfig {
             listen,
             data_dir,
             database,
+            blob_dir,
             tls: TlsFiles::from_raw(origin, raw.tls)?,
             offline_after: Duration::from_secs(offline),
             unreachable_grace: Duration::from_secs(grace),
@@ -268,7 +321,11 @@ key = "controller-key.pem"
         let c = ControllerConfig::parse(MIN, Path::new("/etc/fh/c.toml")).unwrap();
         assert_eq!(
             c.database,
-            PathBuf::from("/var/lib/fieldhand-controller/fieldhand.db")
+            Database::Sqlite(PathBuf::from("/var/lib/fieldhand-controller/fieldhand.db"))
+        );
+        assert_eq!(
+            c.blob_dir,
+            PathBuf::from("/var/lib/fieldhand-controller/blobs")
         );
         assert_eq!(c.tls.key, PathBuf::from("/etc/fh/controller-key.pem"));
         assert_eq!(c.listen.port(), 0);
@@ -282,8 +339,17 @@ key = "controller-key.pem"
                 .to_string()
         };
         assert!(e(&MIN.replace("127.0.0.1:0", "localhost")).contains("`listen`"));
-        let pg = format!("database_url = \"postgres://x\"\n{MIN}");
-        assert!(e(&pg).contains("database_url"));
+        let pg = format!("database_url = \"postgres://fh:secret@db/fh\"\n{MIN}");
+        let err = e(&pg);
+        assert!(err.contains("blob_dir") && err.contains("replica"), "{err}");
+        assert!(e(&format!("database_url = \"mysql://x\"\n{MIN}")).contains("database_url"));
+        let ok = ControllerConfig::parse(
+            &format!("database_url = \"postgres://fh:secret@db/fh\"\nblob_dir = \"/srv/b\"\n{MIN}"),
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(ok.blob_dir, PathBuf::from("/srv/b"));
+        assert_eq!(ok.database.to_string(), "postgres://fh:***@db/fh");
         assert!(e(&format!("bogus = 1\n{MIN}")).contains("bogus"));
     }
 }

@@ -23,6 +23,9 @@ use crate::net::Body;
 use crate::proto::api;
 use crate::proto::domain::ErrorCode;
 
+/// An upload untouched this long was abandoned (its request is long gone).
+const STALE_UPLOAD: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// Chunk size for streaming a blob out; large chunks keep per-frame overhead negligible.
 const CHUNK: usize = 1 << 20;
 
@@ -94,14 +97,26 @@ fn internal(what: &str, path: &Path, e: impl std::fmt::Display) -> ApiError {
 impl BlobStore {
     /// Opens (creating) `data_dir/blobs` and removes uploads a crash left half-written.
     pub fn open(
-        data_dir: &Path,
+        root: &Path,
         limits: crate::config::controller::BlobLimits,
     ) -> std::io::Result<Self> {
-        let root = data_dir.join("blobs");
+        let root = root.to_path_buf();
         crate::sys::fsutil::ensure_dir(&root.join("sha256"), 0o700)?;
         let tmp = root.join("tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
         crate::sys::fsutil::ensure_dir(&tmp, 0o700)?;
+        // Uploads a crash left half-written. Only old ones: the directory may be shared with
+        // other replicas (PostgreSQL), whose uploads in progress stay.
+        for e in std::fs::read_dir(&tmp)?.flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > STALE_UPLOAD);
+            if old {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         let used = std::fs::read_dir(root.join("sha256"))?
             .flatten()
             .filter_map(|e| e.metadata().ok())

@@ -83,6 +83,9 @@ pub struct Controller {
     issuer: Option<Arc<crate::pki::Issuer>>,
     revoked: identity::Revoked,
     enroll_limit: identity::RateLimit,
+    /// This process among the replicas sharing a database (wake-ups it sent itself are
+    /// not delivered twice).
+    replica: String,
 }
 
 /// `403 CERT_REVOKED`.
@@ -112,13 +115,40 @@ impl Controller {
             .collect()
     }
 
-    /// Wakes the long-polls of these machines (after the change they need to see committed).
+    /// Wakes the long-polls of these machines (after the change they need to see committed),
+    /// here and, through the database, on every other replica.
     fn wake(&self, machine_ids: &[String]) {
+        self.wake_here(machine_ids);
+        if self.store.shared() && !machine_ids.is_empty() {
+            let (store, replica, ids) = (
+                self.store.clone(),
+                self.replica.clone(),
+                machine_ids.to_vec(),
+            );
+            tokio::spawn(async move {
+                if let Err(e) = store.tx(move |tx| tx.publish_wake(&replica, &ids)).await {
+                    // The other replicas' polls still end at their wait and look again.
+                    tracing::warn!(error = %e, "cannot publish a wake-up to the other replicas");
+                }
+            });
+        }
+    }
+
+    fn wake_here(&self, machine_ids: &[String]) {
         let w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
         for m in machine_ids {
             if let Some(n) = w.get(m) {
                 n.notify_waiters();
             }
+        }
+    }
+
+    /// Every open poll looks again (the wake-up listener reconnected and may have missed
+    /// some).
+    fn wake_all_here(&self) {
+        let w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        for n in w.values() {
+            n.notify_waiters();
         }
     }
 
@@ -187,9 +217,9 @@ pub async fn serve(
         Some((cert, key)) => Some(Arc::new(crate::pki::Issuer::load(cert, key)?)),
         None => None,
     };
-    let blobs = blobs::BlobStore::open(&cfg.data_dir, cfg.blobs).map_err(|source| {
+    let blobs = blobs::BlobStore::open(&cfg.blob_dir, cfg.blobs).map_err(|source| {
         ControllerError::DataDir {
-            path: cfg.data_dir.join("blobs"),
+            path: cfg.blob_dir.clone(),
             source,
         }
     })?;
@@ -213,7 +243,7 @@ pub async fn serve(
             source,
         },
     )?;
-    tracing::info!(%addr, database = %cfg.database.display(), "controller listening");
+    tracing::info!(%addr, database = %cfg.database, "controller listening");
     let parts = Parts {
         store,
         blobs,
@@ -256,7 +286,21 @@ pub async fn run(
         shutdown: stop_rx,
         issuer,
         revoked: identity::Revoked::default(),
+        replica: uuid::Uuid::new_v4().to_string(),
     });
+    // Wake-ups from the other replicas (PostgreSQL): until this controller is dropped.
+    let weak = Arc::downgrade(&ctl);
+    ctl.store
+        .on_wake(&ctl.replica, move |w| match weak.upgrade() {
+            Some(ctl) => {
+                match w {
+                    store::Wake::All => ctl.wake_all_here(),
+                    store::Wake::Machines(m) => ctl.wake_here(&m),
+                }
+                true
+            }
+            None => false,
+        });
     // Revocations hold before the first request is served.
     ctl.revoked.refresh(&ctl.store).await?;
     // A crash between two transactions cannot leave a task stuck, but a controller that was down

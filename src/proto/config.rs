@@ -138,6 +138,9 @@ pub struct RawController {
     pub max_blob_bytes: Option<u64>,
     pub blob_quota_bytes: Option<u64>,
     pub blob_retention_seconds: Option<u64>,
+    /// Where payload blobs live (default `data_dir/blobs`); with PostgreSQL, a directory
+    /// every replica reaches, given explicitly.
+    pub blob_dir: Option<PathBuf>,
     pub tls: RawTls,
     #[serde(default)]
     pub enrollment: RawEnrollment,

@@ -53,7 +53,8 @@ fn runs_of(log: &Path, task: &str) -> Vec<String> {
 #[test]
 fn an_agent_with_only_a_token_enrolls_into_the_tokens_pool_and_works() {
     let env = Env::new();
-    let ctl = env.controller();
+    // SQLite on either half of the suite: the test reads the database file's bytes.
+    let ctl = env.controller_with("database_url = \"sqlite://fieldhand.db\"");
     let op = env.operator(&ctl);
     let (s, created) = op.post(
         "/v1/enrollment-tokens",

@@ -397,6 +397,37 @@ fn sigkill(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// With `FIELDHAND_TEST_POSTGRES` set (a server URL, e.g. from `tests/pg/cluster.sh`), every
+/// controller of the suite runs on a database of its own on that server: the same tests cover
+/// both stores. Unset: SQLite in the controller's directory, as the default config does.
+pub fn postgres_database(dir: &Path) -> String {
+    match postgres_url_for_new_database() {
+        Some(url) => format!(
+            "database_url = \"{url}\"\nblob_dir = \"{}\"\n",
+            dir.join("blobs").display()
+        ),
+        None => String::new(),
+    }
+}
+
+/// A new, empty database on the test server, if there is one.
+pub fn postgres_url_for_new_database() -> Option<String> {
+    let base = std::env::var("FIELDHAND_TEST_POSTGRES").ok()?;
+    let name = format!("fh_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = postgres::Client::connect(&base, postgres::NoTls)
+        .unwrap_or_else(|e| panic!("FIELDHAND_TEST_POSTGRES={base}: {e}"));
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .unwrap();
+    let (root, _) = base.rsplit_once('/').expect("a URL ending in /DATABASE");
+    Some(format!("{root}/{name}"))
+}
+
+/// Whether the suite runs on PostgreSQL.
+pub fn on_postgres() -> bool {
+    std::env::var_os("FIELDHAND_TEST_POSTGRES").is_some()
+}
+
 pub struct Controller {
     pub dir: PathBuf,
     pub addr: String,
@@ -406,14 +437,24 @@ pub struct Controller {
 
 impl Controller {
     fn start(env: &Env, listen: &str, extra: &str) -> Self {
-        let dir = env.path().join("controller");
+        Self::start_in(env, "controller", listen, extra)
+    }
+
+    /// A controller in `<tmp>/<name>`: replicas sharing one database each have their own.
+    pub fn start_in(env: &Env, name: &str, listen: &str, extra: &str) -> Self {
+        let dir = env.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("controller.toml");
         let pki = &env.pki;
+        let database = if extra.contains("database_url") {
+            String::new()
+        } else {
+            postgres_database(&dir)
+        };
         std::fs::write(
             &config,
             format!(
-                "{extra}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\noffline_after_seconds = 3\nunreachable_grace_seconds = 3\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[enrollment]\nissuing_cert = \"{}\"\nissuing_key = \"{}\"\n",
+                "{extra}\n{database}listen = \"{listen}\"\ndata_dir = \"{}\"\noffline_after_seconds = 3\nunreachable_grace_seconds = 3\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[enrollment]\nissuing_cert = \"{}\"\nissuing_key = \"{}\"\n",
                 dir.display(),
                 pki.join("ca.pem").display(),
                 pki.join("controller.pem").display(),

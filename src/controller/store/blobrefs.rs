@@ -2,7 +2,7 @@
 //! that may name a blob by its `sha256` (every registered image, each host's newest
 //! desired-software commit, and the payloads of tasks and assignments still running).
 
-use rusqlite::params;
+use super::sql::params;
 
 use super::{Ctx, StoreError, Tx};
 
@@ -12,11 +12,8 @@ impl Tx<'_> {
         let what = "listing what refers to blobs";
         let mut images = Vec::new();
         {
-            let mut st = self
-                .tx
-                .prepare_cached("SELECT sha256 FROM images")
-                .ctx(what)?;
-            let rows = st.query_map([], |r| r.get(0)).ctx(what)?;
+            let mut st = self.tx.statement("SELECT sha256 FROM images").ctx(what)?;
+            let rows = st.query_map(params![], |r| r.get(0)).ctx(what)?;
             for r in rows {
                 images.push(r.ctx(what)?);
             }
@@ -31,7 +28,7 @@ impl Tx<'_> {
                 ON tm.assignment_id = p.assignment_id
                 WHERE tm.state IN ('PENDING', 'DISPATCHED', 'RUNNING')",
         ] {
-            let mut st = self.tx.prepare_cached(sql).ctx(what)?;
+            let mut st = self.tx.statement(sql).ctx(what)?;
             let rows = st.query_map(params![], |r| r.get(0)).ctx(what)?;
             for r in rows {
                 docs.push(r.ctx(what)?);

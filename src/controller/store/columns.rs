@@ -3,27 +3,34 @@
 //! working. Text that is no variant is a corrupt row, named in the error; an error code a
 //! newer release stored reads as `UNKNOWN`.
 
+use super::sql::{FromValue, ToValue, Value};
 use crate::proto::domain::{
     CurrentImageState, ErrorCode, LogoffPolicy, MachineState, PendingImageState, PoolOperation,
     PowerPhase, TaskKind, TaskState,
 };
-use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
+
+fn text(v: &Value) -> Result<&str, String> {
+    match v {
+        Value::Text(t) => Ok(t),
+        other @ (Value::Null | Value::Int(_) | Value::Blob(_)) => {
+            Err(format!("expected text, found {other:?}"))
+        }
+    }
+}
 
 macro_rules! text_column {
     ($($ty:ident),+) => {$(
-        impl ToSql for $ty {
-            fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-                Ok(ToSqlOutput::from(self.as_str()))
+        impl ToValue for $ty {
+            fn to_value(&self) -> Value {
+                Value::Text(self.as_str().to_string())
             }
         }
 
-        impl FromSql for $ty {
-            fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
-                let text = value.as_str()?;
+        impl FromValue for $ty {
+            fn from_value(v: &Value) -> Result<Self, String> {
+                let text = text(v)?;
                 $ty::parse(text).ok_or_else(|| {
-                    FromSqlError::Other(
-                        format!("{text:?} is not a {} ({})", stringify!($ty), $ty::texts()).into(),
-                    )
+                    format!("{text:?} is not a {} ({})", stringify!($ty), $ty::texts())
                 })
             }
         }
@@ -41,40 +48,42 @@ text_column!(
     CurrentImageState
 );
 
-impl ToSql for ErrorCode {
-    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        Ok(ToSqlOutput::from(self.as_str()))
+impl ToValue for ErrorCode {
+    fn to_value(&self) -> Value {
+        Value::Text(self.as_str().to_string())
     }
 }
 
-impl FromSql for ErrorCode {
-    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
-        Ok(ErrorCode::from_stored(value.as_str()?))
+impl FromValue for ErrorCode {
+    fn from_value(v: &Value) -> Result<Self, String> {
+        Ok(ErrorCode::from_stored(text(v)?))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::sql::{params, Conn};
     use super::*;
 
     #[test]
     fn enums_are_stored_as_their_wire_text_and_bad_text_is_refused() {
-        let db = rusqlite::Connection::open_in_memory().unwrap();
-        let back: String = db
-            .query_row("SELECT ?1", [TaskKind::ImageRebuild], |r| r.get(0))
+        let mut db = rusqlite::Connection::open_in_memory().unwrap();
+        let mut c = Conn::Sqlite(db.savepoint().unwrap());
+        let back: String = c
+            .one("SELECT ?1", params![TaskKind::ImageRebuild], |r| r.get(0))
             .unwrap();
         assert_eq!(back, "image_rebuild");
-        let kind: TaskKind = db
-            .query_row("SELECT 'software_stage'", [], |r| r.get(0))
+        let kind: TaskKind = c
+            .one("SELECT 'software_stage'", params![], |r| r.get(0))
             .unwrap();
         assert_eq!(kind, TaskKind::SoftwareStage);
-        let bad = db.query_row("SELECT 'nap'", [], |r| r.get::<_, TaskState>(0));
+        let bad = c.one("SELECT 'nap'", params![], |r| r.get::<_, TaskState>(0));
         assert!(bad
             .unwrap_err()
             .to_string()
             .contains("\"nap\" is not a TaskState"));
-        let code: ErrorCode = db
-            .query_row("SELECT 'NEWER_CODE'", [], |r| r.get(0))
+        let code: ErrorCode = c
+            .one("SELECT 'NEWER_CODE'", params![], |r| r.get(0))
             .unwrap();
         assert_eq!(code, ErrorCode::Unknown);
     }

@@ -3,15 +3,14 @@
 //! sessions behind one identity, enrollment tokens (only a hash of the secret), and
 //! revocations.
 
-use rusqlite::{params, OptionalExtension, Row};
+use super::sql::{params, Optional, Row, SqlResult};
 
-use super::Cached;
 use super::{Ctx, MachineRow, StoreError, Tx};
 
 const MACHINE_COLS: &str = "machine_id, pool_id, agent_version, last_seen_ms, facts_json, \
     cert_serial, cert_not_after_ms, conflict_ms, decommissioned_ms";
 
-fn machine_row(r: &Row<'_>) -> rusqlite::Result<(MachineRow, Option<i64>)> {
+fn machine_row(r: &Row) -> SqlResult<(MachineRow, Option<i64>)> {
     Ok((
         MachineRow {
             machine_id: r.get(0)?,
@@ -72,12 +71,14 @@ impl Tx<'_> {
     pub fn machines(&mut self) -> Result<Vec<MachineRow>, StoreError> {
         let mut st = self
             .tx
-            .prepare_cached(&format!(
+            .statement(&format!(
                 "SELECT {MACHINE_COLS} FROM machines WHERE decommissioned_ms IS NULL
                  ORDER BY machine_id"
             ))
             .ctx("listing machines")?;
-        let rows = st.query_map([], machine_row).ctx("listing machines")?;
+        let rows = st
+            .query_map(params![], machine_row)
+            .ctx("listing machines")?;
         let rows: Vec<_> = rows.collect::<Result<_, _>>().ctx("listing machines")?;
         Ok(rows.into_iter().map(|(m, _)| m).collect())
     }
@@ -289,7 +290,7 @@ impl Tx<'_> {
     pub fn unfinished_assignments(&mut self, machine_id: &str) -> Result<Vec<String>, StoreError> {
         let mut st = self
             .tx
-            .prepare_cached(
+            .statement(
                 "SELECT assignment_id FROM task_machines WHERE machine_id = ?1
                  AND state IN ('PENDING', 'DISPATCHED', 'RUNNING')",
             )
@@ -373,14 +374,14 @@ impl Tx<'_> {
     pub fn tokens(&mut self) -> Result<Vec<EnrollmentTokenRow>, StoreError> {
         let mut st = self
             .tx
-            .prepare_cached(
+            .statement(
                 "SELECT token_id, secret_sha256, pool_id, uses_left, expires_ms, created_ms,
                     created_by FROM enrollment_tokens WHERE deleted_ms IS NULL
                  ORDER BY created_ms DESC, token_id",
             )
             .ctx("listing enrollment tokens")?;
         let rows = st
-            .query_map([], token_row)
+            .query_map(params![], token_row)
             .ctx("listing enrollment tokens")?;
         rows.collect::<Result<_, _>>()
             .ctx("listing enrollment tokens")
@@ -455,13 +456,13 @@ impl Tx<'_> {
     pub fn revocations(&mut self) -> Result<Vec<RevocationRow>, StoreError> {
         let mut st = self
             .tx
-            .prepare_cached(
+            .statement(
                 "SELECT serial, revoked_ms, revoked_by, machine_id FROM revocations
                  ORDER BY revoked_ms DESC, serial",
             )
             .ctx("listing revocations")?;
         let rows = st
-            .query_map([], |r| {
+            .query_map(params![], |r| {
                 Ok(RevocationRow {
                     serial: r.get(0)?,
                     revoked_ms: r.get(1)?,
@@ -487,7 +488,7 @@ impl Tx<'_> {
     pub fn revocations_since(&mut self, since_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
         let mut st = self
             .tx
-            .prepare_cached("SELECT serial, revoked_ms FROM revocations WHERE revoked_ms >= ?1")
+            .statement("SELECT serial, revoked_ms FROM revocations WHERE revoked_ms >= ?1")
             .ctx("reading revocations")?;
         let rows = st
             .query_map(params![since_ms], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -508,7 +509,7 @@ impl Tx<'_> {
     }
 }
 
-fn token_row(r: &Row<'_>) -> rusqlite::Result<EnrollmentTokenRow> {
+fn token_row(r: &Row) -> SqlResult<EnrollmentTokenRow> {
     Ok(EnrollmentTokenRow {
         token_id: r.get(0)?,
         secret_sha256: r.get(1)?,

@@ -1,9 +1,8 @@
 //! The store's image tables: registered images, each pool's image operation (seed 001),
 //! each machine's images, and the per-assignment payloads of a rebuild.
 
-use rusqlite::{params, OptionalExtension, Row};
+use super::sql::{params, Optional, Row, SqlResult};
 
-use super::Cached;
 use super::{Ctx, StoreError, Tx};
 use crate::proto::domain::{CurrentImageState, PendingImageState, PoolOperation};
 
@@ -59,7 +58,7 @@ const POOL_IMAGE_COLS: &str = "pool_id, operation, task_id, stage_task_id, apply
     remove_task_id, released, request_json, start_ms, selective, pending_image_id, \
     pending_state, current_image_id, current_state";
 
-fn pool_image_row(r: &Row<'_>) -> rusqlite::Result<PoolImageRow> {
+fn pool_image_row(r: &Row) -> SqlResult<PoolImageRow> {
     Ok(PoolImageRow {
         pool_id: r.get(0)?,
         operation: r.get(1)?,
@@ -102,13 +101,13 @@ impl Tx<'_> {
     pub fn images(&mut self) -> Result<Vec<ImageRow>, StoreError> {
         let mut st = self
             .tx
-            .prepare_cached(
+            .statement(
                 "SELECT image_id, name, version, os_type, gpu, sha256, size, created_ms
                  FROM images ORDER BY created_ms, image_id",
             )
             .ctx("listing images")?;
         let rows = st
-            .query_map([], |r| {
+            .query_map(params![], |r| {
                 Ok(ImageRow {
                     image_id: r.get(0)?,
                     name: r.get(1)?,
@@ -139,12 +138,12 @@ impl Tx<'_> {
     pub fn busy_pool_images(&mut self) -> Result<Vec<PoolImageRow>, StoreError> {
         let mut st = self
             .tx
-            .prepare_cached(&format!(
+            .statement(&format!(
                 "SELECT {POOL_IMAGE_COLS} FROM pool_images WHERE operation <> 'NONE' ORDER BY pool_id"
             ))
             .ctx("listing image operations")?;
         let rows = st
-            .query_map([], pool_image_row)
+            .query_map(params![], pool_image_row)
             .ctx("listing image operations")?;
         rows.collect::<Result<_, _>>()
             .ctx("listing image operations")

@@ -2,10 +2,12 @@
 //! together with the `PRAGMA user_version` that records it. A database made by 0.1.0 has
 //! version 0 and its tables already exist, which `SCHEMA_V1` (`IF NOT EXISTS`) leaves alone.
 //!
-//! The transaction is `IMMEDIATE`: it takes SQLite's write lock before reading the version,
-//! so two controllers starting on one file at once apply each step once.
+//! On SQLite the transaction is `IMMEDIATE`: it takes the write lock before reading the
+//! version, so two controllers starting on one file at once apply each step once. On
+//! PostgreSQL the same steps run under the replicas' advisory lock, and the version is a row
+//! of `fieldhand_schema`. The steps use only what both databases run (TEXT, BIGINT).
 
-use rusqlite::Connection;
+use super::sql::{SqlError, SqlResult};
 
 /// `(version, statements)`, in order. Never edit a released step: add the next one.
 const STEPS: &[(u32, &str)] = &[(1, super::SCHEMA_V1), (2, V2_IDENTITY), (3, V3_BATCH_INDEX)];
@@ -69,31 +71,64 @@ CREATE INDEX task_machines_batch ON task_machines (task_id, batch, state);
 /// The version this build writes.
 pub const LATEST: u32 = STEPS[STEPS.len() - 1].0;
 
-/// Brings the database to [`LATEST`]. A database newer than this build is refused rather
-/// than written with an older idea of its tables.
-pub fn apply(conn: &mut Connection) -> rusqlite::Result<()> {
+fn newer(current: u32) -> SqlError {
+    SqlError::Refused(format!(
+        "the database is at schema version {current}, newer than this controller's {LATEST}; \
+         run the newer controller"
+    ))
+}
+
+/// Brings a SQLite database to [`LATEST`]. A database newer than this build is refused
+/// rather than written with an older idea of its tables.
+pub fn apply(conn: &mut rusqlite::Connection) -> SqlResult<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let current: u32 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if current > LATEST {
-        return Err(rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_MISMATCH),
-            Some(format!(
-                "the database is at schema version {current}, newer than this controller's \
-                 {LATEST}; run the newer controller"
-            )),
-        ));
+        return Err(newer(current));
     }
     for (version, sql) in STEPS.iter().filter(|(v, _)| *v > current) {
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", version)?;
         tracing::info!(version, "database schema migrated");
     }
-    tx.commit()
+    Ok(tx.commit()?)
+}
+
+/// Brings a PostgreSQL database to [`LATEST`], under the write lock every replica takes, so
+/// replicas starting together apply each step once. The version is a row of
+/// `fieldhand_schema` (PostgreSQL has no `user_version`).
+pub fn apply_pg(client: &mut postgres::Client) -> SqlResult<()> {
+    let mut tx = client.transaction()?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&super::pg::WRITE_LOCK],
+    )?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS fieldhand_schema (version BIGINT NOT NULL)")?;
+    let current: i64 = tx
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM fieldhand_schema",
+            &[],
+        )?
+        .get(0);
+    let current = u32::try_from(current).unwrap_or(u32::MAX);
+    if current > LATEST {
+        return Err(newer(current));
+    }
+    for (version, sql) in STEPS.iter().filter(|(v, _)| *v > current) {
+        tx.batch_execute(sql)?;
+        tx.execute(
+            "INSERT INTO fieldhand_schema (version) VALUES ($1)",
+            &[&i64::from(*version)],
+        )?;
+        tracing::info!(version, "database schema migrated");
+    }
+    Ok(tx.commit()?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::Connection;
 
     #[test]
     fn a_new_database_reaches_the_latest_version_once() {

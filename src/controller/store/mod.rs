@@ -14,29 +14,29 @@ mod columns;
 mod identity;
 mod images;
 mod migrate;
+mod pg;
 mod software;
+pub(crate) mod sql;
 mod tasks;
 mod writer;
 
 pub use identity::{EnrollmentTokenRow, RevocationRow, SessionVerdict, TokenCheck};
 pub use images::{ImageRow, MachineImageRow, PoolImageRow};
+pub use pg::Wake;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::proto::domain::{ErrorCode, MachineState, PowerPhase, TaskKind, TaskState};
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use sql::{params, Optional, Row, SqlError, SqlResult};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open database {path}: {source}")]
-    Open {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    #[error("cannot open database {target}: {source}")]
+    Open { target: String, source: SqlError },
     #[error("database error while {what}: {source}")]
     Sql {
         what: &'static str,
-        source: rusqlite::Error,
+        source: SqlError,
     },
     #[error("database holds an invalid {what}: {value:?}")]
     Corrupt { what: &'static str, value: String },
@@ -44,38 +44,16 @@ pub enum StoreError {
     Worker(String),
 }
 
-/// Every statement of the store goes through SQLite's prepared-statement cache: a poll runs
-/// the same few statements thousands of times a second at fleet size, and parsing them again
-/// each time was most of the database's CPU.
-trait Cached {
-    fn exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize>;
-    fn one<T, P, F>(&self, sql: &str, params: P, f: F) -> rusqlite::Result<T>
-    where
-        P: rusqlite::Params,
-        F: FnOnce(&Row<'_>) -> rusqlite::Result<T>;
-}
-
-impl Cached for Connection {
-    fn exec<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
-        self.prepare_cached(sql)?.execute(params)
-    }
-
-    fn one<T, P, F>(&self, sql: &str, params: P, f: F) -> rusqlite::Result<T>
-    where
-        P: rusqlite::Params,
-        F: FnOnce(&Row<'_>) -> rusqlite::Result<T>,
-    {
-        self.prepare_cached(sql)?.query_row(params, f)
-    }
-}
-
 trait Ctx<T> {
     fn ctx(self, what: &'static str) -> Result<T, StoreError>;
 }
 
-impl<T> Ctx<T> for Result<T, rusqlite::Error> {
+impl<T, E: Into<SqlError>> Ctx<T> for Result<T, E> {
     fn ctx(self, what: &'static str) -> Result<T, StoreError> {
-        self.map_err(|source| StoreError::Sql { what, source })
+        self.map_err(|e| StoreError::Sql {
+            what,
+            source: e.into(),
+        })
     }
 }
 
@@ -288,34 +266,78 @@ pub type Undelivered = (Vec<(TaskMachineRow, TaskRow)>, Vec<String>);
 #[derive(Clone)]
 pub struct Store {
     writer: writer::Writer,
+    database: Database,
 }
 
 /// One open transaction (a savepoint of its group's transaction; see [`writer`]). Every
 /// method is a single statement or a short fixed sequence.
 pub struct Tx<'a> {
-    tx: rusqlite::Savepoint<'a>,
+    tx: sql::Conn<'a>,
+}
+
+pub use crate::config::controller::Database;
+
+/// Brings the database to this build's schema without serving (`fieldhand-controller
+/// migrate`); the version it is at now.
+pub fn migrate_only(db: &Database) -> Result<u32, StoreError> {
+    drop(Store::open(db)?);
+    Ok(migrate::LATEST)
 }
 
 impl Store {
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let open_err = |source| StoreError::Open {
-            path: path.to_path_buf(),
+    /// Opens the database and brings its schema to this build's version ([`migrate`]).
+    pub fn open(db: &Database) -> Result<Self, StoreError> {
+        let open_err = |source: SqlError| StoreError::Open {
+            target: db.to_string(),
             source,
         };
-        let conn = Connection::open(path).map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(open_err)?;
-        // FULL: a result acknowledged to an agent must survive a power cut of the controller.
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(open_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(open_err)?;
-        conn.set_prepared_statement_cache_capacity(256);
-        let mut conn = conn;
-        migrate::apply(&mut conn).map_err(open_err)?;
+        let backend = match db {
+            Database::Sqlite(path) => writer::Backend::Sqlite(open_sqlite(path).map_err(open_err)?),
+            Database::Postgres(url) => {
+                // The client runs its own small runtime, which may not start inside the
+                // caller's: connect and migrate on a thread of their own.
+                let client = std::thread::scope(|s| {
+                    s.spawn(|| {
+                        let mut client = pg::connect(url)?;
+                        migrate::apply_pg(&mut client)?;
+                        Ok(client)
+                    })
+                    .join()
+                    .unwrap_or_else(|_| {
+                        Err(SqlError::Refused("the connecting thread panicked".into()))
+                    })
+                })
+                .map_err(open_err)?;
+                writer::Backend::Postgres(Box::new(pg::Writer::new(url.clone(), client)))
+            }
+        };
         Ok(Store {
-            writer: writer::Writer::start(conn),
+            writer: writer::Writer::start(backend),
+            database: db.clone(),
         })
+    }
+
+    /// The database this store runs on.
+    pub fn database(&self) -> &Database {
+        &self.database
+    }
+
+    /// Whether other controller replicas may share this database (PostgreSQL): their
+    /// changes arrive as wake-ups ([`Store::on_wake`]).
+    pub fn shared(&self) -> bool {
+        match self.database {
+            Database::Sqlite(_) => false,
+            Database::Postgres(_) => true,
+        }
+    }
+
+    /// Calls `on` with every wake-up another replica publishes ([`Tx::publish_wake`]) until
+    /// it returns false. Nothing to listen to on SQLite (one controller per file).
+    pub fn on_wake(&self, replica: &str, on: impl Fn(Wake) -> bool + Send + 'static) {
+        match &self.database {
+            Database::Sqlite(_) => {}
+            Database::Postgres(url) => pg::listen(url.clone(), replica.to_string(), on),
+        }
     }
 
     /// Runs `f` in one transaction; commits only if `f` returns `Ok`, and answers only once
@@ -340,6 +362,17 @@ impl Store {
     }
 }
 
+fn open_sqlite(path: &Path) -> SqlResult<rusqlite::Connection> {
+    let mut conn = rusqlite::Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: a result acknowledged to an agent must survive a power cut of the controller.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.set_prepared_statement_cache_capacity(256);
+    migrate::apply(&mut conn)?;
+    Ok(conn)
+}
+
 fn machine_state(s: String) -> Result<MachineState, StoreError> {
     MachineState::parse(&s).ok_or(StoreError::Corrupt {
         what: "machine state",
@@ -347,7 +380,7 @@ fn machine_state(s: String) -> Result<MachineState, StoreError> {
     })
 }
 
-fn task_row(r: &Row<'_>) -> rusqlite::Result<(TaskRow, String)> {
+fn task_row(r: &Row) -> SqlResult<(TaskRow, String)> {
     let state: String = r.get(3)?;
     Ok((
         TaskRow {
@@ -373,7 +406,7 @@ const TM_COLS: &str = "task_id, machine_id, assignment_id, batch, state, deliver
     output_truncated, started_at, finished_at, error_code, error_msg, progress_json, \
     power_state, power_ms";
 
-fn tm_row(r: &Row<'_>) -> rusqlite::Result<(TaskMachineRow, String)> {
+fn tm_row(r: &Row) -> SqlResult<(TaskMachineRow, String)> {
     let state: String = r.get(4)?;
     Ok((
         TaskMachineRow {
@@ -435,7 +468,7 @@ impl Tx<'_> {
     pub fn pool_machines(&mut self, pool_id: &str) -> Result<Vec<String>, StoreError> {
         let mut st = self
             .tx
-            .prepare_cached(
+            .statement(
                 "SELECT machine_id FROM machines WHERE pool_id = ?1
                  AND decommissioned_ms IS NULL ORDER BY machine_id",
             )
@@ -500,14 +533,31 @@ impl Tx<'_> {
             .ctx("checking a machine's operations")
     }
 
+    /// Tells the other replicas to wake these machines' long polls once this transaction
+    /// commits (`NOTIFY` is transactional). Nothing on SQLite.
+    pub fn publish_wake(&mut self, replica: &str, machines: &[String]) -> Result<(), StoreError> {
+        if !self.tx.is_postgres() {
+            return Ok(());
+        }
+        for payload in pg::wake_payloads(replica, machines) {
+            self.tx
+                .exec(
+                    "SELECT pg_notify(?1, ?2)",
+                    params![pg::WAKE_CHANNEL, payload],
+                )
+                .ctx("publishing a wake-up")?;
+        }
+        Ok(())
+    }
+
     /// Tasks that have not reached their end (`finished_ms` unset).
     pub fn unfinished_tasks(&mut self) -> Result<Vec<String>, StoreError> {
         let mut st = self
             .tx
-            .prepare_cached("SELECT task_id FROM tasks WHERE finished_ms IS NULL")
+            .statement("SELECT task_id FROM tasks WHERE finished_ms IS NULL")
             .ctx("listing unfinished tasks")?;
         let rows = st
-            .query_map([], |r| r.get(0))
+            .query_map(params![], |r| r.get(0))
             .ctx("listing unfinished tasks")?;
         rows.collect::<Result<_, _>>()
             .ctx("listing unfinished tasks")
@@ -530,7 +580,7 @@ mod tests {
             &path,
         )
         .unwrap();
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&Database::Sqlite(path.clone())).unwrap();
         let (task, machines, tm) = store
             .tx(|tx| {
                 let id = "6d0e0fb0-1b71-4502-973a-24b0543a5d5d";
@@ -555,14 +605,14 @@ mod tests {
         );
         drop(store);
         // Opening again applies nothing twice.
-        Store::open(&path).unwrap();
+        Store::open(&Database::Sqlite(path.clone())).unwrap();
     }
 
     #[tokio::test]
     async fn survives_reopen_and_dedups_event_keys() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&Database::Sqlite(path.clone())).unwrap();
         store
             .tx(|tx| {
                 tx.record_contact("m1", Some("p"), "ab", 2, "0.1", None, 1)?;
@@ -586,7 +636,7 @@ mod tests {
             .await
             .unwrap();
         drop(store);
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&Database::Sqlite(path.clone())).unwrap();
         let (first, second, rows) = store
             .tx(|tx| {
                 let a = tx.claim_event("m1", "a1:result", 2)?;

@@ -1,9 +1,8 @@
 //! The store's desired-software tables (commits per host, the commit staged) and the
 //! global settings.
 
-use rusqlite::{params, OptionalExtension};
+use super::sql::{params, Optional};
 
-use super::Cached;
 use super::{Ctx, StoreError, Tx};
 
 impl Tx<'_> {

@@ -1,9 +1,8 @@
 //! The store's task tables: tasks and their machines (one assignment each), dispatch and
 //! delivery to agents, applied event keys, results, progress and power steps.
 
-use rusqlite::{params, OptionalExtension};
+use super::sql::{params, Optional};
 
-use super::Cached;
 use super::{
     finish_task, finish_tm, task_row, tm_row, Ctx, InFlight, Outcome, StoreError, TaskMachineRow,
     TaskRow, Tx, Undelivered, TASK_COLS, TM_COLS,
@@ -70,7 +69,7 @@ impl Tx<'_> {
     pub fn task_machines(&mut self, task_id: &str) -> Result<Vec<TaskMachineRow>, StoreError> {
         let mut st = self
             .tx
-            .prepare_cached(&format!(
+            .statement(&format!(
                 "SELECT {TM_COLS} FROM task_machines WHERE task_id = ?1 ORDER BY batch, machine_id"
             ))
             .ctx("reading a task's machines")?;
@@ -124,7 +123,7 @@ impl Tx<'_> {
         let ids: Vec<String> = {
             let mut st = self
                 .tx
-                .prepare_cached(
+                .statement(
                     "SELECT machine_id FROM task_machines
                      WHERE task_id = ?1 AND batch = ?2 AND state = 'PENDING'",
                 )
@@ -157,9 +156,7 @@ impl Tx<'_> {
         let ids: Vec<String> = {
             let mut st = self
                 .tx
-                .prepare_cached(
-                    "SELECT machine_id FROM task_machines WHERE task_id = ?1 AND state = ?2",
-                )
+                .statement("SELECT machine_id FROM task_machines WHERE task_id = ?1 AND state = ?2")
                 .ctx("updating machines")?;
             let rows = st
                 .query_map(params![task_id, from.as_str()], |r| r.get(0))
@@ -193,7 +190,7 @@ impl Tx<'_> {
         let ids: Vec<String> = {
             let mut st = self
                 .tx
-                .prepare_cached(
+                .statement(
                     "SELECT machine_id FROM task_machines WHERE task_id = ?1
                      AND state IN ('DISPATCHED', 'RUNNING')",
                 )
@@ -227,7 +224,7 @@ impl Tx<'_> {
         let assignments: Vec<TaskMachineRow> = {
             let mut st = self
                 .tx
-                .prepare_cached(&format!(
+                .statement(&format!(
                     "SELECT {TM_COLS} FROM task_machines tm WHERE machine_id = ?1
                      AND state = 'DISPATCHED' AND delivered = 0 AND cancel_requested = 0
                      AND (offered_session IS NULL OR offered_session = ?2
@@ -268,7 +265,7 @@ impl Tx<'_> {
         let cancels: Vec<String> = {
             let mut st = self
                 .tx
-                .prepare_cached(
+                .statement(
                     "SELECT assignment_id FROM task_machines WHERE machine_id = ?1
                      AND cancel_requested = 1 AND cancel_delivered = 0
                      AND state IN ('DISPATCHED', 'RUNNING')",
@@ -378,7 +375,7 @@ impl Tx<'_> {
     pub fn in_flight(&mut self) -> Result<Vec<InFlight>, StoreError> {
         let mut st = self
             .tx
-            .prepare_cached(&format!(
+            .statement(&format!(
                 "SELECT {}, t.timeout_seconds, t.power_json, t.kind FROM task_machines tm
                  JOIN tasks t ON t.task_id = tm.task_id
                  WHERE tm.state IN ('DISPATCHED', 'RUNNING')",
@@ -390,7 +387,7 @@ impl Tx<'_> {
             ))
             .ctx("scanning in-flight machines")?;
         let rows = st
-            .query_map([], |r| {
+            .query_map(params![], |r| {
                 // timeout_seconds follows the task-machine columns.
                 let at = TM_COLS.split(',').count();
                 Ok((
@@ -437,14 +434,14 @@ impl Tx<'_> {
     /// Whether an in-flight assignment of `machine_id` references blob `sha256`.
     pub fn assigned_blob(&mut self, machine_id: &str, sha256: &str) -> Result<bool, StoreError> {
         // Payload JSON holds the digest as a quoted string; 64 hex digits cannot collide
-        // with any other field.
-        let needle = format!("\"{sha256}\"");
+        // with any other field, and hold no LIKE wildcard (LIKE: both databases run it).
+        let needle = format!("%\"{sha256}\"%");
         self.tx
             .one(
                 "SELECT EXISTS (SELECT 1 FROM task_machines tm JOIN tasks t ON t.task_id = tm.task_id
                  LEFT JOIN assignment_payloads ap ON ap.assignment_id = tm.assignment_id
                  WHERE tm.machine_id = ?1 AND tm.state IN ('DISPATCHED', 'RUNNING')
-                 AND (instr(t.scripts_json, ?2) > 0 OR instr(COALESCE(ap.payload_json, ''), ?2) > 0))",
+                 AND (t.scripts_json LIKE ?2 OR COALESCE(ap.payload_json, '') LIKE ?2))",
                 params![machine_id, needle],
                 |r| r.get::<_, i64>(0),
             )

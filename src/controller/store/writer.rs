@@ -16,13 +16,17 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Ctx, StoreError, Tx};
+use super::sql::Conn;
+use super::{pg, Ctx, StoreError, Tx};
 
 /// Transactions committed together at most.
 const MAX_GROUP: usize = 256;
+/// On PostgreSQL: each savepoint that writes is a subtransaction, and past 64 in one
+/// transaction the server's per-backend cache overflows, which slows every other session's
+/// snapshots. 64 polls still share one commit.
+const MAX_GROUP_PG: usize = 64;
 /// Transactions that may wait for the writer.
 pub const QUEUE: usize = 4096;
 
@@ -46,8 +50,8 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer thread on `conn`.
-    pub fn start(mut conn: Connection) -> Writer {
+    /// Starts the writer thread on `backend`.
+    pub fn start(mut backend: Backend) -> Writer {
         let (jobs, mut rx) = mpsc::channel::<Job>(QUEUE);
         let depth = Arc::new(AtomicUsize::new(0));
         let lag_ms = Arc::new(AtomicU64::new(0));
@@ -55,7 +59,11 @@ impl Writer {
         std::thread::Builder::new()
             .name("fieldhand-db".into())
             .spawn(move || {
-                let mut group: Vec<Job> = Vec::with_capacity(MAX_GROUP);
+                let max_group = match backend {
+                    Backend::Sqlite(_) => MAX_GROUP,
+                    Backend::Postgres(_) => MAX_GROUP_PG,
+                };
+                let mut group: Vec<Job> = Vec::with_capacity(max_group);
                 loop {
                     let first = match rx.try_recv() {
                         Ok(j) => j,
@@ -69,14 +77,14 @@ impl Writer {
                     };
                     lag.store(first.queued.elapsed().as_millis() as u64, Ordering::Relaxed);
                     group.push(first);
-                    while group.len() < MAX_GROUP {
+                    while group.len() < max_group {
                         match rx.try_recv() {
                             Ok(j) => group.push(j),
                             Err(_) => break,
                         }
                     }
                     d.fetch_sub(group.len(), Ordering::Relaxed);
-                    run_group(&mut conn, &mut group);
+                    run_group(&mut backend, &mut group);
                 }
             })
             .expect("start the database writer thread");
@@ -137,28 +145,57 @@ impl Writer {
     }
 }
 
+/// The connection the writer thread owns.
+pub enum Backend {
+    Sqlite(rusqlite::Connection),
+    Postgres(Box<pg::Writer>),
+}
+
 /// Runs the jobs of one group in one transaction, each in its own savepoint.
-fn run_group(conn: &mut Connection, group: &mut Vec<Job>) {
+fn run_group(backend: &mut Backend, group: &mut Vec<Job>) {
     let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
-    let outcome = (|| -> Result<(), StoreError> {
-        let mut t = conn.transaction().ctx("starting a transaction")?;
-        for job in group.drain(..) {
-            let sp = t.savepoint().ctx("starting a savepoint")?;
-            let mut tx = Tx { tx: sp };
-            // A panic drops the savepoint (rolled back) and the job's reply sender, so its
-            // caller learns of it; the other jobs of the group go on.
-            match catch_unwind(AssertUnwindSafe(|| (job.body)(&mut tx))) {
-                Ok(Some(reply)) => {
-                    tx.tx.commit().ctx("releasing a savepoint")?;
-                    replies.push(reply);
+    let outcome = match backend {
+        Backend::Sqlite(conn) => (|| -> Result<(), StoreError> {
+            let mut t = conn.transaction().ctx("starting a transaction")?;
+            for job in group.drain(..) {
+                let sp = t.savepoint().ctx("starting a savepoint")?;
+                run_job(
+                    job,
+                    Tx {
+                        tx: Conn::Sqlite(sp),
+                    },
+                    &mut replies,
+                )?;
+            }
+            t.commit().ctx("committing")
+        })(),
+        Backend::Postgres(w) => {
+            let r = (|| -> Result<(), StoreError> {
+                let (client, statements) = w.parts().ctx("connecting")?;
+                let mut t = client.transaction().ctx("starting a transaction")?;
+                // Every replica's groups, one at a time (see `pg`).
+                t.execute("SELECT pg_advisory_xact_lock($1)", &[&pg::WRITE_LOCK])
+                    .ctx("taking the write lock")?;
+                for job in group.drain(..) {
+                    let sp = t.savepoint("job").ctx("starting a savepoint")?;
+                    let tx = Tx {
+                        tx: Conn::Postgres {
+                            tx: sp,
+                            statements: &mut *statements,
+                        },
+                    };
+                    run_job(job, tx, &mut replies)?;
                 }
-                Ok(None) | Err(_) => {
-                    tx.tx.rollback().ctx("rolling back a savepoint")?;
+                t.commit().ctx("committing")
+            })();
+            if let Err(StoreError::Sql { source, .. }) = &r {
+                if source.connection_lost() {
+                    w.lost();
                 }
             }
+            r
         }
-        t.commit().ctx("committing")
-    })();
+    };
     // Jobs not reached (a failed savepoint statement) are dropped: their callers get an error.
     group.clear();
     let commit = outcome.map_err(|e| {
@@ -170,26 +207,39 @@ fn run_group(conn: &mut Connection, group: &mut Vec<Job>) {
     }
 }
 
+/// Runs one job in its savepoint: released if the job succeeded, rolled back if it failed or
+/// panicked (a panic drops the job's reply sender, so its caller learns of it; the other
+/// jobs of the group go on).
+fn run_job(job: Job, mut tx: Tx<'_>, replies: &mut Vec<Reply>) -> Result<(), StoreError> {
+    match catch_unwind(AssertUnwindSafe(|| (job.body)(&mut tx))) {
+        Ok(Some(reply)) => {
+            tx.tx.finish(true).ctx("releasing a savepoint")?;
+            replies.push(reply);
+        }
+        Ok(None) | Err(_) => {
+            tx.tx.finish(false).ctx("rolling back a savepoint")?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+    use super::super::sql::params;
     use super::super::Store;
     use super::*;
 
     #[test]
     fn a_group_commits_the_good_and_rolls_back_only_the_bad() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("t.db")).unwrap();
+        let store = Store::open(&super::super::Database::Sqlite(dir.path().join("t.db"))).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .build()
             .unwrap();
         rt.block_on(async {
             store
-                .tx(|tx| {
-                    tx.tx
-                        .execute_batch("CREATE TABLE scratch (n INTEGER)")
-                        .ctx("test")
-                })
+                .tx(|tx| tx.tx.batch("CREATE TABLE scratch (n BIGINT)").ctx("test"))
                 .await
                 .unwrap();
             let mut all = Vec::new();
@@ -198,7 +248,7 @@ mod tests {
                 all.push(tokio::spawn(async move {
                     s.tx(move |tx| {
                         tx.tx
-                            .execute("INSERT INTO scratch (n) VALUES (?1)", [n])
+                            .exec("INSERT INTO scratch (n) VALUES (?1)", params![n])
                             .ctx("test")?;
                         match n % 10 {
                             // Fails after writing: its row must not stay.
@@ -223,7 +273,7 @@ mod tests {
             let rows: i64 = store
                 .tx(|tx| {
                     tx.tx
-                        .query_row("SELECT COUNT(*) FROM scratch", [], |r| r.get(0))
+                        .one("SELECT COUNT(*) FROM scratch", params![], |r| r.get(0))
                         .ctx("test")
                 })
                 .await
