@@ -62,8 +62,10 @@
 //!   (software and image staging), `logoff` (logoff policies), `image` (the steps of an
 //!   image apply: activate, health check, verify, undo; a rebuild's
 //!   fresh slot and its data area moved aside until the commit), the `link` to
-//!   the controller (long poll, heartbeat, events, progress), the jittered `backoff` of
-//!   every retry loop (link, enrollment, renewal), and the local `status` socket.
+//!   the controller (long poll, heartbeat, events, progress), `failover` (which of the
+//!   configured controller replicas is in use: the pure choice `Endpoints`, round robin
+//!   when one cannot be reached, and `Controllers`, a client per replica), the jittered
+//!   `backoff` of every retry loop (link, enrollment, renewal), and the local `status` socket.
 //! - [`daemon`], [`exit`]: logging, shutdown signals and exit codes shared by the binaries.
 //!
 //! Entry points: `src/bin/fieldhand.rs` (`agent`, `status`, `seal`) and

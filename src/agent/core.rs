@@ -31,7 +31,8 @@ pub(super) struct Core {
     pub(super) cancel: Option<(String, watch::Sender<bool>)>,
     pub(super) link: Arc<LinkState>,
     pub(super) identity: Arc<identity::IdentityState>,
-    pub(super) controller_url: String,
+    /// The controller replicas; status names the one in use.
+    pub(super) controllers: super::failover::Controllers,
     /// Latest staging progress of the running assignment (not persisted); the link
     /// forwards it to the controller, the status socket reads it here.
     pub(super) progress_tx: watch::Sender<Option<(String, Vec<ComponentProgress>)>>,
@@ -281,7 +282,8 @@ impl Core {
         let now = clock::now();
         StatusReport {
             machine_id: self.identity.machine_id(),
-            controller_url: self.controller_url.clone(),
+            controller_url: self.controllers.current_url(),
+            controller_urls: self.controllers.urls(),
             connected,
             link,
             last_contact: last_contact.map(clock::rfc3339),

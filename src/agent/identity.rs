@@ -13,9 +13,9 @@ use http::Method;
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::backoff::Backoff;
+use super::failover::Controllers;
 use super::Input;
 use crate::config::agent::TokenSource;
-use crate::net::client::HttpsClient;
 use crate::net::NetError;
 use crate::proto::agent::{EnrollRequest, Enrolled, RenewRequest};
 use crate::proto::status::{IdentityPhase, IdentityStatus};
@@ -209,9 +209,9 @@ pub struct Enroller {
     /// The id this machine enrolls as (config `machine_id`, else the host name).
     pub own_machine_id: String,
     /// The agent's client: its TLS is swapped when the certificate changes.
-    pub client: HttpsClient,
-    /// A client without a certificate, for enrollment.
-    pub anon: HttpsClient,
+    pub client: Controllers,
+    /// A client without a certificate, for enrollment (the same replicas and choice).
+    pub anon: Controllers,
     pub state: Arc<IdentityState>,
     pub ready: watch::Sender<bool>,
     pub inputs: mpsc::Sender<Input>,
@@ -310,7 +310,13 @@ impl Enroller {
                     Err(why) => {
                         self.state
                             .set(IdentityPhase::Enrolling, Some(why.to_string()));
-                        backoff.next_delay()
+                        // An unreachable replica: the next one is tried soon, not after
+                        // this loop's backoff.
+                        if let IdentityError::Net { source, .. } = &why {
+                            self.anon.retry_wait(source, &mut backoff)
+                        } else {
+                            backoff.next_delay()
+                        }
                     }
                 },
                 Some(Err(e)) => {

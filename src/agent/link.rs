@@ -10,10 +10,10 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use super::backoff::Backoff;
+use super::failover::Controllers;
 use super::identity::IdentityState;
 use super::store::Outbox;
 use super::Input;
-use crate::net::client::HttpsClient;
 use crate::net::NetError;
 use crate::proto::agent::{
     AgentEvent, EventBatch, EventBody, EventsApplied, Heartbeat, PollRequest, PollResponse,
@@ -84,7 +84,8 @@ impl LinkState {
 
 /// Everything the loops share.
 pub struct Link {
-    pub client: HttpsClient,
+    /// The controller replicas; requests go to the one in use.
+    pub client: Controllers,
     pub identity: Arc<IdentityState>,
     /// Becomes `true` once a usable certificate is in place.
     pub ready: watch::Receiver<bool>,
@@ -223,7 +224,7 @@ pub async fn poll_loop(
                 }
             }
             Err(e) => {
-                let wait = busy_wait(&e).unwrap_or_else(|| backoff.next_delay());
+                let wait = link.client.retry_wait(&e, &mut backoff);
                 link.state.down(&e);
                 if sleep_or_stop(wait, &mut stop).await {
                     return;
@@ -337,8 +338,11 @@ pub async fn progress_loop(
                 body: EventBody::Progress(Progress { seq, components }),
             }],
         };
+        // Best effort with a short timeout: a slow answer here must not move the agent off
+        // a replica the poll and the outbox reach, so it bypasses the failover's count.
         let res = link
             .client
+            .current()
             .json::<_, EventsApplied>(
                 Method::POST,
                 "/agent/v1/events",
@@ -473,7 +477,7 @@ pub async fn deliver_loop(
                     pending.pop_front();
                 }
                 Err(e) => {
-                    let wait = busy_wait(&e).unwrap_or_else(|| backoff.next_delay());
+                    let wait = link.client.retry_wait(&e, &mut backoff);
                     link.state.down(&e);
                     if sleep_or_stop(wait, &mut stop).await {
                         return;

@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod codes;
 mod core;
 pub mod executor;
+pub mod failover;
 pub mod identity;
 pub mod image;
 pub mod instance;
@@ -182,19 +183,19 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         })?;
     let instance = instance::instance_id(&cfg.state_dir)?;
     let session = format!("{instance}.{}", instance::session_safe(&boot_id));
-    let client = crate::net::client::HttpsClient::new(&cfg.controller_url, tls)?
-        .with_header(
-            http::header::HeaderName::from_static(crate::proto::agent::SESSION_HEADER),
-            session,
-        )
-        .with_header(
-            http::header::HeaderName::from_static(crate::proto::agent::PROTOCOL_HEADER),
-            crate::proto::agent::PROTOCOL_VERSION.to_string(),
-        );
-    let anon = crate::net::client::HttpsClient::new(
-        &cfg.controller_url,
-        crate::tls::client_config_without_cert(&cfg.tls.ca)?,
-    )?;
+    // One client per controller replica, all made now (a bad URL fails the start); requests
+    // go to the one in use (`failover`).
+    let client =
+        failover::Controllers::new(&cfg.controller_urls, tls, cfg.retry_initial, cfg.retry_max)?
+            .with_header(
+                http::header::HeaderName::from_static(crate::proto::agent::SESSION_HEADER),
+                session,
+            )
+            .with_header(
+                http::header::HeaderName::from_static(crate::proto::agent::PROTOCOL_HEADER),
+                crate::proto::agent::PROTOCOL_VERSION.to_string(),
+            );
+    let anon = client.sibling(crate::tls::client_config_without_cert(&cfg.tls.ca)?)?;
     let identity_state = Arc::new(identity::IdentityState::new(
         machine_id.clone(),
         files.cert.exists(),
@@ -277,7 +278,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         cancel: None,
         link: link_state.clone(),
         identity: identity_state.clone(),
-        controller_url: cfg.controller_url.clone(),
+        controllers: client.clone(),
     };
     core.apply(Event::Boot { boot_id })?;
     {
@@ -299,7 +300,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             &needed,
         );
     }
-    tracing::info!(%machine_id, %instance, controller = %cfg.controller_url, socket = %cfg.socket_path.display(), "agent started");
+    tracing::info!(%machine_id, %instance, controllers = ?cfg.controller_urls, socket = %cfg.socket_path.display(), "agent started");
 
     let outbox_for_stop = outbox.clone();
     let link_for_stop = link_state.clone();

@@ -43,8 +43,8 @@ pub struct ExecSettings {
     pub image_root: PathBuf,
     /// The data area a rebuild keeps or empties.
     pub data_dir: PathBuf,
-    /// For payload downloads.
-    pub client: crate::net::client::HttpsClient,
+    /// For payload downloads (from the controller in use).
+    pub client: super::failover::Controllers,
     /// Each run's cgroup (or the subreaper fallback).
     pub containment: crate::sys::cgroup::Containment,
     pub payloads: crate::config::agent::PayloadSettings,

@@ -304,8 +304,11 @@ async fn download(
 ) -> Result<PathBuf, Failure> {
     let (name, p) = (c.name.clone(), progress.clone());
     let mut report = move |done: u64| p.set(&name, ComponentPhase::Downloading, done, false);
+    // From the controller in use (fetch resumes an interrupted download on it a few times);
+    // the poll and the outbox, not a download, decide when to move to another replica.
+    let client = s.client.current();
     tokio::select! {
-        r = fetch::fetch(&s.client, cache, c, settings, &mut report) => Ok(r?),
+        r = fetch::fetch(&client, cache, c, settings, &mut report) => Ok(r?),
         _ = stopped(&progress.stop) => Err(Failure::new(ErrorCode::Cancelled, "download stopped")),
     }
 }

@@ -220,6 +220,10 @@ pub fn render(r: &StatusReport) -> String {
         "controller:",
         format!("{} ({link})", r.controller_url),
     );
+    if r.controller_urls.len() > 1 {
+        // Which replica is in use is the line above; these are where it fails over to.
+        line(&mut out, "  replicas:", r.controller_urls.join(", "));
+    }
     if let (Some(e), false) = (&r.last_error, r.connected) {
         line(&mut out, "  last error:", e.clone());
     }
@@ -327,6 +331,7 @@ mod tests {
         let r = StatusReport {
             machine_id: "m1".into(),
             controller_url: "https://c".into(),
+            controller_urls: vec!["https://b".into(), "https://c".into()],
             connected: false,
             link: crate::proto::status::LinkPhase::Connecting,
             last_contact: None,
@@ -362,7 +367,14 @@ mod tests {
             text.contains("current image:       img-1 (READY)"),
             "{text}"
         );
-        assert!(text.contains("(connecting)"), "{text}");
+        assert!(
+            text.contains("controller:          https://c (connecting)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  replicas:          https://b, https://c"),
+            "{text}"
+        );
         assert!(
             text.contains(
                 "identity:            enrolled (serial ab, expires 2027-01-01T00:00:00Z)"

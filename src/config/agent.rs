@@ -12,7 +12,9 @@ pub const DEFAULT_SOCKET_PATH: &str = "/run/fieldhand/agent.sock";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
-    pub controller_url: String,
+    /// `https://HOST[:PORT]` of each controller replica, in the order they are tried; never
+    /// empty, no duplicates (`controller_url` is the one-element shorthand).
+    pub controller_urls: Vec<String>,
     /// The id to enroll as (`machine_id`); `None`: the host name. A hand-issued certificate
     /// names its own.
     pub machine_id: Option<String>,
@@ -261,6 +263,67 @@ fn payload_settings(
     })
 }
 
+/// `controller_urls`, or `controller_url` as its one-element shorthand: exactly one of the
+/// two. Each is `https://HOST[:PORT]` (a trailing slash is dropped), none twice.
+fn controller_urls(
+    origin: &Path,
+    one: Option<String>,
+    many: Option<Vec<String>>,
+) -> Result<Vec<String>, ConfigError> {
+    let (key, list) = match (one, many) {
+        (Some(one), Some(many)) => {
+            return Err(invalid(
+                origin,
+                "controller_urls",
+                format!("{many:?}"),
+                &format!("set either controller_urls or controller_url (here {one:?}), not both"),
+            ))
+        }
+        (None, None) => {
+            return Err(invalid(
+                origin,
+                "controller_urls",
+                "",
+                "is required: the controller replicas as [\"https://HOST[:PORT]\", ...] \
+                 (or controller_url = \"https://HOST[:PORT]\" for one)",
+            ))
+        }
+        (Some(one), None) => ("controller_url", vec![one]),
+        (None, Some(many)) => ("controller_urls", many),
+    };
+    if list.is_empty() {
+        return Err(invalid(
+            origin,
+            key,
+            "[]",
+            "must list at least one https://HOST[:PORT]",
+        ));
+    }
+    let mut urls: Vec<String> = Vec::with_capacity(list.len());
+    for raw in list {
+        let url = raw.trim();
+        let rest = url
+            .strip_prefix("https://")
+            .ok_or_else(|| invalid(origin, key, url, "must start with https://"))?;
+        let host = rest.trim_end_matches('/');
+        if host.is_empty() || host.contains('/') {
+            return Err(invalid(
+                origin,
+                key,
+                url,
+                "must be https://HOST[:PORT] with no path",
+            ));
+        }
+        let url = format!("https://{host}");
+        // Host names are case-insensitive: the same replica twice would only be tried twice.
+        if urls.iter().any(|u| u.eq_ignore_ascii_case(&url)) {
+            return Err(invalid(origin, key, &raw, "is listed twice"));
+        }
+        urls.push(url);
+    }
+    Ok(urls)
+}
+
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         Self::parse(&read(path)?, path)
@@ -269,19 +332,7 @@ impl AgentConfig {
     /// `origin` is the file the text came from: relative paths resolve against its directory.
     pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
         let raw: RawAgent = parse_toml(text, origin)?;
-        let url = raw.controller_url.trim().to_string();
-        let rest = url
-            .strip_prefix("https://")
-            .ok_or_else(|| invalid(origin, "controller_url", &url, "must start with https://"))?;
-        let host = rest.trim_end_matches('/');
-        if host.is_empty() || host.contains('/') {
-            return Err(invalid(
-                origin,
-                "controller_url",
-                &url,
-                "must be https://HOST[:PORT] with no path",
-            ));
-        }
+        let controller_urls = controller_urls(origin, raw.controller_url, raw.controller_urls)?;
         let mut warnings = Vec::new();
         if let Some(p) = &raw.pool_id {
             warnings.push(format!(
@@ -403,7 +454,7 @@ impl AgentConfig {
             ));
         }
         Ok(AgentConfig {
-            controller_url: format!("https://{host}"),
+            controller_urls,
             machine_id,
             enrollment,
             warnings,
@@ -468,7 +519,10 @@ key = "pki/m1-key.pem"
     #[test]
     fn defaults_and_relative_paths() {
         let c = AgentConfig::parse(MIN, Path::new("/etc/fieldhand/agent.toml")).unwrap();
-        assert_eq!(c.controller_url, "https://ctl.example:8443");
+        assert_eq!(
+            c.controller_urls,
+            vec!["https://ctl.example:8443".to_string()]
+        );
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(c.socket_path, PathBuf::from(DEFAULT_SOCKET_PATH));
         assert_eq!(c.tls.ca, PathBuf::from("/etc/fieldhand/pki/ca.pem"));
@@ -492,6 +546,82 @@ key = "pki/m1-key.pem"
         assert!(err(&both).contains("enrollment_token"), "{}", err(&both));
         let backwards = format!("{MIN}\n[connection]\nretry_initial_ms = 500\nretry_max_ms = 10\n");
         assert!(err(&backwards).contains("connection.retry_max_ms"));
+    }
+
+    #[test]
+    fn controller_urls_list_the_replicas_in_order() {
+        let many = MIN.replace(
+            "controller_url = \"https://ctl.example:8443/\"",
+            "controller_urls = [\"https://a:8443/\", \" https://b:8443\", \"https://[::1]:9\"]",
+        );
+        let c = AgentConfig::parse(&many, Path::new("a.toml")).unwrap();
+        assert_eq!(
+            c.controller_urls,
+            vec!["https://a:8443", "https://b:8443", "https://[::1]:9"]
+        );
+        // The shorthand is a list of one.
+        let one = MIN.replace(
+            "controller_url = \"https://ctl.example:8443/\"",
+            "controller_urls = [\"https://ctl.example:8443\"]",
+        );
+        assert_eq!(
+            AgentConfig::parse(&one, Path::new("a.toml")).unwrap(),
+            AgentConfig::parse(MIN, Path::new("a.toml")).unwrap()
+        );
+    }
+
+    #[test]
+    fn controller_urls_errors_name_the_key_and_the_value() {
+        let with = |line: &str| MIN.replace("controller_url = \"https://ctl.example:8443/\"", line);
+        for (line, key, value) in [
+            ("controller_urls = []", "controller_urls", "[]"),
+            (
+                "controller_urls = [\"https://a:8443\", \"https://A:8443/\"]",
+                "controller_urls",
+                "https://A:8443/",
+            ),
+            (
+                "controller_urls = [\"https://a:8443\", \"http://b:8443\"]",
+                "controller_urls",
+                "http://b:8443",
+            ),
+            (
+                "controller_urls = [\"https://a:8443/x\"]",
+                "controller_urls",
+                "https://a:8443/x",
+            ),
+            (
+                "controller_url = \"https://a\"\ncontroller_urls = [\"https://b\"]",
+                "controller_urls",
+                "https://b",
+            ),
+            (
+                "controller_url = \"http://a\"",
+                "controller_url",
+                "http://a",
+            ),
+            ("", "controller_urls", "is required"),
+        ] {
+            let e = err(&with(line));
+            assert!(
+                e.contains(&format!("`{key}`")) && e.contains(value),
+                "{line}: {e}"
+            );
+        }
+        let e = err(&with(
+            "controller_url = \"https://a\"\ncontroller_urls = [\"https://b\"]",
+        ));
+        assert!(e.contains("not both") && e.contains("https://a"), "{e}");
+    }
+
+    #[test]
+    fn the_packaged_example_parses() {
+        let text = include_str!("../../packaging/agent.toml");
+        let c = AgentConfig::parse(text, Path::new(DEFAULT_PATH)).unwrap();
+        assert_eq!(
+            c.controller_urls,
+            vec!["https://fieldhand-controller.example:8443"]
+        );
     }
 
     #[test]

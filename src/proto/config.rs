@@ -16,7 +16,10 @@ pub struct RawTls {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAgent {
-    pub controller_url: String,
+    /// One controller: the shorthand of a one-element `controller_urls`.
+    pub controller_url: Option<String>,
+    /// Controller replicas, tried in order; the agent fails over between them.
+    pub controller_urls: Option<Vec<String>>,
     /// No longer used (the controller decides pools); accepted with a warning so an old
     /// config keeps working.
     pub pool_id: Option<String>,

@@ -12,7 +12,12 @@ pub enum StatusRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusReport {
     pub machine_id: String,
+    /// The controller in use now (one of `controller_urls`).
     pub controller_url: String,
+    /// Every configured controller replica, in the order they are tried (empty from an
+    /// agent older than failover).
+    #[serde(default)]
+    pub controller_urls: Vec<String>,
     pub connected: bool,
     /// `connecting` until the first answer (or error), then `connected` or `unreachable`.
     pub link: LinkPhase,

@@ -9,6 +9,7 @@ mod cli;
 mod compat;
 mod contain;
 mod durability;
+mod failover;
 mod faults;
 mod identity;
 mod images;

@@ -620,10 +620,16 @@ impl Agent {
             .skip(split)
             .map(|l| format!("{l}\n"))
             .collect();
+        // A test that lists its own `controller_urls` (failover) replaces `controller_url`.
+        let url = if top.contains("controller_urls") {
+            String::new()
+        } else {
+            format!("controller_url = \"{url}\"\n")
+        };
         std::fs::write(
             &config,
             format!(
-                "controller_url = \"{url}\"\nstate_dir = \"{}\"\nsocket_path = \"{}\"\n{top}[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{exec}[connection]\nretry_initial_ms = 100\nretry_max_ms = 500\n{extra}\n",
+                "{url}state_dir = \"{}\"\nsocket_path = \"{}\"\n{top}[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{exec}[connection]\nretry_initial_ms = 100\nretry_max_ms = 500\n{extra}\n",
                 dir.join("state").display(),
                 socket.display(),
                 pki.join("ca.pem").display(),
