@@ -14,7 +14,10 @@
 //! Options: `--agents N` (1000), `--idle-seconds S` (20), `--rollout-timeout S` (120),
 //! `--events-per-request N` (how many outbox entries the agent sends in one request; the
 //! agent's own `link::EVENTS_PER_REQUEST` by default), `--controller PATH` (another build of
-//! the controller, to compare), `--keep DIR` (keep the PKI and data there).
+//! the controller, to compare), `--keep DIR` (keep the PKI and data there),
+//! `--postgres URL` (a PostgreSQL server: the controllers run on a new database there instead
+//! of SQLite), `--replicas N` (N controllers on that one database; agent i talks to replica
+//! i mod N and the operator to the first, so dispatch to the others crosses replicas).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -42,6 +45,8 @@ struct Args {
     per_request: usize,
     controller: PathBuf,
     keep: Option<PathBuf>,
+    postgres: Option<String>,
+    replicas: usize,
 }
 
 fn args() -> Args {
@@ -52,6 +57,8 @@ fn args() -> Args {
         per_request: fieldhand::agent::link::EVENTS_PER_REQUEST,
         controller: PathBuf::from(env!("CARGO_BIN_EXE_fieldhand-controller")),
         keep: None,
+        postgres: None,
+        replicas: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -65,6 +72,8 @@ fn args() -> Args {
             "--events-per-request" => a.per_request = v().parse().expect("--events-per-request N"),
             "--controller" => a.controller = PathBuf::from(v()),
             "--keep" => a.keep = Some(PathBuf::from(v())),
+            "--postgres" => a.postgres = Some(v()),
+            "--replicas" => a.replicas = v().parse().expect("--replicas N"),
             // cargo bench passes --bench; nothing else is expected.
             "--bench" => {}
             other => panic!("unknown option {other:?}"),
@@ -77,8 +86,8 @@ fn args() -> Args {
 #[derive(Default)]
 struct Shared {
     online: AtomicUsize,
-    /// Assignment id -> when it reached its agent.
-    received: Mutex<BTreeMap<String, Instant>>,
+    /// Assignment id -> when it reached its agent, and the replica that agent talks to.
+    received: Mutex<BTreeMap<String, (Instant, usize)>>,
     /// When the last RESULT was handed to the outbox (the "script" ended).
     last_end: Mutex<Option<Instant>>,
     errors: Mutex<BTreeMap<String, u64>>,
@@ -133,7 +142,7 @@ impl Backoff {
         Backoff(RETRY_INITIAL)
     }
     async fn wait(&mut self, e: &NetError) {
-        if let Some(d) = fieldhand::agent::link::busy_wait(e) {
+        if let Some(d) = fieldhand::agent::failover::busy_wait(e) {
             tokio::time::sleep(d).await;
             return;
         }
@@ -147,7 +156,13 @@ impl Backoff {
 }
 
 /// One simulated agent: heartbeat, long poll, and an outbox delivered in order.
-async fn agent(id: String, client: HttpsClient, shared: Arc<Shared>, per_request: usize) {
+async fn agent(
+    id: String,
+    client: HttpsClient,
+    shared: Arc<Shared>,
+    per_request: usize,
+    replica: usize,
+) {
     let outbox: Arc<tokio::sync::Mutex<Vec<Value>>> = Arc::default();
     let wake = Arc::new(tokio::sync::Notify::new());
     // Heartbeat loop; the first poll follows the first heartbeat, as the agent's does.
@@ -243,7 +258,7 @@ async fn agent(id: String, client: HttpsClient, shared: Arc<Shared>, per_request
                         .lock()
                         .unwrap()
                         .entry(aid.clone())
-                        .or_insert(at);
+                        .or_insert((at, replica));
                     acks.push(aid.clone());
                     let started = now_text();
                     q.push(json!({"idempotency_key": format!("{aid}:started"),
@@ -347,7 +362,56 @@ fn main() {
         .expect("operator certificate");
     }
     issue_all(&pki, a.agents);
-    let data = root.join("controller");
+    assert!(
+        a.replicas == 1 || a.postgres.is_some(),
+        "--replicas needs --postgres (replicas share one PostgreSQL database)"
+    );
+    let database = a.postgres.as_ref().map(|server| {
+        let name = format!("fleet_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = postgres::Client::connect(server, postgres::NoTls).expect("--postgres");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+        let (base, _) = server.rsplit_once('/').expect("a URL ending in /DATABASE");
+        format!(
+            "database_url = \"{base}/{name}\"\nblob_dir = \"{}\"\n",
+            root.join("blobs").display()
+        )
+    });
+    let mut children = Vec::new();
+    let mut urls = Vec::new();
+    for r in 0..a.replicas {
+        let (child, url) = start_controller(&a, &root, &pki, r, database.as_deref().unwrap_or(""));
+        children.push(child);
+        urls.push(url);
+    }
+    let pid = children[0].id();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let report = rt.block_on(run(&a, &pki, &urls, pid));
+    // The agents stop before the controller does, so no one reports its going as an error.
+    rt.shutdown_timeout(Duration::from_millis(200));
+    for mut child in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    println!("{report}");
+}
+
+/// Starts controller replica `r` (its own data directory; `database` is the shared
+/// `database_url`, empty for SQLite) and waits until it listens.
+#[allow(clippy::disallowed_methods)]
+fn start_controller(
+    a: &Args,
+    root: &Path,
+    pki: &Path,
+    r: usize,
+    database: &str,
+) -> (std::process::Child, String) {
+    let data = root.join(format!("controller-{r}"));
     let _ = std::fs::remove_dir_all(&data);
     std::fs::create_dir_all(&data).unwrap();
     let config = data.join("controller.toml");
@@ -355,7 +419,7 @@ fn main() {
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nmax_connections = {conns}\n\
+            "{database}listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nmax_connections = {conns}\n\
              [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
             data.display(),
             pki.join("ca.pem").display(),
@@ -365,14 +429,13 @@ fn main() {
     )
     .unwrap();
     let log = std::fs::File::create(data.join("controller.log")).unwrap();
-    let mut child = std::process::Command::new(&a.controller)
+    let child = std::process::Command::new(&a.controller)
         .args(["serve", "--config", config.to_str().unwrap()])
         .env("FIELDHAND_LOG", "warn")
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
         .expect("start the controller");
-    let pid = child.id();
     let addr_file = data.join("listen-addr");
     let t0 = Instant::now();
     let addr = loop {
@@ -383,25 +446,16 @@ fn main() {
         }
         assert!(
             t0.elapsed() < Duration::from_secs(30),
-            "the controller did not start"
+            "the controller did not start: {}",
+            std::fs::read_to_string(data.join("controller.log")).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    let url = format!("https://{addr}");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let report = rt.block_on(run(&a, &pki, &url, pid));
-    // The agents stop before the controller does, so no one reports its going as an error.
-    rt.shutdown_timeout(Duration::from_millis(200));
-    let _ = child.kill();
-    let _ = child.wait();
-    println!("{report}");
+    (child, format!("https://{addr}"))
 }
 
-async fn run(a: &Args, pki: &Path, url: &str, pid: u32) -> String {
+async fn run(a: &Args, pki: &Path, urls: &[String], pid: u32) -> String {
+    let url = urls[0].as_str();
     let shared = Arc::new(Shared::default());
     let ca = pki.join("ca.pem");
     let session = HeaderName::from_static(fieldhand::proto::agent::SESSION_HEADER);
@@ -416,14 +470,20 @@ async fn run(a: &Args, pki: &Path, url: &str, pid: u32) -> String {
             &pki.join("agents").join(format!("{name}-key.pem")),
         )
         .expect("agent tls");
-        let client = HttpsClient::new(url, tls)
+        let client = HttpsClient::new(&urls[i % urls.len()], tls)
             .unwrap()
             .with_header(session.clone(), format!("sim{i}.boot1"))
             .with_header(
                 protocol.clone(),
                 fieldhand::proto::agent::PROTOCOL_VERSION.to_string(),
             );
-        tokio::spawn(agent(name, client, shared.clone(), a.per_request));
+        tokio::spawn(agent(
+            name,
+            client,
+            shared.clone(),
+            a.per_request,
+            i % urls.len(),
+        ));
         // The fleet starts over a few seconds, as machines do, not in one instant.
         if i % 200 == 199 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -514,14 +574,19 @@ async fn run(a: &Args, pki: &Path, url: &str, pid: u32) -> String {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let recorded_at = Instant::now();
-    let mut dispatch: Vec<Duration> = shared
-        .received
-        .lock()
-        .unwrap()
+    let received = shared.received.lock().unwrap().clone();
+    let mut dispatch: Vec<Duration> = received
         .values()
-        .map(|t| t.saturating_duration_since(posted))
+        .map(|(t, _)| t.saturating_duration_since(posted))
         .collect();
     dispatch.sort();
+    // To agents of the other replicas: the operator's POST reached the first one.
+    let mut crossed: Vec<Duration> = received
+        .values()
+        .filter(|(_, r)| *r != 0)
+        .map(|(t, _)| t.saturating_duration_since(posted))
+        .collect();
+    crossed.sort();
     let after_last_end = shared
         .last_end
         .lock()
@@ -535,8 +600,14 @@ async fn run(a: &Args, pki: &Path, url: &str, pid: u32) -> String {
     use std::fmt::Write;
     let _ = writeln!(
         out,
-        "fleet: {} agents against {url} ({})",
+        "fleet: {} agents against {} on {} ({})",
         a.agents,
+        urls.join(", "),
+        if a.postgres.is_some() {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        },
         a.controller.display()
     );
     let _ = writeln!(
@@ -569,8 +640,24 @@ async fn run(a: &Args, pki: &Path, url: &str, pid: u32) -> String {
         dispatch.len(),
         a.agents
     );
+    if !crossed.is_empty() {
+        let _ = writeln!(
+            out,
+            "  dispatch across replicas p50 {}, p99 {} ({} agents on replicas 2..{})",
+            ms(pct(&crossed, 0.5)),
+            ms(pct(&crossed, 0.99)),
+            crossed.len(),
+            urls.len()
+        );
+    }
     match recorded {
         Some(d) => {
+            let _ = writeln!(
+                out,
+                "  results recorded/s      {:.0} ({} results)",
+                a.agents as f64 / d.as_secs_f64(),
+                a.agents
+            );
             let _ = writeln!(
                 out,
                 "  all results recorded    {:.2} s after the POST; {} after the last script ended",

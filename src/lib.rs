@@ -37,11 +37,13 @@
 //!   `identity` (enrollment tokens, enroll and renew, operator moves,
 //!   decommission and revocation, and the gate every agent request passes: revoked,
 //!   decommissioned, two live sessions of one identity), the pure rollout rules
-//!   of gray batches (`rollout`), the `engine` that advances tasks, the SQLite `store` (its
-//!   `migrate` steps; `tasks`, `images`, `software`, `identity` tables; `blobrefs`: what
-//!   refers to blobs; `columns`: the domain enums stored as their wire text; `writer`: the one
-//!   thread that owns the connection and commits waiting transactions together, each in
-//!   its own savepoint), the blob store (`blobs`: bounded uploads, deletion, retention),
+//!   of gray batches (`rollout`), the `engine` that advances tasks, the `store` on SQLite or
+//!   PostgreSQL (`sql`: one way to run a statement on either, values and placeholders;
+//!   `migrate` steps for both; `tasks`, `images`, `software`, `identity` tables; `blobrefs`:
+//!   what refers to blobs; `columns`: the domain enums stored as their wire text; `writer`:
+//!   the one thread that owns the connection and commits waiting transactions together,
+//!   each in its own savepoint; `pg`: the replicas' write lock, reconnecting, and the
+//!   LISTEN/NOTIFY wake-ups between replicas), the blob store (`blobs`: bounded uploads, deletion, retention),
 //!   desired software by commit (`software`), images (`images`: the `registry`, `push`
 //!   with schedule/reschedule/cancel and unpublish, `pool_op` (the pool operation moved on
 //!   from its tasks) and `views` (the provisioning status), as three ordinary tasks per
@@ -117,6 +119,10 @@
 //! - Every controller state change happens in one store transaction; the store is the only
 //!   module that speaks SQL. A caller is answered only after its transaction's group commit
 //!   is durable; a transaction that fails or panics rolls back alone.
+//! - Controller replicas share only the database (and `blob_dir`): on PostgreSQL every
+//!   transaction group takes one advisory lock first, so the replicas' transactions apply
+//!   one group at a time, with the same semantics as one controller on SQLite; a change
+//!   that concerns a machine wakes its poll on whichever replica holds it (`NOTIFY`).
 //! - A machine's ending (its result, or the reaper declaring it unreachable) costs O(1) in
 //!   the size of its task: the task is re-planned only when that batch has no machine left
 //!   at work (`engine::settle`).

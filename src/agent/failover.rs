@@ -294,13 +294,31 @@ impl Controllers {
     /// asked for; for an unreachable replica, the wait [`Endpoints`] handed out (shared by
     /// every loop); for any other error, the loop's own `backoff`.
     pub fn retry_wait(&self, e: &NetError, backoff: &mut Backoff) -> Duration {
-        if let Some(w) = super::link::busy_wait(e) {
+        if let Some(w) = busy_wait(e) {
             return w;
         }
         match outcome(e) {
             Outcome::Unreachable => self.lock().wait(Instant::now()),
             Outcome::Answered | Outcome::NotSent => backoff.next_delay(),
         }
+    }
+}
+
+/// How long to wait when the controller sheds load (503 with `Retry-After`): what it asked
+/// for, spread by up to half again so a shed fleet does not come back in one instant.
+pub fn busy_wait(e: &NetError) -> Option<Duration> {
+    match e {
+        NetError::Busy { retry_after, .. } => {
+            Some(retry_after.mul_f64(1.0 + fastrand::f64() / 2.0))
+        }
+        NetError::BadUrl { .. }
+        | NetError::Connect { .. }
+        | NetError::Tls { .. }
+        | NetError::Http { .. }
+        | NetError::Timeout { .. }
+        | NetError::Status { .. }
+        | NetError::Decode { .. }
+        | NetError::Encode { .. } => None,
     }
 }
 
@@ -487,6 +505,32 @@ mod tests {
                 reason: String::new()
             }),
             Outcome::NotSent
+        );
+    }
+
+    #[test]
+    fn a_shed_agent_waits_what_it_was_told_spread_by_up_to_half_again() {
+        let busy = NetError::Busy {
+            url: "https://c/agent/v1/poll".into(),
+            retry_after: Duration::from_secs(2),
+        };
+        for _ in 0..100 {
+            let w = busy_wait(&busy).expect("a 503 with Retry-After is waited out");
+            assert!(
+                w >= Duration::from_secs(2) && w <= Duration::from_secs(3),
+                "{w:?}"
+            );
+        }
+        let refused = NetError::Status {
+            url: "u".into(),
+            status: 503,
+            error_code: "ENROLLMENT_DISABLED".into(),
+            error_msg: String::new(),
+        };
+        assert_eq!(
+            busy_wait(&refused),
+            None,
+            "no Retry-After: the normal backoff"
         );
     }
 }

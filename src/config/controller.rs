@@ -352,4 +352,19 @@ key = "controller-key.pem"
         assert_eq!(ok.database.to_string(), "postgres://fh:***@db/fh");
         assert!(e(&format!("bogus = 1\n{MIN}")).contains("bogus"));
     }
+
+    #[test]
+    fn the_packaged_configs_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let one = root.join("packaging/controller.toml");
+        let c = ControllerConfig::load(&one).unwrap();
+        assert!(matches!(c.database, Database::Sqlite(_)));
+        let replica = root.join("packaging/controller-replica.toml.example");
+        let r = ControllerConfig::load(&replica).unwrap();
+        assert_eq!(
+            r.database,
+            Database::Postgres("postgres://fieldhand@db.example.net/fieldhand".into())
+        );
+        assert_eq!(r.blob_dir, PathBuf::from("/srv/fieldhand-blobs"));
+    }
 }

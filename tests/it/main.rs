@@ -17,6 +17,7 @@ mod latency;
 mod power;
 mod props;
 mod rebuild;
+mod replicas;
 mod security;
 mod shedding;
 mod staging;

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Starts (or reuses) a throwaway PostgreSQL cluster for the tests' PostgreSQL half, on
-# loopback and a private socket directory, and prints its URL for FIELDHAND_TEST_POSTGRES.
+# loopback (the first free port from 55432) and a private socket directory, and prints its
+# URL for FIELDHAND_TEST_POSTGRES.
 #   bash tests/pg/cluster.sh [DIR]        start; `bash tests/pg/cluster.sh DIR stop` stops it
 # Needs Debian's postgresql package (initdb, pg_ctl). Trust authentication on 127.0.0.1 only:
 # the cluster is a test fixture, never a deployment.
 set -euo pipefail
 dir=${1:-/tmp/fieldhand-pg}
-port=${FIELDHAND_PG_PORT:-55432}
 bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
 [ -x "$bindir/initdb" ] || { echo "PostgreSQL is not installed (apt-get install postgresql)" >&2; exit 1; }
 # The server refuses to run as root: as root, it runs as the package's postgres user.
@@ -20,6 +20,14 @@ if [ ! -f "$dir/PG_VERSION" ]; then
     [ "$(id -u)" = 0 ] && chown postgres: "$dir"
     as_owner "$bindir/initdb" -D "$dir" -U postgres --auth=trust -E UTF8 >"$dir.initdb.log" 2>&1 \
         || { cat "$dir.initdb.log" >&2; exit 1; }
+fi
+if [ -f "$dir/fieldhand-port" ]; then
+    port=$(cat "$dir/fieldhand-port")
+else
+    # The first free port from 55432 (another cluster, e.g. a developer's, may hold one).
+    port=${FIELDHAND_PG_PORT:-55432}
+    while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do port=$((port + 1)); done
+    echo "$port" > "$dir/fieldhand-port"
 fi
 if ! as_owner "$bindir/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
     as_owner "$bindir/pg_ctl" -D "$dir" -l "$dir/server.log" -w start \

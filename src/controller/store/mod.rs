@@ -650,4 +650,101 @@ mod tests {
         assert_eq!(rows[0].assignment_id, "a1");
         assert_eq!(rows[0].state, MachineState::Pending);
     }
+
+    /// A new database on the PostgreSQL server of `FIELDHAND_TEST_POSTGRES`, if set.
+    fn postgres_database() -> Option<String> {
+        let Ok(base) = std::env::var("FIELDHAND_TEST_POSTGRES") else {
+            eprintln!("skipped: set FIELDHAND_TEST_POSTGRES (tests/pg/cluster.sh) to run it");
+            return None;
+        };
+        let name = format!("fh_unit_{}", uuid::Uuid::new_v4().simple());
+        let url = base.clone();
+        std::thread::spawn(move || {
+            let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            admin
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .unwrap();
+            let (root, _) = url.rsplit_once('/').unwrap();
+            Some(format!("{root}/{name}"))
+        })
+        .join()
+        .unwrap()
+    }
+
+    #[test]
+    fn replicas_migrating_one_database_at_once_apply_each_step_once() {
+        let Some(url) = postgres_database() else {
+            return;
+        };
+        let db = Database::Postgres(url.clone());
+        let opened: Vec<_> = (0..4)
+            .map(|_| {
+                let db = db.clone();
+                std::thread::spawn(move || Store::open(&db).map(drop))
+            })
+            .collect();
+        for o in opened {
+            o.join().unwrap().unwrap();
+        }
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let rows: Vec<i64> = c
+            .query("SELECT version FROM fieldhand_schema ORDER BY version", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(rows, (1..=i64::from(migrate::LATEST)).collect::<Vec<_>>());
+        // A database newer than this build is refused, naming both versions.
+        c.execute(
+            "INSERT INTO fieldhand_schema (version) VALUES ($1)",
+            &[&(i64::from(migrate::LATEST) + 1)],
+        )
+        .unwrap();
+        let e = Store::open(&db).err().expect("refused").to_string();
+        assert!(e.contains("newer than this controller"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_lost_database_connection_is_made_again() {
+        let Some(url) = postgres_database() else {
+            return;
+        };
+        let store = Store::open(&Database::Postgres(url.clone())).unwrap();
+        let one = |store: &Store, id: &'static str| {
+            let store = store.clone();
+            async move {
+                store
+                    .tx(move |tx| {
+                        tx.record_contact(id, Some("p"), "ab", 2, "0.1", None, 1)?;
+                        tx.machine_last_seen(id)
+                    })
+                    .await
+            }
+        };
+        assert_eq!(one(&store, "m1").await.unwrap(), Some(1));
+        // The server ends every other session of this database (a restart, a failover).
+        let name = url.rsplit_once('/').unwrap().1.to_string();
+        let base = std::env::var("FIELDHAND_TEST_POSTGRES").unwrap();
+        std::thread::spawn(move || {
+            let mut admin = postgres::Client::connect(&base, postgres::NoTls).unwrap();
+            admin
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    &[&name],
+                )
+                .unwrap();
+        })
+        .join()
+        .unwrap();
+        // The group that meets the dead connection fails (its callers see an error, nothing
+        // is half-applied); the next one connects again.
+        let first = one(&store, "m2").await;
+        let again = match first {
+            Ok(v) => v,
+            Err(_) => one(&store, "m2").await.unwrap(),
+        };
+        assert_eq!(again, Some(1));
+        assert_eq!(one(&store, "m1").await.unwrap(), Some(1));
+    }
 }
