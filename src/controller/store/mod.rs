@@ -652,7 +652,7 @@ mod tests {
     }
 
     /// A new database on the PostgreSQL server of `FIELDHAND_TEST_POSTGRES`, if set.
-    fn postgres_database() -> Option<String> {
+    pub(super) fn postgres_database() -> Option<String> {
         let Ok(base) = std::env::var("FIELDHAND_TEST_POSTGRES") else {
             eprintln!("skipped: set FIELDHAND_TEST_POSTGRES (tests/pg/cluster.sh) to run it");
             return None;

@@ -227,11 +227,17 @@ pub struct PgStatements(HashMap<String, postgres::Statement>);
 /// An open transaction (a savepoint of its group's transaction) on either database.
 pub enum Conn<'a> {
     Sqlite(rusqlite::Savepoint<'a>),
+    /// Inside the group's transaction, under its savepoint `job` (the writer manages both
+    /// with plain statements: releasing one job's savepoint and opening the next one's is
+    /// one round trip to the server, not two).
     Postgres {
-        tx: postgres::Transaction<'a>,
+        client: &'a mut postgres::Client,
         statements: &'a mut PgStatements,
     },
 }
+
+/// The savepoint every job of a PostgreSQL group runs under.
+pub const PG_SAVEPOINT: &str = "SAVEPOINT job";
 
 /// `?1` → `$1`: the store writes SQLite's placeholders; PostgreSQL numbers with `$`.
 pub fn pg_placeholders(sql: &str) -> String {
@@ -261,14 +267,14 @@ impl<'a> Conn<'a> {
                     .prepare_cached(sql)?
                     .execute(rusqlite::params_from_iter(values.iter()))?)
             }
-            Conn::Postgres { tx, statements } => {
-                let st = pg_statement(tx, statements, sql)?;
+            Conn::Postgres { client, statements } => {
+                let st = pg_statement(client, statements, sql)?;
                 let values: Vec<Value> = params.iter().map(|p| p.to_value()).collect();
                 let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = values
                     .iter()
                     .map(|v| v as &(dyn postgres::types::ToSql + Sync))
                     .collect();
-                Ok(tx.execute(&st, &refs)? as usize)
+                Ok(client.execute(&st, &refs)? as usize)
             }
         }
     }
@@ -296,14 +302,14 @@ impl<'a> Conn<'a> {
                 }
                 Ok(out)
             }
-            Conn::Postgres { tx, statements } => {
-                let st = pg_statement(tx, statements, sql)?;
+            Conn::Postgres { client, statements } => {
+                let st = pg_statement(client, statements, sql)?;
                 let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = values
                     .iter()
                     .map(|v| v as &(dyn postgres::types::ToSql + Sync))
                     .collect();
                 let mut out = Vec::new();
-                for r in tx.query(&st, &refs)? {
+                for r in client.query(&st, &refs)? {
                     let mut cols = Vec::with_capacity(r.len());
                     for i in 0..r.len() {
                         cols.push(r.try_get::<_, Value>(i)?);
@@ -338,7 +344,7 @@ impl<'a> Conn<'a> {
     pub fn batch(&mut self, sql: &str) -> SqlResult<()> {
         match self {
             Conn::Sqlite(tx) => Ok(tx.execute_batch(sql)?),
-            Conn::Postgres { tx, .. } => Ok(tx.batch_execute(sql)?),
+            Conn::Postgres { client, .. } => Ok(client.batch_execute(sql)?),
         }
     }
 
@@ -360,11 +366,12 @@ impl<'a> Conn<'a> {
                     sp.rollback()?;
                 }
             }
-            Conn::Postgres { tx, .. } => {
+            // The savepoint stays open for the next job either way.
+            Conn::Postgres { client, .. } => {
                 if commit {
-                    tx.commit()?;
+                    client.batch_execute("RELEASE SAVEPOINT job; SAVEPOINT job")?;
                 } else {
-                    tx.rollback()?;
+                    client.batch_execute("ROLLBACK TO SAVEPOINT job")?;
                 }
             }
         }
@@ -398,14 +405,14 @@ impl Statement<'_, '_> {
 }
 
 fn pg_statement(
-    tx: &mut postgres::Transaction<'_>,
+    client: &mut postgres::Client,
     statements: &mut PgStatements,
     sql: &str,
 ) -> SqlResult<postgres::Statement> {
     if let Some(st) = statements.0.get(sql) {
         return Ok(st.clone());
     }
-    let st = tx.prepare(&pg_placeholders(sql))?;
+    let st = client.prepare(&pg_placeholders(sql))?;
     statements.0.insert(sql.to_string(), st.clone());
     Ok(st)
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::sql::Conn;
+use super::sql::{self, Conn};
 use super::{pg, Ctx, StoreError, Tx};
 
 /// Transactions committed together at most.
@@ -172,21 +172,34 @@ fn run_group(backend: &mut Backend, group: &mut Vec<Job>) {
         Backend::Postgres(w) => {
             let r = (|| -> Result<(), StoreError> {
                 let (client, statements) = w.parts().ctx("connecting")?;
-                let mut t = client.transaction().ctx("starting a transaction")?;
-                // Every replica's groups, one at a time (see `pg`).
-                t.execute("SELECT pg_advisory_xact_lock($1)", &[&pg::WRITE_LOCK])
-                    .ctx("taking the write lock")?;
-                for job in group.drain(..) {
-                    let sp = t.savepoint("job").ctx("starting a savepoint")?;
-                    let tx = Tx {
-                        tx: Conn::Postgres {
-                            tx: sp,
-                            statements: &mut *statements,
-                        },
-                    };
-                    run_job(job, tx, &mut replies)?;
+                // One round trip: the transaction, the lock every replica's groups take
+                // first (see `pg`), and the savepoint the first job runs under.
+                client
+                    .batch_execute(&format!(
+                        "BEGIN; SELECT pg_advisory_xact_lock({}); {}",
+                        pg::WRITE_LOCK,
+                        sql::PG_SAVEPOINT
+                    ))
+                    .ctx("starting a transaction")?;
+                let mut run = || -> Result<(), StoreError> {
+                    for job in group.drain(..) {
+                        let tx = Tx {
+                            tx: Conn::Postgres {
+                                client: &mut *client,
+                                statements: &mut *statements,
+                            },
+                        };
+                        run_job(job, tx, &mut replies)?;
+                    }
+                    client.batch_execute("COMMIT").ctx("committing")
+                };
+                let r = run();
+                if r.is_err() {
+                    // Nothing of a group that did not commit stays (the connection may be
+                    // gone already, which ends the transaction too).
+                    let _ = client.batch_execute("ROLLBACK");
                 }
-                t.commit().ctx("committing")
+                r
             })();
             if let Err(StoreError::Sql { source, .. }) = &r {
                 if source.connection_lost() {
@@ -233,6 +246,18 @@ mod tests {
     fn a_group_commits_the_good_and_rolls_back_only_the_bad() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&super::super::Database::Sqlite(dir.path().join("t.db"))).unwrap();
+        group_semantics(store);
+    }
+
+    #[test]
+    fn a_group_commits_the_good_and_rolls_back_only_the_bad_on_postgres() {
+        let Some(url) = super::super::tests::postgres_database() else {
+            return;
+        };
+        group_semantics(Store::open(&super::super::Database::Postgres(url)).unwrap());
+    }
+
+    fn group_semantics(store: Store) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .build()
