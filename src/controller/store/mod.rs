@@ -608,6 +608,51 @@ mod tests {
         Store::open(&Database::Sqlite(path.clone())).unwrap();
     }
 
+    /// The database of the release before PostgreSQL (schema 3, made by its quickstart):
+    /// migrated in place to this build's schema, its task and results kept, and an event it
+    /// applied before the upgrade still refused after it (a result is never applied twice
+    /// across the controller's upgrade).
+    #[tokio::test]
+    async fn a_database_of_the_previous_release_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prev.db");
+        std::fs::copy(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/controller-schema-3.db"
+            ),
+            &path,
+        )
+        .unwrap();
+        let store = Store::open(&Database::Sqlite(path.clone())).unwrap();
+        let (task, tm, again) = store
+            .tx(|tx| {
+                let id = "e01943b8-06de-42b1-a849-f69843a9eb26";
+                let again = tx.claim_event(
+                    "qs-agent-1",
+                    "164b7a8a-8948-4660-a826-2b5e5d5225cc:result",
+                    9,
+                )?;
+                Ok::<_, StoreError>((tx.task(id)?, tx.task_machines(id)?, again))
+            })
+            .await
+            .unwrap();
+        assert_eq!(task.expect("the task survived").state, TaskState::Succeeded);
+        assert_eq!(tm.len(), 3);
+        assert!(tm.iter().all(|m| m.state == MachineState::Succeeded));
+        assert!(tm.iter().all(|m| m.outcome.stdout.contains("hello from")));
+        assert!(
+            !again,
+            "the key applied before the upgrade is still applied"
+        );
+        drop(store);
+        let c = rusqlite::Connection::open(&path).unwrap();
+        let v: u32 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, migrate::LATEST);
+    }
+
     #[tokio::test]
     async fn survives_reopen_and_dedups_event_keys() {
         let dir = tempfile::tempdir().unwrap();
