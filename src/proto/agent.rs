@@ -36,7 +36,7 @@ use super::domain::{
 };
 
 /// Host facts, gathered with sysinfo.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HostFacts {
     pub hostname: String,
     pub os: String,
@@ -351,7 +351,7 @@ pub struct PayloadManifest {
 }
 
 /// Staging progress of one component.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ComponentProgress {
     pub name: String,
     pub phase: ComponentPhase,

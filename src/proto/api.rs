@@ -9,14 +9,14 @@ use super::domain::{
 };
 
 /// Every error response: `{error_code, error_msg}` with the matching HTTP status.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error_code: ErrorCode,
     pub error_msg: String,
 }
 
 /// `POST /v1/scripts`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateScript {
     pub name: String,
@@ -24,7 +24,7 @@ pub struct CreateScript {
     pub content: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct ScriptCreated {
     pub script_id: String,
     pub sha256: String,
@@ -32,7 +32,7 @@ pub struct ScriptCreated {
 
 /// `POST /v1/pools/{pool_id}/script-executions` (seed 002). Integers are signed on the wire so
 /// that a negative value gets our own error naming the field rather than a serde message.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateScriptExecution {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -63,13 +63,13 @@ pub struct CreateScriptExecution {
     pub logoff_timeout_seconds: Option<i64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct TaskCreated {
     pub task_id: String,
 }
 
 /// `GET /v1/tasks/{task_id}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct Task {
     pub task_id: String,
     pub kind: TaskKind,
@@ -81,14 +81,14 @@ pub struct Task {
     pub machines: Vec<TaskMachine>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct Batch {
     pub index: u32,
     pub machine_ids: Vec<String>,
     pub state: BatchState,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct TaskMachine {
     pub machine_id: String,
     pub batch: u32,
@@ -110,7 +110,7 @@ pub struct TaskMachine {
 }
 
 /// `POST /v1/images`: register a tar.gz blob as an image (seed 000/001).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateImage {
     pub name: String,
@@ -121,13 +121,13 @@ pub struct CreateImage {
     pub sha256: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct ImageCreated {
     pub image_id: String,
 }
 
 /// One entry of `GET /v1/images`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct Image {
     pub image_id: String,
     pub name: String,
@@ -140,7 +140,7 @@ pub struct Image {
 }
 
 /// `POST /v1/pools/{pool_id}/push-image`, with the field names of seed 000.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PushImage {
     pub image_id: Option<String>,
@@ -160,7 +160,7 @@ pub struct PushImage {
 }
 
 /// `POST /v1/desktops/rebuild` (seed 003 "RebuildDesktops").
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RebuildDesktops {
     /// 1 to 20 machine ids.
@@ -174,14 +174,14 @@ pub struct RebuildDesktops {
     pub language: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct RebuildResponse {
     /// The task that follows the started rebuilds (`GET /v1/tasks/{request_id}`).
     pub request_id: String,
     pub rebuild_results: Vec<RebuildResult>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RebuildResult {
     pub desktop_id: String,
     pub code: RebuildCode,
@@ -191,7 +191,7 @@ pub struct RebuildResult {
 }
 
 /// `GET /v1/pools/{pool_id}/provisioning-status` (seed 001 names and values).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProvisioningStatus {
     pub operation: PoolOperation,
     /// Null without a pending image.
@@ -215,7 +215,7 @@ pub struct ProvisioningStatus {
 }
 
 /// Machines of the current (or last) operation, by outcome.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineCounts {
     pub total: u32,
     pub pending: u32,
@@ -226,7 +226,7 @@ pub struct MachineCounts {
 }
 
 /// A machine's images (seed 001 states), in `GET /v1/machines[/{machine_id}]`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineImage {
     pub current_image_id: Option<String>,
     pub current_image_state: Option<CurrentImageState>,
@@ -240,14 +240,14 @@ pub struct MachineImage {
 }
 
 /// `GET/PUT /v1/settings`: global settings (seed 000 "Global Settings").
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub force_logoff_grace_seconds: i64,
 }
 
 /// `POST /v1/blobs` answer, and `GET /v1/blobs/{sha256}` (with `bytes_served`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct Blob {
     pub sha256: String,
     pub size: u64,
@@ -257,13 +257,13 @@ pub struct Blob {
 }
 
 /// `PUT /v1/hosts/{machine_id}/software/desired`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DesiredSoftware {
     pub components: Vec<DesiredComponent>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DesiredComponent {
     pub name: String,
@@ -280,13 +280,13 @@ pub struct DesiredComponent {
     pub size: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct CommitCreated {
     pub commit: String,
 }
 
 /// `POST /v1/hosts/{machine_id}/software/stage`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StageSoftware {
     /// The minimum commit to stage; the newest commit is staged if it is newer.
@@ -297,14 +297,14 @@ pub struct StageSoftware {
 }
 
 /// `GET /v1/hosts/{machine_id}/software`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct HostSoftware {
     pub desired_commit: Option<String>,
     pub staged_commit: Option<String>,
     pub components: Vec<HostComponent>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct HostComponent {
     pub name: String,
     pub version: String,
@@ -313,7 +313,7 @@ pub struct HostComponent {
 }
 
 /// One row of `GET /v1/machines`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     pub machine_id: String,
     /// Decided by the controller only: at enrollment (the token's pool), by the pool bound in
@@ -340,7 +340,7 @@ pub struct Machine {
 }
 
 /// `POST /v1/enrollment-tokens`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateEnrollmentToken {
     pub pool_id: String,
@@ -353,7 +353,7 @@ pub struct CreateEnrollmentToken {
 }
 
 /// One enrollment token, as listed (`GET /v1/enrollment-tokens`): never the secret.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct EnrollmentToken {
     pub token_id: String,
     pub pool_id: String,
@@ -365,7 +365,7 @@ pub struct EnrollmentToken {
 }
 
 /// The answer to `POST /v1/enrollment-tokens`: the only time the secret is shown.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct EnrollmentTokenCreated {
     pub token_id: String,
     /// `<token_id>.<secret>`, for the agents' `enrollment_token_file`.
@@ -376,14 +376,14 @@ pub struct EnrollmentTokenCreated {
 }
 
 /// `PUT /v1/machines/{machine_id}/pool`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MoveMachine {
     pub pool_id: String,
 }
 
 /// The answer to `DELETE /v1/machines/{machine_id}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct Decommissioned {
     pub machine_id: String,
     /// The certificate serial revoked with it, if the machine ever presented one.
@@ -393,7 +393,7 @@ pub struct Decommissioned {
 }
 
 /// `POST /v1/revocations`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Revoke {
     /// Hex serial, as `certificate_serial` shows it (colons and case are ignored).
@@ -401,7 +401,7 @@ pub struct Revoke {
 }
 
 /// One revoked certificate (`GET /v1/revocations`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct Revocation {
     pub serial: String,
     pub revoked_at: String,

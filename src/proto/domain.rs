@@ -52,6 +52,20 @@ macro_rules! wire_enum {
                 f.write_str(self.as_str())
             }
         }
+
+        /// In the OpenAPI document: a string, one of the wire texts (from the same list).
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::RefOr::T(utoipa::openapi::schema::Schema::Object(
+                    utoipa::openapi::schema::ObjectBuilder::new()
+                        .schema_type(utoipa::openapi::schema::Type::String)
+                        .enum_values(Some(Self::ALL.iter().map(|v| v.as_str())))
+                        .build(),
+                ))
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
     };
 }
 
