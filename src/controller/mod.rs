@@ -12,6 +12,7 @@ pub mod errors;
 pub mod identity;
 pub mod images;
 mod loops;
+pub mod openapi;
 pub mod progress;
 pub mod quickstart;
 pub mod rebuild;

@@ -237,6 +237,7 @@ impl Controller {
             (Role::Operator, &Method::GET, ["settings"]) => {
                 ok(&settings::get_settings(self).await?)
             }
+            (Role::Operator, &Method::GET, ["openapi.json"]) => ok(&super::openapi::document()),
             (Role::Operator, &Method::POST, ["images"]) => {
                 ok(&images::create_image(self, errors::parse_json(&body)?).await?)
             }
@@ -320,6 +321,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "v1/enrollment-tokens/*"),
     ("POST", "v1/revocations"),
     ("GET", "v1/revocations"),
+    ("GET", "v1/openapi.json"),
 ];
 
 /// 405 with the methods the path allows, or 404 for a path no route has.

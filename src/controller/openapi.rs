@@ -1,0 +1,245 @@
+//! The operator API's OpenAPI 3.1 document (`GET /v1/openapi.json`). The schemas come from
+//! the `proto` types themselves (utoipa's `ToSchema`), so a field cannot be documented one way
+//! and read another; the operations below are declarations only (utoipa reads them from
+//! functions), and a test holds their set equal to the router's `ROUTES`.
+
+#![allow(dead_code)] // The functions exist for their `#[utoipa::path]` attributes.
+
+use utoipa::OpenApi;
+
+use crate::proto::api;
+
+/// The body of every error: any status the operation may answer besides its success, with
+/// `error_code` naming why (`ErrorCode`).
+const ERRORS: &str = "An error: `{error_code, error_msg}`";
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "fieldhand operator API",
+        description = "Operators drive the fleet through this API over mutual TLS with an \
+                       operator certificate (`pki issue --operator NAME`). Every error is \
+                       `{error_code, error_msg}` with the matching status.",
+        license(name = "Apache-2.0")
+    ),
+    paths(
+        create_script,
+        create_execution,
+        get_task,
+        cancel_task,
+        list_machines,
+        get_machine,
+        decommission_machine,
+        move_machine,
+        get_settings,
+        put_settings,
+        create_image,
+        list_images,
+        push_image,
+        cancel_push,
+        provisioning_status,
+        unpublish_image,
+        rebuild_desktops,
+        put_desired_software,
+        stage_software,
+        host_software,
+        upload_blob,
+        blob_info,
+        delete_blob,
+        create_enrollment_token,
+        list_enrollment_tokens,
+        delete_enrollment_token,
+        revoke,
+        list_revocations,
+        openapi_document,
+    ),
+    components(schemas(api::ErrorBody))
+)]
+pub struct Doc;
+
+/// The document, as served.
+pub fn document() -> utoipa::openapi::OpenApi {
+    Doc::openapi()
+}
+
+#[utoipa::path(post, path = "/v1/scripts", request_body = api::CreateScript,
+    responses((status = 200, body = api::ScriptCreated), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn create_script() {}
+
+/// A script execution over a pool in gray batches (seed 002).
+#[utoipa::path(post, path = "/v1/pools/{pool_id}/script-executions",
+    params(("pool_id" = String, Path)), request_body = api::CreateScriptExecution,
+    responses((status = 200, body = api::TaskCreated), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn create_execution() {}
+
+#[utoipa::path(get, path = "/v1/tasks/{task_id}", params(("task_id" = String, Path)),
+    responses((status = 200, body = api::Task), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn get_task() {}
+
+#[utoipa::path(post, path = "/v1/tasks/{task_id}/cancel", params(("task_id" = String, Path)),
+    responses((status = 200, body = api::Task), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn cancel_task() {}
+
+#[utoipa::path(get, path = "/v1/machines",
+    responses((status = 200, body = Vec<api::Machine>), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn list_machines() {}
+
+#[utoipa::path(get, path = "/v1/machines/{machine_id}", params(("machine_id" = String, Path)),
+    responses((status = 200, body = api::Machine), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn get_machine() {}
+
+#[utoipa::path(delete, path = "/v1/machines/{machine_id}", params(("machine_id" = String, Path)),
+    responses((status = 200, body = api::Decommissioned), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn decommission_machine() {}
+
+#[utoipa::path(put, path = "/v1/machines/{machine_id}/pool", params(("machine_id" = String, Path)),
+    request_body = api::MoveMachine,
+    responses((status = 200, body = api::Machine), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn move_machine() {}
+
+#[utoipa::path(get, path = "/v1/settings",
+    responses((status = 200, body = api::Settings), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn get_settings() {}
+
+#[utoipa::path(put, path = "/v1/settings", request_body = api::Settings,
+    responses((status = 200, body = api::Settings), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn put_settings() {}
+
+#[utoipa::path(post, path = "/v1/images", request_body = api::CreateImage,
+    responses((status = 200, body = api::ImageCreated), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn create_image() {}
+
+#[utoipa::path(get, path = "/v1/images",
+    responses((status = 200, body = Vec<api::Image>), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn list_images() {}
+
+/// Push an image to a pool now or at `start_time` (seed 000).
+#[utoipa::path(post, path = "/v1/pools/{pool_id}/push-image", params(("pool_id" = String, Path)),
+    request_body = api::PushImage,
+    responses((status = 200, body = api::TaskCreated), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn push_image() {}
+
+#[utoipa::path(post, path = "/v1/pools/{pool_id}/push-image/cancel", params(("pool_id" = String, Path)),
+    responses((status = 200, body = api::ProvisioningStatus), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn cancel_push() {}
+
+/// The pool's pending and current image (seed 001).
+#[utoipa::path(get, path = "/v1/pools/{pool_id}/provisioning-status", params(("pool_id" = String, Path)),
+    responses((status = 200, body = api::ProvisioningStatus), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn provisioning_status() {}
+
+#[utoipa::path(delete, path = "/v1/pools/{pool_id}/image", params(("pool_id" = String, Path)),
+    responses((status = 200, body = api::TaskCreated), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn unpublish_image() {}
+
+/// Rebuild desktops, with a code per desktop (seed 003).
+#[utoipa::path(post, path = "/v1/desktops/rebuild", request_body = api::RebuildDesktops,
+    responses((status = 200, body = api::RebuildResponse), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn rebuild_desktops() {}
+
+/// A host's desired software, as a new commit (seed 004).
+#[utoipa::path(put, path = "/v1/hosts/{host_id}/software/desired", params(("host_id" = String, Path)),
+    request_body = api::DesiredSoftware,
+    responses((status = 200, body = api::CommitCreated), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn put_desired_software() {}
+
+/// Stage a host's desired software by commit (seed 004); the body may be empty.
+#[utoipa::path(post, path = "/v1/hosts/{host_id}/software/stage", params(("host_id" = String, Path)),
+    request_body(content = api::StageSoftware, description = "optional"),
+    responses((status = 200, body = api::TaskCreated), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn stage_software() {}
+
+#[utoipa::path(get, path = "/v1/hosts/{host_id}/software", params(("host_id" = String, Path)),
+    responses((status = 200, body = api::HostSoftware), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn host_software() {}
+
+/// Upload a payload blob (the body is the blob's bytes).
+#[utoipa::path(post, path = "/v1/blobs",
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = api::Blob), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn upload_blob() {}
+
+#[utoipa::path(get, path = "/v1/blobs/{sha256}", params(("sha256" = String, Path)),
+    responses((status = 200, body = api::Blob), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn blob_info() {}
+
+#[utoipa::path(delete, path = "/v1/blobs/{sha256}", params(("sha256" = String, Path)),
+    responses((status = 200, body = api::Blob), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn delete_blob() {}
+
+#[utoipa::path(post, path = "/v1/enrollment-tokens", request_body = api::CreateEnrollmentToken,
+    responses((status = 200, body = api::EnrollmentTokenCreated), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn create_enrollment_token() {}
+
+#[utoipa::path(get, path = "/v1/enrollment-tokens",
+    responses((status = 200, body = Vec<api::EnrollmentToken>), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn list_enrollment_tokens() {}
+
+#[utoipa::path(delete, path = "/v1/enrollment-tokens/{token_id}", params(("token_id" = String, Path)),
+    responses((status = 200, body = api::EnrollmentToken), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn delete_enrollment_token() {}
+
+#[utoipa::path(post, path = "/v1/revocations", request_body = api::Revoke,
+    responses((status = 200, body = api::Revocation), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn revoke() {}
+
+#[utoipa::path(get, path = "/v1/revocations",
+    responses((status = 200, body = Vec<api::Revocation>), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn list_revocations() {}
+
+/// This document.
+#[utoipa::path(get, path = "/v1/openapi.json",
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json"),
+              (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn openapi_document() {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `v1/pools/*/image` for `/v1/pools/{pool_id}/image`.
+    fn pattern(path: &str) -> String {
+        path.trim_start_matches('/')
+            .split('/')
+            .map(|s| if s.starts_with('{') { "*" } else { s })
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
+    #[test]
+    fn the_document_covers_exactly_the_routers_operator_routes() {
+        let doc = serde_json::to_value(document()).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        let mut documented: Vec<(String, String)> = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                documented.push((method.to_uppercase(), pattern(path)));
+            }
+        }
+        documented.sort();
+        let mut routed: Vec<(String, String)> = crate::controller::router::ROUTES
+            .iter()
+            .filter(|(_, p)| p.starts_with("v1/"))
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        routed.sort();
+        assert_eq!(documented, routed);
+    }
+
+    #[test]
+    fn the_wire_enums_are_documented_with_their_texts() {
+        let doc = serde_json::to_value(document()).unwrap();
+        let states = &doc["components"]["schemas"]["TaskState"]["enum"];
+        let texts: Vec<&str> = states
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        let all: Vec<&str> = crate::proto::domain::TaskState::ALL
+            .iter()
+            .map(|s| s.as_str())
+            .collect();
+        assert_eq!(texts, all);
+    }
+}
