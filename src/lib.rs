@@ -147,6 +147,7 @@ pub mod config;
 pub mod controller;
 pub mod daemon;
 pub mod exit;
+pub mod metrics_text;
 pub mod net;
 pub mod payload;
 pub mod pki;

@@ -13,9 +13,10 @@ use super::identity;
 use super::link::LinkState;
 use super::logoff;
 use super::machine::{self, AgentState, Effect, Event};
+use super::metrics::WorkLabel;
 use super::store::{Outbox, StateStore};
 use super::{AgentError, Input};
-use crate::proto::agent::{Assignment, ComponentProgress, Work};
+use crate::proto::agent::{Assignment, ComponentProgress, EventBody, RunResult, Work};
 use crate::proto::state::StateFile;
 use crate::proto::status::{RunningStatus, StatusReport, WaitingStatus};
 use crate::sys::clock;
@@ -41,11 +42,30 @@ pub(super) struct Core {
     /// What the running assignment waits for, and the task doing the waiting.
     pub(super) waiting: Option<(String, WaitingStatus)>,
     pub(super) side_task: Option<(String, tokio::task::JoinHandle<()>)>,
+    pub(super) metrics: Arc<super::metrics::AgentMetrics>,
+}
+
+fn work_label(w: &Work) -> WorkLabel {
+    match w {
+        Work::Scripts(_) => WorkLabel::Scripts,
+        Work::SoftwareStage(_) => WorkLabel::SoftwareStage,
+        Work::ImageStage { .. } => WorkLabel::ImageStage,
+        Work::ImageApply(_) => WorkLabel::ImageApply,
+        Work::ImageRemove(_) => WorkLabel::ImageRemove,
+        Work::Invalid { .. } => WorkLabel::Invalid,
+    }
 }
 
 impl Core {
     /// Steps the machine and performs its effects; returns the acknowledgements it produced.
     pub(super) fn apply(&mut self, ev: Event) -> Result<(Vec<String>, Vec<String>), AgentError> {
+        // What runs now, for the counters of its result (the step may end it).
+        let running = self.state.running.as_ref().map(|r| {
+            (
+                r.assignment.assignment_id.clone(),
+                work_label(&r.assignment.work),
+            )
+        });
         let (next, effects) = machine::step(std::mem::take(&mut self.state), ev, clock::now());
         self.state = next;
         let mut acks = (Vec::new(), Vec::new());
@@ -53,6 +73,9 @@ impl Core {
             match fx {
                 Effect::Persist => self.store.save(&StateFile::from(&self.state))?,
                 Effect::Emit(ev) => {
+                    if let EventBody::Result(r) = &ev.body {
+                        self.count_result(running.as_ref(), &ev.assignment_id, r);
+                    }
                     let key = ev.idempotency_key.clone();
                     self.outbox
                         .lock()
@@ -71,7 +94,10 @@ impl Core {
                     assignment_id,
                     kind,
                     deadline,
-                } => self.power(assignment_id, kind, deadline),
+                } => {
+                    self.metrics.power(kind);
+                    self.power(assignment_id, kind, deadline)
+                }
                 Effect::WaitReboot {
                     assignment_id,
                     deadline,
@@ -115,6 +141,21 @@ impl Core {
             }
         }
         Ok(acks)
+    }
+
+    /// Counts a result on its way to the outbox: what it ran (known while it ran) and, for
+    /// staging, the bytes its last progress report had moved.
+    fn count_result(&self, running: Option<&(String, WorkLabel)>, id: &str, r: &RunResult) {
+        let work = match running {
+            Some((rid, w)) if rid == id => *w,
+            // A result without a run here: refused before it started (invalid, expired).
+            Some(_) | None => WorkLabel::Invalid,
+        };
+        let bytes = match &*self.progress_tx.borrow() {
+            Some((pid, comps)) if pid == id => comps.iter().map(|c| c.bytes_done).sum(),
+            Some(_) | None => 0,
+        };
+        self.metrics.result(work, r, bytes);
     }
 
     /// Whether an assignment runs or waits.

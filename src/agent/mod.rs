@@ -15,6 +15,7 @@ pub mod layout;
 pub mod link;
 pub mod logoff;
 pub mod machine;
+pub mod metrics;
 pub mod runner;
 pub mod stage;
 pub mod status;
@@ -252,6 +253,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let (stop_tx, stop) = watch::channel(false);
     let link_state = Arc::new(LinkState::default());
     let outbox_wake = Arc::new(Notify::new());
+    let metrics = Arc::new(metrics::AgentMetrics::new());
     let mut core = Core {
         state,
         store,
@@ -279,6 +281,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         link: link_state.clone(),
         identity: identity_state.clone(),
         controllers: client.clone(),
+        metrics: metrics.clone(),
     };
     core.apply(Event::Boot { boot_id })?;
     {
@@ -330,7 +333,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         retry_max: cfg.retry_max,
         introduced: watch::channel(false).0,
     });
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(link::poll_loop(
             link.clone(),
             inputs_tx.clone(),
@@ -348,8 +351,22 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         tokio::spawn(enroller.run(stop.clone())),
         tokio::spawn(link::progress_loop(link.clone(), progress_rx, stop.clone())),
         tokio::spawn(link::deliver_loop(link, outbox, outbox_wake, stop.clone())),
-        tokio::spawn(status::serve(listener, inputs_tx.clone(), stop.clone())),
+        tokio::spawn(status::serve(
+            listener,
+            inputs_tx.clone(),
+            metrics.clone(),
+            stop.clone(),
+        )),
     ];
+    if let Some((path, every)) = cfg.metrics_textfile.clone() {
+        tasks.push(tokio::spawn(textfile_loop(
+            path,
+            every,
+            inputs_tx.clone(),
+            metrics.clone(),
+            stop.clone(),
+        )));
+    }
     drop(inputs_tx);
 
     tokio::pin!(shutdown);
@@ -416,6 +433,34 @@ impl AgentError {
             AgentError::BootId { .. } | AgentError::Store(_) => Exit::IoErr,
             AgentError::Status(_) => Exit::CantCreate,
             AgentError::Locked { .. } => Exit::TempFail,
+        }
+    }
+}
+
+/// Rewrites `[metrics] textfile` every `every` until `stop`, atomically, from the same
+/// snapshot `fieldhand status --metrics` renders.
+async fn textfile_loop(
+    path: std::path::PathBuf,
+    every: std::time::Duration,
+    inputs: mpsc::Sender<Input>,
+    metrics: Arc<metrics::AgentMetrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if inputs.send(Input::Status(tx)).await.is_err() {
+            return;
+        }
+        let Ok(report) = rx.await else { return };
+        let text = metrics.render(&report, crate::sys::clock::now());
+        if let Err(e) = metrics::write_textfile(&path, &text) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the metrics textfile");
         }
     }
 }

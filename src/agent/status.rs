@@ -2,14 +2,16 @@
 //! is down), client side (`fieldhand status`), and the human-readable rendering.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::metrics::AgentMetrics;
 use super::Input;
-use crate::proto::status::{StatusReport, StatusRequest};
+use crate::proto::status::{MetricsReply, StatusReport, StatusRequest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -84,6 +86,7 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, StatusErro
 pub async fn serve(
     listener: UnixListener,
     inputs: mpsc::Sender<Input>,
+    metrics: Arc<AgentMetrics>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -93,9 +96,9 @@ pub async fn serve(
         };
         match conn {
             Ok((stream, _)) => {
-                let inputs = inputs.clone();
+                let (inputs, metrics) = (inputs.clone(), metrics.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = answer(stream, inputs).await {
+                    if let Err(e) = answer(stream, inputs, metrics).await {
                         tracing::debug!(error = %e, "status client");
                     }
                 });
@@ -108,7 +111,11 @@ pub async fn serve(
     }
 }
 
-async fn answer(stream: UnixStream, inputs: mpsc::Sender<Input>) -> std::io::Result<()> {
+async fn answer(
+    stream: UnixStream,
+    inputs: mpsc::Sender<Input>,
+    metrics: Arc<AgentMetrics>,
+) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     let read = BufReader::new(r).take_line(&mut line);
@@ -123,6 +130,19 @@ async fn answer(stream: UnixStream, inputs: mpsc::Sender<Input>) -> std::io::Res
             }
             match rx.await {
                 Ok(report) => serde_json::to_string(&report).map_err(std::io::Error::other)?,
+                Err(_) => return Ok(()),
+            }
+        }
+        Ok(StatusRequest::Metrics) => {
+            let (tx, rx) = oneshot::channel();
+            if inputs.send(Input::Status(tx)).await.is_err() {
+                return Ok(());
+            }
+            match rx.await {
+                Ok(report) => serde_json::to_string(&MetricsReply {
+                    metrics: metrics.render(&report, crate::sys::clock::now()),
+                })
+                .map_err(std::io::Error::other)?,
                 Err(_) => return Ok(()),
             }
         }
@@ -148,6 +168,20 @@ impl<R: tokio::io::AsyncRead + Unpin> TakeLine for BufReader<R> {
 
 /// Asks a running agent for its status.
 pub async fn query(path: &Path, timeout: Duration) -> Result<StatusReport, StatusError> {
+    ask(path, timeout, &StatusRequest::Status).await
+}
+
+/// Asks a running agent for its counters, in the Prometheus text format.
+pub async fn query_metrics(path: &Path, timeout: Duration) -> Result<String, StatusError> {
+    let r: MetricsReply = ask(path, timeout, &StatusRequest::Metrics).await?;
+    Ok(r.metrics)
+}
+
+async fn ask<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    timeout: Duration,
+    request: &StatusRequest,
+) -> Result<T, StatusError> {
     let p = path.to_path_buf();
     let work = async {
         let mut s = UnixStream::connect(path)
@@ -160,7 +194,7 @@ pub async fn query(path: &Path, timeout: Duration) -> Result<StatusReport, Statu
             path: p.clone(),
             source,
         };
-        let req = serde_json::to_string(&StatusRequest::Status).unwrap_or_default();
+        let req = serde_json::to_string(request).unwrap_or_default();
         s.write_all(req.as_bytes()).await.map_err(io)?;
         s.write_all(b"\n").await.map_err(io)?;
         let mut line = String::new();
@@ -321,14 +355,14 @@ pub fn render(r: &StatusReport) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::proto::agent::ComponentProgress;
     use crate::proto::agent::ImageRecord;
 
-    #[test]
-    fn render_shows_the_images_and_staging_progress() {
-        let r = StatusReport {
+    /// A report with a bit of everything, for rendering tests.
+    pub(crate) fn sample_report() -> StatusReport {
+        StatusReport {
             machine_id: "m1".into(),
             controller_url: "https://c".into(),
             controller_urls: vec!["https://b".into(), "https://c".into()],
@@ -361,7 +395,12 @@ mod tests {
                 bytes_done: 25,
                 bytes_total: 100,
             }),
-        };
+        }
+    }
+
+    #[test]
+    fn render_shows_the_images_and_staging_progress() {
+        let r = sample_report();
         let text = render(&r);
         assert!(
             text.contains("current image:       img-1 (READY)"),

@@ -41,6 +41,9 @@ enum Cmd {
         /// Print one JSON document instead of text.
         #[arg(long)]
         json: bool,
+        /// Print the agent's counters in the Prometheus text format instead.
+        #[arg(long, conflicts_with = "json")]
+        metrics: bool,
         /// Read the socket path from this agent config.
         #[arg(long, conflicts_with = "socket")]
         config: Option<PathBuf>,
@@ -60,9 +63,10 @@ fn main() -> ExitCode {
         Cmd::Seal { config } => seal(config),
         Cmd::Status {
             json,
+            metrics,
             config,
             socket,
-        } => status(json, config, socket),
+        } => status(json, metrics, config, socket),
     }
 }
 
@@ -137,7 +141,7 @@ fn seal(config: PathBuf) -> ExitCode {
     }
 }
 
-fn status(json: bool, config: Option<PathBuf>, socket: Option<PathBuf>) -> ExitCode {
+fn status(json: bool, metrics: bool, config: Option<PathBuf>, socket: Option<PathBuf>) -> ExitCode {
     let socket = match (socket, config) {
         (Some(s), _) => s,
         (None, Some(c)) => match AgentConfig::load(&c) {
@@ -153,6 +157,21 @@ fn status(json: bool, config: Option<PathBuf>, socket: Option<PathBuf>) -> ExitC
         Ok(rt) => rt,
         Err(code) => return code,
     };
+    if metrics {
+        return match rt.block_on(fieldhand::agent::status::query_metrics(
+            &socket,
+            Duration::from_secs(5),
+        )) {
+            Ok(text) => {
+                print!("{text}");
+                Exit::Ok.into()
+            }
+            Err(e) => {
+                eprintln!("fieldhand: {e}");
+                Exit::Unavailable.into()
+            }
+        };
+    }
     match rt.block_on(fieldhand::agent::status::query(
         &socket,
         Duration::from_secs(5),

@@ -46,6 +46,8 @@ pub struct AgentConfig {
     pub payloads: PayloadSettings,
     pub power: PowerSettings,
     pub sessions: crate::sys::sessions::SessionSource,
+    /// `[metrics] textfile`, and how often it is rewritten.
+    pub metrics_textfile: Option<(PathBuf, Duration)>,
 }
 
 /// Where the agent reads its enrollment token.
@@ -498,6 +500,30 @@ impl AgentConfig {
                     Some(p) => non_empty_path(origin, "sessions.tty_dir", p)?,
                     None => PathBuf::from("/dev"),
                 },
+            },
+            metrics_textfile: match raw.metrics.textfile {
+                Some(p) => {
+                    let every = raw.metrics.textfile_every_seconds.unwrap_or(15);
+                    if !(1..=3600).contains(&every) {
+                        return Err(invalid(
+                            origin,
+                            "metrics.textfile_every_seconds",
+                            every,
+                            "must be 1..=3600",
+                        ));
+                    }
+                    let p = non_empty_path(origin, "metrics.textfile", p)?;
+                    if p.extension().and_then(|e| e.to_str()) != Some("prom") {
+                        return Err(invalid(
+                            origin,
+                            "metrics.textfile",
+                            p.display(),
+                            "must end in .prom (node_exporter's textfile collector reads only those)",
+                        ));
+                    }
+                    Some((p, Duration::from_secs(every)))
+                }
+                None => None,
             },
         })
     }

@@ -50,6 +50,17 @@ pub struct RawAgent {
     pub power: RawPower,
     #[serde(default)]
     pub sessions: RawSessions,
+    #[serde(default)]
+    pub metrics: RawAgentMetrics,
+}
+
+/// `[metrics]`: the agent's counters for node_exporter's textfile collector.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgentMetrics {
+    /// A `.prom` file rewritten atomically every `textfile_every_seconds` (default 15).
+    pub textfile: Option<PathBuf>,
+    pub textfile_every_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

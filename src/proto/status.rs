@@ -1,5 +1,5 @@
 //! The local status socket: the client sends one [`StatusRequest`] line, the agent answers with
-//! one [`StatusReport`] line and closes.
+//! one [`StatusReport`] (or [`MetricsReply`]) line and closes.
 
 use serde::{Deserialize, Serialize};
 
@@ -7,6 +7,14 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "request", rename_all = "snake_case")]
 pub enum StatusRequest {
     Status,
+    /// The agent's counters in the Prometheus text format ([`MetricsReply`]).
+    Metrics,
+}
+
+/// The answer to [`StatusRequest::Metrics`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MetricsReply {
+    pub metrics: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
