@@ -8,6 +8,29 @@ use tracing_subscriber::EnvFilter;
 
 const JOURNALD_SOCKET: &str = "/run/systemd/journal/socket";
 
+/// The prefix the journald layer puts before every event field but `message`: a field
+/// `task_id` is `FIELDHAND_TASK_ID` in the journal.
+pub const JOURNALD_FIELD_PREFIX: &str = "FIELDHAND";
+
+/// The journald name of event field `field`, as tracing-journald 0.3 makes it with our
+/// prefix: `message` is `MESSAGE`; any other is the prefix, `_`, then the name with `.` as
+/// `_`, leading `_` dropped, other characters that are not ASCII letters or digits dropped,
+/// in upper case. (A field named `fieldhand_operator` would be `FIELDHAND_FIELDHAND_OPERATOR`:
+/// name fields without the prefix.)
+pub fn journald_field_name(field: &str) -> String {
+    if field == "message" {
+        return "MESSAGE".into();
+    }
+    let name: String = field
+        .chars()
+        .map(|c| if c == '.' { '_' } else { c })
+        .skip_while(|c| *c == '_')
+        .filter(|c| *c == '_' || c.is_ascii_alphanumeric())
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    format!("{JOURNALD_FIELD_PREFIX}_{name}")
+}
+
 static SINK: std::sync::OnceLock<LogSink> = std::sync::OnceLock::new();
 
 /// Reports a fatal error once: on stderr (prefixed with the program), and also in the
@@ -37,11 +60,11 @@ pub fn init_logging(fields: &[(&str, String)]) -> LogSink {
         if let Ok(layer) = tracing_journald::layer() {
             // Our fields become FIELDHAND_TASK_ID, FIELDHAND_ASSIGNMENT_ID, FIELDHAND_PHASE...
             let layer = layer
-                .with_field_prefix(Some("FIELDHAND".into()))
+                .with_field_prefix(Some(JOURNALD_FIELD_PREFIX.into()))
                 .with_custom_fields(
                     fields
                         .iter()
-                        .map(|(k, v)| (format!("FIELDHAND_{}", k.to_uppercase()), v.clone())),
+                        .map(|(k, v)| (journald_field_name(k), v.clone())),
                 );
             if tracing_subscriber::registry()
                 .with(filter())
@@ -94,5 +117,19 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
         _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journald_field_names_carry_our_prefix_once() {
+        assert_eq!(journald_field_name("operator"), "FIELDHAND_OPERATOR");
+        assert_eq!(journald_field_name("action"), "FIELDHAND_ACTION");
+        assert_eq!(journald_field_name("task_id"), "FIELDHAND_TASK_ID");
+        assert_eq!(journald_field_name("message"), "MESSAGE");
+        assert_eq!(journald_field_name("_odd.name-x"), "FIELDHAND_ODD_NAMEX");
     }
 }

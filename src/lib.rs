@@ -32,17 +32,21 @@
 //! - [`controller`]: `serve` and `run`, the `router` (the checks every request passes, and
 //!   the route table `ROUTES`), the background `loops`, the one error shape
 //!   and body parser (`errors`, a leaf), global `settings`, the
-//!   operator API (`api`), the agent protocol (`agent_api`), `progress` (the thin layer
+//!   operator API (`api`), its paged lists and pool views (`lists`: query strings, `limit`
+//!   and the opaque cursors), the operators' `audit` trail (recorded in each action's own
+//!   transaction), the agent protocol (`agent_api`), `progress` (the thin layer
 //!   above the engine that lets image operations observe what changed a task), fleet
 //!   `identity` (enrollment tokens, enroll and renew, operator moves,
 //!   decommission and revocation, and the gate every agent request passes: revoked,
 //!   decommissioned, two live sessions of one identity), the pure rollout rules
 //!   of gray batches (`rollout`), the `engine` that advances tasks, the `store` on SQLite or
 //!   PostgreSQL (`sql`: one way to run a statement on either, values and placeholders;
-//!   `migrate` steps for both; `tasks`, `images`, `software`, `identity` tables; `blobrefs`:
+//!   `migrate` steps for both; `tasks`, `images`, `software`, `identity`, `audit` tables;
+//!   `lists`: keyset pages of tasks, machines and scripts; `blobrefs`:
 //!   what refers to blobs; `columns`: the domain enums stored as their wire text; `writer`:
 //!   the one thread that owns the connection and commits waiting transactions together,
-//!   each in its own savepoint; `pg`: the replicas' write lock, reconnecting, and the
+//!   each in its own savepoint, and runs what a transaction asked to do once it committed
+//!   (`Tx::after_commit`); `pg`: the replicas' write lock, reconnecting, and the
 //!   LISTEN/NOTIFY wake-ups between replicas), the blob store (`blobs`: bounded uploads, deletion, retention),
 //!   desired software by commit (`software`), images (`images`: the `registry`, `push`
 //!   with schedule/reschedule/cancel and unpublish, `pool_op` (the pool operation moved on
@@ -119,6 +123,9 @@
 //! - Every controller state change happens in one store transaction; the store is the only
 //!   module that speaks SQL. A caller is answered only after its transaction's group commit
 //!   is durable; a transaction that fails or panics rolls back alone.
+//! - Every operator action is recorded (`controller::audit::record`: the operator from the
+//!   verified certificate, the request without secrets) in the action's own transaction, so
+//!   the two commit together; the journal hears of it only after the commit.
 //! - Controller replicas share only the database (and `blob_dir`): on PostgreSQL every
 //!   transaction group takes one advisory lock first, so the replicas' transactions apply
 //!   one group at a time, with the same semantics as one controller on SQLite; a change

@@ -250,7 +250,7 @@ mod tests {
     fn counters_move_with_the_work_and_render_as_prometheus_text() {
         let m = AgentMetrics::new();
         let status = crate::agent::status::tests::sample_report();
-        let before = m.render(&status, time::OffsetDateTime::now_utc());
+        let before = m.render(&status, crate::sys::clock::now());
         assert!(!before.contains("outcome=\"SUCCEEDED\""), "{before}");
         m.result(
             WorkLabel::Scripts,
@@ -271,7 +271,7 @@ mod tests {
             4096,
         );
         m.power(PowerKind::Reboot);
-        let text = m.render(&status, time::OffsetDateTime::now_utc());
+        let text = m.render(&status, crate::sys::clock::now());
         assert!(
             text.contains(
                 "fieldhand_agent_results_total{work=\"scripts\",outcome=\"SUCCEEDED\"} 1"

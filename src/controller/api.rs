@@ -4,18 +4,19 @@
 use http::StatusCode;
 use sha2::{Digest, Sha256};
 
-use super::engine;
 use super::errors::{logoff_policy, one_of};
 pub use super::errors::{no_machines, parse_json, ApiError};
 use super::rollout::{batch_state, plan_batches, TaskState};
 use super::settings::{
     force_logoff_grace, DEFAULT_FORCE_LOGOFF_GRACE_SECONDS, DEFAULT_LOGOFF_TIMEOUT_SECONDS,
 };
-use super::store::{ScriptRow, TaskMachineRow, TaskRow};
+use super::store::{MachineRow, ScriptRow, StoreError, TaskMachineRow, TaskRow, Tx};
 use super::Controller;
+use super::{audit, engine};
+use crate::pki::Identity;
 use crate::proto::agent::{HostFacts, PowerSpec, ScriptPayload};
 use crate::proto::api;
-use crate::proto::domain::{ErrorCode, PostFinish, PreStart, TaskKind};
+use crate::proto::domain::{AuditAction, ErrorCode, PostFinish, PreStart, TaskKind};
 use crate::sys::clock;
 
 /// The interpreters a script may name in `command_type`.
@@ -58,6 +59,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 pub async fn create_script(
     ctl: &Controller,
+    by: &Identity,
     req: api::CreateScript,
 ) -> Result<api::ScriptCreated, ApiError> {
     if req.name.trim().is_empty() || req.name.len() > 255 {
@@ -80,8 +82,17 @@ pub async fn create_script(
         script_id: row.script_id.clone(),
         sha256: row.sha256.clone(),
     };
+    let by = by.clone();
+    let request = api::CreateScript {
+        name: row.name.clone(),
+        command_type: row.command_type.clone(),
+        content: row.content.clone(),
+    };
     ctl.store
-        .tx(move |tx| tx.insert_script(&row).map_err(ApiError::from))
+        .tx(move |tx| {
+            tx.insert_script(&row)?;
+            audit::record(tx, &by, AuditAction::ScriptCreate, &row.script_id, &request)
+        })
         .await?;
     Ok(out)
 }
@@ -259,11 +270,13 @@ pub fn validate_execution(req: &api::CreateScriptExecution) -> Result<ExecutionS
 
 pub async fn create_execution(
     ctl: &Controller,
+    by: &Identity,
     pool_id: String,
     req: api::CreateScriptExecution,
 ) -> Result<api::TaskCreated, ApiError> {
     check_name("pool_id", &pool_id)?;
     let spec = validate_execution(&req)?;
+    let by = by.clone();
     let task_id = uuid::Uuid::new_v4().to_string();
     let now_ms = clock::unix_ms(clock::now());
     let tid = task_id.clone();
@@ -353,9 +366,12 @@ pub async fn create_execution(
                     timeout_seconds: spec.timeout_seconds,
                     scripts_json,
                     power_json: Some(power_json),
+                    created_by: Some(by.name.clone()),
+                    cancelled_by: None,
                 },
                 &machines,
             )?;
+            audit::record(tx, &by, AuditAction::TaskCreate, &tid, &req)?;
             let mut wake = Vec::new();
             engine::advance(tx, &tid, now_ms, &mut wake)?;
             Ok(wake)
@@ -390,6 +406,8 @@ pub fn task_view(task: &TaskRow, machines: &[TaskMachineRow]) -> api::Task {
         state: task.state,
         created_at: ms_text(Some(task.created_ms)).unwrap_or_default(),
         finished_at: ms_text(task.finished_ms),
+        created_by: task.created_by.clone(),
+        cancelled_by: task.cancelled_by.clone(),
         batches,
         machines: machines
             .iter()
@@ -427,13 +445,32 @@ pub async fn get_task(ctl: &Controller, task_id: String) -> Result<api::Task, Ap
         .await
 }
 
-pub async fn cancel_task(ctl: &Controller, task_id: String) -> Result<api::Task, ApiError> {
+pub async fn cancel_task(
+    ctl: &Controller,
+    by: &Identity,
+    task_id: String,
+) -> Result<api::Task, ApiError> {
     let now_ms = clock::unix_ms(clock::now());
+    let by = by.clone();
     let (view, wake) = ctl
         .store
         .tx(move |tx| {
             let mut wake = Vec::new();
-            let task = engine::cancel(tx, &task_id, now_ms, &mut wake)?;
+            engine::cancel(tx, &task_id, now_ms, &mut wake)?;
+            tx.set_task_cancelled_by(&task_id, &by.name)?;
+            audit::record(
+                tx,
+                &by,
+                AuditAction::TaskCancel,
+                &task_id,
+                &serde_json::json!({}),
+            )?;
+            let task = tx.task(&task_id)?.ok_or_else(|| {
+                ApiError::not_found(
+                    ErrorCode::TaskNotFound,
+                    format!("task_id {task_id:?} does not exist"),
+                )
+            })?;
             let machines = tx.task_machines(&task_id)?;
             Ok::<_, ApiError>((task_view(&task, &machines), wake))
         })
@@ -442,63 +479,75 @@ pub async fn cancel_task(ctl: &Controller, task_id: String) -> Result<api::Task,
     Ok(view)
 }
 
-pub async fn list_machines(ctl: &Controller) -> Result<Vec<api::Machine>, ApiError> {
-    machines(ctl, None).await
+/// What makes a machine online: heard from within `offline_after`, or holding a poll open
+/// on this replica now.
+pub struct Liveness {
+    now_ms: i64,
+    offline_ms: i64,
+    polling: std::collections::HashSet<String>,
 }
 
-/// `GET /v1/machines/{machine_id}`.
+impl Liveness {
+    pub fn of(ctl: &Controller) -> Liveness {
+        Liveness {
+            now_ms: clock::unix_ms(clock::now()),
+            offline_ms: ctl.cfg.offline_after.as_millis() as i64,
+            polling: ctl.polling(),
+        }
+    }
+
+    pub fn online_at(&self, machine_id: &str, last_seen_ms: i64) -> bool {
+        self.now_ms - last_seen_ms <= self.offline_ms || self.polling.contains(machine_id)
+    }
+
+    pub fn online(&self, m: &MachineRow) -> bool {
+        self.online_at(&m.machine_id, m.last_seen_ms)
+    }
+}
+
+/// One machine as `GET /v1/machines[/{machine_id}]` shows it.
+pub fn machine_view(
+    tx: &mut Tx<'_>,
+    m: MachineRow,
+    live: &Liveness,
+) -> Result<api::Machine, StoreError> {
+    let pool = m.pool_id.as_deref().unwrap_or("");
+    let image = super::images::machine_view(tx, &m.machine_id, pool)?;
+    Ok(api::Machine {
+        online: live.online(&m),
+        last_seen: ms_text(Some(m.last_seen_ms)).unwrap_or_default(),
+        facts: m
+            .facts_json
+            .as_deref()
+            .and_then(|j| serde_json::from_str::<HostFacts>(j).ok()),
+        machine_id: m.machine_id,
+        pool_id: m.pool_id,
+        agent_version: m.agent_version,
+        certificate_serial: m.cert_serial,
+        certificate_not_after: m.cert_not_after_ms.and_then(|ms| ms_text(Some(ms))),
+        identity_conflict: m.conflict_ms.is_some(),
+        image,
+    })
+}
+
+/// `GET /v1/machines/{machine_id}`: one machine in service (one row read, not the fleet).
 pub async fn get_machine(ctl: &Controller, machine_id: String) -> Result<api::Machine, ApiError> {
     crate::pki::validate_name("machine_id", &machine_id)
         .map_err(|e| ApiError::invalid(e.to_string()))?;
-    machines(ctl, Some(machine_id.clone()))
+    let live = Liveness::of(ctl);
+    let id = machine_id.clone();
+    ctl.store
+        .tx(move |tx| match tx.machine(&id)? {
+            Some((m, None)) => Ok(Some(machine_view(tx, m, &live)?)),
+            Some((_, Some(_))) | None => Ok::<_, StoreError>(None),
+        })
         .await?
-        .into_iter()
-        .next()
         .ok_or_else(|| {
             ApiError::not_found(
                 ErrorCode::NotFound,
                 format!("machine_id {machine_id:?}: no such machine has ever connected"),
             )
         })
-}
-
-async fn machines(ctl: &Controller, only: Option<String>) -> Result<Vec<api::Machine>, ApiError> {
-    let offline_ms = ctl.cfg.offline_after.as_millis() as i64;
-    let now_ms = clock::unix_ms(clock::now());
-    let polling = ctl.polling();
-    let rows = ctl
-        .store
-        .tx(move |tx| {
-            let mut out = Vec::new();
-            for m in tx.machines()? {
-                if only.as_ref().is_some_and(|id| *id != m.machine_id) {
-                    continue;
-                }
-                let pool = m.pool_id.as_deref().unwrap_or("");
-                let image = super::images::machine_view(tx, &m.machine_id, pool)?;
-                out.push((m, image));
-            }
-            Ok::<_, ApiError>(out)
-        })
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(m, image)| api::Machine {
-            online: now_ms - m.last_seen_ms <= offline_ms || polling.contains(&m.machine_id),
-            last_seen: ms_text(Some(m.last_seen_ms)).unwrap_or_default(),
-            facts: m
-                .facts_json
-                .as_deref()
-                .and_then(|j| serde_json::from_str::<HostFacts>(j).ok()),
-            machine_id: m.machine_id,
-            pool_id: m.pool_id,
-            agent_version: m.agent_version,
-            certificate_serial: m.cert_serial,
-            certificate_not_after: m.cert_not_after_ms.and_then(|ms| ms_text(Some(ms))),
-            identity_conflict: m.conflict_ms.is_some(),
-            image,
-        })
-        .collect())
 }
 
 #[cfg(test)]

@@ -6,11 +6,13 @@
 
 pub mod agent_api;
 pub mod api;
+pub mod audit;
 pub mod blobs;
 pub mod engine;
 pub mod errors;
 pub mod identity;
 pub mod images;
+pub mod lists;
 mod loops;
 pub mod openapi;
 pub mod progress;
@@ -182,6 +184,16 @@ impl Controller {
         match self.blobs.remove(sha)? {
             Some(size) => {
                 tracing::info!(sha256 = sha, size, %by, "blob deleted");
+                // The file is gone already (no transaction covers a file): the record
+                // follows it.
+                audit::record_alone(
+                    self,
+                    by,
+                    crate::proto::domain::AuditAction::BlobDelete,
+                    sha.to_string(),
+                    serde_json::json!({}),
+                )
+                .await?;
                 Ok(crate::proto::api::Blob {
                     sha256: sha.to_string(),
                     size,

@@ -27,8 +27,14 @@ const ERRORS: &str = "An error: `{error_code, error_msg}`";
         create_execution,
         get_task,
         cancel_task,
+        list_tasks,
         list_machines,
         get_machine,
+        list_scripts,
+        get_script,
+        list_pools,
+        get_pool,
+        list_audit,
         decommission_machine,
         move_machine,
         get_settings,
@@ -80,9 +86,68 @@ fn get_task() {}
     responses((status = 200, body = api::Task), (status = "default", description = ERRORS, body = api::ErrorBody)))]
 fn cancel_task() {}
 
+/// Tasks, newest first.
+#[utoipa::path(get, path = "/v1/tasks",
+    params(
+        ("pool_id" = Option<String>, Query),
+        ("state" = Option<crate::proto::domain::TaskState>, Query),
+        ("kind" = Option<crate::proto::domain::TaskKind>, Query),
+        ("created_after" = Option<String>, Query, description = "RFC 3339"),
+        ("limit" = Option<u32>, Query, description = "1..=1000, default 100"),
+        ("cursor" = Option<String>, Query, description = "From `Fieldhand-Next-Cursor`"),
+    ),
+    responses((status = 200, body = Vec<api::TaskSummary>,
+               headers(("fieldhand-next-cursor" = String, description = "The cursor of the next page (absent on the last page)"))),
+              (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn list_tasks() {}
+
+/// Machines by id; every machine unless `limit` or `cursor` asks for a page.
 #[utoipa::path(get, path = "/v1/machines",
-    responses((status = 200, body = Vec<api::Machine>), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+    params(
+        ("pool_id" = Option<String>, Query),
+        ("online" = Option<bool>, Query),
+        ("limit" = Option<u32>, Query, description = "1..=1000"),
+        ("cursor" = Option<String>, Query, description = "From `Fieldhand-Next-Cursor`"),
+    ),
+    responses((status = 200, body = Vec<api::Machine>,
+               headers(("fieldhand-next-cursor" = String, description = "The cursor of the next page (absent on the last page)"))),
+              (status = "default", description = ERRORS, body = api::ErrorBody)))]
 fn list_machines() {}
+
+/// Scripts, newest first.
+#[utoipa::path(get, path = "/v1/scripts",
+    params(
+        ("limit" = Option<u32>, Query, description = "1..=1000, default 100"),
+        ("cursor" = Option<String>, Query, description = "From `Fieldhand-Next-Cursor`"),
+    ),
+    responses((status = 200, body = Vec<api::ScriptSummary>,
+               headers(("fieldhand-next-cursor" = String, description = "The cursor of the next page (absent on the last page)"))),
+              (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn list_scripts() {}
+
+#[utoipa::path(get, path = "/v1/scripts/{script_id}", params(("script_id" = String, Path)),
+    responses((status = 200, body = api::Script), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn get_script() {}
+
+/// Every pool with machines or an image operation, with its provisioning status (seed 001).
+#[utoipa::path(get, path = "/v1/pools",
+    responses((status = 200, body = Vec<api::PoolSummary>), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn list_pools() {}
+
+#[utoipa::path(get, path = "/v1/pools/{pool_id}", params(("pool_id" = String, Path)),
+    responses((status = 200, body = api::Pool), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn get_pool() {}
+
+/// Operator actions, newest first.
+#[utoipa::path(get, path = "/v1/audit",
+    params(
+        ("limit" = Option<u32>, Query, description = "1..=1000, default 100"),
+        ("cursor" = Option<String>, Query, description = "From `Fieldhand-Next-Cursor`"),
+    ),
+    responses((status = 200, body = Vec<api::AuditRecord>,
+               headers(("fieldhand-next-cursor" = String, description = "The cursor of the next page (absent on the last page)"))),
+              (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn list_audit() {}
 
 #[utoipa::path(get, path = "/v1/machines/{machine_id}", params(("machine_id" = String, Path)),
     responses((status = 200, body = api::Machine), (status = "default", description = ERRORS, body = api::ErrorBody)))]

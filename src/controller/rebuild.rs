@@ -4,16 +4,17 @@
 //! `ImageApply` that first extracts the image into a fresh slot, so it reuses the image
 //! lifecycle (logoff, switch-in, reboot, health check, rollback) of `images`.
 
-use super::engine;
 use super::errors::ApiError;
 use super::images;
 use super::rollout::TaskState;
 use super::store::{ImageRow, MachineRow, StoreError, Tx};
 use super::Controller;
+use super::{audit, engine};
+use crate::pki::Identity;
 use crate::proto::agent::{HostFacts, ImageAssignment, PowerSpec};
 use crate::proto::api;
 use crate::proto::domain::{
-    LogoffPolicy, PoolOperation, PostFinish, PreStart, RebuildCode, TaskKind,
+    AuditAction, LogoffPolicy, PoolOperation, PostFinish, PreStart, RebuildCode, TaskKind,
 };
 use crate::sys::clock;
 
@@ -208,9 +209,11 @@ fn check(
 /// `POST /v1/desktops/rebuild`.
 pub async fn rebuild(
     ctl: &Controller,
+    by: &Identity,
     req: api::RebuildDesktops,
 ) -> Result<api::RebuildResponse, ApiError> {
     let spec = validate(&req)?;
+    let by = by.clone();
     if let Some(id) = &spec.image_id {
         let iid = id.clone();
         if ctl.store.tx(move |tx| tx.image(&iid)).await?.is_none() {
@@ -288,7 +291,7 @@ pub async fn rebuild(
                 logoff_timeout_seconds: super::settings::DEFAULT_LOGOFF_TIMEOUT_SECONDS as u64,
                 force_logoff_grace_seconds: super::settings::force_logoff_grace(tx)? as u64,
             };
-            let task = images::new_task(
+            let mut task = images::new_task(
                 TaskKind::ImageRebuild,
                 pool,
                 now_ms,
@@ -297,6 +300,7 @@ pub async fn rebuild(
                 Some(&power),
                 None,
             )?;
+            task.created_by = Some(by.name.clone());
             let rows: Vec<(String, String, u32)> = starts
                 .iter()
                 .map(|(s, _)| (s.machine_id.clone(), uuid::Uuid::new_v4().to_string(), 0))
@@ -329,6 +333,7 @@ pub async fn rebuild(
             } else {
                 engine::advance(tx, &task.task_id, now_ms, &mut wake)?;
             }
+            audit::record(tx, &by, AuditAction::Rebuild, &task.task_id, &req)?;
             Ok::<_, ApiError>((
                 api::RebuildResponse {
                     request_id: task.task_id,

@@ -9,14 +9,15 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::errors::ApiError;
+use super::lists::Page;
 use super::{
-    agent_api, api, blobs, errors, identity, images, rebuild, revoked_error, settings, software,
-    Controller, BODY_LIMIT,
+    agent_api, api, audit, blobs, errors, identity, images, lists, rebuild, revoked_error,
+    settings, software, Controller, BODY_LIMIT,
 };
 use crate::net::server::{error_response, json_response, read_body, Handler, Peer};
 use crate::net::Body;
 use crate::pki::Role;
-use crate::proto::domain::ErrorCode;
+use crate::proto::domain::{AuditAction, ErrorCode};
 use crate::sys::clock;
 
 /// While transactions wait this long for the database, agent requests are shed; below it,
@@ -29,6 +30,7 @@ impl Controller {
     async fn route(&self, req: Request<Incoming>, peer: Peer) -> Result<Response<Body>, ApiError> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
+        let query = req.uri().query().map(str::to_string);
         let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
         let Some(cert) = peer.cert.clone() else {
             // No client certificate: enrollment is the only thing such a client can do.
@@ -122,6 +124,14 @@ impl Controller {
                     .upload(req.into_body(), declared, self.cfg.body_timeout)
                     .await?;
                 tracing::info!(sha256 = %blob.sha256, size = blob.size, by = %peer, "blob stored");
+                audit::record_alone(
+                    self,
+                    &peer,
+                    AuditAction::BlobUpload,
+                    blob.sha256.clone(),
+                    blob.clone(),
+                )
+                .await?;
                 return ok(&blob);
             }
             (Role::Agent, &Method::GET, ["v1", "blobs", sha]) => {
@@ -222,49 +232,72 @@ impl Controller {
                 ok(&identity::list_revocations(self).await?)
             }
             (Role::Operator, &Method::POST, ["scripts"]) => {
-                ok(&api::create_script(self, errors::parse_json(&body)?).await?)
+                ok(&api::create_script(self, &peer, errors::parse_json(&body)?).await?)
+            }
+            (Role::Operator, &Method::GET, ["scripts"]) => {
+                page(lists::list_scripts(self, query.as_deref()).await?)
+            }
+            (Role::Operator, &Method::GET, ["scripts", id]) => {
+                ok(&lists::get_script(self, id.to_string()).await?)
             }
             (Role::Operator, &Method::POST, ["pools", pool, "script-executions"]) => ok(
-                &api::create_execution(self, pool.to_string(), errors::parse_json(&body)?).await?,
+                &api::create_execution(self, &peer, pool.to_string(), errors::parse_json(&body)?)
+                    .await?,
             ),
+            (Role::Operator, &Method::GET, ["tasks"]) => {
+                page(lists::list_tasks(self, query.as_deref()).await?)
+            }
             (Role::Operator, &Method::GET, ["tasks", id]) => {
                 ok(&api::get_task(self, id.to_string()).await?)
             }
             (Role::Operator, &Method::POST, ["tasks", id, "cancel"]) => {
-                ok(&api::cancel_task(self, id.to_string()).await?)
+                ok(&api::cancel_task(self, &peer, id.to_string()).await?)
             }
-            (Role::Operator, &Method::GET, ["machines"]) => ok(&api::list_machines(self).await?),
+            (Role::Operator, &Method::GET, ["machines"]) => {
+                page(lists::list_machines(self, query.as_deref()).await?)
+            }
+            (Role::Operator, &Method::GET, ["pools"]) => ok(&lists::list_pools(self).await?),
+            (Role::Operator, &Method::GET, ["pools", pool]) => {
+                ok(&lists::get_pool(self, pool.to_string()).await?)
+            }
+            (Role::Operator, &Method::GET, ["audit"]) => {
+                page(audit::list(self, query.as_deref()).await?)
+            }
             (Role::Operator, &Method::GET, ["settings"]) => {
                 ok(&settings::get_settings(self).await?)
             }
             (Role::Operator, &Method::GET, ["openapi.json"]) => ok(&super::openapi::document()),
             (Role::Operator, &Method::POST, ["images"]) => {
-                ok(&images::create_image(self, errors::parse_json(&body)?).await?)
+                ok(&images::create_image(self, &peer, errors::parse_json(&body)?).await?)
             }
             (Role::Operator, &Method::GET, ["images"]) => ok(&images::list_images(self).await?),
             (Role::Operator, &Method::POST, ["pools", pool, "push-image"]) => {
-                ok(&images::push(self, pool.to_string(), errors::parse_json(&body)?).await?)
+                ok(
+                    &images::push(self, &peer, pool.to_string(), errors::parse_json(&body)?)
+                        .await?,
+                )
             }
             (Role::Operator, &Method::POST, ["pools", pool, "push-image", "cancel"]) => {
-                ok(&images::cancel_push(self, pool.to_string()).await?)
+                ok(&images::cancel_push(self, &peer, pool.to_string()).await?)
             }
             (Role::Operator, &Method::GET, ["pools", pool, "provisioning-status"]) => {
                 ok(&images::provisioning_status(self, pool.to_string()).await?)
             }
             (Role::Operator, &Method::DELETE, ["pools", pool, "image"]) => {
-                ok(&images::unpublish(self, pool.to_string()).await?)
+                ok(&images::unpublish(self, &peer, pool.to_string()).await?)
             }
             (Role::Operator, &Method::POST, ["desktops", "rebuild"]) => {
-                ok(&rebuild::rebuild(self, errors::parse_json(&body)?).await?)
+                ok(&rebuild::rebuild(self, &peer, errors::parse_json(&body)?).await?)
             }
             (Role::Operator, &Method::GET, ["machines", id]) => {
                 ok(&api::get_machine(self, id.to_string()).await?)
             }
             (Role::Operator, &Method::PUT, ["settings"]) => {
-                ok(&settings::put_settings(self, errors::parse_json(&body)?).await?)
+                ok(&settings::put_settings(self, &peer, errors::parse_json(&body)?).await?)
             }
             (Role::Operator, &Method::PUT, ["hosts", id, "software", "desired"]) => ok(
-                &software::put_desired(self, id.to_string(), errors::parse_json(&body)?).await?,
+                &software::put_desired(self, &peer, id.to_string(), errors::parse_json(&body)?)
+                    .await?,
             ),
             (Role::Operator, &Method::POST, ["hosts", id, "software", "stage"]) => {
                 let req = if body.iter().all(u8::is_ascii_whitespace) {
@@ -272,7 +305,7 @@ impl Controller {
                 } else {
                     errors::parse_json(&body)?
                 };
-                ok(&software::stage(self, id.to_string(), req).await?)
+                ok(&software::stage(self, &peer, id.to_string(), req).await?)
             }
             (Role::Operator, &Method::GET, ["hosts", id, "software"]) => {
                 ok(&software::host_software(self, id.to_string()).await?)
@@ -297,7 +330,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "v1/blobs/*"),
     ("DELETE", "v1/blobs/*"),
     ("POST", "v1/scripts"),
+    ("GET", "v1/scripts"),
+    ("GET", "v1/scripts/*"),
     ("POST", "v1/pools/*/script-executions"),
+    ("GET", "v1/tasks"),
     ("GET", "v1/tasks/*"),
     ("POST", "v1/tasks/*/cancel"),
     ("GET", "v1/machines"),
@@ -310,6 +346,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "v1/images"),
     ("POST", "v1/pools/*/push-image"),
     ("POST", "v1/pools/*/push-image/cancel"),
+    ("GET", "v1/pools"),
+    ("GET", "v1/pools/*"),
     ("GET", "v1/pools/*/provisioning-status"),
     ("DELETE", "v1/pools/*/image"),
     ("POST", "v1/desktops/rebuild"),
@@ -321,6 +359,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "v1/enrollment-tokens/*"),
     ("POST", "v1/revocations"),
     ("GET", "v1/revocations"),
+    ("GET", "v1/audit"),
     ("GET", "v1/openapi.json"),
 ];
 
@@ -358,6 +397,18 @@ mod erased {
             json_response(status, self)
         }
     }
+}
+
+/// A page of a list: a JSON array, and `Fieldhand-Next-Cursor` when there are more rows.
+fn page<T: serde::Serialize>(p: Page<T>) -> Result<Response<Body>, ApiError> {
+    let mut r = json_response(StatusCode::OK, &p.items);
+    if let Some(next) = p.next {
+        // A cursor is hex: always a valid header value.
+        let v = http::HeaderValue::from_str(&next).map_err(ApiError::internal)?;
+        r.headers_mut()
+            .insert(crate::proto::api::NEXT_CURSOR_HEADER, v);
+    }
+    Ok(r)
 }
 
 fn empty(status: StatusCode) -> Response<Body> {

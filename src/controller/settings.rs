@@ -1,10 +1,13 @@
 //! Global settings (`GET/PUT /v1/settings`, seed 000 "Global Settings") and the defaults the
 //! operations share: the logoff timeout and the force-logoff grace period.
 
+use super::audit;
 use super::errors::ApiError;
 use super::store::{StoreError, Tx};
 use super::Controller;
+use crate::pki::Identity;
 use crate::proto::api;
+use crate::proto::domain::AuditAction;
 
 pub const DEFAULT_LOGOFF_TIMEOUT_SECONDS: i64 = 3600;
 pub const DEFAULT_FORCE_LOGOFF_GRACE_SECONDS: i64 = 300;
@@ -25,15 +28,23 @@ pub async fn get_settings(ctl: &Controller) -> Result<api::Settings, ApiError> {
 }
 
 /// Applies to tasks created afterwards; running tasks keep the value they started with.
-pub async fn put_settings(ctl: &Controller, s: api::Settings) -> Result<api::Settings, ApiError> {
+pub async fn put_settings(
+    ctl: &Controller,
+    by: &Identity,
+    s: api::Settings,
+) -> Result<api::Settings, ApiError> {
     let g = s.force_logoff_grace_seconds;
     if !(0..=86_400).contains(&g) {
         return Err(ApiError::invalid(format!(
             "force_logoff_grace_seconds {g} must be 0..=86400"
         )));
     }
+    let (by, request) = (by.clone(), s.clone());
     ctl.store
-        .tx(move |tx| tx.set_setting(GRACE_KEY, &g.to_string()))
+        .tx(move |tx| {
+            tx.set_setting(GRACE_KEY, &g.to_string())?;
+            audit::record(tx, &by, AuditAction::SettingsChange, GRACE_KEY, &request)
+        })
         .await?;
     Ok(s)
 }

@@ -2,16 +2,17 @@
 //! operators commit desired documents, and a stage task has the host's agent download,
 //! verify and unpack the newest commit at or above the requested minimum.
 
-use super::engine;
 use super::errors::ApiError;
 use super::rollout::TaskState;
 use super::store::{TaskMachineRow, TaskRow};
 use super::Controller;
+use super::{audit, engine};
+use crate::pki::Identity;
 use crate::proto::agent::{
     ComponentProgress, PayloadManifest, PayloadRef, PayloadSignature, StagePayload,
 };
 use crate::proto::api;
-use crate::proto::domain::{ComponentPhase, ErrorCode, MachineState, TaskKind};
+use crate::proto::domain::{AuditAction, ComponentPhase, ErrorCode, MachineState, TaskKind};
 use crate::sys::clock;
 
 const DEFAULT_TIMEOUT_SECONDS: i64 = 3600;
@@ -74,11 +75,13 @@ pub fn validate_desired(doc: &api::DesiredSoftware) -> Result<(), ApiError> {
 
 pub async fn put_desired(
     ctl: &Controller,
+    by: &Identity,
     machine_id: String,
     doc: api::DesiredSoftware,
 ) -> Result<api::CommitCreated, ApiError> {
     check_host(&machine_id)?;
     validate_desired(&doc)?;
+    let (by, request) = (by.clone(), doc.clone());
     let mut doc = doc;
     for c in &mut doc.components {
         let Some(size) = ctl.blobs.size(&c.sha256) else {
@@ -105,7 +108,15 @@ pub async fn put_desired(
             if tx.machine_last_seen(&machine_id)?.is_none() {
                 return Err(unknown_host(&machine_id));
             }
-            Ok::<_, ApiError>(tx.insert_commit(&machine_id, &json, now)?)
+            let commit = tx.insert_commit(&machine_id, &json, now)?;
+            audit::record(
+                tx,
+                &by,
+                AuditAction::SoftwareDesiredSet,
+                &machine_id,
+                &request,
+            )?;
+            Ok::<_, ApiError>(commit)
         })
         .await?;
     Ok(api::CommitCreated {
@@ -127,10 +138,13 @@ fn parse_doc(json: &str) -> Result<api::DesiredSoftware, ApiError> {
 
 pub async fn stage(
     ctl: &Controller,
+    by: &Identity,
     machine_id: String,
     req: api::StageSoftware,
 ) -> Result<api::TaskCreated, ApiError> {
     check_host(&machine_id)?;
+    let by = by.clone();
+    let request = req.clone();
     let min_commit = match req.commit.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(c) => Some(parse_commit(c)?),
@@ -236,9 +250,12 @@ pub async fn stage(
                     timeout_seconds: timeout as u64,
                     scripts_json: payload_json,
                     power_json: None,
+                    created_by: Some(by.name.clone()),
+                    cancelled_by: None,
                 },
                 &[(machine_id.clone(), uuid::Uuid::new_v4().to_string(), 0)],
             )?;
+            audit::record(tx, &by, AuditAction::SoftwareStage, &machine_id, &request)?;
             let mut wake = Vec::new();
             engine::advance(tx, &tid, now_ms, &mut wake)?;
             Ok::<_, ApiError>(wake)

@@ -4,9 +4,13 @@ use serde::{Deserialize, Serialize};
 
 use super::agent::HostFacts;
 use super::domain::{
-    BatchState, CurrentImageState, ErrorCode, MachineState, PendingImageState, PoolOperation,
-    PowerPhase, RebuildCode, TaskKind, TaskState,
+    AuditAction, BatchState, CurrentImageState, ErrorCode, MachineState, PendingImageState,
+    PoolOperation, PowerPhase, RebuildCode, TaskKind, TaskState,
 };
+
+/// The response header of a list with more rows: the `cursor` of the next page (absent on
+/// the last page).
+pub const NEXT_CURSOR_HEADER: &str = "fieldhand-next-cursor";
 
 /// Every error response: `{error_code, error_msg}` with the matching HTTP status.
 #[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,8 +81,88 @@ pub struct Task {
     pub state: TaskState,
     pub created_at: String,
     pub finished_at: Option<String>,
+    /// The operator whose request made the task (absent for tasks made before 0.2, and
+    /// for tasks the controller made on its own).
+    #[serde(default)]
+    pub created_by: Option<String>,
+    /// The operator who cancelled it, once one did.
+    #[serde(default)]
+    pub cancelled_by: Option<String>,
     pub batches: Vec<Batch>,
     pub machines: Vec<TaskMachine>,
+}
+
+/// One row of `GET /v1/tasks`: a task without its machines' outputs.
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
+pub struct TaskSummary {
+    pub task_id: String,
+    pub kind: TaskKind,
+    pub pool_id: String,
+    pub state: TaskState,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    #[serde(default)]
+    pub created_by: Option<String>,
+    #[serde(default)]
+    pub cancelled_by: Option<String>,
+    /// How many of its machines are in each state (states with none are left out).
+    pub machine_states: std::collections::BTreeMap<MachineState, u32>,
+}
+
+/// One row of `GET /v1/scripts`.
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
+pub struct ScriptSummary {
+    pub script_id: String,
+    pub name: String,
+    pub command_type: String,
+    pub sha256: String,
+    pub created_at: String,
+}
+
+/// `GET /v1/scripts/{script_id}`.
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
+pub struct Script {
+    pub script_id: String,
+    pub name: String,
+    pub command_type: String,
+    pub sha256: String,
+    pub created_at: String,
+    pub content: String,
+}
+
+/// One row of `GET /v1/pools`.
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
+pub struct PoolSummary {
+    pub pool_id: String,
+    /// Machines in service in the pool.
+    pub machines: u32,
+    pub online: u32,
+    /// What `GET /v1/pools/{pool_id}/provisioning-status` answers.
+    pub provisioning: ProvisioningStatus,
+}
+
+/// `GET /v1/pools/{pool_id}`.
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
+pub struct Pool {
+    pub pool_id: String,
+    /// Its machines' ids, sorted.
+    pub machines: Vec<String>,
+    pub online: u32,
+    pub provisioning: ProvisioningStatus,
+}
+
+/// One row of `GET /v1/audit`: an operator's action.
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub audit_id: String,
+    pub at: String,
+    /// The operator's name, from the verified client certificate.
+    pub operator: String,
+    pub action: AuditAction,
+    /// What it acted on: the id in the request's path, or the id it created.
+    pub target: String,
+    /// The request body (secrets removed), `{}` for a request without one.
+    pub request: serde_json::Value,
 }
 
 #[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]

@@ -297,6 +297,37 @@ wire_enum! {
 }
 
 wire_enum! {
+    /// What an operator did, as the audit trail records it (`action` of `GET /v1/audit`,
+    /// the `audit` table and `FIELDHAND_ACTION` in the journal).
+    pub enum AuditAction {
+        ScriptCreate = "script_create",
+        /// A script execution (`POST /v1/pools/{pool_id}/script-executions`).
+        TaskCreate = "task_create",
+        TaskCancel = "task_cancel",
+        TaskRetry = "task_retry",
+        TaskResume = "task_resume",
+        PushImage = "push_image",
+        /// A push-image request for a pool whose scheduled push had not started: a new
+        /// start time for the same push.
+        PushReschedule = "push_reschedule",
+        PushCancel = "push_cancel",
+        UnpublishImage = "unpublish_image",
+        ImageCreate = "image_create",
+        Rebuild = "rebuild",
+        SoftwareStage = "software_stage",
+        SoftwareDesiredSet = "software_desired_set",
+        MachineMove = "machine_move",
+        MachineDecommission = "machine_decommission",
+        Revocation = "revocation",
+        EnrollmentTokenCreate = "enrollment_token_create",
+        EnrollmentTokenDelete = "enrollment_token_delete",
+        BlobUpload = "blob_upload",
+        BlobDelete = "blob_delete",
+        SettingsChange = "settings_change",
+    }
+}
+
+wire_enum! {
     /// Every error code: the operator API's (`{error_code, error_msg}`), the agent protocol's,
     /// and those results carry for a machine (`error_code` of a task's machine).
     pub enum ErrorCode {
@@ -417,6 +448,7 @@ mod tests {
         round_trip(PoolOperation::ALL);
         round_trip(ComponentPhase::ALL);
         round_trip(RebuildCode::ALL);
+        round_trip(AuditAction::ALL);
         round_trip(ErrorCode::ALL);
         for k in TaskKind::ALL {
             assert_eq!(TaskKind::parse(k.as_str()), Some(*k));

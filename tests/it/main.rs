@@ -14,6 +14,7 @@ mod faults;
 mod identity;
 mod images;
 mod latency;
+mod lists;
 mod metrics;
 mod power;
 mod props;

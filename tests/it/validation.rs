@@ -242,7 +242,8 @@ fn one_error_vocabulary_and_405_for_a_known_path() {
     let ctl = env.controller();
     let op = env.operator(&ctl);
     // A known path with the wrong method: 405 with Allow; an unknown path: 404.
-    let (s, h, body) = op.get_with("/v1/scripts", &[]);
+    // (`GET /v1/scripts` is a list now: a POST-only path serves the check.)
+    let (s, h, body) = op.get_with("/v1/desktops/rebuild", &[]);
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(
         (s, v["error_code"].as_str()),

@@ -6,13 +6,14 @@ use http::StatusCode;
 
 use super::gate::{conflict_error, gate, AgentCall};
 use super::{ms_text, now_ms, sha256_hex, DEFAULT_TOKEN_SECONDS, MAX_TOKEN_SECONDS};
+use crate::controller::audit;
 use crate::controller::errors::{parse_json, ApiError};
 use crate::controller::store::{EnrollmentTokenRow, StoreError, TokenCheck};
 use crate::controller::Controller;
 use crate::pki::Identity;
 use crate::proto::agent::{EnrollRequest, Enrolled, RenewRequest};
 use crate::proto::api;
-use crate::proto::domain::ErrorCode;
+use crate::proto::domain::{AuditAction, ErrorCode};
 use crate::sys::clock;
 
 fn random_hex(bytes: usize) -> Result<String, ApiError> {
@@ -71,7 +72,20 @@ pub async fn create_token(
         created_by: operator.name.clone(),
     };
     let saved = row.clone();
-    ctl.store.tx(move |tx| tx.insert_token(&saved)).await?;
+    let by = operator.clone();
+    // The request holds no secret (the controller makes it); `audit` would remove one.
+    ctl.store
+        .tx(move |tx| {
+            tx.insert_token(&saved)?;
+            audit::record(
+                tx,
+                &by,
+                AuditAction::EnrollmentTokenCreate,
+                &saved.token_id,
+                &req,
+            )
+        })
+        .await?;
     tracing::info!(token_id, pool_id = %row.pool_id, uses = ?uses, by = %operator, "enrollment token created");
     Ok(api::EnrollmentTokenCreated {
         token: format!("{token_id}.{secret}"),
@@ -96,12 +110,20 @@ pub async fn delete_token(
 ) -> Result<api::EnrollmentToken, ApiError> {
     let id = token_id.clone();
     let now = now_ms();
+    let by = operator.clone();
     let row = ctl
         .store
         .tx(move |tx| {
             let row = tx.tokens()?.into_iter().find(|t| t.token_id == id);
             if row.is_some() {
                 tx.delete_token(&id, now)?;
+                audit::record(
+                    tx,
+                    &by,
+                    AuditAction::EnrollmentTokenDelete,
+                    &id,
+                    &serde_json::json!({}),
+                )?;
             }
             Ok::<_, StoreError>(row)
         })

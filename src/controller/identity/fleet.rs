@@ -2,13 +2,14 @@
 //! its pool changes), decommission it, revoke any certificate by serial.
 
 use super::{ms_text, now_ms};
+use crate::controller::audit;
 use crate::controller::errors::ApiError;
 use crate::controller::rollout::MachineState;
 use crate::controller::store::{Outcome, RevocationRow, StoreError};
 use crate::controller::Controller;
 use crate::pki::Identity;
 use crate::proto::api;
-use crate::proto::domain::ErrorCode;
+use crate::proto::domain::{AuditAction, ErrorCode};
 
 fn check_machine_id(id: &str) -> Result<(), ApiError> {
     crate::pki::validate_name("machine_id", id).map_err(|e| ApiError::invalid(e.to_string()))
@@ -31,8 +32,19 @@ pub async fn move_machine(
     check_machine_id(&machine_id)?;
     crate::pki::validate_name("pool_id", &req.pool_id)
         .map_err(|e| ApiError::invalid(e.to_string()))?;
-    let (m, p) = (machine_id.clone(), req.pool_id.clone());
-    if !ctl.store.tx(move |tx| tx.set_machine_pool(&m, &p)).await? {
+    let (m, by) = (machine_id.clone(), operator.clone());
+    let request = req.clone();
+    let moved = ctl
+        .store
+        .tx(move |tx| {
+            if !tx.set_machine_pool(&m, &request.pool_id)? {
+                return Ok::<_, StoreError>(false);
+            }
+            audit::record(tx, &by, AuditAction::MachineMove, &m, &request)?;
+            Ok(true)
+        })
+        .await?;
+    if !moved {
         return Err(no_machine(&machine_id));
     }
     tracing::info!(machine_id, pool_id = %req.pool_id, by = %operator, "machine moved");
@@ -49,6 +61,7 @@ pub async fn decommission(
     check_machine_id(&machine_id)?;
     let now = now_ms();
     let (m, by) = (machine_id.clone(), operator.to_string());
+    let who = operator.clone();
     let (serial, cancelled, wake) = ctl
         .store
         .tx(move |tx| {
@@ -84,6 +97,13 @@ pub async fn decommission(
                     )?;
                 }
             }
+            audit::record(
+                tx,
+                &who,
+                AuditAction::MachineDecommission,
+                &m,
+                &serde_json::json!({}),
+            )?;
             Ok::<_, ApiError>((row.cert_serial, ids.len() as u32, wake))
         })
         .await?;
@@ -125,9 +145,11 @@ pub async fn revoke(
     let serial = normalize_serial(&req.serial)?;
     let now = now_ms();
     let (s, by) = (serial.clone(), operator.to_string());
+    let who = operator.clone();
     let row = ctl
         .store
         .tx(move |tx| {
+            audit::record(tx, &who, AuditAction::Revocation, &s, &req)?;
             let machine_id = tx.machine_of_serial(&s)?;
             let row = RevocationRow {
                 serial: s.clone(),

@@ -31,7 +31,7 @@ pub use push::{
 pub use registry::{create_image, list_images};
 #[cfg(test)]
 use views::percent;
-pub use views::{machine_view, provisioning_status};
+pub use views::{machine_view, provisioning_in, provisioning_status};
 
 use super::errors::ApiError;
 use super::store::{PoolImageRow, StoreError, Tx};

@@ -3,18 +3,19 @@
 //! `pool_op` then follows.
 
 use super::*;
-use crate::controller::engine;
 use crate::controller::errors::logoff_policy;
 use crate::controller::errors::ApiError;
 use crate::controller::store::{ImageRow, PoolImageRow, TaskRow, Tx};
 use crate::controller::Controller;
+use crate::controller::{audit, engine};
+use crate::pki::Identity;
 use crate::proto::agent::{
     ImageAssignment, PayloadManifest, PayloadRef, PayloadSignature, PowerSpec,
 };
 use crate::proto::api;
 use crate::proto::domain::{
-    CurrentImageState, LogoffPolicy, PendingImageState, PoolOperation, PostFinish, PreStart,
-    TaskKind, TaskState,
+    AuditAction, CurrentImageState, LogoffPolicy, PendingImageState, PoolOperation, PostFinish,
+    PreStart, TaskKind, TaskState,
 };
 use crate::sys::clock;
 
@@ -256,6 +257,8 @@ pub fn new_task(
             .map(serde_json::to_string)
             .transpose()
             .map_err(ApiError::internal)?,
+        created_by: None,
+        cancelled_by: None,
     })
 }
 
@@ -274,9 +277,11 @@ fn machines_of(batches: &[Vec<String>]) -> Vec<(String, String, u32)> {
 /// scheduled one (same `task_id`).
 pub async fn push(
     ctl: &Controller,
+    by: &Identity,
     pool_id: String,
     req: api::PushImage,
 ) -> Result<api::TaskCreated, ApiError> {
+    let by = by.clone();
     check_pool(&pool_id)?;
     let spec = validate_push(&req)?;
     let iid = spec.image_id.clone();
@@ -320,6 +325,7 @@ pub async fn push(
                 op.request_json = Some(request_json);
                 tx.put_pool_image(&op)?;
                 reconcile(tx, &pool_id, now_ms, &mut wake)?;
+                audit::record(tx, &by, AuditAction::PushReschedule, &pool_id, &req)?;
                 tracing::info!(pool_id, task_id = ?op.task_id, start_ms, "push rescheduled");
                 return Ok((op.task_id.unwrap_or_default(), wake));
             }
@@ -370,8 +376,8 @@ pub async fn push(
                 logoff_timeout_seconds: crate::controller::settings::DEFAULT_LOGOFF_TIMEOUT_SECONDS as u64,
                 force_logoff_grace_seconds: grace,
             };
-            let stage = new_task(TaskKind::ImageStage, &pool_id, now_ms, spec.timeout_seconds, &stage_img, None, None)?;
-            let apply = new_task(
+            let mut stage = new_task(TaskKind::ImageStage, &pool_id, now_ms, spec.timeout_seconds, &stage_img, None, None)?;
+            let mut apply = new_task(
                 TaskKind::ImageApply,
                 &pool_id,
                 now_ms,
@@ -380,6 +386,8 @@ pub async fn push(
                 Some(&power),
                 canary.then_some(1),
             )?;
+            stage.created_by = Some(by.name.clone());
+            apply.created_by = Some(by.name.clone());
             tx.insert_task(&stage, &machines_of(std::slice::from_ref(&ids)))?;
             tx.insert_task(&apply, &machines_of(&apply_batches))?;
             op = PoolImageRow {
@@ -406,6 +414,7 @@ pub async fn push(
             }
             engine::advance(tx, &stage.task_id, now_ms, &mut wake)?;
             reconcile(tx, &pool_id, now_ms, &mut wake)?;
+            audit::record(tx, &by, AuditAction::PushImage, &pool_id, &req)?;
             tracing::info!(pool_id, task_id = %apply.task_id, image_id = %spec.image_id, machines = ids.len(), start_ms, "push scheduled");
             Ok::<_, ApiError>((apply.task_id, wake))
         })
@@ -416,12 +425,13 @@ pub async fn push(
 
 /// Starts a remove task for `machines` (`image_id` while pending, or every image); returns
 /// its id.
+/// Started for the operator `by`.
 fn start_removal(
     tx: &mut Tx<'_>,
+    by: &Identity,
     pool_id: &str,
     machines: &[String],
-    image_id: String,
-    remove_all: bool,
+    (image_id, remove_all): (String, bool),
     now_ms: i64,
     wake: &mut engine::Wake,
 ) -> Result<String, ApiError> {
@@ -430,7 +440,7 @@ fn start_removal(
         remove_all,
         ..Default::default()
     };
-    let task = new_task(
+    let mut task = new_task(
         TaskKind::ImageRemove,
         pool_id,
         now_ms,
@@ -439,6 +449,7 @@ fn start_removal(
         None,
         None,
     )?;
+    task.created_by = Some(by.name.clone());
     tx.insert_task(&task, &machines_of(&[machines.to_vec()]))?;
     engine::advance(tx, &task.task_id, now_ms, wake)?;
     Ok(task.task_id)
@@ -447,9 +458,11 @@ fn start_removal(
 /// `POST /v1/pools/{pool_id}/push-image/cancel`: before the start time only.
 pub async fn cancel_push(
     ctl: &Controller,
+    by: &Identity,
     pool_id: String,
 ) -> Result<api::ProvisioningStatus, ApiError> {
     check_pool(&pool_id)?;
+    let by = by.clone();
     let now_ms = clock::unix_ms(clock::now());
     let pid = pool_id.clone();
     let wake = ctl
@@ -481,16 +494,18 @@ pub async fn cancel_push(
             tx.put_pool_image(&op)?;
             for id in [&stage_id, &apply_id] {
                 match engine::cancel(tx, id, now_ms, &mut wake) {
-                    Ok(_) | Err(engine::EngineError::NotCancellable { .. }) => {}
+                    Ok(_) => tx.set_task_cancelled_by(id, &by.name)?,
+                    Err(engine::EngineError::NotCancellable { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
             }
             let machines: Vec<String> = tx.task_machines(&stage_id)?.into_iter().map(|m| m.machine_id).collect();
             op.remove_task_id = Some(start_removal(
-                tx, &pid, &machines, image_id, false, now_ms, &mut wake,
+                tx, &by, &pid, &machines, (image_id, false), now_ms, &mut wake,
             )?);
             tx.put_pool_image(&op)?;
             reconcile(tx, &pid, now_ms, &mut wake)?;
+            audit::record(tx, &by, AuditAction::PushCancel, &pid, &serde_json::json!({}))?;
             tracing::info!(pool_id = %pid, task_id = ?op.task_id, "scheduled push cancelled");
             Ok::<_, ApiError>(wake)
         })
@@ -501,8 +516,13 @@ pub async fn cancel_push(
 
 /// `DELETE /v1/pools/{pool_id}/image`: `FINAL_UNPUBLISH`, every image leaves the pool's
 /// machines.
-pub async fn unpublish(ctl: &Controller, pool_id: String) -> Result<api::TaskCreated, ApiError> {
+pub async fn unpublish(
+    ctl: &Controller,
+    by: &Identity,
+    pool_id: String,
+) -> Result<api::TaskCreated, ApiError> {
     check_pool(&pool_id)?;
+    let by = by.clone();
     let now_ms = clock::unix_ms(clock::now());
     let (task_id, wake) = ctl
         .store
@@ -525,14 +545,28 @@ pub async fn unpublish(ctl: &Controller, pool_id: String) -> Result<api::TaskCre
             if machines.is_empty() {
                 return Err(crate::controller::errors::no_machines(&pool_id));
             }
-            let task_id =
-                start_removal(tx, &pool_id, &machines, image_id, true, now_ms, &mut wake)?;
+            let task_id = start_removal(
+                tx,
+                &by,
+                &pool_id,
+                &machines,
+                (image_id, true),
+                now_ms,
+                &mut wake,
+            )?;
             op.operation = PoolOperation::FinalUnpublish;
             op.current_state = Some(CurrentImageState::PendingUnpublish);
             op.task_id = Some(task_id.clone());
             op.remove_task_id = Some(task_id.clone());
             tx.put_pool_image(&op)?;
             reconcile(tx, &pool_id, now_ms, &mut wake)?;
+            audit::record(
+                tx,
+                &by,
+                AuditAction::UnpublishImage,
+                &pool_id,
+                &serde_json::json!({}),
+            )?;
             Ok::<_, ApiError>((task_id, wake))
         })
         .await?;

@@ -2,16 +2,22 @@
 //! GPU flag) and `GET /v1/images`.
 
 use super::*;
+use crate::controller::audit;
 use crate::controller::errors::ApiError;
 use crate::controller::store::ImageRow;
 use crate::controller::Controller;
+use crate::pki::Identity;
 use crate::proto::api;
+use crate::proto::domain::AuditAction;
 use crate::sys::clock;
 
 pub async fn create_image(
     ctl: &Controller,
+    by: &Identity,
     req: api::CreateImage,
 ) -> Result<api::ImageCreated, ApiError> {
+    let request = req.clone();
+    let by = by.clone();
     text("name", &req.name, 128)?;
     text("version", &req.version, 128)?;
     text("os_type", &req.os_type, 64)?;
@@ -38,7 +44,12 @@ pub async fn create_image(
         created_ms: clock::unix_ms(clock::now()),
     };
     let image_id = row.image_id.clone();
-    ctl.store.tx(move |tx| tx.insert_image(&row)).await?;
+    ctl.store
+        .tx(move |tx| {
+            tx.insert_image(&row)?;
+            audit::record(tx, &by, AuditAction::ImageCreate, &row.image_id, &request)
+        })
+        .await?;
     Ok(api::ImageCreated { image_id })
 }
 

@@ -44,49 +44,57 @@ pub async fn provisioning_status(
     pool_id: String,
 ) -> Result<api::ProvisioningStatus, ApiError> {
     check_pool(&pool_id)?;
-    ctl.store
-        .tx(move |tx| {
-            let op = pool_row(tx, &pool_id)?;
-            let mut counts = api::MachineCounts::default();
-            let mut first_error: Option<(ErrorCode, String)> = None;
-            if let Some(task) = &op.task_id {
-                for m in tx.task_machines(task)? {
-                    counts.total += 1;
-                    if first_error.is_none() && m.state.is_final() {
-                        if let Some(code) = &m.outcome.error_code {
-                            let msg = m.outcome.error_msg.clone().unwrap_or_default();
-                            first_error = Some((*code, msg));
-                        }
-                    }
-                    match m.state {
-                        MachineState::Succeeded => counts.succeeded += 1,
-                        MachineState::Failed | MachineState::TimedOut => counts.failed += 1,
-                        MachineState::Skipped | MachineState::Cancelled => counts.skipped += 1,
-                        MachineState::Pending
-                        | MachineState::Dispatched
-                        | MachineState::Running => counts.pending += 1,
-                    }
+    Ok(ctl
+        .store
+        .tx(move |tx| provisioning_in(tx, &pool_id))
+        .await?)
+}
+
+/// A pool's provisioning status (seed 001), inside a transaction: what
+/// `provisioning-status` answers and what the pool views show.
+pub fn provisioning_in(
+    tx: &mut Tx<'_>,
+    pool_id: &str,
+) -> Result<api::ProvisioningStatus, StoreError> {
+    let op = pool_row(tx, pool_id)?;
+    let mut counts = api::MachineCounts::default();
+    let mut first_error: Option<(ErrorCode, String)> = None;
+    if let Some(task) = &op.task_id {
+        for m in tx.task_machines(task)? {
+            counts.total += 1;
+            if first_error.is_none() && m.state.is_final() {
+                if let Some(code) = &m.outcome.error_code {
+                    let msg = m.outcome.error_msg.clone().unwrap_or_default();
+                    first_error = Some((*code, msg));
                 }
             }
-            let progress = match (&op.stage_task_id, op.pending_state.is_some()) {
-                (Some(stage), true) => percent(&tx.task_machines(stage)?),
-                _ => None,
-            };
-            Ok::<_, ApiError>(api::ProvisioningStatus {
-                operation: op.operation,
-                pending_image_state: op.pending_state,
-                current_image_state: op.current_state,
-                pending_image_id: op.pending_image_id,
-                current_image_id: op.current_image_id,
-                pending_image_progress: progress,
-                start_time: op.start_ms,
-                error_code: first_error.as_ref().map(|e| e.0),
-                error_msg: first_error.map(|e| e.1),
-                task_id: op.task_id,
-                machines: counts,
-            })
-        })
-        .await
+            match m.state {
+                MachineState::Succeeded => counts.succeeded += 1,
+                MachineState::Failed | MachineState::TimedOut => counts.failed += 1,
+                MachineState::Skipped | MachineState::Cancelled => counts.skipped += 1,
+                MachineState::Pending | MachineState::Dispatched | MachineState::Running => {
+                    counts.pending += 1
+                }
+            }
+        }
+    }
+    let progress = match (&op.stage_task_id, op.pending_state.is_some()) {
+        (Some(stage), true) => percent(&tx.task_machines(stage)?),
+        _ => None,
+    };
+    Ok(api::ProvisioningStatus {
+        operation: op.operation,
+        pending_image_state: op.pending_state,
+        current_image_state: op.current_state,
+        pending_image_id: op.pending_image_id,
+        current_image_id: op.current_image_id,
+        pending_image_progress: progress,
+        start_time: op.start_ms,
+        error_code: first_error.as_ref().map(|e| e.0),
+        error_msg: first_error.map(|e| e.1),
+        task_id: op.task_id,
+        machines: counts,
+    })
 }
 
 /// A machine's images, for `GET /v1/machines[/{machine_id}]`; `None` if it never had any.

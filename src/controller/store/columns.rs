@@ -5,8 +5,8 @@
 
 use super::sql::{FromValue, ToValue, Value};
 use crate::proto::domain::{
-    CurrentImageState, ErrorCode, LogoffPolicy, MachineState, PendingImageState, PoolOperation,
-    PowerPhase, TaskKind, TaskState,
+    AuditAction, CurrentImageState, ErrorCode, LogoffPolicy, MachineState, PendingImageState,
+    PoolOperation, PowerPhase, TaskKind, TaskState,
 };
 
 fn text(v: &Value) -> Result<&str, String> {
@@ -38,6 +38,7 @@ macro_rules! text_column {
 }
 
 text_column!(
+    AuditAction,
     TaskKind,
     TaskState,
     MachineState,

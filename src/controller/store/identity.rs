@@ -7,10 +7,11 @@ use super::sql::{params, Optional, Row, SqlResult};
 
 use super::{Ctx, MachineRow, StoreError, Tx};
 
-const MACHINE_COLS: &str = "machine_id, pool_id, agent_version, last_seen_ms, facts_json, \
+pub(super) const MACHINE_COLS: &str =
+    "machine_id, pool_id, agent_version, last_seen_ms, facts_json, \
     cert_serial, cert_not_after_ms, conflict_ms, decommissioned_ms";
 
-fn machine_row(r: &Row) -> SqlResult<(MachineRow, Option<i64>)> {
+pub(super) fn machine_row(r: &Row) -> SqlResult<(MachineRow, Option<i64>)> {
     Ok((
         MachineRow {
             machine_id: r.get(0)?,

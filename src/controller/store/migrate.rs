@@ -10,7 +10,12 @@
 use super::sql::{SqlError, SqlResult};
 
 /// `(version, statements)`, in order. Never edit a released step: add the next one.
-const STEPS: &[(u32, &str)] = &[(1, super::SCHEMA_V1), (2, V2_IDENTITY), (3, V3_BATCH_INDEX)];
+const STEPS: &[(u32, &str)] = &[
+    (1, super::SCHEMA_V1),
+    (2, V2_IDENTITY),
+    (3, V3_BATCH_INDEX),
+    (4, V4_LISTS_AND_AUDIT),
+];
 
 /// Version 2: the controller alone decides pools (so `machines.pool_id` may be empty), the
 /// certificate each machine presents, sessions per identity (two live agents behind one
@@ -66,6 +71,26 @@ ALTER TABLE task_machines ADD COLUMN offered_instance TEXT;
 /// costs the same in a task of 10 machines as in one of 10,000.
 const V3_BATCH_INDEX: &str = r#"
 CREATE INDEX task_machines_batch ON task_machines (task_id, batch, state);
+"#;
+
+/// Version 4: who made and who cancelled each task, the operators' audit trail, and the
+/// indexes the lists page through (newest first, the id breaking ties, so a page is one
+/// index range scan wherever the previous one ended).
+const V4_LISTS_AND_AUDIT: &str = r#"
+ALTER TABLE tasks ADD COLUMN created_by TEXT;
+ALTER TABLE tasks ADD COLUMN cancelled_by TEXT;
+CREATE INDEX tasks_created ON tasks (created_ms, task_id);
+CREATE INDEX tasks_pool_created ON tasks (pool_id, created_ms, task_id);
+CREATE INDEX scripts_created ON scripts (created_ms, script_id);
+CREATE TABLE audit (
+    audit_id      TEXT PRIMARY KEY,
+    at_ms         BIGINT NOT NULL,
+    operator      TEXT NOT NULL,
+    action        TEXT NOT NULL,
+    target        TEXT NOT NULL,
+    request_json  TEXT NOT NULL
+);
+CREATE INDEX audit_at ON audit (at_ms, audit_id);
 "#;
 
 /// The version this build writes.
@@ -147,6 +172,17 @@ mod tests {
             [],
         )
         .unwrap();
+        // And version 4's.
+        c.execute(
+            "INSERT INTO audit (audit_id, at_ms, operator, action, target, request_json)
+             VALUES ('a', 0, 'op', 'task_cancel', 't', '{}')",
+            [],
+        )
+        .unwrap();
+        let by: Option<String> = c
+            .query_row("SELECT MAX(created_by) FROM tasks", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(by, None);
     }
 
     #[test]

@@ -7,12 +7,16 @@
 //! `identity`: machines' certificates, sessions, enrollment tokens and revocations;
 //! `blobrefs`: what refers to payload blobs (for their garbage collection); `images`: the
 //! image registry, pool operations and machines' images; `software`: desired-software
-//! commits and settings; `tasks`: tasks, their machines, delivery and results.
+//! commits and settings; `tasks`: tasks, their machines, delivery and results; `lists`: the
+//! paged lists of tasks, machines and scripts (keyset pages) and the pools' counts; `audit`:
+//! the operators' audit trail.
 
+mod audit;
 mod blobrefs;
 mod columns;
 mod identity;
 mod images;
+mod lists;
 mod migrate;
 mod pg;
 mod software;
@@ -20,8 +24,10 @@ pub(crate) mod sql;
 mod tasks;
 mod writer;
 
+pub use audit::AuditRow;
 pub use identity::{EnrollmentTokenRow, RevocationRow, SessionVerdict, TokenCheck};
 pub use images::{ImageRow, MachineImageRow, PoolImageRow};
+pub use lists::{MachineFilter, PoolCount, TaskFilter, TaskSummaryRow};
 pub use pg::Wake;
 
 use std::path::Path;
@@ -216,6 +222,11 @@ pub struct TaskRow {
     pub scripts_json: String,
     /// `proto::agent::PowerSpec` as JSON, for script executions.
     pub power_json: Option<String>,
+    /// The operator whose request made it (`None`: before version 4, or the controller's
+    /// own doing).
+    pub created_by: Option<String>,
+    /// The operator who cancelled it.
+    pub cancelled_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -273,6 +284,8 @@ pub struct Store {
 /// method is a single statement or a short fixed sequence.
 pub struct Tx<'a> {
     tx: sql::Conn<'a>,
+    /// What to do once this transaction is durable ([`Tx::after_commit`]).
+    committed: Vec<Box<dyn FnOnce() + Send>>,
 }
 
 pub use crate::config::controller::Database;
@@ -394,13 +407,16 @@ fn task_row(r: &Row) -> SqlResult<(TaskRow, String)> {
             timeout_seconds: r.get::<_, i64>(7)? as u64,
             scripts_json: r.get(8)?,
             power_json: r.get(9)?,
+            created_by: r.get(10)?,
+            cancelled_by: r.get(11)?,
         },
         state,
     ))
 }
 
 const TASK_COLS: &str = "task_id, kind, pool_id, state, created_ms, finished_ms, \
-                         gray_fail_threshold, timeout_seconds, scripts_json, power_json";
+                         gray_fail_threshold, timeout_seconds, scripts_json, power_json, \
+                         created_by, cancelled_by";
 const TM_COLS: &str = "task_id, machine_id, assignment_id, batch, state, delivered, \
     cancel_requested, dispatched_ms, started_received_ms, exit_code, stdout, stderr, \
     output_truncated, started_at, finished_at, error_code, error_msg, progress_json, \
@@ -453,6 +469,12 @@ fn finish_tm(pair: (TaskMachineRow, String)) -> Result<TaskMachineRow, StoreErro
 }
 
 impl Tx<'_> {
+    /// Runs `f` once this transaction has committed, and never if it rolls back: what tells
+    /// the world about a change (a journal record) never reports one that did not happen.
+    pub fn after_commit(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.committed.push(Box::new(f));
+    }
+
     pub fn machine_last_seen(&mut self, machine_id: &str) -> Result<Option<i64>, StoreError> {
         self.tx
             .one(
@@ -673,6 +695,8 @@ mod tests {
                         timeout_seconds: 60,
                         scripts_json: "[]".into(),
                         power_json: None,
+                        created_by: None,
+                        cancelled_by: None,
                     },
                     &[("m1".into(), "a1".into(), 0)],
                 )?;

@@ -106,6 +106,12 @@ macro_rules! int_value {
 }
 int_value!(i64, i32, u32);
 
+impl ToValue for Value {
+    fn to_value(&self) -> Value {
+        self.clone()
+    }
+}
+
 impl ToValue for bool {
     fn to_value(&self) -> Value {
         Value::Int(i64::from(*self))

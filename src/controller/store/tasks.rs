@@ -19,7 +19,8 @@ impl Tx<'_> {
         self.tx
             .exec(
                 &format!(
-                    "INSERT INTO tasks ({TASK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+                    "INSERT INTO tasks ({TASK_COLS})
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
                 ),
                 params![
                     t.task_id,
@@ -31,7 +32,9 @@ impl Tx<'_> {
                     t.gray_fail_threshold.map(i64::from),
                     t.timeout_seconds as i64,
                     t.scripts_json,
-                    t.power_json
+                    t.power_json,
+                    t.created_by,
+                    t.cancelled_by
                 ],
             )
             .ctx("saving a task")?;
@@ -96,6 +99,18 @@ impl Tx<'_> {
             .optional()
             .ctx("reading an assignment")?;
         pair.map(finish_tm).transpose()
+    }
+
+    /// Records who cancelled a task (the first operator to ask: a second cancel of a task
+    /// already cancelling changes nothing).
+    pub fn set_task_cancelled_by(&mut self, task_id: &str, by: &str) -> Result<(), StoreError> {
+        self.tx
+            .exec(
+                "UPDATE tasks SET cancelled_by = ?2 WHERE task_id = ?1 AND cancelled_by IS NULL",
+                params![task_id, by],
+            )
+            .ctx("recording who cancelled a task")?;
+        Ok(())
     }
 
     pub fn set_task_state(

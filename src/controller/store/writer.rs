@@ -114,12 +114,18 @@ impl Writer {
     {
         let (reply_tx, reply_rx) = oneshot::channel::<Result<R, E>>();
         let body: Body = Box::new(move |tx: &mut Tx<'_>| match f(tx) {
-            Ok(out) => Some(Box::new(move |commit: Result<(), String>| {
-                let _ = reply_tx.send(match commit {
-                    Ok(()) => Ok(out),
-                    Err(e) => Err(E::from(StoreError::Worker(e))),
-                });
-            }) as Reply),
+            Ok(out) => {
+                let committed = std::mem::take(&mut tx.committed);
+                Some(Box::new(move |commit: Result<(), String>| {
+                    let _ = reply_tx.send(match commit {
+                        Ok(()) => {
+                            committed.into_iter().for_each(|f| f());
+                            Ok(out)
+                        }
+                        Err(e) => Err(E::from(StoreError::Worker(e))),
+                    });
+                }) as Reply)
+            }
             Err(e) => {
                 let _ = reply_tx.send(Err(e));
                 None
@@ -163,6 +169,7 @@ fn run_group(backend: &mut Backend, group: &mut Vec<Job>) {
                     job,
                     Tx {
                         tx: Conn::Sqlite(sp),
+                        committed: Vec::new(),
                     },
                     &mut replies,
                 )?;
@@ -188,6 +195,7 @@ fn run_group(backend: &mut Backend, group: &mut Vec<Job>) {
                                 client: &mut *client,
                                 statements: &mut *statements,
                             },
+                            committed: Vec::new(),
                         };
                         run_job(job, tx, &mut replies)?;
                     }
@@ -255,6 +263,39 @@ mod tests {
             return;
         };
         group_semantics(Store::open(&super::super::Database::Postgres(url)).unwrap());
+    }
+
+    #[test]
+    fn after_commit_runs_only_for_a_transaction_that_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&super::super::Database::Sqlite(dir.path().join("t.db"))).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let ran = Arc::new(AtomicUsize::new(0));
+        rt.block_on(async {
+            let r = ran.clone();
+            store
+                .tx(move |tx| {
+                    tx.after_commit(move || {
+                        r.fetch_add(1, Ordering::SeqCst);
+                    });
+                    Ok::<_, StoreError>(())
+                })
+                .await
+                .unwrap();
+            let r = ran.clone();
+            let failed = store
+                .tx(move |tx| {
+                    tx.after_commit(move || {
+                        r.fetch_add(10, Ordering::SeqCst);
+                    });
+                    Err::<(), _>(StoreError::Worker("refused".into()))
+                })
+                .await;
+            assert!(failed.is_err());
+        });
+        assert_eq!(ran.load(Ordering::SeqCst), 1, "only the committed one ran");
     }
 
     fn group_semantics(store: Store) {
