@@ -10,8 +10,8 @@ use hyper::body::Incoming;
 
 use super::errors::ApiError;
 use super::{
-    agent_api, api, blobs, errors, identity, images, rebuild, revoked_error, settings, software,
-    Controller, BODY_LIMIT,
+    agent_api, api, blobs, errors, identity, images, rebuild, rerun, revoked_error, settings,
+    software, Controller, BODY_LIMIT,
 };
 use crate::net::server::{error_response, json_response, read_body, Handler, Peer};
 use crate::net::Body;
@@ -233,6 +233,19 @@ impl Controller {
             (Role::Operator, &Method::POST, ["tasks", id, "cancel"]) => {
                 ok(&api::cancel_task(self, id.to_string()).await?)
             }
+            (Role::Operator, &Method::POST, ["tasks", id, "retry"]) => {
+                ok(&rerun::retry(self, id.to_string()).await?)
+            }
+            (Role::Operator, &Method::POST, ["tasks", id, "resume"]) => {
+                ok(&rerun::resume(self, id.to_string()).await?)
+            }
+            (Role::Operator, &Method::GET, ["pools", pool, "power-limit"]) => {
+                ok(&settings::get_power_limit(self, pool.to_string()).await?)
+            }
+            (Role::Operator, &Method::PUT, ["pools", pool, "power-limit"]) => ok(
+                &settings::put_power_limit(self, pool.to_string(), errors::parse_json(&body)?)
+                    .await?,
+            ),
             (Role::Operator, &Method::GET, ["machines"]) => ok(&api::list_machines(self).await?),
             (Role::Operator, &Method::GET, ["settings"]) => {
                 ok(&settings::get_settings(self).await?)
@@ -299,6 +312,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "v1/pools/*/script-executions"),
     ("GET", "v1/tasks/*"),
     ("POST", "v1/tasks/*/cancel"),
+    ("POST", "v1/tasks/*/retry"),
+    ("POST", "v1/tasks/*/resume"),
+    ("GET", "v1/pools/*/power-limit"),
+    ("PUT", "v1/pools/*/power-limit"),
     ("GET", "v1/machines"),
     ("GET", "v1/machines/*"),
     ("DELETE", "v1/machines/*"),

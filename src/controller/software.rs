@@ -236,6 +236,7 @@ pub async fn stage(
                     timeout_seconds: timeout as u64,
                     scripts_json: payload_json,
                     power_json: None,
+                    rollout: Default::default(),
                 },
                 &[(machine_id.clone(), uuid::Uuid::new_v4().to_string(), 0)],
             )?;

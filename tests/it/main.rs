@@ -16,6 +16,7 @@ mod images;
 mod latency;
 mod power;
 mod props;
+mod rate;
 mod rebuild;
 mod replicas;
 mod security;

@@ -256,6 +256,7 @@ pub fn new_task(
             .map(serde_json::to_string)
             .transpose()
             .map_err(ApiError::internal)?,
+        rollout: Default::default(),
     })
 }
 

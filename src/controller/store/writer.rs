@@ -163,6 +163,7 @@ fn run_group(backend: &mut Backend, group: &mut Vec<Job>) {
                     job,
                     Tx {
                         tx: Conn::Sqlite(sp),
+                        power_limit: None,
                     },
                     &mut replies,
                 )?;
@@ -188,6 +189,7 @@ fn run_group(backend: &mut Backend, group: &mut Vec<Job>) {
                                 client: &mut *client,
                                 statements: &mut *statements,
                             },
+                            power_limit: None,
                         };
                         run_job(job, tx, &mut replies)?;
                     }
