@@ -31,18 +31,22 @@
 //!   file writes (`fsutil`), the open-files limit the connection cap must fit (`fdlimit`).
 //! - [`controller`]: `serve` and `run`, the `router` (the checks every request passes, and
 //!   the route table `ROUTES`), the background `loops`, the one error shape
-//!   and body parser (`errors`, a leaf), global `settings`, the
+//!   and body parser (`errors`, a leaf), global `settings` (and the pools' power limits), the
 //!   operator API (`api`), its paged lists and pool views (`lists`: query strings, `limit`
 //!   and the opaque cursors), the operators' `audit` trail (recorded in each action's own
-//!   transaction), the agent protocol (`agent_api`), `progress` (the thin layer
+//!   transaction), retry and resume (`rerun`), the agent protocol (`agent_api`), `progress` (the thin layer
 //!   above the engine that lets image operations observe what changed a task), fleet
 //!   `identity` (enrollment tokens, enroll and renew, operator moves,
 //!   decommission and revocation, and the gate every agent request passes: revoked,
 //!   decommissioned, two live sessions of one identity), the pure rollout rules
-//!   of gray batches (`rollout`), the `engine` that advances tasks, the `store` on SQLite or
+//!   (`rollout`: gray batches, waves of `max_concurrency`, the `max_errors` halt, the room the
+//!   power limits leave), the `engine` that advances tasks (and holds machines with a power
+//!   step back behind the power limits), `rerun` (retry and resume of a finished or halted
+//!   task), the `store` on SQLite or
 //!   PostgreSQL (`sql`: one way to run a statement on either, values and placeholders;
-//!   `migrate` steps for both; `tasks`, `images`, `software`, `identity`, `audit` tables;
-//!   `lists`: keyset pages of tasks, machines and scripts; `blobrefs`:
+//!   `migrate` steps for both; `tasks` (with the pools' power limits), `images`, `software`,
+//!   `identity`, `audit` tables; `lists`: keyset pages of tasks, machines and scripts;
+//!   `blobrefs`:
 //!   what refers to blobs; `columns`: the domain enums stored as their wire text; `writer`:
 //!   the one thread that owns the connection and commits waiting transactions together,
 //!   each in its own savepoint, and runs what a transaction asked to do once it committed
@@ -132,7 +136,11 @@
 //!   that concerns a machine wakes its poll on whichever replica holds it (`NOTIFY`).
 //! - A machine's ending (its result, or the reaper declaring it unreachable) costs O(1) in
 //!   the size of its task: the task is re-planned only when that batch has no machine left
-//!   at work (`engine::settle`).
+//!   at work (`engine::settle`); a paced task (waves, `max_errors`, a power limit) takes its
+//!   next step from index counts, and a freed power slot finds the waiting tasks by index.
+//! - No setting of any task dispatches more machines with a power step (reboot, shutdown)
+//!   at once than the controller-wide and the pool's power limits allow; the limit covers
+//!   the whole assignment, so it is conservative.
 //! - A payload is used only after its size and sha256 (and, when configured, signature)
 //!   are verified; an extracted tree or a staged commit appears in one rename, complete,
 //!   or not at all.

@@ -35,6 +35,9 @@ pub struct ControllerConfig {
     pub net: crate::net::server::Limits,
     pub body_timeout: Duration,
     pub blobs: BlobLimits,
+    /// `max_concurrent_power_operations`: machines of the whole fleet that may be at work on
+    /// an assignment with a power step at once (`None`: no limit).
+    pub max_concurrent_power_operations: Option<u32>,
 }
 
 /// Which database the controller runs on (`database_url`).
@@ -269,7 +272,20 @@ impl ControllerConfig {
             1,
             10 * 365 * 86_400,
         )?;
+        let max_power = match raw.max_concurrent_power_operations {
+            None => None,
+            Some(n) if (1..=1_000_000).contains(&n) => Some(n as u32),
+            Some(n) => {
+                return Err(invalid(
+                    origin,
+                    "max_concurrent_power_operations",
+                    n,
+                    "must be 1..=1000000 (leave it unset for no limit)",
+                ))
+            }
+        };
         Ok(ControllerConfig {
+            max_concurrent_power_operations: max_power,
             net: crate::net::server::Limits {
                 max_connections: max_connections as usize,
                 operator_reserve: reserve as usize,
@@ -351,6 +367,12 @@ key = "controller-key.pem"
         assert_eq!(ok.blob_dir, PathBuf::from("/srv/b"));
         assert_eq!(ok.database.to_string(), "postgres://fh:***@db/fh");
         assert!(e(&format!("bogus = 1\n{MIN}")).contains("bogus"));
+        let zero = e(&format!("max_concurrent_power_operations = 0\n{MIN}"));
+        assert!(zero.contains("max_concurrent_power_operations"), "{zero}");
+        let c = |t: &str| ControllerConfig::parse(t, Path::new("c.toml")).unwrap();
+        assert_eq!(c(MIN).max_concurrent_power_operations, None);
+        let two = c(&format!("max_concurrent_power_operations = 2\n{MIN}"));
+        assert_eq!(two.max_concurrent_power_operations, Some(2));
     }
 
     #[test]

@@ -10,12 +10,12 @@ use super::rollout::{batch_state, plan_batches, TaskState};
 use super::settings::{
     force_logoff_grace, DEFAULT_FORCE_LOGOFF_GRACE_SECONDS, DEFAULT_LOGOFF_TIMEOUT_SECONDS,
 };
-use super::store::{MachineRow, ScriptRow, StoreError, TaskMachineRow, TaskRow, Tx};
+use super::store::{MachineRow, RolloutRow, ScriptRow, StoreError, TaskMachineRow, TaskRow, Tx};
 use super::Controller;
 use super::{audit, engine};
 use crate::pki::Identity;
 use crate::proto::agent::{HostFacts, PowerSpec, ScriptPayload};
-use crate::proto::api;
+use crate::proto::api::{self, Amount};
 use crate::proto::domain::{AuditAction, ErrorCode, PostFinish, PreStart, TaskKind};
 use crate::sys::clock;
 
@@ -111,12 +111,15 @@ pub enum Commands {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecutionSpec {
     pub commands: Commands,
-    pub gray_count: Option<usize>,
+    /// Resolved against the pool in the transaction that creates the task.
+    pub gray_count: Option<Amount>,
     pub gray_desktop_ids: Option<Vec<String>>,
     pub gray_fail_threshold: Option<u32>,
     pub timeout_seconds: u64,
     /// The power and logoff plan (the grace period is filled in from settings).
     pub power: PowerSpec,
+    pub max_concurrency: Option<Amount>,
+    pub max_errors: Option<Amount>,
 }
 
 /// Validates `POST /v1/pools/{pool_id}/script-executions` without touching the store.
@@ -209,15 +212,8 @@ pub fn validate_execution(req: &api::CreateScriptExecution) -> Result<ExecutionS
         }
         timeout_seconds = s;
     }
-    let gray_count = match req.gray_count {
-        None => None,
-        Some(n) if n >= 1 => Some(n as usize),
-        Some(n) => {
-            return Err(ApiError::invalid(format!(
-                "gray_count {n} must be at least 1"
-            )))
-        }
-    };
+    // Zero, negative and malformed amounts were refused while decoding (`Amount`).
+    let gray_count = req.gray_count;
     if let Some(ids) = &req.gray_desktop_ids {
         if ids.is_empty() {
             return Err(ApiError::invalid(
@@ -233,8 +229,14 @@ pub fn validate_execution(req: &api::CreateScriptExecution) -> Result<ExecutionS
             }
         }
     }
-    // The gray batch, when there is one, and its size (gray_count wins over the ids).
-    let gray_size = gray_count.or(req.gray_desktop_ids.as_ref().map(Vec::len));
+    // The gray batch, when there is one, and its size (gray_count wins over the ids). A
+    // percentage is at least one machine; its size is checked against the threshold when
+    // the pool is known.
+    let gray_size = match gray_count {
+        Some(Amount::Count(n)) => Some(n as usize),
+        Some(Amount::Percent(_)) => Some(usize::MAX),
+        None => req.gray_desktop_ids.as_ref().map(Vec::len),
+    };
     let gray_fail_threshold = match req.gray_fail_threshold {
         // Seed 002 gives no default; a gray batch that can never halt is no gate, so one
         // failure halts unless the operator says otherwise.
@@ -265,7 +267,31 @@ pub fn validate_execution(req: &api::CreateScriptExecution) -> Result<ExecutionS
         gray_fail_threshold,
         timeout_seconds: timeout_seconds as u64,
         power,
+        max_concurrency: req.max_concurrency,
+        max_errors: req.max_errors,
     })
+}
+
+/// The gray batch's size for a pool of `pool` machines: a count must fit the pool, a
+/// percentage is rounded up (at least one machine).
+fn gray_size(gray: Amount, pool: usize, pool_id: &str) -> Result<usize, ApiError> {
+    let n = gray.of(pool);
+    if n > pool {
+        return Err(ApiError::invalid(format!(
+            "gray_count {gray} is larger than pool {pool_id:?} ({pool} machines)"
+        )));
+    }
+    Ok(n)
+}
+
+/// What a task's rate controls come to for its `machines` targeted machines.
+fn resolve_rate(
+    spec_wave: Option<Amount>,
+    spec_errors: Option<Amount>,
+    machines: usize,
+) -> (Option<u32>, Option<u32>) {
+    let n = |a: Amount| u32::try_from(a.of(machines)).unwrap_or(u32::MAX);
+    (spec_wave.map(n), spec_errors.map(n))
 }
 
 pub async fn create_execution(
@@ -287,11 +313,14 @@ pub async fn create_execution(
             if pool.is_empty() {
                 return Err(no_machines(&pool_id));
             }
-            if let Some(n) = spec.gray_count {
-                if n > pool.len() {
+            let gray_count = match spec.gray_count {
+                Some(g) => Some(gray_size(g, pool.len(), &pool_id)?),
+                None => None,
+            };
+            if let (Some(n), Some(t)) = (gray_count, spec.gray_fail_threshold) {
+                if t as usize > n {
                     return Err(ApiError::invalid(format!(
-                        "gray_count {n} is larger than pool {pool_id:?} ({} machines)",
-                        pool.len()
+                        "gray_fail_threshold {t} is larger than the gray batch ({n} machines): it could never halt the task"
                     )));
                 }
             }
@@ -340,7 +369,9 @@ pub async fn create_execution(
                     e.to_string(),
                 )
             })?;
-            let batches = plan_batches(&pool, spec.gray_count, spec.gray_desktop_ids.as_deref());
+            let batches = plan_batches(&pool, gray_count, spec.gray_desktop_ids.as_deref());
+            let (wave_limit, error_limit) =
+                resolve_rate(spec.max_concurrency, spec.max_errors, pool.len());
             let mut machines = Vec::with_capacity(pool.len());
             for (i, batch) in batches.iter().enumerate() {
                 for m in batch {
@@ -368,6 +399,14 @@ pub async fn create_execution(
                     power_json: Some(power_json),
                     created_by: Some(by.name.clone()),
                     cancelled_by: None,
+                    rollout: RolloutRow {
+                        gray_count: spec.gray_count,
+                        max_concurrency: spec.max_concurrency,
+                        max_errors: spec.max_errors,
+                        wave_limit,
+                        error_limit,
+                        ..RolloutRow::default()
+                    },
                 },
                 &machines,
             )?;
@@ -408,6 +447,10 @@ pub fn task_view(task: &TaskRow, machines: &[TaskMachineRow]) -> api::Task {
         finished_at: ms_text(task.finished_ms),
         created_by: task.created_by.clone(),
         cancelled_by: task.cancelled_by.clone(),
+        gray_count: task.rollout.gray_count,
+        max_concurrency: task.rollout.max_concurrency,
+        max_errors: task.rollout.max_errors,
+        retry_of: task.rollout.retry_of.clone(),
         batches,
         machines: machines
             .iter()
@@ -625,15 +668,62 @@ mod tests {
         });
         assert!(m.contains("gray_fail_threshold"));
         let (_, _, m) = msg(api::CreateScriptExecution {
-            gray_count: Some(0),
-            ..req()
-        });
-        assert!(m.contains("gray_count 0"));
-        let (_, _, m) = msg(api::CreateScriptExecution {
             command_type: None,
             ..req()
         });
         assert!(m.contains("command_type is required"));
+    }
+
+    #[test]
+    fn amounts_are_a_count_or_a_percentage_and_errors_name_field_and_value() {
+        let body = |field: &str, v: &str| {
+            format!(r#"{{"command_content":"true","command_type":"sh","{field}":{v}}}"#)
+        };
+        for field in ["gray_count", "max_concurrency", "max_errors"] {
+            for bad in [
+                "0",
+                "-1",
+                "1.5",
+                r#""0%""#,
+                r#""101%""#,
+                r#""abc""#,
+                r#""-5%""#,
+                r#""%""#,
+            ] {
+                let e = parse_json::<api::CreateScriptExecution>(body(field, bad).as_bytes())
+                    .unwrap_err();
+                assert_eq!(e.status, StatusCode::BAD_REQUEST, "{field} {bad}");
+                let shown = bad.trim_matches('"');
+                assert!(
+                    e.msg.contains(field) && e.msg.contains(shown),
+                    "{field} {bad}: {}",
+                    e.msg
+                );
+            }
+            for (good, want) in [
+                ("3", Amount::Count(3)),
+                (r#""10%""#, Amount::Percent(10)),
+                (r#""100%""#, Amount::Percent(100)),
+                (r#""1%""#, Amount::Percent(1)),
+            ] {
+                let r: api::CreateScriptExecution =
+                    parse_json(body(field, good).as_bytes()).unwrap();
+                let got = match field {
+                    "gray_count" => r.gray_count,
+                    "max_concurrency" => r.max_concurrency,
+                    _ => r.max_errors,
+                };
+                assert_eq!(got, Some(want), "{field} {good}");
+                // And back out the same way.
+                assert_eq!(serde_json::to_string(&want).unwrap(), good);
+            }
+        }
+        // Percentages round up and are at least one machine.
+        assert_eq!(Amount::Percent(10).of(2000), 200);
+        assert_eq!(Amount::Percent(10).of(5), 1);
+        assert_eq!(Amount::Percent(34).of(3), 2);
+        assert_eq!(Amount::Percent(1).of(0), 1);
+        assert_eq!(Amount::Count(7).of(3), 7);
     }
 
     #[test]

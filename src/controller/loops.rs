@@ -103,6 +103,10 @@ pub(super) async fn reap_loop(ctl: Arc<Controller>) {
             .tx(move |tx| {
                 let mut wake = Vec::new();
                 let n = progress::reap(tx, now, grace_ms, offline_ms, reboot_ms, &mut wake)?;
+                // A safety net for the power limits: tasks waiting for a slot that no ending
+                // reached (more waiting than one ending looks at, a limit changed on another
+                // replica's config) go on within a second.
+                engine::release_power(tx, engine::POWER_WAITERS_PER_TICK, now, &mut wake)?;
                 Ok::<_, store::StoreError>((n, wake))
             })
             .await;

@@ -18,6 +18,7 @@ pub mod openapi;
 pub mod progress;
 pub mod quickstart;
 pub mod rebuild;
+pub mod rerun;
 pub mod rollout;
 pub mod router;
 pub mod settings;
@@ -236,7 +237,7 @@ pub async fn serve(
             source,
         }
     })?;
-    let store = Store::open(&cfg.database)?;
+    let store = Store::open(&cfg.database)?.with_power_limit(cfg.max_concurrent_power_operations);
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ControllerError::Bind {

@@ -27,6 +27,10 @@ const ERRORS: &str = "An error: `{error_code, error_msg}`";
         create_execution,
         get_task,
         cancel_task,
+        retry_task,
+        resume_task,
+        get_power_limit,
+        put_power_limit,
         list_tasks,
         list_machines,
         get_machine,
@@ -148,6 +152,28 @@ fn get_pool() {}
                headers(("fieldhand-next-cursor" = String, description = "The cursor of the next page (absent on the last page)"))),
               (status = "default", description = ERRORS, body = api::ErrorBody)))]
 fn list_audit() {}
+
+/// A new task over the failed, timed-out and unreachable machines of a finished script
+/// execution, linked to it (`retry_of`).
+#[utoipa::path(post, path = "/v1/tasks/{task_id}/retry", params(("task_id" = String, Path)),
+    responses((status = 200, body = api::TaskCreated), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn retry_task() {}
+
+/// Continue a `HALTED` script execution with its next batch.
+#[utoipa::path(post, path = "/v1/tasks/{task_id}/resume", params(("task_id" = String, Path)),
+    responses((status = 200, body = api::Task), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn resume_task() {}
+
+#[utoipa::path(get, path = "/v1/pools/{pool_id}/power-limit", params(("pool_id" = String, Path)),
+    responses((status = 200, body = api::PoolPowerLimit), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn get_power_limit() {}
+
+/// How many of the pool's machines may be at work on an assignment with a reboot or
+/// shutdown at once (`null` clears it; the controller-wide limit still holds).
+#[utoipa::path(put, path = "/v1/pools/{pool_id}/power-limit", params(("pool_id" = String, Path)),
+    request_body = api::PowerLimit,
+    responses((status = 200, body = api::PoolPowerLimit), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn put_power_limit() {}
 
 #[utoipa::path(get, path = "/v1/machines/{machine_id}", params(("machine_id" = String, Path)),
     responses((status = 200, body = api::Machine), (status = "default", description = ERRORS, body = api::ErrorBody)))]

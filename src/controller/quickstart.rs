@@ -276,7 +276,7 @@ pub async fn run(
         .await?;
     let req = api::CreateScriptExecution {
         script_ids: Some(vec![script.script_id]),
-        gray_count: Some(1),
+        gray_count: Some(crate::proto::api::Amount::Count(1)),
         gray_fail_threshold: Some(1),
         execution_timeout_seconds: Some(60),
         ..Default::default()

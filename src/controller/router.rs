@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use super::errors::ApiError;
 use super::lists::Page;
 use super::{
-    agent_api, api, audit, blobs, errors, identity, images, lists, rebuild, revoked_error,
+    agent_api, api, audit, blobs, errors, identity, images, lists, rebuild, rerun, revoked_error,
     settings, software, Controller, BODY_LIMIT,
 };
 use crate::net::server::{error_response, json_response, read_body, Handler, Peer};
@@ -263,6 +263,19 @@ impl Controller {
             (Role::Operator, &Method::GET, ["audit"]) => {
                 page(audit::list(self, query.as_deref()).await?)
             }
+            (Role::Operator, &Method::POST, ["tasks", id, "retry"]) => {
+                ok(&rerun::retry(self, &peer, id.to_string()).await?)
+            }
+            (Role::Operator, &Method::POST, ["tasks", id, "resume"]) => {
+                ok(&rerun::resume(self, &peer, id.to_string()).await?)
+            }
+            (Role::Operator, &Method::GET, ["pools", pool, "power-limit"]) => {
+                ok(&settings::get_power_limit(self, pool.to_string()).await?)
+            }
+            (Role::Operator, &Method::PUT, ["pools", pool, "power-limit"]) => ok(
+                &settings::put_power_limit(self, pool.to_string(), errors::parse_json(&body)?)
+                    .await?,
+            ),
             (Role::Operator, &Method::GET, ["settings"]) => {
                 ok(&settings::get_settings(self).await?)
             }
@@ -336,6 +349,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "v1/tasks"),
     ("GET", "v1/tasks/*"),
     ("POST", "v1/tasks/*/cancel"),
+    ("POST", "v1/tasks/*/retry"),
+    ("POST", "v1/tasks/*/resume"),
+    ("GET", "v1/pools/*/power-limit"),
+    ("PUT", "v1/pools/*/power-limit"),
     ("GET", "v1/machines"),
     ("GET", "v1/machines/*"),
     ("DELETE", "v1/machines/*"),

@@ -252,6 +252,7 @@ pub async fn stage(
                     power_json: None,
                     created_by: Some(by.name.clone()),
                     cancelled_by: None,
+                    rollout: Default::default(),
                 },
                 &[(machine_id.clone(), uuid::Uuid::new_v4().to_string(), 0)],
             )?;

@@ -300,6 +300,19 @@ pub struct PowerSpec {
     pub force_logoff_grace_seconds: u64,
 }
 
+impl PowerSpec {
+    /// Whether the plan reboots or shuts the machine down (a logoff alone is no power step):
+    /// what the power limits count. A script that asks for a reboot by exiting with 194
+    /// cannot be known beforehand and is not counted.
+    pub fn has_power_step(&self) -> bool {
+        let pre = match self.pre_start {
+            Some(PreStart::Reboot) => true,
+            Some(PreStart::Logoff) | None => false,
+        };
+        pre || self.post_finish.is_some()
+    }
+}
+
 /// A power step the agent announces (`REBOOTING`, `SHUTTING_DOWN`) or observed
 /// (`REBOOTED`). Key: `<assignment_id>:power:<n>:<phase>`, n = the assignment's reboot count.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

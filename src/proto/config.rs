@@ -144,6 +144,9 @@ pub struct RawController {
     pub operator_reserve_connections: Option<u64>,
     /// Connections one agent identity may hold at once.
     pub max_connections_per_agent: Option<u64>,
+    /// Machines of the whole fleet that may be at work on an assignment with a reboot or
+    /// shutdown at once; unset: no limit.
+    pub max_concurrent_power_operations: Option<u64>,
     /// Time limits for the request head (and the idle wait between requests) and the body.
     pub request_header_timeout_seconds: Option<u64>,
     pub request_body_timeout_seconds: Option<u64>,

@@ -92,7 +92,8 @@ wire_enum! {
         Running = "RUNNING",
         Succeeded = "SUCCEEDED",
         Failed = "FAILED",
-        /// The gray batch reached its failure threshold; the rest never ran.
+        /// The gray batch reached its failure threshold, or more machines failed than
+        /// `max_errors`; the rest never ran (`POST /v1/tasks/{id}/resume` continues it).
         Halted = "HALTED",
         /// Cancelled, but machines are still ending their runs (not terminal).
         Cancelling = "CANCELLING",
@@ -364,6 +365,8 @@ wire_enum! {
         // Rollouts (skipped and lost machines).
         GrayThresholdReached = "GRAY_THRESHOLD_REACHED",
         StoppedOnFirstError = "STOPPED_ON_FIRST_ERROR",
+        /// More machines failed than the task's `max_errors`.
+        MaxErrorsReached = "MAX_ERRORS_REACHED",
         TaskCancelled = "TASK_CANCELLED",
         MachineUnreachable = "MACHINE_UNREACHABLE",
         // Script runs.

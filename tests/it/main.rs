@@ -18,6 +18,7 @@ mod lists;
 mod metrics;
 mod power;
 mod props;
+mod rate;
 mod rebuild;
 mod replicas;
 mod security;

@@ -355,6 +355,31 @@ impl Client<'_> {
     }
 }
 
+/// The most intervals `[start, end]` that overlap at one moment (an end at the very moment
+/// of a start does not overlap it).
+pub fn peak_overlap(intervals: &[(u128, u128)]) -> usize {
+    let mut edges: Vec<(u128, i32)> = intervals
+        .iter()
+        .flat_map(|(a, b)| [(*a, 1), (*b, -1)])
+        .collect();
+    // Ends before starts at the same instant.
+    edges.sort();
+    let (mut now, mut peak) = (0i32, 0i32);
+    for (_, d) in edges {
+        now += d;
+        peak = peak.max(now);
+    }
+    peak as usize
+}
+
+/// Nanoseconds since the epoch, on the clock `date +%s%N` reads.
+pub fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
 /// The ids of the machines a task ran on, in the order the controller lists them.
 pub fn machine_ids(task: &Value) -> Vec<&str> {
     task["machines"]
@@ -830,8 +855,9 @@ pub fn machine_with(
     write_script(
         &reboot_cmd,
         &format!(
-            "echo reboot >> {log}\n{new_boot}\nkill -9 $PPID",
-            log = power_log.display()
+            "date +%s%N >> {times}\necho reboot >> {log}\n{new_boot}\nkill -9 $PPID",
+            log = power_log.display(),
+            times = dir.join("reboot.times").display()
         ),
     );
     let stop_cmd = dir.join("poweroff.sh");
@@ -862,6 +888,16 @@ impl Machine {
             .unwrap()
             .trim()
             .to_string()
+    }
+
+    /// When each reboot command began (ns since the epoch), from `reboot.times`.
+    pub fn reboot_times(&self) -> Vec<u128> {
+        let path = self.power_log.with_file_name("reboot.times");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
     }
 
     pub fn power_log(&self) -> Vec<String> {

@@ -257,6 +257,7 @@ mod tests {
                 ),
                 power_state: None,
                 power_ms: None,
+                power_pool: None,
             };
         assert_eq!(percent(&[]), None);
         assert_eq!(

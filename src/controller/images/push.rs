@@ -259,6 +259,7 @@ pub fn new_task(
             .map_err(ApiError::internal)?,
         created_by: None,
         cancelled_by: None,
+        rollout: Default::default(),
     })
 }
 

@@ -290,6 +290,7 @@ mod tests {
             power_json: None,
             created_by: Some("op".into()),
             cancelled_by: None,
+            rollout: Default::default(),
         }
     }
 

@@ -15,6 +15,7 @@ const STEPS: &[(u32, &str)] = &[
     (2, V2_IDENTITY),
     (3, V3_BATCH_INDEX),
     (4, V4_LISTS_AND_AUDIT),
+    (5, V5_RATE),
 ];
 
 /// Version 2: the controller alone decides pools (so `machines.pool_id` may be empty), the
@@ -93,6 +94,46 @@ CREATE TABLE audit (
 CREATE INDEX audit_at ON audit (at_ms, audit_id);
 "#;
 
+/// Version 5: rollout rate controls, retry and resume, power limits.
+///
+/// - `tasks`: the request's `gray_count`, `max_concurrency` and `max_errors` as given (`5`,
+///   `10%`: shown, and re-resolved by a retry), what they came to for this task's machines
+///   (`wave_limit`, `error_limit`), what an operator's resume accepted (`gray_accepted`, and
+///   `errors_accepted`: the failures counted when the task was resumed), `retry_of`, and
+///   `power_waiting`: the batch that has machines left `PENDING` only because a power limit
+///   was reached (NULL otherwise), so a freed slot finds the waiting tasks by index.
+/// - `task_machines.power_pool`: the pool a machine counts against while its assignment
+///   carries a reboot or shutdown (NULL: no power step), with an index that counts those at
+///   work per pool and in total in O(at work).
+/// - `task_machines_wave`: the next `PENDING` machines of a batch in machine order, LIMIT k,
+///   without sorting the batch.
+/// - `pool_settings`: the operator's per-pool power limit.
+const V5_RATE: &str = r#"
+ALTER TABLE tasks ADD COLUMN gray_count TEXT;
+ALTER TABLE tasks ADD COLUMN max_concurrency TEXT;
+ALTER TABLE tasks ADD COLUMN max_errors TEXT;
+ALTER TABLE tasks ADD COLUMN wave_limit BIGINT;
+ALTER TABLE tasks ADD COLUMN error_limit BIGINT;
+ALTER TABLE tasks ADD COLUMN gray_accepted BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN errors_accepted BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN retry_of TEXT;
+ALTER TABLE tasks ADD COLUMN power_waiting BIGINT;
+CREATE INDEX tasks_power_waiting ON tasks (power_waiting, created_ms);
+ALTER TABLE task_machines ADD COLUMN power_pool TEXT;
+CREATE INDEX task_machines_power ON task_machines (state, power_pool);
+CREATE INDEX task_machines_wave ON task_machines (task_id, batch, state, machine_id);
+CREATE TABLE pool_settings (
+    pool_id                          TEXT PRIMARY KEY,
+    max_concurrent_power_operations  BIGINT
+);
+"#;
+
+/// Every version a database made by this build has passed through, in order.
+#[cfg(test)]
+pub fn versions() -> Vec<u32> {
+    STEPS.iter().map(|(v, _)| *v).collect()
+}
+
 /// The version this build writes.
 pub const LATEST: u32 = STEPS[STEPS.len() - 1].0;
 
@@ -165,6 +206,16 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, LATEST);
+        // Version 5's table and columns are there.
+        c.execute(
+            "INSERT INTO pool_settings (pool_id, max_concurrent_power_operations) VALUES ('p', 2)",
+            [],
+        )
+        .unwrap();
+        c.prepare("SELECT retry_of, power_waiting, errors_accepted, wave_limit FROM tasks")
+            .unwrap();
+        c.prepare("SELECT power_pool FROM task_machines").unwrap();
+        assert_eq!(LATEST, 5);
         // Version 2's columns are there.
         c.execute(
             "INSERT INTO machines (machine_id, agent_version, last_seen_ms, cert_serial)

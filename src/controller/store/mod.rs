@@ -7,9 +7,9 @@
 //! `identity`: machines' certificates, sessions, enrollment tokens and revocations;
 //! `blobrefs`: what refers to payload blobs (for their garbage collection); `images`: the
 //! image registry, pool operations and machines' images; `software`: desired-software
-//! commits and settings; `tasks`: tasks, their machines, delivery and results; `lists`: the
-//! paged lists of tasks, machines and scripts (keyset pages) and the pools' counts; `audit`:
-//! the operators' audit trail.
+//! commits and settings; `tasks`: tasks, their machines, delivery and results, and the power
+//! limits' counts; `lists`: the paged lists of tasks, machines and scripts (keyset pages) and
+//! the pools' counts; `audit`: the operators' audit trail.
 
 mod audit;
 mod blobrefs;
@@ -32,6 +32,7 @@ pub use pg::Wake;
 
 use std::path::Path;
 
+use crate::proto::api::Amount;
 use crate::proto::domain::{ErrorCode, MachineState, PowerPhase, TaskKind, TaskState};
 use sql::{params, Optional, Row, SqlError, SqlResult};
 
@@ -227,6 +228,28 @@ pub struct TaskRow {
     pub created_by: Option<String>,
     /// The operator who cancelled it.
     pub cancelled_by: Option<String>,
+    /// Rate controls, retry and resume (schema version 5).
+    pub rollout: RolloutRow,
+}
+
+/// A task's rate controls and what resumes accepted (schema version 5); all unset for the
+/// kinds that have none.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RolloutRow {
+    /// As the request gave them, for the view and for a retry (which resolves them again).
+    pub gray_count: Option<Amount>,
+    pub max_concurrency: Option<Amount>,
+    pub max_errors: Option<Amount>,
+    /// `max_concurrency` and `max_errors` resolved against this task's machines.
+    pub wave_limit: Option<u32>,
+    pub error_limit: Option<u32>,
+    /// An operator resumed the task after its gray batch halted it: the gate is passed.
+    pub gray_accepted: bool,
+    /// Failures counted when the task was last resumed; `max_errors` counts the ones after.
+    pub errors_accepted: u32,
+    pub retry_of: Option<String>,
+    /// The batch that has machines waiting only for a power slot.
+    pub power_waiting: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -258,6 +281,9 @@ pub struct TaskMachineRow {
     /// The last power step the agent announced, and when it arrived.
     pub power_state: Option<PowerPhase>,
     pub power_ms: Option<i64>,
+    /// The pool this machine counts against while at work, when its assignment carries a
+    /// reboot or shutdown (the power limits); `None` without a power step.
+    pub power_pool: Option<String>,
 }
 
 /// A machine an agent holds (dispatched or running), with what its deadline depends on.
@@ -278,6 +304,8 @@ pub type Undelivered = (Vec<(TaskMachineRow, TaskRow)>, Vec<String>);
 pub struct Store {
     writer: writer::Writer,
     database: Database,
+    /// Handed to every transaction ([`Tx::power_limit`]).
+    power_limit: Option<u32>,
 }
 
 /// One open transaction (a savepoint of its group's transaction; see [`writer`]). Every
@@ -286,6 +314,8 @@ pub struct Tx<'a> {
     tx: sql::Conn<'a>,
     /// What to do once this transaction is durable ([`Tx::after_commit`]).
     committed: Vec<Box<dyn FnOnce() + Send>>,
+    /// The controller-wide `max_concurrent_power_operations` (config), for the engine.
+    power_limit: Option<u32>,
 }
 
 pub use crate::config::controller::Database;
@@ -327,7 +357,16 @@ impl Store {
         Ok(Store {
             writer: writer::Writer::start(backend),
             database: db.clone(),
+            power_limit: None,
         })
+    }
+
+    /// The same store, whose transactions see the controller-wide power limit (config
+    /// `max_concurrent_power_operations`); the engine reads it from the transaction, so every
+    /// path that dispatches (API, events, reaper, start-up) holds to it.
+    pub fn with_power_limit(mut self, limit: Option<u32>) -> Store {
+        self.power_limit = limit;
+        self
     }
 
     /// The database this store runs on.
@@ -361,7 +400,13 @@ impl Store {
         E: From<StoreError> + Send + 'static,
         F: FnOnce(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
     {
-        self.writer.tx(f).await
+        let limit = self.power_limit;
+        self.writer
+            .tx(move |tx| {
+                tx.power_limit = limit;
+                f(tx)
+            })
+            .await
     }
 
     /// Transactions waiting for the database now.
@@ -393,8 +438,12 @@ fn machine_state(s: String) -> Result<MachineState, StoreError> {
     })
 }
 
-fn task_row(r: &Row) -> SqlResult<(TaskRow, String)> {
+/// A task row and the texts [`finish_task`] checks: its state and its three amounts.
+type RawTask = (TaskRow, String, [Option<String>; 3]);
+
+fn task_row(r: &Row) -> SqlResult<RawTask> {
     let state: String = r.get(3)?;
+    let amounts = [r.get(12)?, r.get(13)?, r.get(14)?];
     Ok((
         TaskRow {
             task_id: r.get(0)?,
@@ -409,18 +458,32 @@ fn task_row(r: &Row) -> SqlResult<(TaskRow, String)> {
             power_json: r.get(9)?,
             created_by: r.get(10)?,
             cancelled_by: r.get(11)?,
+            rollout: RolloutRow {
+                gray_count: None,
+                max_concurrency: None,
+                max_errors: None,
+                wave_limit: r.get::<_, Option<i64>>(15)?.map(|v| v as u32),
+                error_limit: r.get::<_, Option<i64>>(16)?.map(|v| v as u32),
+                gray_accepted: r.get::<_, i64>(17)? != 0,
+                errors_accepted: r.get::<_, i64>(18)? as u32,
+                retry_of: r.get(19)?,
+                power_waiting: r.get::<_, Option<i64>>(20)?.map(|v| v as u32),
+            },
         },
         state,
+        amounts,
     ))
 }
 
 const TASK_COLS: &str = "task_id, kind, pool_id, state, created_ms, finished_ms, \
                          gray_fail_threshold, timeout_seconds, scripts_json, power_json, \
-                         created_by, cancelled_by";
+                         created_by, cancelled_by, \
+                         gray_count, max_concurrency, max_errors, wave_limit, error_limit, \
+                         gray_accepted, errors_accepted, retry_of, power_waiting";
 const TM_COLS: &str = "task_id, machine_id, assignment_id, batch, state, delivered, \
     cancel_requested, dispatched_ms, started_received_ms, exit_code, stdout, stderr, \
     output_truncated, started_at, finished_at, error_code, error_msg, progress_json, \
-    power_state, power_ms";
+    power_state, power_ms, power_pool";
 
 fn tm_row(r: &Row) -> SqlResult<(TaskMachineRow, String)> {
     let state: String = r.get(4)?;
@@ -448,17 +511,28 @@ fn tm_row(r: &Row) -> SqlResult<(TaskMachineRow, String)> {
             progress_json: r.get(17)?,
             power_state: r.get(18)?,
             power_ms: r.get(19)?,
+            power_pool: r.get(20)?,
         },
         state,
     ))
 }
 
-fn finish_task(pair: (TaskRow, String)) -> Result<TaskRow, StoreError> {
-    let (mut t, s) = pair;
+fn finish_task(raw: RawTask) -> Result<TaskRow, StoreError> {
+    let (mut t, s, [gray, wave, errors]) = raw;
     t.state = TaskState::parse(&s).ok_or(StoreError::Corrupt {
         what: "task state",
         value: s,
     })?;
+    let amount = |text: Option<String>| match text {
+        None => Ok(None),
+        Some(v) => Amount::parse(&v).map(Some).ok_or(StoreError::Corrupt {
+            what: "task amount",
+            value: v,
+        }),
+    };
+    t.rollout.gray_count = amount(gray)?;
+    t.rollout.max_concurrency = amount(wave)?;
+    t.rollout.max_errors = amount(errors)?;
     Ok(t)
 }
 
@@ -697,6 +771,7 @@ mod tests {
                         power_json: None,
                         created_by: None,
                         cancelled_by: None,
+                        rollout: RolloutRow::default(),
                     },
                     &[("m1".into(), "a1".into(), 0)],
                 )?;
@@ -762,7 +837,8 @@ mod tests {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        assert_eq!(rows, (1..=i64::from(migrate::LATEST)).collect::<Vec<_>>());
+        let want: Vec<i64> = migrate::versions().into_iter().map(i64::from).collect();
+        assert_eq!(rows, want);
         // A database newer than this build is refused, naming both versions.
         c.execute(
             "INSERT INTO fieldhand_schema (version) VALUES ($1)",

@@ -1,5 +1,7 @@
-//! The store's task tables: tasks and their machines (one assignment each), dispatch and
-//! delivery to agents, applied event keys, results, progress and power steps.
+//! The store's task tables: tasks and their machines (one assignment each), dispatch (whole
+//! batches, or the next k of a wave) and delivery to agents, applied event keys, results,
+//! progress and power steps, and what the power limits count (`pool_settings`, machines with
+//! a power step at work, tasks waiting for a slot).
 
 use super::sql::{params, Optional};
 
@@ -7,6 +9,8 @@ use super::{
     finish_task, finish_tm, task_row, tm_row, Ctx, InFlight, Outcome, StoreError, TaskMachineRow,
     TaskRow, Tx, Undelivered, TASK_COLS, TM_COLS,
 };
+use crate::proto::agent::PowerSpec;
+use crate::proto::api::Amount;
 use crate::proto::domain::{ErrorCode, MachineState, PowerPhase, TaskKind, TaskState};
 
 impl Tx<'_> {
@@ -16,11 +20,12 @@ impl Tx<'_> {
         t: &TaskRow,
         machines: &[(String, String, u32)],
     ) -> Result<(), StoreError> {
+        let r = &t.rollout;
         self.tx
             .exec(
                 &format!(
-                    "INSERT INTO tasks ({TASK_COLS})
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+                    "INSERT INTO tasks ({TASK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
+                     ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
                 ),
                 params![
                     t.task_id,
@@ -34,26 +39,279 @@ impl Tx<'_> {
                     t.scripts_json,
                     t.power_json,
                     t.created_by,
-                    t.cancelled_by
+                    t.cancelled_by,
+                    r.gray_count.map(Amount::text),
+                    r.max_concurrency.map(Amount::text),
+                    r.max_errors.map(Amount::text),
+                    r.wave_limit.map(i64::from),
+                    r.error_limit.map(i64::from),
+                    i64::from(r.gray_accepted),
+                    i64::from(r.errors_accepted),
+                    r.retry_of,
+                    r.power_waiting.map(i64::from)
                 ],
             )
             .ctx("saving a task")?;
+        // Every machine of a task with a reboot or shutdown counts against the power limits
+        // of the pool it is in now (a rebuild's machines may be in several pools).
+        let power = t
+            .power_json
+            .as_deref()
+            .and_then(|j| serde_json::from_str::<PowerSpec>(j).ok())
+            .is_some_and(|p| p.has_power_step());
         for (machine_id, assignment_id, batch) in machines {
             self.tx
                 .exec(
-                    "INSERT INTO task_machines (task_id, machine_id, assignment_id, batch, state)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT INTO task_machines
+                        (task_id, machine_id, assignment_id, batch, state, power_pool)
+                     VALUES (?1, ?2, ?3, ?4, ?5, CASE WHEN ?6 = 1 THEN COALESCE(
+                        (SELECT m.pool_id FROM machines m WHERE m.machine_id = ?2), ?7)
+                        ELSE NULL END)",
                     params![
                         t.task_id,
                         machine_id,
                         assignment_id,
                         i64::from(*batch),
-                        MachineState::Pending.as_str()
+                        MachineState::Pending.as_str(),
+                        i64::from(power),
+                        t.pool_id
                     ],
                 )
                 .ctx("saving a task's machines")?;
         }
         Ok(())
+    }
+
+    /// Moves up to `limit` (all when `None`) `PENDING` machines of one batch to
+    /// `DISPATCHED`, in machine order, only those counting against `power_pool` when given;
+    /// returns their machine ids. With a limit it costs O(limit) (`task_machines_wave`).
+    pub fn dispatch_some(
+        &mut self,
+        task_id: &str,
+        batch: u32,
+        limit: Option<usize>,
+        power_pool: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        if limit.is_none() && power_pool.is_none() {
+            return self.dispatch_batch(task_id, batch, now_ms);
+        }
+        let what = "dispatching machines";
+        let n = limit.map_or(i64::MAX, |n| n.min(i64::MAX as usize) as i64);
+        let ids: Vec<String> = {
+            let sql = match power_pool {
+                None => {
+                    "SELECT machine_id FROM task_machines
+                     WHERE task_id = ?1 AND batch = ?2 AND state = 'PENDING'
+                     ORDER BY machine_id LIMIT ?3"
+                }
+                Some(_) => {
+                    "SELECT machine_id FROM task_machines
+                     WHERE task_id = ?1 AND batch = ?2 AND state = 'PENDING'
+                     AND power_pool = ?4 ORDER BY machine_id LIMIT ?3"
+                }
+            };
+            let mut st = self.tx.statement(sql).ctx(what)?;
+            let b = i64::from(batch);
+            let rows = match power_pool {
+                None => st.query_map(params![task_id, b, n], |r| r.get(0)),
+                Some(pool) => st.query_map(params![task_id, b, n, pool], |r| r.get(0)),
+            }
+            .ctx(what)?;
+            rows.collect::<Result<_, _>>().ctx(what)?
+        };
+        for id in &ids {
+            self.tx
+                .exec(
+                    "UPDATE task_machines SET state = 'DISPATCHED', dispatched_ms = ?3
+                     WHERE task_id = ?1 AND machine_id = ?2 AND state = 'PENDING'",
+                    params![task_id, id, now_ms],
+                )
+                .ctx(what)?;
+        }
+        Ok(ids)
+    }
+
+    /// How many machines of one batch are in one of `states` (one index range per state:
+    /// O(the count), used for the few at work and the few failed, never for `PENDING`).
+    pub fn count_in_batch(
+        &mut self,
+        task_id: &str,
+        batch: u32,
+        states: &[MachineState],
+    ) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for st in states {
+            let c: i64 = self
+                .tx
+                .one(
+                    "SELECT COUNT(*) FROM task_machines
+                     WHERE task_id = ?1 AND batch = ?2 AND state = ?3",
+                    params![task_id, i64::from(batch), st.as_str()],
+                    |r| r.get(0),
+                )
+                .ctx("counting a batch's machines")?;
+            n += c as usize;
+        }
+        Ok(n)
+    }
+
+    /// Whether one batch still has a machine `PENDING` (one index probe).
+    pub fn batch_pending(&mut self, task_id: &str, batch: u32) -> Result<bool, StoreError> {
+        self.tx
+            .one(
+                "SELECT EXISTS (SELECT 1 FROM task_machines WHERE task_id = ?1 AND batch = ?2
+                 AND state = 'PENDING')",
+                params![task_id, i64::from(batch)],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|v| v != 0)
+            .ctx("looking at a batch")
+    }
+
+    /// The pools of a batch's `PENDING` machines that count against a power limit (a
+    /// rebuild may span pools; it has at most a few dozen machines).
+    pub fn pending_power_pools(
+        &mut self,
+        task_id: &str,
+        batch: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut st = self
+            .tx
+            .statement(
+                "SELECT DISTINCT power_pool FROM task_machines WHERE task_id = ?1 AND batch = ?2
+                 AND state = 'PENDING' AND power_pool IS NOT NULL ORDER BY power_pool",
+            )
+            .ctx("looking at a batch")?;
+        let rows = st
+            .query_map(params![task_id, i64::from(batch)], |r| r.get(0))
+            .ctx("looking at a batch")?;
+        rows.collect::<Result<_, _>>().ctx("looking at a batch")
+    }
+
+    /// Machines at work (dispatched or running) on an assignment with a power step, in
+    /// `pool` or in the whole fleet: O(those machines) by `task_machines_power`.
+    pub fn power_at_work(&mut self, pool: Option<&str>) -> Result<usize, StoreError> {
+        let n: i64 = match pool {
+            Some(p) => self.tx.one(
+                "SELECT COUNT(*) FROM task_machines WHERE state IN ('DISPATCHED', 'RUNNING')
+                 AND power_pool = ?1",
+                params![p],
+                |r| r.get(0),
+            ),
+            None => self.tx.one(
+                "SELECT COUNT(*) FROM task_machines WHERE state IN ('DISPATCHED', 'RUNNING')
+                 AND power_pool IS NOT NULL",
+                params![],
+                |r| r.get(0),
+            ),
+        }
+        .ctx("counting power operations")?;
+        Ok(n as usize)
+    }
+
+    /// The controller-wide power limit of this controller's config.
+    pub fn power_limit(&self) -> Option<u32> {
+        self.power_limit
+    }
+
+    /// A pool's power limit (`PUT /v1/pools/{pool_id}/power-limit`).
+    pub fn pool_power_limit(&mut self, pool_id: &str) -> Result<Option<u32>, StoreError> {
+        let v: Option<Option<i64>> = self
+            .tx
+            .one(
+                "SELECT max_concurrent_power_operations FROM pool_settings WHERE pool_id = ?1",
+                params![pool_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .ctx("reading a pool's settings")?;
+        Ok(v.flatten().map(|n| n as u32))
+    }
+
+    pub fn set_pool_power_limit(
+        &mut self,
+        pool_id: &str,
+        limit: Option<u32>,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .exec(
+                "INSERT INTO pool_settings (pool_id, max_concurrent_power_operations)
+                 VALUES (?1, ?2) ON CONFLICT (pool_id)
+                 DO UPDATE SET max_concurrent_power_operations = excluded.max_concurrent_power_operations",
+                params![pool_id, limit.map(i64::from)],
+            )
+            .ctx("saving a pool's settings")?;
+        Ok(())
+    }
+
+    /// Records which batch of the task waits for a power slot (`None`: none does).
+    pub fn set_power_waiting(
+        &mut self,
+        task_id: &str,
+        batch: Option<u32>,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .exec(
+                "UPDATE tasks SET power_waiting = ?2 WHERE task_id = ?1",
+                params![task_id, batch.map(i64::from)],
+            )
+            .ctx("updating a task")?;
+        Ok(())
+    }
+
+    /// The oldest tasks waiting for a power slot, at most `limit` (`tasks_power_waiting`).
+    pub fn power_waiting_tasks(&mut self, limit: usize) -> Result<Vec<String>, StoreError> {
+        let mut st = self
+            .tx
+            .statement(
+                "SELECT task_id FROM tasks WHERE power_waiting IS NOT NULL
+                 ORDER BY created_ms, task_id LIMIT ?1",
+            )
+            .ctx("listing tasks waiting for power")?;
+        let rows = st
+            .query_map(params![limit as i64], |r| r.get(0))
+            .ctx("listing tasks waiting for power")?;
+        rows.collect::<Result<_, _>>()
+            .ctx("listing tasks waiting for power")
+    }
+
+    /// What an operator's resume accepted (`gray_accepted`, `errors_accepted`).
+    pub fn set_accepted(
+        &mut self,
+        task_id: &str,
+        gray_accepted: bool,
+        errors_accepted: u32,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .exec(
+                "UPDATE tasks SET gray_accepted = ?2, errors_accepted = ?3 WHERE task_id = ?1",
+                params![
+                    task_id,
+                    i64::from(gray_accepted),
+                    i64::from(errors_accepted)
+                ],
+            )
+            .ctx("updating a task")?;
+        Ok(())
+    }
+
+    /// Makes the machines a halt skipped (`error_code` one of `codes`) `PENDING` again, with
+    /// no reason left on them; returns how many.
+    pub fn unskip(&mut self, task_id: &str, codes: &[ErrorCode]) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for code in codes {
+            n += self
+                .tx
+                .exec(
+                    "UPDATE task_machines SET state = 'PENDING', error_code = NULL,
+                        error_msg = NULL
+                     WHERE task_id = ?1 AND state = 'SKIPPED' AND error_code = ?2",
+                    params![task_id, *code],
+                )
+                .ctx("resuming machines")?;
+        }
+        Ok(n)
     }
 
     pub fn task(&mut self, task_id: &str) -> Result<Option<TaskRow>, StoreError> {

@@ -170,6 +170,7 @@ fn run_group(backend: &mut Backend, group: &mut Vec<Job>) {
                     Tx {
                         tx: Conn::Sqlite(sp),
                         committed: Vec::new(),
+                        power_limit: None,
                     },
                     &mut replies,
                 )?;
@@ -196,6 +197,7 @@ fn run_group(backend: &mut Backend, group: &mut Vec<Job>) {
                                 statements: &mut *statements,
                             },
                             committed: Vec::new(),
+                            power_limit: None,
                         };
                         run_job(job, tx, &mut replies)?;
                     }
