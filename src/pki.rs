@@ -36,6 +36,8 @@ const LEAF_DAYS: i64 = 825;
 pub enum Role {
     Agent,
     Operator,
+    /// Reads `GET /metrics` and nothing else (a Prometheus scraper).
+    Metrics,
 }
 
 impl Role {
@@ -43,6 +45,7 @@ impl Role {
         match self {
             Role::Agent => "agent",
             Role::Operator => "operator",
+            Role::Metrics => "metrics",
         }
     }
 }
@@ -81,6 +84,7 @@ impl Identity {
         let role = match role {
             "agent" => Role::Agent,
             "operator" => Role::Operator,
+            "metrics" => Role::Metrics,
             _ => return None,
         };
         validate_name("name", name).ok()?;
@@ -305,6 +309,7 @@ pub fn issue(
     let field = match who.role {
         Role::Agent => "--agent",
         Role::Operator => "--operator",
+        Role::Metrics => "--metrics",
     };
     validate_name(field, &who.name)?;
     if let Some(p) = pool {
@@ -313,6 +318,7 @@ pub fn issue(
     let sub = dir.join(match who.role {
         Role::Agent => "agents",
         Role::Operator => "operators",
+        Role::Metrics => "metrics",
     });
     let cert_path = sub.join(format!("{}.pem", who.name));
     let key_path = sub.join(format!("{}-key.pem", who.name));

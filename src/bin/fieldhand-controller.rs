@@ -73,7 +73,7 @@ enum PkiCmd {
         sans: Vec<String>,
     },
     /// Issue a certificate for one agent (machine id) or one operator.
-    #[command(group(ArgGroup::new("who").required(true).args(["agent", "operator"])))]
+    #[command(group(ArgGroup::new("who").required(true).args(["agent", "operator", "metrics"])))]
     Issue {
         #[arg(long)]
         dir: PathBuf,
@@ -83,6 +83,10 @@ enum PkiCmd {
         /// Operator name: writes DIR/operators/NAME.pem and DIR/operators/NAME-key.pem.
         #[arg(long)]
         operator: Option<String>,
+        /// A scraper that may read GET /metrics and nothing else (Prometheus): writes
+        /// DIR/metrics/NAME.pem and DIR/metrics/NAME-key.pem.
+        #[arg(long)]
+        metrics: Option<String>,
         /// With --agent: the pool the machine joins when the controller first hears of it
         /// (without it, the machine is in no pool until an operator moves it).
         #[arg(long, requires = "agent")]
@@ -175,12 +179,19 @@ fn pki(cmd: PkiCmd) -> ExitCode {
             dir,
             agent,
             operator,
+            metrics,
             pool,
         } => {
-            let who = match (agent, operator) {
-                (Some(a), _) => Identity::agent(a),
-                (None, Some(o)) => Identity::operator(o),
-                (None, None) => unreachable!("clap requires --agent or --operator"),
+            let who = match (agent, operator, metrics) {
+                (Some(a), _, _) => Identity::agent(a),
+                (None, Some(o), _) => Identity::operator(o),
+                (None, None, Some(m)) => Identity {
+                    role: fieldhand::pki::Role::Metrics,
+                    name: m,
+                },
+                (None, None, None) => {
+                    unreachable!("clap requires --agent, --operator or --metrics")
+                }
             };
             fieldhand::pki::issue(&dir, &who, pool.as_deref()).map(|(cert, key)| {
                 println!("wrote {}", cert.display());

@@ -10,8 +10,8 @@ use super::identity::{self, AgentCall};
 use super::store::{StoreError, TaskMachineRow, TaskRow};
 use super::Controller;
 use crate::proto::agent::{
-    Assignment, EventBatch, EventsApplied, Heartbeat, ImageAssignment, PollRequest, PollResponse,
-    Work,
+    Assignment, EventBatch, EventBody, EventsApplied, Heartbeat, ImageAssignment, PollRequest,
+    PollResponse, Work,
 };
 use crate::proto::domain::ErrorCode;
 use crate::proto::domain::TaskKind;
@@ -78,14 +78,15 @@ pub async fn heartbeat(ctl: &Controller, call: AgentCall, body: &[u8]) -> Result
     let gate = ctl
         .store
         .tx(move |tx| {
-            identity::gate(
+            let g = identity::gate(
                 tx,
                 &call,
                 Some((&hb.agent_version, facts.as_deref())),
                 now,
                 quiet,
-            )
-            .map(|g| (g, call.machine_id))
+            )?;
+            tx.set_outbox(&call.machine_id, hb.outbox)?;
+            Ok::<_, ApiError>((g, call.machine_id))
         })
         .await?;
     match gate {
@@ -146,14 +147,16 @@ pub async fn poll(
                     Some(hold),
                 )?;
                 // Acks are the agent's record of what it holds: applied even in a conflict.
-                tx.ack(&c.machine_id, &r.ack_assignments, &r.ack_cancels)?;
+                let acked = tx.ack(&c.machine_id, &r.ack_assignments, &r.ack_cancels)?;
                 if g.conflict {
-                    return Ok(None);
+                    return Ok((acked, None));
                 }
-                look(tx, &c, now, quiet).map(Some)
+                Ok::<_, ApiError>((acked, Some(look(tx, &c, now, quiet)?)))
             })
             .await?
     };
+    let (acked, first) = first;
+    ctl.metrics.acknowledged(&acked, now_ms());
     let Some(first) = first else {
         ctl.wake(std::slice::from_ref(&machine_id));
         return Err(identity::conflict_error(&machine_id));
@@ -270,22 +273,42 @@ pub async fn events(
     let batch: EventBatch = parse_json(body)?;
     let now = now_ms();
     let quiet = ctl.cfg.identity_conflict_quiet;
-    let (out, wake) = ctl
+    let out = ctl
         .store
         .tx(move |tx| {
             identity::gate(tx, &call, None, now, quiet)?;
             let machine_id = call.machine_id;
             let mut out = EventsApplied::default();
             let mut wake = Vec::new();
+            let mut ended = Vec::new();
+            let mut delivered = Vec::new();
             for ev in &batch.events {
+                // A STARTED or RESULT before the next poll's acknowledgement is the first word
+                // that the agent has the assignment (the dispatch latency ends there).
+                if matches!(ev.body, EventBody::Started | EventBody::Result(_)) {
+                    if let Some(row) = tx.assignment(&ev.assignment_id)? {
+                        if row.machine_id == machine_id && !row.delivered {
+                            delivered.extend(row.dispatched_ms);
+                        }
+                    }
+                }
                 match super::progress::apply_event(tx, &machine_id, ev, now, &mut wake)? {
-                    Applied::Applied => out.applied += 1,
+                    Applied::Applied => {
+                        out.applied += 1;
+                        if let EventBody::Result(r) = &ev.body {
+                            ended.extend(clock::parse_rfc3339(&r.finished_at).map(clock::unix_ms));
+                        }
+                    }
                     Applied::Duplicate => out.duplicates += 1,
                 }
             }
-            Ok::<_, ApiError>((out, wake))
+            Ok::<_, ApiError>((out, wake, ended, delivered))
         })
         .await?;
+    let (out, wake, ended, delivered) = out;
+    ctl.metrics.acknowledged(&delivered, now_ms());
+    ctl.metrics.events(out.applied, out.duplicates);
+    ctl.metrics.results(&ended, now_ms());
     ctl.wake(&wake);
     Ok(out)
 }

@@ -2,7 +2,7 @@
 //! from the verified client certificate, in the same transaction as the action (so the two
 //! commit together or not at all), and told to the journal once it has committed
 //! (`FIELDHAND_OPERATOR`, `FIELDHAND_ACTION`, `FIELDHAND_TARGET`). `GET /v1/audit` lists the
-//! records newest first.
+//! records newest first (`lists::audit`).
 //!
 //! A request is stored without its secrets: a field named like one ([`SECRET_FIELDS`]) is
 //! replaced wherever it is, so a request type that gains such a field later cannot leak it
@@ -11,11 +11,9 @@
 use serde::Serialize;
 
 use super::errors::ApiError;
-use super::lists::{Cursor, ListKind, Page, Query};
 use super::store::{AuditRow, StoreError, Tx};
 use super::Controller;
 use crate::pki::Identity;
-use crate::proto::api;
 use crate::proto::domain::AuditAction;
 use crate::sys::clock;
 
@@ -101,42 +99,6 @@ pub async fn record_alone<T: Serialize + Send + 'static>(
         .tx(move |tx| record(tx, &by, action, &target, &request))
         .await?;
     Ok(())
-}
-
-fn view(r: AuditRow) -> api::AuditRecord {
-    api::AuditRecord {
-        at: clock::from_unix_ms(r.at_ms)
-            .map(clock::rfc3339)
-            .unwrap_or_default(),
-        request: serde_json::from_str(&r.request_json)
-            .unwrap_or(serde_json::Value::String(r.request_json)),
-        audit_id: r.audit_id,
-        operator: r.operator,
-        action: r.action,
-        target: r.target,
-    }
-}
-
-/// `GET /v1/audit?limit=&cursor=`, newest first.
-pub async fn list(
-    ctl: &Controller,
-    query: Option<&str>,
-) -> Result<Page<api::AuditRecord>, ApiError> {
-    let q = Query::parse(query, &["limit", "cursor"])?;
-    let limit = q.limit()?;
-    let after = q.cursor(ListKind::Audit)?;
-    let rows = ctl
-        .store
-        .tx(move |tx| {
-            let after = after.as_ref().map(|c| (c.ms.unwrap_or(0), c.id.as_str()));
-            tx.audit_page(after, limit + 1)
-        })
-        .await?;
-    Ok(Page::of(rows, limit, ListKind::Audit, |r| Cursor {
-        ms: Some(r.at_ms),
-        id: r.audit_id.clone(),
-    })
-    .map(view))
 }
 
 #[cfg(test)]

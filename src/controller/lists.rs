@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use super::errors::{one_of, ApiError};
-use super::store::{MachineFilter, PoolCount, TaskFilter, TaskSummaryRow};
+use super::store::{AuditRow, MachineFilter, PoolCount, TaskFilter, TaskSummaryRow};
 use super::Controller;
 use crate::proto::api;
 use crate::proto::domain::{ErrorCode, TaskKind, TaskState};
@@ -474,6 +474,42 @@ pub async fn get_pool(ctl: &Controller, pool_id: String) -> Result<api::Pool, Ap
             })
         })
         .await
+}
+
+fn audit_view(r: AuditRow) -> api::AuditRecord {
+    api::AuditRecord {
+        at: clock::from_unix_ms(r.at_ms)
+            .map(clock::rfc3339)
+            .unwrap_or_default(),
+        request: serde_json::from_str(&r.request_json)
+            .unwrap_or(serde_json::Value::String(r.request_json)),
+        audit_id: r.audit_id,
+        operator: r.operator,
+        action: r.action,
+        target: r.target,
+    }
+}
+
+/// `GET /v1/audit?limit=&cursor=`, newest first.
+pub async fn audit(
+    ctl: &Controller,
+    query: Option<&str>,
+) -> Result<Page<api::AuditRecord>, ApiError> {
+    let q = Query::parse(query, &["limit", "cursor"])?;
+    let limit = q.limit()?;
+    let after = q.cursor(ListKind::Audit)?;
+    let rows = ctl
+        .store
+        .tx(move |tx| {
+            let after = after.as_ref().map(|c| (c.ms.unwrap_or(0), c.id.as_str()));
+            tx.audit_page(after, limit + 1)
+        })
+        .await?;
+    Ok(Page::of(rows, limit, ListKind::Audit, |r| Cursor {
+        ms: Some(r.at_ms),
+        id: r.audit_id.clone(),
+    })
+    .map(audit_view))
 }
 
 #[cfg(test)]

@@ -112,6 +112,7 @@ pub(super) async fn reap_loop(ctl: Arc<Controller>) {
             .await;
         match res {
             Ok((n, wake)) => {
+                ctl.metrics.unreachable(n);
                 if n > 0 {
                     tracing::warn!(machines = n, "declared silent machines unreachable");
                 }

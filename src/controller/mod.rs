@@ -14,6 +14,7 @@ pub mod identity;
 pub mod images;
 pub mod lists;
 mod loops;
+pub mod metrics;
 pub mod openapi;
 pub mod progress;
 pub mod quickstart;
@@ -90,6 +91,7 @@ pub struct Controller {
     /// This process among the replicas sharing a database (wake-ups it sent itself are
     /// not delivered twice).
     replica: String,
+    metrics: metrics::ControllerMetrics,
 }
 
 /// `403 CERT_REVOKED`.
@@ -290,6 +292,7 @@ pub async fn run(
         signer,
         issuer,
     } = parts;
+    let store_seconds = store.transaction_seconds();
     let ctl = Arc::new(Controller {
         store,
         blobs,
@@ -301,6 +304,7 @@ pub async fn run(
         issuer,
         revoked: identity::Revoked::default(),
         replica: uuid::Uuid::new_v4().to_string(),
+        metrics: metrics::ControllerMetrics::new(store_seconds),
     });
     // Wake-ups from the other replicas (PostgreSQL): until this controller is dropped.
     let weak = Arc::downgrade(&ctl);

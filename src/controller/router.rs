@@ -61,6 +61,27 @@ impl Controller {
                 "the client certificate carries no urn:fieldhand identity",
             ));
         };
+        if segs == ["metrics"] {
+            return match (peer.role, &method) {
+                (Role::Operator | Role::Metrics, &Method::GET) => {
+                    let text = super::metrics::render(self).await?;
+                    Ok(Response::builder()
+                        .status(StatusCode::OK)
+                        .header(
+                            http::header::CONTENT_TYPE,
+                            crate::metrics_text::CONTENT_TYPE,
+                        )
+                        .body(crate::net::full(text.into_bytes()))
+                        .unwrap_or_else(|_| empty(StatusCode::INTERNAL_SERVER_ERROR)))
+                }
+                (Role::Operator | Role::Metrics, _) => Err(no_route(&method, &path, &segs)),
+                (Role::Agent, _) => Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    ErrorCode::Forbidden,
+                    format!("{peer} may not read /metrics: operator and metrics certificates may"),
+                )),
+            };
+        }
         let area = match segs.first() {
             Some(&"agent") => Role::Agent,
             Some(&"v1") => Role::Operator,
@@ -75,6 +96,7 @@ impl Controller {
             let allowed = match peer.role {
                 Role::Agent => "agent certificates may only use the agent protocol (/agent/v1)",
                 Role::Operator => "operator certificates may only use the operator API (/v1)",
+                Role::Metrics => "metrics certificates may only GET /metrics",
             };
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -109,7 +131,7 @@ impl Controller {
                     session: identity::Session::from_header(header)?,
                 })
             }
-            Role::Operator => None,
+            Role::Operator | Role::Metrics => None,
         };
         let ok = |v: &dyn erased::Json| Ok(v.respond(StatusCode::OK));
         // Payload routes stream their bodies instead of buffering them.
@@ -261,7 +283,7 @@ impl Controller {
                 ok(&lists::get_pool(self, pool.to_string()).await?)
             }
             (Role::Operator, &Method::GET, ["audit"]) => {
-                page(audit::list(self, query.as_deref()).await?)
+                page(lists::audit(self, query.as_deref()).await?)
             }
             (Role::Operator, &Method::POST, ["tasks", id, "retry"]) => {
                 ok(&rerun::retry(self, &peer, id.to_string()).await?)
@@ -378,7 +400,24 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "v1/revocations"),
     ("GET", "v1/audit"),
     ("GET", "v1/openapi.json"),
+    ("GET", "metrics"),
 ];
+
+/// The route a request took, as its pattern in [`ROUTES`] (`v1/tasks/*`): the label of its
+/// metrics, so ids never become label values.
+fn route_label(method: &Method, path: &str) -> &'static str {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    ROUTES
+        .iter()
+        .find(|(m, pattern)| {
+            let p: Vec<&str> = pattern.split('/').collect();
+            *m == method.as_str()
+                && p.len() == segs.len()
+                && p.iter().zip(&segs).all(|(a, b)| *a == "*" || a == b)
+        })
+        .map(|(_, p)| *p)
+        .unwrap_or("unmatched")
+}
 
 /// 405 with the methods the path allows, or 404 for a path no route has.
 fn no_route(method: &Method, path: &str, segs: &[&str]) -> ApiError {
@@ -446,7 +485,8 @@ impl Handler for Router {
         let ctl = self.0.clone();
         async move {
             let (method, path) = (req.method().clone(), req.uri().path().to_string());
-            match ctl.route(req, peer).await {
+            let began = std::time::Instant::now();
+            let response = match ctl.route(req, peer).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::debug!(%method, %path, status = %e.status, code = %e.code, msg = %e.msg, "request refused");
@@ -471,7 +511,14 @@ impl Handler for Router {
                     }
                     r
                 }
-            }
+            };
+            ctl.metrics.request(
+                route_label(&method, &path),
+                method.as_str(),
+                response.status().as_u16(),
+                began.elapsed(),
+            );
+            response
         }
     }
 }

@@ -143,3 +143,118 @@ fn the_agents_counters_move_with_its_work_and_pass_promtool() {
     );
     promtool_check(&text);
 }
+
+#[test]
+fn the_controllers_metrics_count_the_fleet_and_its_work_for_operators_and_scrapers_only() {
+    let env = Env::new();
+    let ctl = env.controller();
+    let _a = env.agent(&ctl, "c1", "pool-c");
+    let _b = env.agent(&ctl, "c2", "pool-c");
+    let op = env.operator(&ctl);
+    op.wait_online(&["c1", "c2"], T);
+    let text = |c: &crate::support::Client| -> String {
+        let (s, v) = c.get("/metrics");
+        assert_eq!(s, 200, "{v}");
+        v.as_str().expect("text, not JSON").to_string()
+    };
+    let before = text(&op);
+    assert_eq!(
+        sample(
+            &before,
+            "fieldhand_machines{pool=\"pool-c\",online=\"true\"}"
+        ),
+        Some(2.0),
+        "{before}"
+    );
+    let applied = "fieldhand_agent_events_total{outcome=\"applied\"}";
+    assert_eq!(sample(&before, applied), None, "{before}");
+    promtool_check(&before);
+    let (_, headers, _) = op.get_with("/metrics", &[]);
+    assert!(
+        headers[http::header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4"),
+        "{headers:?}"
+    );
+
+    let task = op.execute(
+        "pool-c",
+        json!({"command_content": "true", "command_type": "sh"}),
+    );
+    let t = op.wait_task(&task, T);
+    assert_eq!(t["state"], "SUCCEEDED", "{t:#}");
+    let after = text(&op);
+    // STARTED and RESULT from each of the two machines.
+    assert_eq!(sample(&after, applied), Some(4.0), "{after}");
+    assert_eq!(
+        sample(
+            &after,
+            "fieldhand_tasks{kind=\"script_execution\",state=\"SUCCEEDED\"}"
+        ),
+        Some(1.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, "fieldhand_dispatch_latency_seconds_count"),
+        Some(2.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, "fieldhand_result_latency_seconds_count"),
+        Some(2.0),
+        "{after}"
+    );
+    assert!(
+        sample(
+            &after,
+            "fieldhand_http_requests_total{route=\"v1/tasks/*\",method=\"GET\",status=\"200\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{after}"
+    );
+    assert!(
+        sample(&after, "fieldhand_db_transaction_duration_seconds_count").unwrap() > 0.0,
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, "fieldhand_agent_certificates_expiring_14d"),
+        Some(0.0),
+        "{after}"
+    );
+    promtool_check(&after);
+
+    // A scraper's certificate reads /metrics and nothing else; an agent's may not read it.
+    let out = run(
+        crate::support::CONTROLLER,
+        &[
+            "pki",
+            "issue",
+            "--dir",
+            env.pki.to_str().unwrap(),
+            "--metrics",
+            "prom",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scraper = env.client(&ctl, Some(("metrics/prom.pem", "metrics/prom-key.pem")));
+    assert!(text(&scraper).contains("fieldhand_machines"));
+    let (s, v) = scraper.get("/v1/machines");
+    assert_eq!(
+        (s, v["error_code"].as_str()),
+        (403, Some("FORBIDDEN")),
+        "{v}"
+    );
+    let agent = env.agent_client(&ctl, "c1");
+    let (s, v) = agent.get("/metrics");
+    assert_eq!(
+        (s, v["error_code"].as_str()),
+        (403, Some("FORBIDDEN")),
+        "{v}"
+    );
+}

@@ -16,6 +16,7 @@ const STEPS: &[(u32, &str)] = &[
     (3, V3_BATCH_INDEX),
     (4, V4_LISTS_AND_AUDIT),
     (5, V5_RATE),
+    (6, V6_OUTBOX),
 ];
 
 /// Version 2: the controller alone decides pools (so `machines.pool_id` may be empty), the
@@ -133,6 +134,11 @@ CREATE TABLE pool_settings (
 pub fn versions() -> Vec<u32> {
     STEPS.iter().map(|(v, _)| *v).collect()
 }
+
+/// Version 6: what each agent's last heartbeat said its outbox holds (`GET /metrics`).
+const V6_OUTBOX: &str = r#"
+ALTER TABLE machines ADD COLUMN outbox_events BIGINT;
+"#;
 
 /// The version this build writes.
 pub const LATEST: u32 = STEPS[STEPS.len() - 1].0;

@@ -14,6 +14,7 @@
 mod audit;
 mod blobrefs;
 mod columns;
+mod gauges;
 mod identity;
 mod images;
 mod lists;
@@ -25,6 +26,7 @@ mod tasks;
 mod writer;
 
 pub use audit::AuditRow;
+pub use gauges::FleetGauges;
 pub use identity::{EnrollmentTokenRow, RevocationRow, SessionVerdict, TokenCheck};
 pub use images::{ImageRow, MachineImageRow, PoolImageRow};
 pub use lists::{MachineFilter, PoolCount, TaskFilter, TaskSummaryRow};
@@ -412,6 +414,11 @@ impl Store {
     /// Transactions waiting for the database now.
     pub fn queue_depth(&self) -> usize {
         self.writer.depth()
+    }
+
+    /// How long each transaction's statements take (for `GET /metrics`).
+    pub fn transaction_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.writer.transaction_seconds()
     }
 
     /// How long transactions wait for the database (the load the router sheds on).

@@ -552,20 +552,27 @@ impl Tx<'_> {
         Ok((out, cancels))
     }
 
+    /// Records what the agent acknowledged; the dispatch times of the assignments it
+    /// acknowledged for the first time (for the dispatch latency).
     pub fn ack(
         &mut self,
         machine_id: &str,
         assignments: &[String],
         cancels: &[String],
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<i64>, StoreError> {
+        let mut dispatched = Vec::new();
         for a in assignments {
-            self.tx
-                .exec(
+            let first: Vec<Option<i64>> = self
+                .tx
+                .all(
                     "UPDATE task_machines SET delivered = 1
-                     WHERE machine_id = ?1 AND assignment_id = ?2",
+                     WHERE machine_id = ?1 AND assignment_id = ?2 AND delivered = 0
+                     RETURNING dispatched_ms",
                     params![machine_id, a],
+                    |r| r.get(0),
                 )
                 .ctx("acknowledging an assignment")?;
+            dispatched.extend(first.into_iter().flatten());
         }
         for a in cancels {
             self.tx
@@ -576,7 +583,7 @@ impl Tx<'_> {
                 )
                 .ctx("acknowledging a cancellation")?;
         }
-        Ok(())
+        Ok(dispatched)
     }
 
     /// Records an idempotency key; `false` if it had been applied before.

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tokio::sync::{mpsc, oneshot};
 
 use super::sql::{self, Conn};
@@ -47,6 +48,8 @@ pub struct Writer {
     depth: Arc<AtomicUsize>,
     /// How long the oldest transaction of the last group waited, in ms (0 when idle).
     lag_ms: Arc<AtomicU64>,
+    /// How long each transaction's body ran (shared with the metrics registry).
+    tx_seconds: Histogram,
 }
 
 impl Writer {
@@ -56,6 +59,9 @@ impl Writer {
         let depth = Arc::new(AtomicUsize::new(0));
         let lag_ms = Arc::new(AtomicU64::new(0));
         let (d, lag) = (depth.clone(), lag_ms.clone());
+        // 100 µs to about 3 s.
+        let tx_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 15));
+        let seconds = tx_seconds.clone();
         std::thread::Builder::new()
             .name("fieldhand-db".into())
             .spawn(move || {
@@ -84,7 +90,7 @@ impl Writer {
                         }
                     }
                     d.fetch_sub(group.len(), Ordering::Relaxed);
-                    run_group(&mut backend, &mut group);
+                    run_group(&mut backend, &mut group, &seconds);
                 }
             })
             .expect("start the database writer thread");
@@ -92,7 +98,12 @@ impl Writer {
             jobs,
             depth,
             lag_ms,
+            tx_seconds,
         }
+    }
+
+    pub fn transaction_seconds(&self) -> Histogram {
+        self.tx_seconds.clone()
     }
 
     /// Transactions waiting for the writer now.
@@ -158,7 +169,7 @@ pub enum Backend {
 }
 
 /// Runs the jobs of one group in one transaction, each in its own savepoint.
-fn run_group(backend: &mut Backend, group: &mut Vec<Job>) {
+fn run_group(backend: &mut Backend, group: &mut Vec<Job>, seconds: &Histogram) {
     let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
     let outcome = match backend {
         Backend::Sqlite(conn) => (|| -> Result<(), StoreError> {
@@ -173,6 +184,7 @@ fn run_group(backend: &mut Backend, group: &mut Vec<Job>) {
                         power_limit: None,
                     },
                     &mut replies,
+                    seconds,
                 )?;
             }
             t.commit().ctx("committing")
@@ -199,7 +211,7 @@ fn run_group(backend: &mut Backend, group: &mut Vec<Job>) {
                             committed: Vec::new(),
                             power_limit: None,
                         };
-                        run_job(job, tx, &mut replies)?;
+                        run_job(job, tx, &mut replies, seconds)?;
                     }
                     client.batch_execute("COMMIT").ctx("committing")
                 };
@@ -233,8 +245,16 @@ fn run_group(backend: &mut Backend, group: &mut Vec<Job>) {
 /// Runs one job in its savepoint: released if the job succeeded, rolled back if it failed or
 /// panicked (a panic drops the job's reply sender, so its caller learns of it; the other
 /// jobs of the group go on).
-fn run_job(job: Job, mut tx: Tx<'_>, replies: &mut Vec<Reply>) -> Result<(), StoreError> {
-    match catch_unwind(AssertUnwindSafe(|| (job.body)(&mut tx))) {
+fn run_job(
+    job: Job,
+    mut tx: Tx<'_>,
+    replies: &mut Vec<Reply>,
+    seconds: &Histogram,
+) -> Result<(), StoreError> {
+    let began = Instant::now();
+    let outcome = catch_unwind(AssertUnwindSafe(|| (job.body)(&mut tx)));
+    seconds.observe(began.elapsed().as_secs_f64());
+    match outcome {
         Ok(Some(reply)) => {
             tx.tx.finish(true).ctx("releasing a savepoint")?;
             replies.push(reply);
