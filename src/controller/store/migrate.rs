@@ -221,7 +221,9 @@ mod tests {
         c.prepare("SELECT retry_of, power_waiting, errors_accepted, wave_limit FROM tasks")
             .unwrap();
         c.prepare("SELECT power_pool FROM task_machines").unwrap();
-        assert_eq!(LATEST, 5);
+        // Version 6's column.
+        c.prepare("SELECT outbox_events FROM machines").unwrap();
+        assert_eq!(LATEST, 6);
         // Version 2's columns are there.
         c.execute(
             "INSERT INTO machines (machine_id, agent_version, last_seen_ms, cert_serial)
