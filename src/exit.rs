@@ -6,10 +6,16 @@ pub enum Exit {
     Ok,
     /// The command ran but its job failed (e.g. the quickstart task did not succeed).
     Failure,
+    /// `fieldhandctl`: the task ended `HALTED` (its gray batch reached the threshold).
+    Halted,
+    /// `fieldhandctl`: the task ended `CANCELLED`.
+    Cancelled,
     /// Bad flags or arguments (EX_USAGE).
     Usage,
     /// Input data was wrong (EX_DATAERR).
     DataErr,
+    /// An input file could not be read (EX_NOINPUT).
+    NoInput,
     /// A peer could not be reached (EX_UNAVAILABLE).
     Unavailable,
     /// A bug or an unexpected internal error (EX_SOFTWARE).
@@ -18,6 +24,9 @@ pub enum Exit {
     CantCreate,
     /// An I/O error (EX_IOERR).
     IoErr,
+    /// The peer does not speak our protocol: e.g. a controller without a route this
+    /// command needs, or an answer that does not decode (EX_PROTOCOL).
+    Protocol,
     /// Try again later: e.g. another agent holds the state directory (EX_TEMPFAIL).
     TempFail,
     /// Configuration is missing or invalid (EX_CONFIG).
@@ -29,13 +38,17 @@ impl Exit {
         match self {
             Exit::Ok => 0,
             Exit::Failure => 1,
+            Exit::Halted => 2,
+            Exit::Cancelled => 3,
             Exit::Usage => 64,
             Exit::DataErr => 65,
+            Exit::NoInput => 66,
             Exit::Unavailable => 69,
             Exit::Software => 70,
             Exit::CantCreate => 73,
             Exit::IoErr => 74,
             Exit::TempFail => 75,
+            Exit::Protocol => 76,
             Exit::Config => 78,
         }
     }

@@ -1,6 +1,6 @@
-//! fieldhand: a fleet agent (`fieldhand`) and its controller (`fieldhand-controller`) that
-//! run operator work on Linux desktops and hypervisor hosts over mutual TLS, and report every
-//! result back exactly once.
+//! fieldhand: a fleet agent (`fieldhand`), its controller (`fieldhand-controller`) and the
+//! operator CLI (`fieldhandctl`) that run operator work on Linux desktops and hypervisor
+//! hosts over mutual TLS, and report every result back exactly once.
 //!
 //! # Code map, in reading order
 //!
@@ -10,7 +10,11 @@
 //!   batch, machine and run states, power and logoff steps, seed 001's image states and
 //!   pool operations, and the one `ErrorCode`. An assignment is one `Work` enum (scripts,
 //!   software stage, image stage, apply, remove), flattened on the wire as in 0.1.0.
+//!   `proto::ctl` is the operator CLI's side: requests `api` has no type for yet, and
+//!   lenient views (unknown fields ignored) of the listing routes.
 //! - [`config`]: raw TOML (`deny_unknown_fields`) into validated configs; errors name the key.
+//!   `config::ctl` resolves the CLI's connection settings: flag, else environment, else
+//!   `ctl.toml`.
 //! - [`pki`]: the fleet's root CA and the issuing CA the controller signs enrollments and
 //!   renewals with, certificate issuance (a pool may be bound at issue time), CSRs, and
 //!   [`pki::Identity`] (role + name) bound in each certificate as a URI SAN.
@@ -76,11 +80,17 @@
 //!   configured controller replicas is in use: the pure choice `Endpoints`, round robin
 //!   when one cannot be reached, and `Controllers`, a client per replica), the jittered
 //!   `backoff` of every retry loop (link, enrollment, renewal), and the local `status` socket.
-//! - [`daemon`], [`exit`]: logging, shutdown signals and exit codes shared by the binaries.
+//! - [`ctl`]: `fieldhandctl`, a thin client of the operator API: `api` (every request as a
+//!   pure `Call`, then sent; listings followed by their cursor; a missing route says
+//!   "upgrade it"), the commands (`fleet`, `work`, `tasks`), `watch` (a task followed to its
+//!   end: bars on a terminal, a line per change otherwise) and `table` (80 columns).
+//! - [`daemon`], [`exit`]: logging, shutdown signals and exit codes shared by the binaries;
+//!   [`manpages`]: man pages and shell completions made from each binary's clap definition.
 //!
-//! Entry points: `src/bin/fieldhand.rs` (`agent`, `status`, `seal`) and
-//! `src/bin/fieldhand-controller.rs` (`serve`, `pki`, `quickstart`); each only parses
-//! arguments, loads config and calls one `run`/`serve`.
+//! Entry points: `src/bin/fieldhand.rs` (`agent`, `status`, `seal`),
+//! `src/bin/fieldhand-controller.rs` (`serve`, `pki`, `quickstart`) and
+//! `src/bin/fieldhandctl.rs` (the operator CLI); each only parses arguments, loads config
+//! and calls one `run`/`serve` (each also has a hidden `generate --dir D` for packaging).
 //!
 //! # Architecture invariants
 //!
@@ -160,8 +170,10 @@
 pub mod agent;
 pub mod config;
 pub mod controller;
+pub mod ctl;
 pub mod daemon;
 pub mod exit;
+pub mod manpages;
 pub mod metrics_text;
 pub mod net;
 pub mod payload;

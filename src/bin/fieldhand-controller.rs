@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{ArgGroup, Parser, Subcommand};
+use clap::{ArgGroup, CommandFactory, Parser, Subcommand};
 use fieldhand::config::controller::{ControllerConfig, DEFAULT_PATH};
 use fieldhand::exit::Exit;
 use fieldhand::pki::Identity;
@@ -35,6 +35,12 @@ enum Cmd {
         /// Controller configuration file (its `database_url`).
         #[arg(long, default_value = DEFAULT_PATH)]
         config: PathBuf,
+    },
+    /// Write the man page and shell completions to DIR (for packaging).
+    #[command(hide = true)]
+    Generate {
+        #[arg(long)]
+        dir: PathBuf,
     },
     /// Create the CA and certificates.
     #[command(subcommand)]
@@ -102,6 +108,7 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Serve { config } => serve(config),
         Cmd::Migrate { config } => migrate(config),
+        Cmd::Generate { dir } => generate(&dir),
         Cmd::Pki(cmd) => pki(cmd),
         Cmd::Quickstart { dir, agents, exit } => quickstart(dir, agents, exit),
     }
@@ -243,6 +250,21 @@ fn quickstart(dir: PathBuf, agents: u32, exit: bool) -> ExitCode {
         Err(e) => {
             let code = e.exit();
             fail(e, code)
+        }
+    }
+}
+
+fn generate(dir: &std::path::Path) -> ExitCode {
+    match fieldhand::manpages::generate(Cli::command(), dir) {
+        Ok(files) => {
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            Exit::Ok.into()
+        }
+        Err(e) => {
+            eprintln!("fieldhand-controller: {e}");
+            Exit::CantCreate.into()
         }
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use fieldhand::config::agent::{AgentConfig, DEFAULT_PATH, DEFAULT_SOCKET_PATH};
 use fieldhand::exit::Exit;
 
@@ -36,6 +36,12 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Write the man page and shell completions to DIR (for packaging).
+    #[command(hide = true)]
+    Generate {
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Show what the local agent is doing (works while the controller is down).
     Status {
         /// Print one JSON document instead of text.
@@ -61,6 +67,7 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Agent { config } => agent(config),
         Cmd::Seal { config } => seal(config),
+        Cmd::Generate { dir } => generate(&dir),
         Cmd::Status {
             json,
             metrics,
@@ -193,6 +200,21 @@ fn status(json: bool, metrics: bool, config: Option<PathBuf>, socket: Option<Pat
         Err(e) => {
             eprintln!("fieldhand: {e}");
             Exit::Unavailable.into()
+        }
+    }
+}
+
+fn generate(dir: &std::path::Path) -> ExitCode {
+    match fieldhand::manpages::generate(Cli::command(), dir) {
+        Ok(files) => {
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            Exit::Ok.into()
+        }
+        Err(e) => {
+            eprintln!("fieldhand: {e}");
+            Exit::CantCreate.into()
         }
     }
 }

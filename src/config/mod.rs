@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod controller;
+pub mod ctl;
 
 use std::path::{Path, PathBuf};
 

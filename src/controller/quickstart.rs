@@ -2,7 +2,8 @@
 //! creates a PKI, starts a real controller on SQLite, makes an enrollment token, starts N real
 //! agents as child processes (each with its own state dir and only the token: each makes its
 //! own key and enrolls), submits a gray-batch script execution through the operator API over
-//! mutual TLS, and prints the per-machine result table.
+//! mutual TLS, and prints the per-machine result table. It leaves a `ctl.toml` for
+//! `fieldhandctl` (the operator certificate) in its directory.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -315,8 +316,20 @@ pub async fn run(
         stop_all(children).await;
         return Ok(Report { task });
     }
+    // The operator CLI's settings for this quickstart's controller and operator.
+    let ctl_toml = dir.join(CTL_CONFIG);
+    write(
+        &ctl_toml,
+        &crate::config::ctl::render(
+            &format!("https://{addr}"),
+            &pki.join("ca.pem"),
+            &op_cert,
+            &pki.join("operators").join(format!("{OPERATOR}-key.pem")),
+        ),
+    )?;
     println!(
-        "\nStill running; press Ctrl-C to stop. Paste this into a shell to use the operator API:\n\n{}\n  op $URL/v1/machines\n  {agent} status --socket {sock}",
+        "\nStill running; press Ctrl-C to stop. Paste this into a shell to use the operator CLI:\n\n{}\n\nor the raw API with curl:\n\n{}\n  op $URL/v1/machines\n\nand ask an agent what it is doing:\n\n  {agent} status --socket {sock}",
+        ctl_usage(&ctl_toml, &opts.controller_bin.with_file_name("fieldhandctl")),
         operator_helper(&pki, &addr),
         agent = opts.agent_bin.display(),
         sock = dir.join("agents/qs-agent-1/agent.sock").display(),
@@ -324,6 +337,20 @@ pub async fn run(
     shutdown.await;
     stop_all(children).await;
     Ok(Report { task })
+}
+
+/// The operator CLI's config file, in the quickstart's directory.
+pub const CTL_CONFIG: &str = "ctl.toml";
+
+/// Shell lines that point `fieldhandctl` at the quickstart (`FIELDHAND_CTL_CONFIG`, so
+/// every later command in that shell uses it) and run two commands.
+pub fn ctl_usage(ctl_toml: &Path, ctl_bin: &Path) -> String {
+    format!(
+        "  export {}='{}'\n  {ctl} machines ls\n  {ctl} run --pool {POOL} --command 'uname -sr' --wait",
+        crate::config::ctl::CONFIG_ENV,
+        ctl_toml.display(),
+        ctl = ctl_bin.display(),
+    )
 }
 
 /// Shell lines that define `URL` and `op` (curl with the operator's certificate), with

@@ -207,7 +207,7 @@ impl HttpsClient {
         path: &str,
         body: Option<Bytes>,
         content_type: Option<&str>,
-    ) -> Result<(StatusCode, Option<Duration>, Bytes), NetError> {
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), NetError> {
         let mut headers = Vec::new();
         if let Some(ct) = content_type {
             headers.push((header::CONTENT_TYPE, ct.to_string()));
@@ -236,12 +236,7 @@ impl HttpsClient {
                 Err(e) => return Err(http_err(e)),
             };
             let status = resp.status();
-            let retry_after = resp
-                .headers()
-                .get(header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+            let head = resp.headers().clone();
             let close = resp
                 .headers()
                 .get(header::CONNECTION)
@@ -261,7 +256,7 @@ impl HttpsClient {
                     since: std::time::Instant::now(),
                 });
             }
-            return Ok((status, retry_after, body));
+            return Ok((status, head, body));
         }
     }
 
@@ -389,6 +384,23 @@ impl HttpsClient {
         T: serde::Serialize + ?Sized,
         R: serde::de::DeserializeOwned,
     {
+        self.json_with_headers(method, path, body, timeout)
+            .await
+            .map(|(r, _)| r)
+    }
+
+    /// [`HttpsClient::json`], with the response headers (e.g. a listing's next-page cursor).
+    pub async fn json_with_headers<T, R>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&T>,
+        timeout: Duration,
+    ) -> Result<(R, http::HeaderMap), NetError>
+    where
+        T: serde::Serialize + ?Sized,
+        R: serde::de::DeserializeOwned,
+    {
         let url = format!("{}{}", self.base, path);
         let payload = match body {
             Some(b) => Some(Bytes::from(serde_json::to_vec(b).map_err(|e| {
@@ -400,7 +412,7 @@ impl HttpsClient {
             None => None,
         };
         let ct = payload.as_ref().map(|_| "application/json");
-        let (status, retry_after, bytes) =
+        let (status, head, bytes) =
             match tokio::time::timeout(timeout, self.exchange(&url, method, path, payload, ct))
                 .await
             {
@@ -412,6 +424,11 @@ impl HttpsClient {
                     })
                 }
             };
+        let retry_after = head
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         if let (StatusCode::SERVICE_UNAVAILABLE, Some(after)) = (status, retry_after) {
             return Err(NetError::Busy {
                 url,
@@ -438,10 +455,11 @@ impl HttpsClient {
         } else {
             &bytes
         };
-        serde_json::from_slice(text).map_err(|e| NetError::Decode {
+        let value = serde_json::from_slice(text).map_err(|e| NetError::Decode {
             url,
             reason: e.to_string(),
-        })
+        })?;
+        Ok((value, head))
     }
 }
 

@@ -174,3 +174,16 @@ pub struct RawEnrollment {
     /// Enrollment attempts accepted per second, all sources together (default 20).
     pub attempts_per_second: Option<u64>,
 }
+
+/// `~/.config/fieldhand/ctl.toml`: the operator CLI's connection settings, each of which a
+/// flag or an environment variable overrides (`config::ctl`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCtl {
+    /// `https://HOST[:PORT]` of the controller.
+    pub url: Option<String>,
+    /// The fleet CA (`ca.pem`), and the operator's certificate and key (`pki issue --operator`).
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod api;
 pub mod config;
+pub mod ctl;
 pub mod domain;
 pub mod state;
 pub mod status;

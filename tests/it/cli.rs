@@ -189,6 +189,25 @@ fn the_quickstart_prints_a_working_operator_helper_and_guards_its_directory() {
         "{body} {}",
         String::from_utf8_lossy(&sh.stderr)
     );
+    // So do the operator CLI's lines: its settings are in the quickstart's ctl.toml.
+    let ctl: String = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("export FIELDHAND_CTL_CONFIG=") || l.ends_with("machines ls"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(ctl.lines().count(), 2, "{text}");
+    let sh = std::process::Command::new("bash")
+        .args(["-c", &format!("cd /; {ctl}")])
+        .env_remove("HOME")
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&sh.stdout);
+    assert!(
+        sh.status.success() && table.contains("qs-agent-1"),
+        "{table} {}",
+        String::from_utf8_lossy(&sh.stderr)
+    );
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(first.id() as i32),
         nix::sys::signal::Signal::SIGINT,

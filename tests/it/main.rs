@@ -8,6 +8,7 @@ mod batches;
 mod cli;
 mod compat;
 mod contain;
+mod ctl;
 mod durability;
 mod failover;
 mod faults;
