@@ -29,6 +29,7 @@ impl Controller {
     async fn route(&self, req: Request<Incoming>, peer: Peer) -> Result<Response<Body>, ApiError> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
+        let query = req.uri().query().map(str::to_string);
         let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
         let Some(cert) = peer.cert.clone() else {
             // No client certificate: enrollment is the only thing such a client can do.
@@ -61,7 +62,7 @@ impl Controller {
         };
         let area = match segs.first() {
             Some(&"agent") => Role::Agent,
-            Some(&"v1") => Role::Operator,
+            Some(&"v1") | Some(&"ui") => Role::Operator,
             _ => {
                 return Err(ApiError::not_found(
                     ErrorCode::NotFound,
@@ -72,7 +73,9 @@ impl Controller {
         if peer.role != area {
             let allowed = match peer.role {
                 Role::Agent => "agent certificates may only use the agent protocol (/agent/v1)",
-                Role::Operator => "operator certificates may only use the operator API (/v1)",
+                Role::Operator => {
+                    "operator certificates may only use the operator API (/v1) and its page (/ui/)"
+                }
             };
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -110,6 +113,10 @@ impl Controller {
             Role::Operator => None,
         };
         let ok = |v: &dyn erased::Json| Ok(v.respond(StatusCode::OK));
+        if segs[0] == "ui" {
+            return super::ui::respond(&method, &segs[1..])
+                .ok_or_else(|| no_route(&method, &path, &segs));
+        }
         // Payload routes stream their bodies instead of buffering them.
         match (area, &method, &segs[1..]) {
             (Role::Operator, &Method::POST, ["blobs"]) => {
@@ -230,6 +237,13 @@ impl Controller {
             (Role::Operator, &Method::GET, ["tasks", id]) => {
                 ok(&api::get_task(self, id.to_string()).await?)
             }
+            (Role::Operator, &Method::GET, ["tasks", id, "summary"]) => {
+                ok(&api::task_summary(self, id.to_string()).await?)
+            }
+            (Role::Operator, &Method::GET, ["tasks", id, "machines"]) => {
+                let q = api::page_query(query.as_deref())?;
+                ok(&api::task_machines_page(self, id.to_string(), q).await?)
+            }
             (Role::Operator, &Method::POST, ["tasks", id, "cancel"]) => {
                 ok(&api::cancel_task(self, id.to_string()).await?)
             }
@@ -299,6 +313,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "v1/scripts"),
     ("POST", "v1/pools/*/script-executions"),
     ("GET", "v1/tasks/*"),
+    ("GET", "v1/tasks/*/summary"),
+    ("GET", "v1/tasks/*/machines"),
     ("POST", "v1/tasks/*/cancel"),
     ("GET", "v1/machines"),
     ("GET", "v1/machines/*"),
@@ -322,6 +338,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "v1/revocations"),
     ("GET", "v1/revocations"),
     ("GET", "v1/openapi.json"),
+    // The rollout page (`controller::ui`): not part of the documented API.
+    ("GET", "ui"),
+    ("GET", "ui/index.html"),
+    ("GET", "ui/app.js"),
+    ("GET", "ui/app.css"),
 ];
 
 /// 405 with the methods the path allows, or 404 for a path no route has.

@@ -185,6 +185,21 @@ impl HttpsClient {
         content_type: Option<&str>,
         timeout: Duration,
     ) -> Result<(StatusCode, Bytes), NetError> {
+        self.request_with_headers(method, path, body, content_type, timeout)
+            .await
+            .map(|(status, _, body)| (status, body))
+    }
+
+    /// [`HttpsClient::request`] with the answer's headers (the loopback forwarder passes
+    /// them on to the browser).
+    pub async fn request_with_headers(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        content_type: Option<&str>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), NetError> {
         let url = format!("{}{}", self.base, path);
         match tokio::time::timeout(
             timeout,
@@ -192,7 +207,7 @@ impl HttpsClient {
         )
         .await
         {
-            Ok(r) => r.map(|(status, _, body)| (status, body)),
+            Ok(r) => r,
             Err(_) => Err(NetError::Timeout {
                 url,
                 after: timeout,
@@ -207,7 +222,7 @@ impl HttpsClient {
         path: &str,
         body: Option<Bytes>,
         content_type: Option<&str>,
-    ) -> Result<(StatusCode, Option<Duration>, Bytes), NetError> {
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), NetError> {
         let mut headers = Vec::new();
         if let Some(ct) = content_type {
             headers.push((header::CONTENT_TYPE, ct.to_string()));
@@ -236,17 +251,12 @@ impl HttpsClient {
                 Err(e) => return Err(http_err(e)),
             };
             let status = resp.status();
-            let retry_after = resp
-                .headers()
-                .get(header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
             let close = resp
                 .headers()
                 .get(header::CONNECTION)
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-            let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE)
+            let (parts, body) = resp.into_parts();
+            let body = http_body_util::Limited::new(body, MAX_RESPONSE)
                 .collect()
                 .await
                 .map_err(|e| NetError::Http {
@@ -261,7 +271,7 @@ impl HttpsClient {
                     since: std::time::Instant::now(),
                 });
             }
-            return Ok((status, retry_after, body));
+            return Ok((status, parts.headers, body));
         }
     }
 
@@ -400,7 +410,7 @@ impl HttpsClient {
             None => None,
         };
         let ct = payload.as_ref().map(|_| "application/json");
-        let (status, retry_after, bytes) =
+        let (status, headers, bytes) =
             match tokio::time::timeout(timeout, self.exchange(&url, method, path, payload, ct))
                 .await
             {
@@ -412,6 +422,11 @@ impl HttpsClient {
                     })
                 }
             };
+        let retry_after = headers
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         if let (StatusCode::SERVICE_UNAVAILABLE, Some(after)) = (status, retry_after) {
             return Err(NetError::Busy {
                 url,

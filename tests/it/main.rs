@@ -23,4 +23,5 @@ mod shedding;
 mod staging;
 mod support;
 mod tidy;
+mod ui;
 mod validation;
