@@ -61,7 +61,8 @@
 //!   from its tasks) and `views` (the provisioning status), as three ordinary tasks per
 //!   push driven by one `pool_images` row), desktop
 //!   `rebuild` (seed 003: per-desktop codes, one `image_rebuild` task whose assignments each
-//!   carry their own image payload), and the `quickstart`.
+//!   carry their own image payload), the `quickstart`, and `ui`: the rollout page at `/ui/`
+//!   (hand-written HTML, script and style sheet compiled into the binary).
 //! - [`agent`]: `run` (start-up wiring), the `core` task owning the state and performing
 //!   effects, the pure state machine (`machine::step`, which dispatches to one handler per
 //!   event in `machine::handlers`; `machine::validate` refuses bad work before it is
@@ -84,11 +85,15 @@
 //!   pure `Call`, then sent; listings followed by their cursor; a missing route says
 //!   "upgrade it"), the commands (`fleet`, `work`, `tasks`), `watch` (a task followed to its
 //!   end: bars on a terminal, a line per change otherwise) and `table` (80 columns).
+//! - [`uiproxy`]: the loopback forwarder that lets a browser without the operator's
+//!   certificate open the rollout page (plain HTTP on loopback, guarded by a one-time
+//!   cookie, forwarded over mutual TLS).
 //! - [`daemon`], [`exit`]: logging, shutdown signals and exit codes shared by the binaries;
-//!   [`manpages`]: man pages and shell completions made from each binary's clap definition.
+//!   [`manpages`]: man pages and shell completions made from each binary's clap definition;
+//!   [`metrics_text`]: the Prometheus text format from prometheus-client's OpenMetrics.
 //!
 //! Entry points: `src/bin/fieldhand.rs` (`agent`, `status`, `seal`),
-//! `src/bin/fieldhand-controller.rs` (`serve`, `pki`, `quickstart`) and
+//! `src/bin/fieldhand-controller.rs` (`serve`, `migrate`, `pki`, `quickstart`, `ui`) and
 //! `src/bin/fieldhandctl.rs` (the operator CLI); each only parses arguments, loads config
 //! and calls one `run`/`serve` (each also has a hidden `generate --dir D` for packaging).
 //!
@@ -105,7 +110,7 @@
 //! - Identity comes only from the verified peer certificate, never from a request field; an
 //!   agent certificate may only use `/agent/v1`, an operator certificate only `/v1`; a
 //!   client without a certificate may only enroll; a revoked serial is refused on every
-//!   route.
+//!   route. The rollout page (`/ui/`) is the operator's, behind the same checks.
 //! - What a machine belongs to is decided by the controller alone: its pool comes from its
 //!   enrollment token, a pool bound in a hand-issued certificate, or an operator's move;
 //!   nothing an agent sends changes it.
@@ -181,3 +186,4 @@ pub mod pki;
 pub mod proto;
 pub mod sys;
 pub mod tls;
+pub mod uiproxy;

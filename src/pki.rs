@@ -125,6 +125,8 @@ pub enum PkiError {
     Generate(#[from] rcgen::Error),
     #[error("the certificate signing request is not usable: {reason}")]
     BadCsr { reason: String },
+    #[error("cannot make the PKCS#12 file {path}: {reason}")]
+    P12 { path: PathBuf, reason: String },
 }
 
 impl PkiError {
@@ -135,7 +137,7 @@ impl PkiError {
             PkiError::Read { .. } | PkiError::BadCa { .. } | PkiError::BadCsr { .. } => {
                 Exit::DataErr
             }
-            PkiError::Generate(_) => Exit::Software,
+            PkiError::Generate(_) | PkiError::P12 { .. } => Exit::Software,
         }
     }
 }
@@ -337,6 +339,83 @@ pub fn issue(
     write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
     write_new(&cert_path, cert.pem().as_bytes(), 0o644)?;
     Ok((cert_path, key_path))
+}
+
+/// Writes an operator's certificate and key, as issued into `dir`, as one PKCS#12 file
+/// (`operators/NAME.p12`, mode 0600) that a browser imports, with the fleet's root CA after
+/// the leaf. Encrypted with PBES2 (PBKDF2-HMAC-SHA256, AES-256-CBC) under a new random
+/// password, which is returned: it is shown once and stored nowhere.
+pub fn export_p12(dir: &Path, operator: &str) -> Result<(PathBuf, String), PkiError> {
+    validate_name("--operator", operator)?;
+    let sub = dir.join("operators");
+    let path = sub.join(format!("{operator}.p12"));
+    refuse_existing(&path)?;
+    let bad = |reason: String| PkiError::P12 {
+        path: path.clone(),
+        reason,
+    };
+    // Read here, not through `tls` (which reads identities from `pki`): PEM files this
+    // module wrote.
+    use rustls::pki_types::pem::PemObject;
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|source| PkiError::Read {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    let certs = |p: PathBuf| -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, PkiError> {
+        let pem = read(&p)?;
+        rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| PkiError::Read {
+                path: p.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })
+    };
+    let leaf = certs(sub.join(format!("{operator}.pem")))?;
+    let ca = certs(dir.join("ca.pem"))?;
+    let key_path = sub.join(format!("{operator}-key.pem"));
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&read(&key_path)?).map_err(|e| {
+        PkiError::Read {
+            path: key_path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        }
+    })?;
+    #[allow(clippy::wildcard_enum_match_arm)] // rustls' key kinds: `pki issue` writes PKCS#8
+    let pkcs8 = match &key {
+        rustls::pki_types::PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
+        _ => return Err(bad(format!("{} is not a PKCS#8 key", key_path.display()))),
+    };
+    let chain: Vec<p12_keystore::Certificate> = leaf
+        .iter()
+        .chain(&ca)
+        .map(|c| p12_keystore::Certificate::from_der(c.as_ref()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    let key = p12_keystore::PrivateKey::from_der(&pkcs8).map_err(|e| bad(e.to_string()))?;
+    // The local key id ties the key bag to its certificate; any stable bytes do.
+    let key_id = ring::digest::digest(&ring::digest::SHA256, leaf[0].as_ref());
+    let mut store = p12_keystore::KeyStore::new();
+    store.add_entry(
+        &format!("fieldhand operator {operator}"),
+        p12_keystore::KeyStoreEntry::PrivateKeyChain(p12_keystore::PrivateKeyChain::new(
+            key_id.as_ref()[..20].to_vec(),
+            key,
+            chain,
+        )),
+    );
+    let mut raw = [0u8; 12];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+        .map_err(|_| bad("no randomness for the password".into()))?;
+    let password = hex::encode(raw);
+    let der = store
+        .writer(&password)
+        .encryption_algorithm(p12_keystore::EncryptionAlgorithm::PbeWithHmacSha256AndAes256)
+        .mac_algorithm(p12_keystore::MacAlgorithm::HmacSha256)
+        .write()
+        .map_err(|e| bad(e.to_string()))?;
+    write_new(&path, &der, 0o600)?;
+    Ok((path, password))
 }
 
 /// The parameters of a client certificate for `who`: the identity (and pool) as URI SANs,

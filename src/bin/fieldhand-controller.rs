@@ -58,6 +58,25 @@ enum Cmd {
         #[arg(long)]
         exit: bool,
     },
+    /// Serve the rollout page to a browser on this machine: plain HTTP on a loopback
+    /// address, forwarded to the controller with an operator's certificate. Prints the
+    /// one-time URL to open.
+    Ui {
+        /// Loopback address to listen on (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:8480")]
+        listen: std::net::SocketAddr,
+        /// The controller, https://HOST[:PORT].
+        #[arg(long)]
+        url: String,
+        /// The fleet's CA certificate.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The operator's certificate and key.
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -97,6 +116,10 @@ enum PkiCmd {
         /// (without it, the machine is in no pool until an operator moves it).
         #[arg(long, requires = "agent")]
         pool: Option<String>,
+        /// With --operator: also write DIR/operators/NAME.p12 (certificate, key and CA) for a
+        /// browser to import; its password is printed once.
+        #[arg(long, requires = "operator")]
+        p12: bool,
     },
 }
 
@@ -111,6 +134,19 @@ fn main() -> ExitCode {
         Cmd::Generate { dir } => generate(&dir),
         Cmd::Pki(cmd) => pki(cmd),
         Cmd::Quickstart { dir, agents, exit } => quickstart(dir, agents, exit),
+        Cmd::Ui {
+            listen,
+            url,
+            ca,
+            cert,
+            key,
+        } => ui(fieldhand::uiproxy::Options {
+            listen,
+            url,
+            ca,
+            cert,
+            key,
+        }),
     }
 }
 
@@ -188,6 +224,7 @@ fn pki(cmd: PkiCmd) -> ExitCode {
             operator,
             metrics,
             pool,
+            p12,
         } => {
             let who = match (agent, operator, metrics) {
                 (Some(a), _, _) => Identity::agent(a),
@@ -200,12 +237,42 @@ fn pki(cmd: PkiCmd) -> ExitCode {
                     unreachable!("clap requires --agent, --operator or --metrics")
                 }
             };
-            fieldhand::pki::issue(&dir, &who, pool.as_deref()).map(|(cert, key)| {
+            fieldhand::pki::issue(&dir, &who, pool.as_deref()).and_then(|(cert, key)| {
                 println!("wrote {}", cert.display());
                 println!("wrote {}", key.display());
+                if p12 {
+                    let (path, password) = fieldhand::pki::export_p12(&dir, &who.name)?;
+                    println!("wrote {}", path.display());
+                    println!("PKCS#12 password (shown once, stored nowhere): {password}");
+                }
+                Ok(())
             })
         }
     };
+    match res {
+        Ok(()) => Exit::Ok.into(),
+        Err(e) => {
+            let code = e.exit();
+            fail(e, code)
+        }
+    }
+}
+
+fn ui(opts: fieldhand::uiproxy::Options) -> ExitCode {
+    fieldhand::daemon::init_logging(&[]);
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let url = opts.url.clone();
+    let res = rt.block_on(fieldhand::uiproxy::run(
+        opts,
+        |l| {
+            println!("forwarding http://{} to {url}", l.addr);
+            println!("open {}", l.open_url);
+        },
+        fieldhand::daemon::shutdown_signal(),
+    ));
     match res {
         Ok(()) => Exit::Ok.into(),
         Err(e) => {

@@ -16,7 +16,9 @@ use super::{audit, engine};
 use crate::pki::Identity;
 use crate::proto::agent::{HostFacts, PowerSpec, ScriptPayload};
 use crate::proto::api::{self, Amount};
-use crate::proto::domain::{AuditAction, ErrorCode, PostFinish, PreStart, TaskKind};
+use crate::proto::domain::{
+    AuditAction, BatchState, ErrorCode, MachineState, PostFinish, PreStart, TaskKind,
+};
 use crate::sys::clock;
 
 /// The interpreters a script may name in `command_type`.
@@ -454,22 +456,26 @@ pub fn task_view(task: &TaskRow, machines: &[TaskMachineRow]) -> api::Task {
         batches,
         machines: machines
             .iter()
-            .map(|m| api::TaskMachine {
-                machine_id: m.machine_id.clone(),
-                batch: m.batch,
-                state: m.state,
-                exit_code: m.outcome.exit_code,
-                stdout: m.outcome.stdout.clone(),
-                stderr: m.outcome.stderr.clone(),
-                output_truncated: m.outcome.output_truncated,
-                started_at: m.outcome.started_at.clone(),
-                finished_at: m.outcome.finished_at.clone(),
-                error_code: m.outcome.error_code,
-                error_msg: m.outcome.error_msg.clone(),
-                components: crate::controller::software::component_view(task, m),
-                power_state: m.power_state,
-            })
+            .map(|m| task_machine_view(task, m))
             .collect(),
+    }
+}
+
+fn task_machine_view(task: &TaskRow, m: &TaskMachineRow) -> api::TaskMachine {
+    api::TaskMachine {
+        machine_id: m.machine_id.clone(),
+        batch: m.batch,
+        state: m.state,
+        exit_code: m.outcome.exit_code,
+        stdout: m.outcome.stdout.clone(),
+        stderr: m.outcome.stderr.clone(),
+        output_truncated: m.outcome.output_truncated,
+        started_at: m.outcome.started_at.clone(),
+        finished_at: m.outcome.finished_at.clone(),
+        error_code: m.outcome.error_code,
+        error_msg: m.outcome.error_msg.clone(),
+        components: crate::controller::software::component_view(task, m),
+        power_state: m.power_state,
     }
 }
 
@@ -484,6 +490,157 @@ pub async fn get_task(ctl: &Controller, task_id: String) -> Result<api::Task, Ap
             })?;
             let machines = tx.task_machines(&task_id)?;
             Ok(task_view(&task, &machines))
+        })
+        .await
+}
+
+fn task_not_found(task_id: &str) -> ApiError {
+    ApiError::not_found(
+        ErrorCode::TaskNotFound,
+        format!("task_id {task_id:?} does not exist"),
+    )
+}
+
+/// Counts by state from `(batch, state, count)` rows: the whole task's, and each batch's.
+type Counts = std::collections::BTreeMap<MachineState, u32>;
+
+fn count_states(rows: &[(u32, MachineState, u32)]) -> (Counts, Vec<api::BatchSummary>) {
+    let mut total = Counts::new();
+    let mut batches: Vec<api::BatchSummary> = Vec::new();
+    for &(batch, state, n) in rows {
+        *total.entry(state).or_default() += n;
+        if batches.last().is_none_or(|b| b.index != batch) {
+            batches.push(api::BatchSummary {
+                index: batch,
+                state: BatchState::Pending,
+                machines: 0,
+                machine_states: Counts::new(),
+            });
+        }
+        let b = batches.last_mut().expect("pushed above");
+        b.machines += n;
+        b.machine_states.insert(state, n);
+    }
+    for b in &mut batches {
+        // `batch_state` asks only "all" and "any" of its states, so the distinct states of
+        // the batch decide it as the full list would.
+        let states: Vec<MachineState> = b.machine_states.keys().copied().collect();
+        b.state = batch_state(&states);
+    }
+    (total, batches)
+}
+
+/// `GET /v1/tasks/{task_id}/summary`: the task with counts, no per-machine row.
+pub async fn task_summary(
+    ctl: &Controller,
+    task_id: String,
+) -> Result<api::TaskProgress, ApiError> {
+    ctl.store
+        .tx(move |tx| {
+            let task = tx.task(&task_id)?.ok_or_else(|| task_not_found(&task_id))?;
+            let (machine_states, batches) = count_states(&tx.task_counts(&task_id)?);
+            Ok(api::TaskProgress {
+                task_id: task.task_id,
+                kind: task.kind,
+                pool_id: task.pool_id,
+                state: task.state,
+                created_at: ms_text(Some(task.created_ms)).unwrap_or_default(),
+                finished_at: ms_text(task.finished_ms),
+                machines: machine_states.values().sum(),
+                machine_states,
+                batches,
+            })
+        })
+        .await
+}
+
+/// What a page of a task's machines may hold at most (and holds without `limit`).
+pub const PAGE_LIMIT_MAX: u32 = 1000;
+pub const PAGE_LIMIT_DEFAULT: u32 = 100;
+
+/// The query of `GET /v1/tasks/{task_id}/machines`, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageQuery {
+    pub state: Option<MachineState>,
+    pub limit: u32,
+    pub offset: u32,
+}
+
+/// Parses `state=&limit=&offset=` (an empty value is the default; any other key is
+/// refused, as unknown body fields are).
+pub fn page_query(query: Option<&str>) -> Result<PageQuery, ApiError> {
+    let mut q = PageQuery {
+        state: None,
+        limit: PAGE_LIMIT_DEFAULT,
+        offset: 0,
+    };
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if value.is_empty() {
+            continue;
+        }
+        let number = |max: u32| {
+            value
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| {
+                    ApiError::invalid(format!("{key} {value:?} must be an integer 0..={max}"))
+                })
+        };
+        match key {
+            "state" => {
+                q.state = Some(one_of(
+                    "state",
+                    value,
+                    MachineState::parse,
+                    MachineState::texts(),
+                )?)
+            }
+            "limit" => {
+                q.limit = number(PAGE_LIMIT_MAX)?;
+                if q.limit == 0 {
+                    return Err(ApiError::invalid(format!(
+                        "limit 0 must be 1..={PAGE_LIMIT_MAX}"
+                    )));
+                }
+            }
+            "offset" => q.offset = number(u32::MAX)?,
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "unknown query parameter {key:?}; known: state, limit, offset"
+                )))
+            }
+        }
+    }
+    Ok(q)
+}
+
+/// `GET /v1/tasks/{task_id}/machines`: one page of the task's machines and its counts.
+pub async fn task_machines_page(
+    ctl: &Controller,
+    task_id: String,
+    q: PageQuery,
+) -> Result<api::TaskMachinePage, ApiError> {
+    ctl.store
+        .tx(move |tx| {
+            let task = tx.task(&task_id)?.ok_or_else(|| task_not_found(&task_id))?;
+            let (machine_states, _) = count_states(&tx.task_counts(&task_id)?);
+            let rows = tx.task_machines_page(&task_id, q.state, q.limit, q.offset)?;
+            let total = match q.state {
+                Some(s) => machine_states.get(&s).copied().unwrap_or(0),
+                None => machine_states.values().sum(),
+            };
+            Ok(api::TaskMachinePage {
+                machines: rows.iter().map(|m| task_machine_view(&task, m)).collect(),
+                task_id: task.task_id,
+                state: task.state,
+                filter_state: q.state,
+                total,
+                offset: q.offset,
+                limit: q.limit,
+                machine_states,
+            })
         })
         .await
 }
@@ -724,6 +881,64 @@ mod tests {
         assert_eq!(Amount::Percent(34).of(3), 2);
         assert_eq!(Amount::Percent(1).of(0), 1);
         assert_eq!(Amount::Count(7).of(3), 7);
+    }
+
+    #[test]
+    fn page_queries_are_checked() {
+        assert_eq!(
+            page_query(None).unwrap(),
+            PageQuery {
+                state: None,
+                limit: PAGE_LIMIT_DEFAULT,
+                offset: 0
+            }
+        );
+        assert_eq!(
+            page_query(Some("state=FAILED&limit=5&offset=10&")).unwrap(),
+            PageQuery {
+                state: Some(MachineState::Failed),
+                limit: 5,
+                offset: 10
+            }
+        );
+        assert_eq!(page_query(Some("state=&limit=")).unwrap().limit, 100);
+        for (q, says) in [
+            ("state=DONE", "state"),
+            ("limit=0", "limit 0"),
+            ("limit=1001", "limit"),
+            ("offset=-1", "offset"),
+            ("cursor=x", "unknown query parameter \"cursor\""),
+        ] {
+            let e = page_query(Some(q)).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{q}");
+            assert!(e.msg.contains(says), "{q}: {}", e.msg);
+        }
+    }
+
+    #[test]
+    fn counts_make_batches_as_the_full_list_does() {
+        use MachineState::*;
+        let (total, batches) = count_states(&[
+            (0, Failed, 1),
+            (0, Succeeded, 4),
+            (1, Pending, 3),
+            (2, Running, 1),
+            (2, Succeeded, 2),
+        ]);
+        assert_eq!(total.values().sum::<u32>(), 11);
+        assert_eq!(total[&Succeeded], 6);
+        let got: Vec<(u32, BatchState, u32)> = batches
+            .iter()
+            .map(|b| (b.index, b.state, b.machines))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, BatchState::Failed, 5),
+                (1, BatchState::Pending, 3),
+                (2, BatchState::Running, 3)
+            ]
+        );
     }
 
     #[test]

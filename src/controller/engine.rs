@@ -250,7 +250,7 @@ fn dispatch(
         };
         // Held back when the room, not the wave, was the bound and it was all used.
         if let Some(r) = room {
-            if got.len() >= r && want.map_or(true, |w| r < w) {
+            if got.len() >= r && want.is_none_or(|w| r < w) {
                 short = true;
             }
         }

@@ -343,7 +343,7 @@ pub async fn list_machines(
                 let exhausted = rows.len() < chunk as usize;
                 from = rows.last().map(|m| m.machine_id.clone());
                 for m in rows {
-                    if online.map_or(true, |o| live.online(&m) == o) && out.len() < want {
+                    if online.is_none_or(|o| live.online(&m) == o) && out.len() < want {
                         out.push(super::api::machine_view(tx, m, &live)?);
                     }
                 }

@@ -25,6 +25,7 @@ pub mod router;
 pub mod settings;
 pub mod software;
 pub mod store;
+pub mod ui;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -26,6 +26,8 @@ const ERRORS: &str = "An error: `{error_code, error_msg}`";
         create_script,
         create_execution,
         get_task,
+        task_summary,
+        task_machines,
         cancel_task,
         retry_task,
         resume_task,
@@ -85,6 +87,22 @@ fn create_execution() {}
 #[utoipa::path(get, path = "/v1/tasks/{task_id}", params(("task_id" = String, Path)),
     responses((status = 200, body = api::Task), (status = "default", description = ERRORS, body = api::ErrorBody)))]
 fn get_task() {}
+
+/// The task with its machines counted by state, per batch and in all: no per-machine row,
+/// so polling it costs the same at any task size.
+#[utoipa::path(get, path = "/v1/tasks/{task_id}/summary", params(("task_id" = String, Path)),
+    responses((status = 200, body = api::TaskProgress), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn task_summary() {}
+
+/// One page of the task's machines (ordered by batch, then machine id), optionally only
+/// those in one state, with the counts a pager needs.
+#[utoipa::path(get, path = "/v1/tasks/{task_id}/machines",
+    params(("task_id" = String, Path),
+           ("state" = Option<crate::proto::domain::MachineState>, Query, description = "only machines in this state"),
+           ("limit" = Option<u32>, Query, description = "rows per page, 1..=1000 (default 100)"),
+           ("offset" = Option<u32>, Query, description = "rows to skip (default 0)")),
+    responses((status = 200, body = api::TaskMachinePage), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+fn task_machines() {}
 
 #[utoipa::path(post, path = "/v1/tasks/{task_id}/cancel", params(("task_id" = String, Path)),
     responses((status = 200, body = api::Task), (status = "default", description = ERRORS, body = api::ErrorBody)))]

@@ -84,7 +84,7 @@ impl Controller {
         }
         let area = match segs.first() {
             Some(&"agent") => Role::Agent,
-            Some(&"v1") => Role::Operator,
+            Some(&"v1") | Some(&"ui") => Role::Operator,
             _ => {
                 return Err(ApiError::not_found(
                     ErrorCode::NotFound,
@@ -95,7 +95,10 @@ impl Controller {
         if peer.role != area {
             let allowed = match peer.role {
                 Role::Agent => "agent certificates may only use the agent protocol (/agent/v1)",
-                Role::Operator => "operator certificates may only use the operator API (/v1)",
+                Role::Operator => {
+                    "operator certificates may only use the operator API (/v1), its page (/ui/) \
+                     and /metrics"
+                }
                 Role::Metrics => "metrics certificates may only GET /metrics",
             };
             return Err(ApiError::new(
@@ -134,6 +137,10 @@ impl Controller {
             Role::Operator | Role::Metrics => None,
         };
         let ok = |v: &dyn erased::Json| Ok(v.respond(StatusCode::OK));
+        if segs[0] == "ui" {
+            return super::ui::respond(&method, &segs[1..])
+                .ok_or_else(|| no_route(&method, &path, &segs));
+        }
         // Payload routes stream their bodies instead of buffering them.
         match (area, &method, &segs[1..]) {
             (Role::Operator, &Method::POST, ["blobs"]) => {
@@ -272,6 +279,13 @@ impl Controller {
             (Role::Operator, &Method::GET, ["tasks", id]) => {
                 ok(&api::get_task(self, id.to_string()).await?)
             }
+            (Role::Operator, &Method::GET, ["tasks", id, "summary"]) => {
+                ok(&api::task_summary(self, id.to_string()).await?)
+            }
+            (Role::Operator, &Method::GET, ["tasks", id, "machines"]) => {
+                let q = api::page_query(query.as_deref())?;
+                ok(&api::task_machines_page(self, id.to_string(), q).await?)
+            }
             (Role::Operator, &Method::POST, ["tasks", id, "cancel"]) => {
                 ok(&api::cancel_task(self, &peer, id.to_string()).await?)
             }
@@ -370,6 +384,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "v1/pools/*/script-executions"),
     ("GET", "v1/tasks"),
     ("GET", "v1/tasks/*"),
+    ("GET", "v1/tasks/*/summary"),
+    ("GET", "v1/tasks/*/machines"),
     ("POST", "v1/tasks/*/cancel"),
     ("POST", "v1/tasks/*/retry"),
     ("POST", "v1/tasks/*/resume"),
@@ -401,6 +417,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "v1/audit"),
     ("GET", "v1/openapi.json"),
     ("GET", "metrics"),
+    // The rollout page (`controller::ui`): not part of the documented API.
+    ("GET", "ui"),
+    ("GET", "ui/index.html"),
+    ("GET", "ui/app.js"),
+    ("GET", "ui/app.css"),
 ];
 
 /// The route a request took, as its pattern in [`ROUTES`] (`v1/tasks/*`): the label of its

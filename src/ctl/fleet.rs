@@ -22,7 +22,7 @@ pub fn machine_matches(m: &Machine, pool: Option<&str>, online: Option<bool>) ->
         Some(p) => m.pool_id.as_deref() == Some(p),
         None => true,
     };
-    pool_ok && online.map_or(true, |o| m.online == o)
+    pool_ok && online.is_none_or(|o| m.online == o)
 }
 
 pub fn machines_table(ms: &[Machine]) -> String {

@@ -185,6 +185,21 @@ impl HttpsClient {
         content_type: Option<&str>,
         timeout: Duration,
     ) -> Result<(StatusCode, Bytes), NetError> {
+        self.request_with_headers(method, path, body, content_type, timeout)
+            .await
+            .map(|(status, _, body)| (status, body))
+    }
+
+    /// [`HttpsClient::request`] with the answer's headers (the loopback forwarder passes
+    /// them on to the browser).
+    pub async fn request_with_headers(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        content_type: Option<&str>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), NetError> {
         let url = format!("{}{}", self.base, path);
         match tokio::time::timeout(
             timeout,
@@ -192,7 +207,7 @@ impl HttpsClient {
         )
         .await
         {
-            Ok(r) => r.map(|(status, _, body)| (status, body)),
+            Ok(r) => r,
             Err(_) => Err(NetError::Timeout {
                 url,
                 after: timeout,
@@ -241,7 +256,8 @@ impl HttpsClient {
                 .headers()
                 .get(header::CONNECTION)
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-            let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE)
+            let (_, body) = resp.into_parts();
+            let body = http_body_util::Limited::new(body, MAX_RESPONSE)
                 .collect()
                 .await
                 .map_err(|e| NetError::Http {

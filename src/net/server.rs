@@ -134,7 +134,7 @@ impl Gauge {
     fn warn(&self, remote: std::net::SocketAddr, why: &str) {
         let mut w = self.warned.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
-        if w.map_or(true, |t| now.duration_since(t) > Duration::from_secs(10)) {
+        if w.is_none_or(|t| now.duration_since(t) > Duration::from_secs(10)) {
             *w = Some(now);
             tracing::warn!(%remote, why, "connections refused (logged at most every 10 s)");
         }

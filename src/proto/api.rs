@@ -1,5 +1,6 @@
 //! Operator API bodies (`/v1/...`): snake_case JSON, field names taken from the seed pages.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -346,6 +347,48 @@ pub struct TaskMachine {
     /// Per-component staging progress (software staging tasks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub components: Option<Vec<crate::proto::agent::ComponentProgress>>,
+}
+
+/// `GET /v1/tasks/{task_id}/summary`: the task without its per-machine rows, so a page
+/// that polls a task of 10,000 machines every second moves a few hundred bytes.
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
+pub struct TaskProgress {
+    pub task_id: String,
+    pub kind: TaskKind,
+    pub pool_id: String,
+    pub state: TaskState,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    /// Machines of the whole task by state (only states some machine is in).
+    pub machine_states: BTreeMap<MachineState, u32>,
+    pub machines: u32,
+    pub batches: Vec<BatchSummary>,
+}
+
+/// One batch of a [`TaskProgress`]: its state and its machines counted by state.
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
+pub struct BatchSummary {
+    pub index: u32,
+    pub state: BatchState,
+    pub machines: u32,
+    pub machine_states: BTreeMap<MachineState, u32>,
+}
+
+/// `GET /v1/tasks/{task_id}/machines?state=&limit=&offset=`: one page of a task's machines
+/// (ordered by batch, then machine id), with the counts a pager needs.
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
+pub struct TaskMachinePage {
+    pub task_id: String,
+    pub state: TaskState,
+    /// The filter applied, if any.
+    pub filter_state: Option<MachineState>,
+    /// Machines matching the filter (all of the task's without one).
+    pub total: u32,
+    pub offset: u32,
+    pub limit: u32,
+    /// Machines of the whole task by state, whatever the filter.
+    pub machine_states: BTreeMap<MachineState, u32>,
+    pub machines: Vec<TaskMachine>,
 }
 
 /// `POST /v1/images`: register a tar.gz blob as an image (seed 000/001).

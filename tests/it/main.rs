@@ -27,4 +27,5 @@ mod shedding;
 mod staging;
 mod support;
 mod tidy;
+mod ui;
 mod validation;

@@ -802,6 +802,79 @@ mod tests {
         assert_eq!(rows[0].state, MachineState::Pending);
     }
 
+    /// The page's two reads: counts by batch and state, and one page of rows in the order
+    /// of the full list, with and without a state filter, on SQLite and (when the suite has
+    /// a server) PostgreSQL.
+    #[tokio::test]
+    async fn task_counts_and_pages_agree_with_the_full_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut dbs = vec![Database::Sqlite(dir.path().join("t.db"))];
+        if let Some(url) = postgres_database() {
+            dbs.push(Database::Postgres(url));
+        }
+        for db in dbs {
+            let store = Store::open(&db).unwrap();
+            let (counts, all, page, failed, past_end) = store
+                .tx(|tx| {
+                    let machines: Vec<(String, String, u32)> = (0..25)
+                        .map(|i| (format!("m{i:02}"), format!("a{i}"), u32::from(i >= 5)))
+                        .collect();
+                    tx.insert_task(
+                        &TaskRow {
+                            task_id: "t1".into(),
+                            kind: TaskKind::ScriptExecution,
+                            pool_id: "p".into(),
+                            state: TaskState::Running,
+                            created_ms: 1,
+                            finished_ms: None,
+                            gray_fail_threshold: Some(1),
+                            timeout_seconds: 60,
+                            scripts_json: "[]".into(),
+                            power_json: None,
+                            created_by: None,
+                            cancelled_by: None,
+                            rollout: Default::default(),
+                        },
+                        &machines,
+                    )?;
+                    for i in 0..5 {
+                        let state = if i == 3 {
+                            MachineState::Failed
+                        } else {
+                            MachineState::Succeeded
+                        };
+                        tx.set_final(&format!("a{i}"), state, &Outcome::default())?;
+                    }
+                    tx.set_final("a20", MachineState::Failed, &Outcome::default())?;
+                    Ok::<_, StoreError>((
+                        tx.task_counts("t1")?,
+                        tx.task_machines("t1")?,
+                        tx.task_machines_page("t1", None, 10, 8)?,
+                        tx.task_machines_page("t1", Some(MachineState::Failed), 10, 0)?,
+                        tx.task_machines_page("t1", None, 10, 25)?,
+                    ))
+                })
+                .await
+                .unwrap();
+            assert_eq!(
+                counts,
+                vec![
+                    (0, MachineState::Failed, 1),
+                    (0, MachineState::Succeeded, 4),
+                    (1, MachineState::Failed, 1),
+                    (1, MachineState::Pending, 19),
+                ],
+                "{db}"
+            );
+            let ids = |rows: &[TaskMachineRow]| -> Vec<String> {
+                rows.iter().map(|r| r.machine_id.clone()).collect()
+            };
+            assert_eq!(ids(&page), ids(&all[8..18]), "{db}");
+            assert_eq!(ids(&failed), vec!["m03", "m20"], "{db}");
+            assert!(past_end.is_empty(), "{db}");
+        }
+    }
+
     /// A new database on the PostgreSQL server of `FIELDHAND_TEST_POSTGRES`, if set.
     pub(super) fn postgres_database() -> Option<String> {
         let Ok(base) = std::env::var("FIELDHAND_TEST_POSTGRES") else {

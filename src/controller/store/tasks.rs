@@ -6,8 +6,8 @@
 use super::sql::{params, Optional};
 
 use super::{
-    finish_task, finish_tm, task_row, tm_row, Ctx, InFlight, Outcome, StoreError, TaskMachineRow,
-    TaskRow, Tx, Undelivered, TASK_COLS, TM_COLS,
+    finish_task, finish_tm, machine_state, task_row, tm_row, Ctx, InFlight, Outcome, StoreError,
+    TaskMachineRow, TaskRow, Tx, Undelivered, TASK_COLS, TM_COLS,
 };
 use crate::proto::agent::PowerSpec;
 use crate::proto::api::Amount;
@@ -340,6 +340,66 @@ impl Tx<'_> {
         let pairs: Vec<_> = rows
             .collect::<Result<_, _>>()
             .ctx("reading a task's machines")?;
+        pairs.into_iter().map(finish_tm).collect()
+    }
+
+    /// A task's machines counted by batch and state: `(batch, state, count)`, in batch
+    /// order. One GROUP BY over the task's rows (its primary key's prefix), so the page's
+    /// poll reads no per-machine row.
+    pub fn task_counts(
+        &mut self,
+        task_id: &str,
+    ) -> Result<Vec<(u32, MachineState, u32)>, StoreError> {
+        let rows = self
+            .tx
+            .all(
+                "SELECT batch, state, COUNT(*) FROM task_machines WHERE task_id = ?1
+                 GROUP BY batch, state ORDER BY batch, state",
+                params![task_id],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                },
+            )
+            .ctx("counting a task's machines")?;
+        rows.into_iter()
+            .map(|(batch, state, n)| Ok((batch as u32, machine_state(state)?, n as u32)))
+            .collect()
+    }
+
+    /// One page of a task's machines, in the order of [`Tx::task_machines`], optionally only
+    /// those in `state`. Two statements rather than `?2 IS NULL OR ...`: PostgreSQL cannot
+    /// type a parameter that is only compared with NULL.
+    pub fn task_machines_page(
+        &mut self,
+        task_id: &str,
+        state: Option<MachineState>,
+        limit: u32,
+        offset: u32,
+    ) -> Result<Vec<TaskMachineRow>, StoreError> {
+        let (limit, offset) = (i64::from(limit), i64::from(offset));
+        let pairs = match state {
+            None => self.tx.all(
+                &format!(
+                    "SELECT {TM_COLS} FROM task_machines WHERE task_id = ?1
+                     ORDER BY batch, machine_id LIMIT ?2 OFFSET ?3"
+                ),
+                params![task_id, limit, offset],
+                tm_row,
+            ),
+            Some(s) => self.tx.all(
+                &format!(
+                    "SELECT {TM_COLS} FROM task_machines WHERE task_id = ?1 AND state = ?2
+                     ORDER BY batch, machine_id LIMIT ?3 OFFSET ?4"
+                ),
+                params![task_id, s.as_str(), limit, offset],
+                tm_row,
+            ),
+        }
+        .ctx("reading a page of a task's machines")?;
         pairs.into_iter().map(finish_tm).collect()
     }
 
