@@ -158,7 +158,8 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 impl Query {
-    /// Parses `raw` (the URI's query, if any); `allowed` are the parameters the route takes.
+    /// Parses `raw` (the URI's query, if any); `allowed` are the parameters the route takes;
+    /// `name=` (empty) counts as absent.
     pub fn parse(raw: Option<&str>, allowed: &[&str]) -> Result<Query, ApiError> {
         let mut out = BTreeMap::new();
         for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
@@ -177,6 +178,10 @@ impl Query {
                         allowed.join(", ")
                     }
                 )));
+            }
+            // An empty value is no value (what a form with a blank filter sends).
+            if v.is_empty() {
+                continue;
             }
             if out.insert(k.clone(), v).is_some() {
                 return Err(ApiError::invalid(format!(
