@@ -140,6 +140,13 @@ enum Cmd {
     /// Enrollment tokens: create, list, remove.
     #[command(subcommand)]
     EnrollToken(TokenCmd),
+    /// Serve the rollout page on loopback, forwarding to the controller with this
+    /// operator's certificate (open the printed URL in any browser).
+    Ui {
+        /// Loopback address to listen on (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:8480")]
+        listen: std::net::SocketAddr,
+    },
     /// Write the man page and shell completions to DIR (for packaging).
     #[command(hide = true)]
     Generate {
@@ -334,6 +341,34 @@ enum TokenCmd {
     Rm { id: String },
 }
 
+/// The rollout page's loopback forwarder (`uiproxy`), with the settings every command uses.
+fn ui(opts: fieldhand::uiproxy::Options) -> ExitCode {
+    fieldhand::daemon::init_logging(&[]);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(e, Exit::Software),
+    };
+    let url = opts.url.clone();
+    let res = rt.block_on(fieldhand::uiproxy::run(
+        opts,
+        |l| {
+            println!("forwarding http://{} to {url}", l.addr);
+            println!("open {}", l.open_url);
+        },
+        fieldhand::daemon::shutdown_signal(),
+    ));
+    match res {
+        Ok(()) => Exit::Ok.into(),
+        Err(e) => {
+            let code = e.exit();
+            fail(e, code)
+        }
+    }
+}
+
 fn command(cmd: Cmd) -> Command {
     match cmd {
         Cmd::Machines(MachinesCmd::Ls { pool, online }) => Command::MachinesLs { pool, online },
@@ -449,7 +484,7 @@ fn command(cmd: Cmd) -> Command {
         },
         Cmd::EnrollToken(TokenCmd::Ls) => Command::TokenLs,
         Cmd::EnrollToken(TokenCmd::Rm { id }) => Command::TokenRm { id },
-        Cmd::Generate { .. } => unreachable!("handled before connecting"),
+        Cmd::Generate { .. } | Cmd::Ui { .. } => unreachable!("handled before connecting"),
     }
 }
 
@@ -485,6 +520,15 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e, Exit::Config),
     };
+    if let Cmd::Ui { listen } = cli.cmd {
+        return ui(fieldhand::uiproxy::Options {
+            listen,
+            url: cfg.url,
+            ca: cfg.tls.ca,
+            cert: cfg.tls.cert,
+            key: cfg.tls.key,
+        });
+    }
     let tls = match fieldhand::tls::client_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key) {
         Ok(t) => t,
         Err(e) => return fail(e, Exit::Config),

@@ -42,7 +42,9 @@ fn browser() -> Option<PathBuf> {
     }
 }
 
-/// `fieldhand-controller ui` on a free loopback port: the process and its one-time URL.
+/// The loopback forwarder on a free port: the process and its one-time URL. `fieldhandctl ui`
+/// (the operator's CLI, with its usual connection flags) or `fieldhand-controller ui`: both
+/// run the same `uiproxy`.
 struct Forwarder {
     child: Child,
     open_url: String,
@@ -51,15 +53,30 @@ struct Forwarder {
 
 impl Forwarder {
     fn start(env: &Env, ctl: &Controller) -> Forwarder {
+        Self::start_with(env, ctl, false)
+    }
+
+    fn start_with(env: &Env, ctl: &Controller, through_ctl: bool) -> Forwarder {
         let pki = &env.pki;
-        let mut child = Command::new(CONTROLLER)
-            .args(["ui", "--listen", "127.0.0.1:0", "--url", &ctl.url()])
-            .arg("--ca")
+        let mut cmd = if through_ctl {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_fieldhandctl"));
+            c.args(["--url", &ctl.url()]);
+            c
+        } else {
+            let mut c = Command::new(CONTROLLER);
+            c.args(["ui", "--listen", "127.0.0.1:0", "--url", &ctl.url()]);
+            c
+        };
+        cmd.arg("--ca")
             .arg(pki.join("ca.pem"))
             .arg("--cert")
             .arg(pki.join("operators/op.pem"))
             .arg("--key")
-            .arg(pki.join("operators/op-key.pem"))
+            .arg(pki.join("operators/op-key.pem"));
+        if through_ctl {
+            cmd.args(["ui", "--listen", "127.0.0.1:0"]);
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -154,7 +171,9 @@ fn the_rollout_page_follows_a_rollout_and_cancels_a_task_in_chromium() {
         .collect();
     let op = env.operator(&ctl);
     op.wait_online(&["w1", "w2", "w3", "w4", "l1"], Duration::from_secs(60));
-    let fwd = Forwarder::start(&env, &ctl);
+    // Through the operator's CLI (`fieldhandctl ui`); the 10,000-machine test goes through
+    // the controller binary's.
+    let fwd = Forwarder::start_with(&env, &ctl, true);
     // The forwarder is no open door: without the cookie of its one-time URL, or under another
     // host name (a DNS-rebinding page), nothing is forwarded.
     assert_eq!(fwd.raw_get("/ui/", &fwd.addr, ""), 403);
