@@ -74,14 +74,14 @@ pub fn document() -> utoipa::openapi::OpenApi {
     Doc::openapi()
 }
 
-#[utoipa::path(post, path = "/v1/scripts", request_body = api::CreateScript,
+#[utoipa::path(post, path = "/v1/scripts", request_body(content = api::CreateScript, example = json!({"name": "restart-agentd", "command_type": "sh", "content": "systemctl restart agentd\n"})),
     responses((status = 200, body = api::ScriptCreated), (status = "default", description = ERRORS, body = api::ErrorBody)))]
 fn create_script() {}
 
 /// A script execution over a pool in gray batches (seed 002).
 #[utoipa::path(post, path = "/v1/pools/{pool_id}/script-executions",
-    params(("pool_id" = String, Path)), request_body = api::CreateScriptExecution,
-    responses((status = 200, body = api::TaskCreated), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+    params(("pool_id" = String, Path)), request_body(content = api::CreateScriptExecution, example = json!({"command_content": "systemctl restart foo", "command_type": "sh", "gray_count": 1, "gray_fail_threshold": 1, "max_concurrency": "10%", "max_errors": 5, "post_finish": "reboot", "execution_timeout_seconds": 600})),
+    responses((status = 200, body = api::TaskCreated, example = json!({"task_id": "6d0e0fb0-1b71-4502-973a-24b0543a5d5d"})), (status = "default", description = ERRORS, body = api::ErrorBody)))]
 fn create_execution() {}
 
 #[utoipa::path(get, path = "/v1/tasks/{task_id}", params(("task_id" = String, Path)),
@@ -174,7 +174,7 @@ fn list_audit() {}
 /// A new task over the failed, timed-out and unreachable machines of a finished script
 /// execution, linked to it (`retry_of`).
 #[utoipa::path(post, path = "/v1/tasks/{task_id}/retry", params(("task_id" = String, Path)),
-    responses((status = 200, body = api::TaskCreated), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+    responses((status = 200, body = api::TaskCreated, example = json!({"task_id": "6d0e0fb0-1b71-4502-973a-24b0543a5d5d"})), (status = "default", description = ERRORS, body = api::ErrorBody)))]
 fn retry_task() {}
 
 /// Continue a `HALTED` script execution with its next batch.
@@ -189,7 +189,7 @@ fn get_power_limit() {}
 /// How many of the pool's machines may be at work on an assignment with a reboot or
 /// shutdown at once (`null` clears it; the controller-wide limit still holds).
 #[utoipa::path(put, path = "/v1/pools/{pool_id}/power-limit", params(("pool_id" = String, Path)),
-    request_body = api::PowerLimit,
+    request_body(content = api::PowerLimit, example = json!({"max_concurrent_power_operations": 20})),
     responses((status = 200, body = api::PoolPowerLimit), (status = "default", description = ERRORS, body = api::ErrorBody)))]
 fn put_power_limit() {}
 
@@ -202,7 +202,7 @@ fn get_machine() {}
 fn decommission_machine() {}
 
 #[utoipa::path(put, path = "/v1/machines/{machine_id}/pool", params(("machine_id" = String, Path)),
-    request_body = api::MoveMachine,
+    request_body(content = api::MoveMachine, example = json!({"pool_id": "lab"})),
     responses((status = 200, body = api::Machine), (status = "default", description = ERRORS, body = api::ErrorBody)))]
 fn move_machine() {}
 
@@ -210,11 +210,11 @@ fn move_machine() {}
     responses((status = 200, body = api::Settings), (status = "default", description = ERRORS, body = api::ErrorBody)))]
 fn get_settings() {}
 
-#[utoipa::path(put, path = "/v1/settings", request_body = api::Settings,
+#[utoipa::path(put, path = "/v1/settings", request_body(content = api::Settings, example = json!({"force_logoff_grace_seconds": 300})),
     responses((status = 200, body = api::Settings), (status = "default", description = ERRORS, body = api::ErrorBody)))]
 fn put_settings() {}
 
-#[utoipa::path(post, path = "/v1/images", request_body = api::CreateImage,
+#[utoipa::path(post, path = "/v1/images", request_body(content = api::CreateImage, example = json!({"name": "win11-vdi", "version": "2026.12", "os_type": "Windows 11", "gpu": false, "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"})),
     responses((status = 200, body = api::ImageCreated), (status = "default", description = ERRORS, body = api::ErrorBody)))]
 fn create_image() {}
 
@@ -224,8 +224,8 @@ fn list_images() {}
 
 /// Push an image to a pool now or at `start_time` (seed 000).
 #[utoipa::path(post, path = "/v1/pools/{pool_id}/push-image", params(("pool_id" = String, Path)),
-    request_body = api::PushImage,
-    responses((status = 200, body = api::TaskCreated), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+    request_body(content = api::PushImage, example = json!({"image_id": "6d0e0fb0-1b71-4502-973a-24b0543a5d5d", "start_time": 1796000000000_i64, "logoff_policy": "WAIT_FOR_LOGOFF"})),
+    responses((status = 200, body = api::TaskCreated, example = json!({"task_id": "6d0e0fb0-1b71-4502-973a-24b0543a5d5d"})), (status = "default", description = ERRORS, body = api::ErrorBody)))]
 fn push_image() {}
 
 #[utoipa::path(post, path = "/v1/pools/{pool_id}/push-image/cancel", params(("pool_id" = String, Path)),
@@ -238,24 +238,24 @@ fn cancel_push() {}
 fn provisioning_status() {}
 
 #[utoipa::path(delete, path = "/v1/pools/{pool_id}/image", params(("pool_id" = String, Path)),
-    responses((status = 200, body = api::TaskCreated), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+    responses((status = 200, body = api::TaskCreated, example = json!({"task_id": "6d0e0fb0-1b71-4502-973a-24b0543a5d5d"})), (status = "default", description = ERRORS, body = api::ErrorBody)))]
 fn unpublish_image() {}
 
 /// Rebuild desktops, with a code per desktop (seed 003).
-#[utoipa::path(post, path = "/v1/desktops/rebuild", request_body = api::RebuildDesktops,
+#[utoipa::path(post, path = "/v1/desktops/rebuild", request_body(content = api::RebuildDesktops, example = json!({"desktop_ids": ["desk-001", "desk-002"], "operate_type": "replace"})),
     responses((status = 200, body = api::RebuildResponse), (status = "default", description = ERRORS, body = api::ErrorBody)))]
 fn rebuild_desktops() {}
 
 /// A host's desired software, as a new commit (seed 004).
 #[utoipa::path(put, path = "/v1/hosts/{host_id}/software/desired", params(("host_id" = String, Path)),
-    request_body = api::DesiredSoftware,
+    request_body(content = api::DesiredSoftware, example = json!({"components": [{"name": "agentd", "version": "4.2.0", "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08", "format": "tar.gz", "unpacked_size": 1048576}]})),
     responses((status = 200, body = api::CommitCreated), (status = "default", description = ERRORS, body = api::ErrorBody)))]
 fn put_desired_software() {}
 
 /// Stage a host's desired software by commit (seed 004); the body may be empty.
 #[utoipa::path(post, path = "/v1/hosts/{host_id}/software/stage", params(("host_id" = String, Path)),
-    request_body(content = api::StageSoftware, description = "optional"),
-    responses((status = 200, body = api::TaskCreated), (status = "default", description = ERRORS, body = api::ErrorBody)))]
+    request_body(content = api::StageSoftware, description = "optional", example = json!({"commit": "3"})),
+    responses((status = 200, body = api::TaskCreated, example = json!({"task_id": "6d0e0fb0-1b71-4502-973a-24b0543a5d5d"})), (status = "default", description = ERRORS, body = api::ErrorBody)))]
 fn stage_software() {}
 
 #[utoipa::path(get, path = "/v1/hosts/{host_id}/software", params(("host_id" = String, Path)),
@@ -276,7 +276,7 @@ fn blob_info() {}
     responses((status = 200, body = api::Blob), (status = "default", description = ERRORS, body = api::ErrorBody)))]
 fn delete_blob() {}
 
-#[utoipa::path(post, path = "/v1/enrollment-tokens", request_body = api::CreateEnrollmentToken,
+#[utoipa::path(post, path = "/v1/enrollment-tokens", request_body(content = api::CreateEnrollmentToken, example = json!({"pool_id": "desktops", "uses": 100, "expires_in_seconds": 86400})),
     responses((status = 200, body = api::EnrollmentTokenCreated), (status = "default", description = ERRORS, body = api::ErrorBody)))]
 fn create_enrollment_token() {}
 
@@ -288,7 +288,7 @@ fn list_enrollment_tokens() {}
     responses((status = 200, body = api::EnrollmentToken), (status = "default", description = ERRORS, body = api::ErrorBody)))]
 fn delete_enrollment_token() {}
 
-#[utoipa::path(post, path = "/v1/revocations", request_body = api::Revoke,
+#[utoipa::path(post, path = "/v1/revocations", request_body(content = api::Revoke, example = json!({"serial": "3a5f0c2e9b71"})),
     responses((status = 200, body = api::Revocation), (status = "default", description = ERRORS, body = api::ErrorBody)))]
 fn revoke() {}
 
@@ -333,6 +333,23 @@ mod tests {
             .collect();
         routed.sort();
         assert_eq!(documented, routed);
+    }
+
+    #[test]
+    fn every_json_request_body_has_an_example() {
+        let doc = serde_json::to_value(document()).unwrap();
+        let mut missing = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let Some(json) = op["requestBody"]["content"].get("application/json") else {
+                    continue;
+                };
+                if json.get("example").is_none() {
+                    missing.push(format!("{method} {path}"));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "no example: {missing:?}");
     }
 
     #[test]
