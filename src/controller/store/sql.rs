@@ -48,7 +48,13 @@ impl SqlError {
     /// statement: the writer then connects again before the next group.
     pub fn connection_lost(&self) -> bool {
         match self {
-            SqlError::Postgres(e) => e.is_closed() || e.as_db_error().is_none(),
+            // No answer from the server, or one that ends the session: class 08 (connection
+            // exception) or 57 (operator intervention: shutdown, admin termination).
+            SqlError::Postgres(e) => {
+                e.is_closed()
+                    || e.as_db_error()
+                        .is_none_or(|db| matches!(&db.code().code()[..2], "08" | "57"))
+            }
             SqlError::Sqlite(_)
             | SqlError::NoRow
             | SqlError::Column { .. }

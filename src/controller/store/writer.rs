@@ -156,7 +156,9 @@ impl Writer {
         match reply_rx.await {
             Ok(r) => r,
             Err(_) => Err(E::from(StoreError::Worker(
-                "a transaction panicked; it was rolled back".into(),
+                "the transaction did not commit (it panicked, or its group could not reach \
+                 the database); nothing of it was kept"
+                    .into(),
             ))),
         }
     }
@@ -190,17 +192,26 @@ fn run_group(backend: &mut Backend, group: &mut Vec<Job>, seconds: &Histogram) {
             t.commit().ctx("committing")
         })(),
         Backend::Postgres(w) => {
+            // One round trip: the transaction, the lock every replica's groups take first
+            // (see `pg`), and the savepoint the first job runs under.
+            let begin = format!(
+                "BEGIN; SELECT pg_advisory_xact_lock({}); {}",
+                pg::WRITE_LOCK,
+                sql::PG_SAVEPOINT
+            );
+            // A connection the server ended (a restart, a failover) is often only found out
+            // by the next statement: before any job ran, connect again and begin once more,
+            // so the group is not lost with it.
+            let began = match w.parts().and_then(|(c, _)| Ok(c.batch_execute(&begin)?)) {
+                Err(e) if e.connection_lost() => {
+                    w.lost();
+                    w.parts().and_then(|(c, _)| Ok(c.batch_execute(&begin)?))
+                }
+                other => other,
+            };
             let r = (|| -> Result<(), StoreError> {
+                began.ctx("starting a transaction")?;
                 let (client, statements) = w.parts().ctx("connecting")?;
-                // One round trip: the transaction, the lock every replica's groups take
-                // first (see `pg`), and the savepoint the first job runs under.
-                client
-                    .batch_execute(&format!(
-                        "BEGIN; SELECT pg_advisory_xact_lock({}); {}",
-                        pg::WRITE_LOCK,
-                        sql::PG_SAVEPOINT
-                    ))
-                    .ctx("starting a transaction")?;
                 let mut run = || -> Result<(), StoreError> {
                     for job in group.drain(..) {
                         let tx = Tx {
