@@ -286,7 +286,8 @@ TOML
         || die "the controller started without a certificate"
     [ "$(gx 'systemctl is-active fieldhand.service' || true)" != active ] \
         || die "the agent started before its configuration was in place"
-    sed -i -e "s#^controller_url = .*#controller_url = \"$URL\"\nmachine_id = \"e2e-guest\"#" \
+    # The packaged config lists the replicas (controller_urls); this one controller replaces it.
+    sed -i -e "s#^controller_urls\? = .*#controller_urls = [\"$URL\"]\nmachine_id = \"e2e-guest\"#" \
         "$RUN/root/etc/fieldhand/agent.toml"
     gx 'test ! -e /etc/fieldhand/tls/agent.pem' || die "an agent certificate is already in place"
     gx 'systemctl start fieldhand.service' || die "systemctl start fieldhand"
@@ -488,7 +489,7 @@ qemu_main() {
         install -m 0600 /root/enrollment-token /etc/fieldhand/enrollment-token && rm /root/enrollment-token &&
         dpkg -i /root/fieldhand_*.deb' >/dev/null
     gx 'test ! -e /etc/fieldhand/tls/agent.pem' || die "an agent certificate is already in place"
-    gx "sed -i -e 's#^controller_url = .*#controller_url = \"https://10.0.2.2:$cport\"\nmachine_id = \"e2e-vm\"#' /etc/fieldhand/agent.toml && systemctl start fieldhand"
+    gx "sed -i -e 's#^controller_urls\\? = .*#controller_urls = [\"https://10.0.2.2:$cport\"]\nmachine_id = \"e2e-vm\"#' /etc/fieldhand/agent.toml && systemctl start fieldhand"
     [ "$(gx 'systemctl is-active fieldhand')" = active ] || die "fieldhand not active in the VM"
     ok "installed and active in the VM"
     enrolled_check e2e-vm
