@@ -8,7 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 bin=${1:-target/debug/fieldhand-controller}
 venv=target/schemathesis-venv
-if [ ! -x "$venv/bin/schemathesis" ]; then
+# A venv knows its own path: one moved with its checkout no longer runs, and is made again.
+if ! "$venv/bin/schemathesis" --version >/dev/null 2>&1; then
+    rm -rf "$venv"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q "schemathesis>=4,<5"
 fi
