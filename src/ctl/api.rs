@@ -188,6 +188,11 @@ pub fn task(id: &str) -> Call {
     call(Method::GET, "GET /v1/tasks/{id}", path)
 }
 
+pub fn task_summary(id: &str) -> Call {
+    let path = format!("/v1/tasks/{}/summary", encode(id));
+    call(Method::GET, "GET /v1/tasks/{id}/summary", path)
+}
+
 pub fn cancel(id: &str) -> Call {
     let path = format!("/v1/tasks/{}/cancel", encode(id));
     call(Method::POST, "POST /v1/tasks/{id}/cancel", path)

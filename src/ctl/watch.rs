@@ -1,7 +1,9 @@
 //! Following a task to its end (`tasks watch`, and `--wait` on every command that starts
-//! one): `GET /v1/tasks/{id}` once a second, shown as one progress bar per batch with its
+//! one): `GET /v1/tasks/{id}/summary` once a second (the counts only, a few hundred bytes
+//! however many machines the task has), shown as one progress bar per batch with its
 //! machines counted by state when the output is a terminal, and otherwise as plain lines,
 //! one per change (not per poll), so a log or a CI job gets a short readable history.
+//! When the task has ended, `GET /v1/tasks/{id}` once for the rows the final table shows.
 //! A controller that cannot be reached is retried for [`GIVE_UP_AFTER`]; then the watch ends
 //! with the connection error (the task itself goes on without us).
 
@@ -15,8 +17,8 @@ use serde_json::Value;
 use super::api::{self, Api};
 use super::CtlError;
 use crate::net::NetError;
-use crate::proto::api::Task;
-use crate::proto::domain::MachineState;
+use crate::proto::api::{Task, TaskProgress};
+use crate::proto::domain::{MachineState, TaskState};
 
 /// How often the task is read.
 pub const POLL: Duration = Duration::from_secs(1);
@@ -92,19 +94,47 @@ pub fn batch_counts(task: &Task) -> Vec<BatchCount> {
     out
 }
 
-/// The plain line for the task as it is now: its state, then each batch.
-pub fn summary(task: &Task) -> String {
-    let batches: Vec<String> = batch_counts(task)
+/// The batches of a task's summary (`GET /v1/tasks/{id}/summary`), as [`batch_counts`]
+/// makes them from the whole task.
+pub fn progress_counts(p: &TaskProgress) -> Vec<BatchCount> {
+    let mut out: Vec<BatchCount> = p
+        .batches
+        .iter()
+        .map(|b| BatchCount {
+            index: b.index,
+            total: u64::from(b.machines),
+            by_state: b
+                .machine_states
+                .iter()
+                .map(|(s, n)| (*s, u64::from(*n)))
+                .collect(),
+        })
+        .collect();
+    for b in &mut out {
+        b.total = b.total.max(b.by_state.values().sum());
+    }
+    out.sort_by_key(|b| b.index);
+    out
+}
+
+/// The plain line for a task in `state` with these batches: its state, then each batch.
+pub fn line(state: TaskState, batches: &[BatchCount]) -> String {
+    let batches: Vec<String> = batches
         .iter()
         .map(|b| format!("batch {}: {}", b.index, b.states()))
         .collect();
-    format!("{:<10} {}", task.state.as_str(), batches.join(" | "))
+    format!("{:<10} {}", state.as_str(), batches.join(" | "))
         .trim_end()
         .to_string()
 }
 
+/// The plain line for the task as it is now.
+pub fn summary(task: &Task) -> String {
+    line(task.state, &batch_counts(task))
+}
+
 trait Show {
-    fn show(&mut self, task: &Task);
+    fn show(&mut self, p: &TaskProgress);
     fn done(&mut self);
 }
 
@@ -115,8 +145,8 @@ struct Lines {
 }
 
 impl Show for Lines {
-    fn show(&mut self, task: &Task) {
-        let line = summary(task);
+    fn show(&mut self, p: &TaskProgress) {
+        let line = line(p.state, &progress_counts(p));
         if self.last.as_deref() == Some(line.as_str()) {
             return;
         }
@@ -159,9 +189,9 @@ impl Bars {
 }
 
 impl Show for Bars {
-    fn show(&mut self, task: &Task) {
-        self.head.set_prefix(task.task_id.clone());
-        self.head.set_message(task.state.as_str());
+    fn show(&mut self, p: &TaskProgress) {
+        self.head.set_prefix(p.task_id.clone());
+        self.head.set_message(p.state.as_str());
         self.head.tick();
         // 80 columns: "batch NN [20] NNNN/NNNN " leaves about 40 for the states.
         let style = ProgressStyle::with_template(
@@ -169,7 +199,7 @@ impl Show for Bars {
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
-        for (i, b) in batch_counts(task).iter().enumerate() {
+        for (i, b) in progress_counts(p).iter().enumerate() {
             if i == self.bars.len() {
                 let bar = self.multi.add(ProgressBar::new(b.total));
                 bar.set_style(style.clone());
@@ -228,16 +258,16 @@ pub async fn follow(
     } else {
         Box::new(Lines { stream, last: None })
     };
-    let call = api::task(id);
+    let poll = api::task_summary(id);
     let mut reached = Instant::now();
     loop {
-        match api.get::<Task>(&call).await {
-            Ok((task, raw)) => {
+        match api.get::<TaskProgress>(&poll).await {
+            Ok((p, _)) => {
                 reached = Instant::now();
-                show.show(&task);
-                if task.state.is_terminal() {
+                show.show(&p);
+                if p.state.is_terminal() {
                     show.done();
-                    return Ok((task, raw));
+                    break;
                 }
             }
             Err(e) if transient(&e) && reached.elapsed() < GIVE_UP_AFTER => {}
@@ -245,6 +275,17 @@ pub async fn follow(
                 show.done();
                 return Err(e);
             }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    // An ended task no longer changes: its rows, once, for the final table (or JSON).
+    let whole = api::task(id);
+    let ended = Instant::now();
+    loop {
+        match api.get::<Task>(&whole).await {
+            Ok(t) => return Ok(t),
+            Err(e) if transient(&e) && ended.elapsed() < GIVE_UP_AFTER => {}
+            Err(e) => return Err(e),
         }
         tokio::time::sleep(POLL).await;
     }
@@ -291,5 +332,31 @@ mod tests {
         );
         assert_eq!(batch_counts(&t)[1].done(), 2);
         assert!(summary(&t).starts_with("HALTED "));
+    }
+
+    #[test]
+    fn the_summary_route_gives_the_same_line_as_the_whole_task() {
+        let t = task(
+            "RUNNING",
+            &[
+                ("a", 0, "SUCCEEDED"),
+                ("b", 1, "RUNNING"),
+                ("c", 1, "PENDING"),
+            ],
+        );
+        // What GET /v1/tasks/{id}/summary answers for that task.
+        let p: TaskProgress = serde_json::from_value(json!({
+            "task_id": "t1", "kind": "script_execution", "pool_id": "p", "state": "RUNNING",
+            "created_at": "2026-01-01T00:00:00Z", "finished_at": null, "machines": 3,
+            "machine_states": {"SUCCEEDED": 1, "RUNNING": 1, "PENDING": 1},
+            "batches": [
+                {"index": 1, "state": "RUNNING", "machines": 2,
+                 "machine_states": {"RUNNING": 1, "PENDING": 1}},
+                {"index": 0, "state": "SUCCEEDED", "machines": 1,
+                 "machine_states": {"SUCCEEDED": 1}}]
+        }))
+        .unwrap();
+        assert_eq!(progress_counts(&p), batch_counts(&t));
+        assert_eq!(line(p.state, &progress_counts(&p)), summary(&t));
     }
 }
