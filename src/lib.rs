@@ -36,7 +36,8 @@
 //! - [`controller`]: `serve` and `run`, the `router` (the checks every request passes, and
 //!   the route table `ROUTES`), the background `loops`, the one error shape
 //!   and body parser (`errors`, a leaf), global `settings` (and the pools' power limits), the
-//!   operator API (`api`), its paged lists and pool views (`lists`: query strings, `limit`
+//!   operator API (`api`: scripts, executions, cancel; `views`: the task and machine views
+//!   it answers with, whole, as counts, or a page of machines), its paged lists and pool views (`lists`: query strings, `limit`
 //!   and the opaque cursors), the operators' `audit` trail (recorded in each action's own
 //!   transaction), retry and resume (`rerun`), the agent protocol (`agent_api`), `progress` (the thin layer
 //!   above the engine that lets image operations observe what changed a task), fleet
@@ -48,8 +49,9 @@
 //!   step back behind the power limits), `rerun` (retry and resume of a finished or halted
 //!   task), the `store` on SQLite or
 //!   PostgreSQL (`sql`: one way to run a statement on either, values and placeholders;
-//!   `migrate` steps for both; `tasks` (with the pools' power limits), `images`, `software`,
-//!   `identity`, `audit` tables; `lists`: keyset pages of tasks, machines and scripts;
+//!   `migrate` steps for both; `rows` (what the store hands out, read back and checked);
+//!   `tasks` (and dispatch), `delivery` (to agents, and results), `power` (the power
+//!   limits' counts), `images`, `software`, `identity`, `audit` tables; `lists`: keyset pages of tasks, machines and scripts;
 //!   `blobrefs`:
 //!   what refers to blobs; `columns`: the domain enums stored as their wire text; `writer`:
 //!   the one thread that owns the connection and commits waiting transactions together,
@@ -84,7 +86,7 @@
 //! - [`ctl`]: `fieldhandctl`, a thin client of the operator API: `api` (every request as a
 //!   pure `Call`, then sent; listings followed by their cursor; a missing route says
 //!   "upgrade it"), the commands (`fleet`, `work`, `tasks`), `watch` (a task followed to its
-//!   end: bars on a terminal, a line per change otherwise) and `table` (80 columns).
+//!   end by its summary: bars on a terminal, a line per change otherwise) and `table` (80 columns).
 //! - [`uiproxy`]: the loopback forwarder that lets a browser without the operator's
 //!   certificate open the rollout page (plain HTTP on loopback, guarded by a one-time
 //!   cookie, forwarded over mutual TLS).

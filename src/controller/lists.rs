@@ -327,7 +327,7 @@ pub async fn list_machines(
     let paged = q.get("limit").is_some() || q.get("cursor").is_some();
     let limit = q.limit()?;
     let after = q.cursor(ListKind::Machines)?.map(|c| c.id);
-    let live = super::api::Liveness::of(ctl);
+    let live = super::views::Liveness::of(ctl);
     let rows = ctl
         .store
         .tx(move |tx| {
@@ -349,7 +349,7 @@ pub async fn list_machines(
                 from = rows.last().map(|m| m.machine_id.clone());
                 for m in rows {
                     if online.is_none_or(|o| live.online(&m) == o) && out.len() < want {
-                        out.push(super::api::machine_view(tx, m, &live)?);
+                        out.push(super::views::machine_view(tx, m, &live)?);
                     }
                 }
                 if exhausted || out.len() >= want {
@@ -427,7 +427,7 @@ pub async fn get_script(ctl: &Controller, script_id: String) -> Result<api::Scri
 
 /// `GET /v1/pools`: every pool with machines in service or an image operation, by id.
 pub async fn list_pools(ctl: &Controller) -> Result<Vec<api::PoolSummary>, ApiError> {
-    let live = super::api::Liveness::of(ctl);
+    let live = super::views::Liveness::of(ctl);
     ctl.store
         .tx(move |tx| {
             let mut pools: BTreeMap<String, Vec<PoolCount>> = BTreeMap::new();
@@ -451,7 +451,7 @@ pub async fn list_pools(ctl: &Controller) -> Result<Vec<api::PoolSummary>, ApiEr
         .await
 }
 
-fn count_online(members: &[PoolCount], live: &super::api::Liveness) -> u32 {
+fn count_online(members: &[PoolCount], live: &super::views::Liveness) -> u32 {
     members
         .iter()
         .filter(|m| live.online_at(&m.machine_id, m.last_seen_ms))
@@ -461,7 +461,7 @@ fn count_online(members: &[PoolCount], live: &super::api::Liveness) -> u32 {
 /// `GET /v1/pools/{pool_id}`; 404 for a pool with neither machines nor an image operation.
 pub async fn get_pool(ctl: &Controller, pool_id: String) -> Result<api::Pool, ApiError> {
     crate::pki::validate_name("pool_id", &pool_id).map_err(|e| ApiError::invalid(e.to_string()))?;
-    let live = super::api::Liveness::of(ctl);
+    let live = super::views::Liveness::of(ctl);
     ctl.store
         .tx(move |tx| {
             let members = tx.pool_members(Some(&pool_id))?;

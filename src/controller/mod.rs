@@ -26,6 +26,7 @@ pub mod settings;
 pub mod software;
 pub mod store;
 pub mod ui;
+pub mod views;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -2,12 +2,12 @@
 //! over the machines that failed, linked by `retry_of`) and `POST /v1/tasks/{task_id}/resume`
 //! (a `HALTED` task goes on with its next batch or wave; the rule is `engine::resume`).
 
-use super::api::task_view;
 use super::audit;
 use super::engine;
 use super::errors::ApiError;
 use super::rollout::{plan_batches, TaskState};
 use super::store::{RolloutRow, TaskRow};
+use super::views::task_view;
 use super::Controller;
 use crate::pki::Identity;
 use crate::proto::api;

@@ -12,7 +12,7 @@ use super::errors::ApiError;
 use super::lists::Page;
 use super::{
     agent_api, api, audit, blobs, errors, identity, images, lists, rebuild, rerun, revoked_error,
-    settings, software, Controller, BODY_LIMIT,
+    settings, software, views, Controller, BODY_LIMIT,
 };
 use crate::net::server::{error_response, json_response, read_body, Handler, Peer};
 use crate::net::Body;
@@ -249,7 +249,7 @@ impl Controller {
             (Role::Operator, &Method::PUT, ["machines", id, "pool"]) => {
                 identity::move_machine(self, &peer, id.to_string(), errors::parse_json(&body)?)
                     .await?;
-                ok(&api::get_machine(self, id.to_string()).await?)
+                ok(&views::get_machine(self, id.to_string()).await?)
             }
             (Role::Operator, &Method::DELETE, ["machines", id]) => {
                 ok(&identity::decommission(self, &peer, id.to_string()).await?)
@@ -277,14 +277,14 @@ impl Controller {
                 page(lists::list_tasks(self, query.as_deref()).await?)
             }
             (Role::Operator, &Method::GET, ["tasks", id]) => {
-                ok(&api::get_task(self, id.to_string()).await?)
+                ok(&views::get_task(self, id.to_string()).await?)
             }
             (Role::Operator, &Method::GET, ["tasks", id, "summary"]) => {
-                ok(&api::task_summary(self, id.to_string()).await?)
+                ok(&views::task_summary(self, id.to_string()).await?)
             }
             (Role::Operator, &Method::GET, ["tasks", id, "machines"]) => {
-                let q = api::page_query(query.as_deref())?;
-                ok(&api::task_machines_page(self, id.to_string(), q).await?)
+                let q = views::page_query(query.as_deref())?;
+                ok(&views::task_machines_page(self, id.to_string(), q).await?)
             }
             (Role::Operator, &Method::POST, ["tasks", id, "cancel"]) => {
                 ok(&api::cancel_task(self, &peer, id.to_string()).await?)
@@ -339,7 +339,7 @@ impl Controller {
                 ok(&rebuild::rebuild(self, &peer, errors::parse_json(&body)?).await?)
             }
             (Role::Operator, &Method::GET, ["machines", id]) => {
-                ok(&api::get_machine(self, id.to_string()).await?)
+                ok(&views::get_machine(self, id.to_string()).await?)
             }
             (Role::Operator, &Method::PUT, ["settings"]) => {
                 ok(&settings::put_settings(self, &peer, errors::parse_json(&body)?).await?)

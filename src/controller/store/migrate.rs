@@ -11,13 +11,131 @@ use super::sql::{SqlError, SqlResult};
 
 /// `(version, statements)`, in order. Never edit a released step: add the next one.
 const STEPS: &[(u32, &str)] = &[
-    (1, super::SCHEMA_V1),
+    (1, SCHEMA_V1),
     (2, V2_IDENTITY),
     (3, V3_BATCH_INDEX),
     (4, V4_LISTS_AND_AUDIT),
     (5, V5_RATE),
     (6, V6_OUTBOX),
 ];
+
+/// Version 1: the schema of 0.1.0 (before migrations were recorded). `IF NOT EXISTS`, so a
+/// database made by 0.1.0 (user_version 0) passes through it unchanged.
+const SCHEMA_V1: &str = r#"
+CREATE TABLE IF NOT EXISTS machines (
+    machine_id    TEXT PRIMARY KEY,
+    pool_id       TEXT NOT NULL,
+    agent_version TEXT NOT NULL,
+    last_seen_ms  BIGINT NOT NULL,
+    facts_json    TEXT
+);
+CREATE INDEX IF NOT EXISTS machines_pool ON machines (pool_id);
+CREATE TABLE IF NOT EXISTS scripts (
+    script_id    TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    command_type TEXT NOT NULL,
+    content      TEXT NOT NULL,
+    sha256       TEXT NOT NULL,
+    created_ms   BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id             TEXT PRIMARY KEY,
+    kind                TEXT NOT NULL,
+    pool_id             TEXT NOT NULL,
+    state               TEXT NOT NULL,
+    created_ms          BIGINT NOT NULL,
+    finished_ms         BIGINT,
+    gray_fail_threshold BIGINT,
+    timeout_seconds     BIGINT NOT NULL,
+    scripts_json        TEXT NOT NULL,
+    power_json          TEXT
+);
+CREATE TABLE IF NOT EXISTS task_machines (
+    task_id              TEXT NOT NULL,
+    machine_id           TEXT NOT NULL,
+    assignment_id        TEXT NOT NULL UNIQUE,
+    batch                BIGINT NOT NULL,
+    state                TEXT NOT NULL,
+    delivered            BIGINT NOT NULL DEFAULT 0,
+    cancel_requested     BIGINT NOT NULL DEFAULT 0,
+    cancel_delivered     BIGINT NOT NULL DEFAULT 0,
+    dispatched_ms        BIGINT,
+    started_received_ms  BIGINT,
+    exit_code            BIGINT,
+    stdout               TEXT NOT NULL DEFAULT '',
+    stderr               TEXT NOT NULL DEFAULT '',
+    output_truncated     BIGINT NOT NULL DEFAULT 0,
+    started_at           TEXT,
+    finished_at          TEXT,
+    error_code           TEXT,
+    error_msg            TEXT,
+    progress_seq         BIGINT NOT NULL DEFAULT -1,
+    progress_json        TEXT,
+    power_state          TEXT,
+    power_ms             BIGINT,
+    PRIMARY KEY (task_id, machine_id)
+);
+CREATE INDEX IF NOT EXISTS task_machines_machine ON task_machines (machine_id, state);
+CREATE TABLE IF NOT EXISTS software_commits (
+    machine_id  TEXT NOT NULL,
+    commit_no   BIGINT NOT NULL,
+    doc_json    TEXT NOT NULL,
+    created_ms  BIGINT NOT NULL,
+    PRIMARY KEY (machine_id, commit_no)
+);
+CREATE TABLE IF NOT EXISTS host_software (
+    machine_id     TEXT PRIMARY KEY,
+    staged_commit  BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS images (
+    image_id    TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    version     TEXT NOT NULL,
+    os_type     TEXT NOT NULL,
+    gpu         BIGINT NOT NULL,
+    sha256      TEXT NOT NULL,
+    size        BIGINT NOT NULL,
+    created_ms  BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pool_images (
+    pool_id           TEXT PRIMARY KEY,
+    operation         TEXT NOT NULL,
+    task_id           TEXT,
+    stage_task_id     TEXT,
+    apply_task_id     TEXT,
+    remove_task_id    TEXT,
+    released          BIGINT NOT NULL DEFAULT 0,
+    request_json      TEXT,
+    start_ms          BIGINT,
+    selective         BIGINT NOT NULL DEFAULT 0,
+    pending_image_id  TEXT,
+    pending_state     TEXT,
+    current_image_id  TEXT,
+    current_state     TEXT
+);
+CREATE TABLE IF NOT EXISTS machine_images (
+    machine_id        TEXT PRIMARY KEY,
+    current_image_id  TEXT,
+    current_state     TEXT,
+    pending_image_id  TEXT,
+    pending_state     TEXT,
+    language          TEXT
+);
+CREATE TABLE IF NOT EXISTS assignment_payloads (
+    assignment_id  TEXT PRIMARY KEY,
+    payload_json   TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings (
+    key    TEXT PRIMARY KEY,
+    value  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS applied_events (
+    machine_id      TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    applied_ms      BIGINT NOT NULL,
+    PRIMARY KEY (machine_id, idempotency_key)
+);
+"#;
 
 /// Version 2: the controller alone decides pools (so `machines.pool_id` may be empty), the
 /// certificate each machine presents, sessions per identity (two live agents behind one

@@ -4,22 +4,27 @@
 //! replaces this module. Callers work inside one transaction at a time through [`Tx`].
 //!
 //! `migrate`: the schema, as numbered migrations recorded in `PRAGMA user_version`;
-//! `identity`: machines' certificates, sessions, enrollment tokens and revocations;
-//! `blobrefs`: what refers to payload blobs (for their garbage collection); `images`: the
-//! image registry, pool operations and machines' images; `software`: desired-software
-//! commits and settings; `tasks`: tasks, their machines, delivery and results, and the power
-//! limits' counts; `lists`: the paged lists of tasks, machines and scripts (keyset pages) and
-//! the pools' counts; `audit`: the operators' audit trail.
+//! `rows`: the rows handed out and how they are read back; `identity`: machines'
+//! certificates, sessions, enrollment tokens and revocations; `blobrefs`: what refers to
+//! payload blobs (for their garbage collection); `images`: the image registry, pool
+//! operations and machines' images; `software`: desired-software commits and settings;
+//! `tasks`: tasks, their machines and dispatch; `delivery`: what agents are sent and the
+//! results they report; `power`: the power limits' counts; `lists`: the paged lists of
+//! tasks, machines and scripts (keyset pages) and the pools' counts; `audit`: the
+//! operators' audit trail.
 
 mod audit;
 mod blobrefs;
 mod columns;
+mod delivery;
 mod gauges;
 mod identity;
 mod images;
 mod lists;
 mod migrate;
 mod pg;
+mod power;
+mod rows;
 mod software;
 pub(crate) mod sql;
 mod tasks;
@@ -31,12 +36,14 @@ pub use identity::{EnrollmentTokenRow, RevocationRow, SessionVerdict, TokenCheck
 pub use images::{ImageRow, MachineImageRow, PoolImageRow};
 pub use lists::{MachineFilter, PoolCount, TaskFilter, TaskSummaryRow};
 pub use pg::Wake;
+use rows::{finish_task, finish_tm, machine_state, task_row, tm_row, TASK_COLS, TM_COLS};
+pub use rows::{
+    InFlight, MachineRow, Outcome, RolloutRow, ScriptRow, TaskMachineRow, TaskRow, Undelivered,
+};
 
 use std::path::Path;
 
-use crate::proto::api::Amount;
-use crate::proto::domain::{ErrorCode, MachineState, PowerPhase, TaskKind, TaskState};
-use sql::{params, Optional, Row, SqlError, SqlResult};
+use sql::{params, Optional, SqlError, SqlResult};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -65,241 +72,6 @@ impl<T, E: Into<SqlError>> Ctx<T> for Result<T, E> {
         })
     }
 }
-
-/// Version 1: the schema of 0.1.0 (before migrations were recorded). `IF NOT EXISTS`, so a
-/// database made by 0.1.0 (user_version 0) passes through it unchanged.
-const SCHEMA_V1: &str = r#"
-CREATE TABLE IF NOT EXISTS machines (
-    machine_id    TEXT PRIMARY KEY,
-    pool_id       TEXT NOT NULL,
-    agent_version TEXT NOT NULL,
-    last_seen_ms  BIGINT NOT NULL,
-    facts_json    TEXT
-);
-CREATE INDEX IF NOT EXISTS machines_pool ON machines (pool_id);
-CREATE TABLE IF NOT EXISTS scripts (
-    script_id    TEXT PRIMARY KEY,
-    name         TEXT NOT NULL,
-    command_type TEXT NOT NULL,
-    content      TEXT NOT NULL,
-    sha256       TEXT NOT NULL,
-    created_ms   BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tasks (
-    task_id             TEXT PRIMARY KEY,
-    kind                TEXT NOT NULL,
-    pool_id             TEXT NOT NULL,
-    state               TEXT NOT NULL,
-    created_ms          BIGINT NOT NULL,
-    finished_ms         BIGINT,
-    gray_fail_threshold BIGINT,
-    timeout_seconds     BIGINT NOT NULL,
-    scripts_json        TEXT NOT NULL,
-    power_json          TEXT
-);
-CREATE TABLE IF NOT EXISTS task_machines (
-    task_id              TEXT NOT NULL,
-    machine_id           TEXT NOT NULL,
-    assignment_id        TEXT NOT NULL UNIQUE,
-    batch                BIGINT NOT NULL,
-    state                TEXT NOT NULL,
-    delivered            BIGINT NOT NULL DEFAULT 0,
-    cancel_requested     BIGINT NOT NULL DEFAULT 0,
-    cancel_delivered     BIGINT NOT NULL DEFAULT 0,
-    dispatched_ms        BIGINT,
-    started_received_ms  BIGINT,
-    exit_code            BIGINT,
-    stdout               TEXT NOT NULL DEFAULT '',
-    stderr               TEXT NOT NULL DEFAULT '',
-    output_truncated     BIGINT NOT NULL DEFAULT 0,
-    started_at           TEXT,
-    finished_at          TEXT,
-    error_code           TEXT,
-    error_msg            TEXT,
-    progress_seq         BIGINT NOT NULL DEFAULT -1,
-    progress_json        TEXT,
-    power_state          TEXT,
-    power_ms             BIGINT,
-    PRIMARY KEY (task_id, machine_id)
-);
-CREATE INDEX IF NOT EXISTS task_machines_machine ON task_machines (machine_id, state);
-CREATE TABLE IF NOT EXISTS software_commits (
-    machine_id  TEXT NOT NULL,
-    commit_no   BIGINT NOT NULL,
-    doc_json    TEXT NOT NULL,
-    created_ms  BIGINT NOT NULL,
-    PRIMARY KEY (machine_id, commit_no)
-);
-CREATE TABLE IF NOT EXISTS host_software (
-    machine_id     TEXT PRIMARY KEY,
-    staged_commit  BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS images (
-    image_id    TEXT PRIMARY KEY,
-    name        TEXT NOT NULL,
-    version     TEXT NOT NULL,
-    os_type     TEXT NOT NULL,
-    gpu         BIGINT NOT NULL,
-    sha256      TEXT NOT NULL,
-    size        BIGINT NOT NULL,
-    created_ms  BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS pool_images (
-    pool_id           TEXT PRIMARY KEY,
-    operation         TEXT NOT NULL,
-    task_id           TEXT,
-    stage_task_id     TEXT,
-    apply_task_id     TEXT,
-    remove_task_id    TEXT,
-    released          BIGINT NOT NULL DEFAULT 0,
-    request_json      TEXT,
-    start_ms          BIGINT,
-    selective         BIGINT NOT NULL DEFAULT 0,
-    pending_image_id  TEXT,
-    pending_state     TEXT,
-    current_image_id  TEXT,
-    current_state     TEXT
-);
-CREATE TABLE IF NOT EXISTS machine_images (
-    machine_id        TEXT PRIMARY KEY,
-    current_image_id  TEXT,
-    current_state     TEXT,
-    pending_image_id  TEXT,
-    pending_state     TEXT,
-    language          TEXT
-);
-CREATE TABLE IF NOT EXISTS assignment_payloads (
-    assignment_id  TEXT PRIMARY KEY,
-    payload_json   TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS settings (
-    key    TEXT PRIMARY KEY,
-    value  TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS applied_events (
-    machine_id      TEXT NOT NULL,
-    idempotency_key TEXT NOT NULL,
-    applied_ms      BIGINT NOT NULL,
-    PRIMARY KEY (machine_id, idempotency_key)
-);
-"#;
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct MachineRow {
-    pub machine_id: String,
-    /// `None`: in no pool (a hand-issued certificate without `--pool`, until an operator
-    /// moves it).
-    pub pool_id: Option<String>,
-    pub agent_version: String,
-    pub last_seen_ms: i64,
-    pub facts_json: Option<String>,
-    /// The certificate the machine last presented (or was enrolled with).
-    pub cert_serial: Option<String>,
-    pub cert_not_after_ms: Option<i64>,
-    /// Set while two live sessions present this identity.
-    pub conflict_ms: Option<i64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ScriptRow {
-    pub script_id: String,
-    pub name: String,
-    pub command_type: String,
-    pub content: String,
-    pub sha256: String,
-    pub created_ms: i64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TaskRow {
-    pub task_id: String,
-    pub kind: TaskKind,
-    pub pool_id: String,
-    pub state: TaskState,
-    pub created_ms: i64,
-    pub finished_ms: Option<i64>,
-    pub gray_fail_threshold: Option<u32>,
-    pub timeout_seconds: u64,
-    /// `Vec<proto::agent::ScriptPayload>` as JSON: the scripts as they were when the task was
-    /// created, so later edits never change a running task.
-    pub scripts_json: String,
-    /// `proto::agent::PowerSpec` as JSON, for script executions.
-    pub power_json: Option<String>,
-    /// The operator whose request made it (`None`: before version 4, or the controller's
-    /// own doing).
-    pub created_by: Option<String>,
-    /// The operator who cancelled it.
-    pub cancelled_by: Option<String>,
-    /// Rate controls, retry and resume (schema version 5).
-    pub rollout: RolloutRow,
-}
-
-/// A task's rate controls and what resumes accepted (schema version 5); all unset for the
-/// kinds that have none.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RolloutRow {
-    /// As the request gave them, for the view and for a retry (which resolves them again).
-    pub gray_count: Option<Amount>,
-    pub max_concurrency: Option<Amount>,
-    pub max_errors: Option<Amount>,
-    /// `max_concurrency` and `max_errors` resolved against this task's machines.
-    pub wave_limit: Option<u32>,
-    pub error_limit: Option<u32>,
-    /// An operator resumed the task after its gray batch halted it: the gate is passed.
-    pub gray_accepted: bool,
-    /// Failures counted when the task was last resumed; `max_errors` counts the ones after.
-    pub errors_accepted: u32,
-    pub retry_of: Option<String>,
-    /// The batch that has machines waiting only for a power slot.
-    pub power_waiting: Option<u32>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Outcome {
-    pub exit_code: Option<i32>,
-    pub stdout: String,
-    pub stderr: String,
-    pub output_truncated: bool,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
-    pub error_code: Option<ErrorCode>,
-    pub error_msg: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TaskMachineRow {
-    pub task_id: String,
-    pub machine_id: String,
-    pub assignment_id: String,
-    pub batch: u32,
-    pub state: MachineState,
-    pub delivered: bool,
-    pub cancel_requested: bool,
-    pub dispatched_ms: Option<i64>,
-    pub started_received_ms: Option<i64>,
-    pub outcome: Outcome,
-    /// Latest `proto::agent::Progress` components as JSON, if any arrived.
-    pub progress_json: Option<String>,
-    /// The last power step the agent announced, and when it arrived.
-    pub power_state: Option<PowerPhase>,
-    pub power_ms: Option<i64>,
-    /// The pool this machine counts against while at work, when its assignment carries a
-    /// reboot or shutdown (the power limits); `None` without a power step.
-    pub power_pool: Option<String>,
-}
-
-/// A machine an agent holds (dispatched or running), with what its deadline depends on.
-#[derive(Debug, Clone)]
-pub struct InFlight {
-    pub row: TaskMachineRow,
-    pub timeout_seconds: u64,
-    pub power_json: Option<String>,
-    /// The task's kind.
-    pub kind: TaskKind,
-}
-
-/// Dispatched assignments (with their task) and cancellations an agent has not acknowledged.
-pub type Undelivered = (Vec<(TaskMachineRow, TaskRow)>, Vec<String>);
 
 /// A handle to the database; clones share its writer ([`writer`]: group commit).
 #[derive(Clone)]
@@ -438,117 +210,6 @@ fn open_sqlite(path: &Path) -> SqlResult<rusqlite::Connection> {
     Ok(conn)
 }
 
-fn machine_state(s: String) -> Result<MachineState, StoreError> {
-    MachineState::parse(&s).ok_or(StoreError::Corrupt {
-        what: "machine state",
-        value: s,
-    })
-}
-
-/// A task row and the texts [`finish_task`] checks: its state and its three amounts.
-type RawTask = (TaskRow, String, [Option<String>; 3]);
-
-fn task_row(r: &Row) -> SqlResult<RawTask> {
-    let state: String = r.get(3)?;
-    let amounts = [r.get(12)?, r.get(13)?, r.get(14)?];
-    Ok((
-        TaskRow {
-            task_id: r.get(0)?,
-            kind: r.get(1)?,
-            pool_id: r.get(2)?,
-            state: TaskState::Pending,
-            created_ms: r.get(4)?,
-            finished_ms: r.get(5)?,
-            gray_fail_threshold: r.get::<_, Option<i64>>(6)?.map(|v| v as u32),
-            timeout_seconds: r.get::<_, i64>(7)? as u64,
-            scripts_json: r.get(8)?,
-            power_json: r.get(9)?,
-            created_by: r.get(10)?,
-            cancelled_by: r.get(11)?,
-            rollout: RolloutRow {
-                gray_count: None,
-                max_concurrency: None,
-                max_errors: None,
-                wave_limit: r.get::<_, Option<i64>>(15)?.map(|v| v as u32),
-                error_limit: r.get::<_, Option<i64>>(16)?.map(|v| v as u32),
-                gray_accepted: r.get::<_, i64>(17)? != 0,
-                errors_accepted: r.get::<_, i64>(18)? as u32,
-                retry_of: r.get(19)?,
-                power_waiting: r.get::<_, Option<i64>>(20)?.map(|v| v as u32),
-            },
-        },
-        state,
-        amounts,
-    ))
-}
-
-const TASK_COLS: &str = "task_id, kind, pool_id, state, created_ms, finished_ms, \
-                         gray_fail_threshold, timeout_seconds, scripts_json, power_json, \
-                         created_by, cancelled_by, \
-                         gray_count, max_concurrency, max_errors, wave_limit, error_limit, \
-                         gray_accepted, errors_accepted, retry_of, power_waiting";
-const TM_COLS: &str = "task_id, machine_id, assignment_id, batch, state, delivered, \
-    cancel_requested, dispatched_ms, started_received_ms, exit_code, stdout, stderr, \
-    output_truncated, started_at, finished_at, error_code, error_msg, progress_json, \
-    power_state, power_ms, power_pool";
-
-fn tm_row(r: &Row) -> SqlResult<(TaskMachineRow, String)> {
-    let state: String = r.get(4)?;
-    Ok((
-        TaskMachineRow {
-            task_id: r.get(0)?,
-            machine_id: r.get(1)?,
-            assignment_id: r.get(2)?,
-            batch: r.get::<_, i64>(3)? as u32,
-            state: MachineState::Pending,
-            delivered: r.get::<_, i64>(5)? != 0,
-            cancel_requested: r.get::<_, i64>(6)? != 0,
-            dispatched_ms: r.get(7)?,
-            started_received_ms: r.get(8)?,
-            outcome: Outcome {
-                exit_code: r.get::<_, Option<i64>>(9)?.map(|v| v as i32),
-                stdout: r.get(10)?,
-                stderr: r.get(11)?,
-                output_truncated: r.get::<_, i64>(12)? != 0,
-                started_at: r.get(13)?,
-                finished_at: r.get(14)?,
-                error_code: r.get(15)?,
-                error_msg: r.get(16)?,
-            },
-            progress_json: r.get(17)?,
-            power_state: r.get(18)?,
-            power_ms: r.get(19)?,
-            power_pool: r.get(20)?,
-        },
-        state,
-    ))
-}
-
-fn finish_task(raw: RawTask) -> Result<TaskRow, StoreError> {
-    let (mut t, s, [gray, wave, errors]) = raw;
-    t.state = TaskState::parse(&s).ok_or(StoreError::Corrupt {
-        what: "task state",
-        value: s,
-    })?;
-    let amount = |text: Option<String>| match text {
-        None => Ok(None),
-        Some(v) => Amount::parse(&v).map(Some).ok_or(StoreError::Corrupt {
-            what: "task amount",
-            value: v,
-        }),
-    };
-    t.rollout.gray_count = amount(gray)?;
-    t.rollout.max_concurrency = amount(wave)?;
-    t.rollout.max_errors = amount(errors)?;
-    Ok(t)
-}
-
-fn finish_tm(pair: (TaskMachineRow, String)) -> Result<TaskMachineRow, StoreError> {
-    let (mut t, s) = pair;
-    t.state = machine_state(s)?;
-    Ok(t)
-}
-
 impl Tx<'_> {
     /// Runs `f` once this transaction has committed, and never if it rolls back: what tells
     /// the world about a change (a journal record) never reports one that did not happen.
@@ -670,6 +331,7 @@ impl Tx<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::domain::{MachineState, TaskKind, TaskState};
 
     #[tokio::test]
     async fn a_database_from_0_1_0_is_migrated_in_place_and_keeps_its_tasks() {
