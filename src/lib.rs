@@ -46,7 +46,9 @@
 //!   decommissioned, two live sessions of one identity), the pure rollout rules
 //!   (`rollout`: gray batches, waves of `max_concurrency`, the `max_errors` halt, the room the
 //!   power limits leave), the `engine` that advances tasks (and holds machines with a power
-//!   step back behind the power limits), `rerun` (retry and resume of a finished or halted
+//!   step back behind the power limits), `reports` (agent events applied once by their
+//!   key, and the reaper for machines gone silent; both end assignments through `engine`),
+//!   `rerun` (retry and resume of a finished or halted
 //!   task), the `store` on SQLite or
 //!   PostgreSQL (`sql`: one way to run a statement on either, values and placeholders;
 //!   `migrate` steps for both; `rows` (what the store hands out, read back and checked);

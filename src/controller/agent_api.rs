@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use super::engine::Applied;
 use super::errors::{parse_json, ApiError};
 use super::identity::{self, AgentCall};
+use super::reports::Applied;
 use super::store::{StoreError, TaskMachineRow, TaskRow};
 use super::Controller;
 use crate::proto::agent::{

@@ -19,6 +19,7 @@ pub mod openapi;
 pub mod progress;
 pub mod quickstart;
 pub mod rebuild;
+pub mod reports;
 pub mod rerun;
 pub mod rollout;
 pub mod router;

@@ -3,13 +3,14 @@
 //! change. The engine stays generic (it knows no images); `images` uses the engine; this
 //! module uses both.
 
-use super::engine::{self, Applied, EngineError, Wake};
+use super::engine::{self, EngineError, Wake};
 use super::images;
+use super::reports::{self, Applied};
 use super::rollout::MachineState;
 use super::store::{Outcome, StoreError, TaskMachineRow, Tx};
 use crate::proto::agent::{AgentEvent, EventBody};
 
-/// Applies one agent event (`engine::apply_event`), then lets the image operation of its
+/// Applies one agent event (`reports::apply_event`), then lets the image operation of its
 /// task see it.
 pub fn apply_event(
     tx: &mut Tx<'_>,
@@ -18,7 +19,7 @@ pub fn apply_event(
     now_ms: i64,
     wake: &mut Wake,
 ) -> Result<Applied, EngineError> {
-    let applied = engine::apply_event(tx, machine_id, ev, now_ms, wake)?;
+    let applied = reports::apply_event(tx, machine_id, ev, now_ms, wake)?;
     let moves_task = matches!(ev.body, EventBody::Started | EventBody::Result(_));
     if applied == Applied::Applied && moves_task {
         if let Some(row) = tx.assignment(&ev.assignment_id)? {
@@ -41,7 +42,7 @@ pub fn end_assignment(
     observe(tx, row, None, now_ms, wake)
 }
 
-/// Declares silent machines unreachable (`engine::reap`); returns how many.
+/// Declares silent machines unreachable (`reports::reap`); returns how many.
 pub fn reap(
     tx: &mut Tx<'_>,
     now_ms: i64,
@@ -50,7 +51,7 @@ pub fn reap(
     reboot_grace_ms: i64,
     wake: &mut Wake,
 ) -> Result<usize, StoreError> {
-    let ended = engine::reap(tx, now_ms, grace_ms, offline_ms, reboot_grace_ms, wake)?;
+    let ended = reports::reap(tx, now_ms, grace_ms, offline_ms, reboot_grace_ms, wake)?;
     for row in &ended {
         observe(tx, row, None, now_ms, wake)?;
     }
