@@ -10,7 +10,8 @@
 //!   batch, machine and run states, power and logoff steps, seed 001's image states and
 //!   pool operations, and the one `ErrorCode`. An assignment is one `Work` enum (scripts,
 //!   software stage, image stage, apply, remove), flattened on the wire as in 0.1.0.
-//!   `proto::ctl` is the operator CLI's side: requests `api` has no type for yet, and
+//!   `proto::api` is the operator API, by subject (`tasks`, `images`, `fleet`), all of it
+//!   re-exported as `proto::api::*`. `proto::ctl` is the operator CLI's side: requests `api` has no type for yet, and
 //!   lenient views (unknown fields ignored) of the listing routes.
 //! - [`config`]: raw TOML (`deny_unknown_fields`) into validated configs; errors name the key.
 //!   `config::ctl` resolves the CLI's connection settings: flag, else environment, else
