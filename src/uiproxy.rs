@@ -105,6 +105,22 @@ struct Forwarder {
     hosts: Vec<String>,
 }
 
+/// What both `fieldhandctl ui` and `fieldhand-controller ui` do: forward until SIGINT or
+/// SIGTERM, after printing where (`forwarding http://ADDR to URL`) and the one-time address
+/// to open (`open http://ADDR/?token=...`) on stdout, one line each.
+pub async fn run_until_signal(opts: Options) -> Result<(), UiProxyError> {
+    let url = opts.url.clone();
+    run(
+        opts,
+        |l| {
+            println!("forwarding http://{} to {url}", l.addr);
+            println!("open {}", l.open_url);
+        },
+        crate::daemon::shutdown_signal(),
+    )
+    .await
+}
+
 /// Listens on `opts.listen`, calls `on_listening` once it does, and forwards requests until
 /// `shutdown` completes.
 pub async fn run(

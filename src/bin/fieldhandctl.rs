@@ -351,16 +351,7 @@ fn ui(opts: fieldhand::uiproxy::Options) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(e, Exit::Software),
     };
-    let url = opts.url.clone();
-    let res = rt.block_on(fieldhand::uiproxy::run(
-        opts,
-        |l| {
-            println!("forwarding http://{} to {url}", l.addr);
-            println!("open {}", l.open_url);
-        },
-        fieldhand::daemon::shutdown_signal(),
-    ));
-    match res {
+    match rt.block_on(fieldhand::uiproxy::run_until_signal(opts)) {
         Ok(()) => Exit::Ok.into(),
         Err(e) => {
             let code = e.exit();
