@@ -12,7 +12,7 @@ use super::settings::{
     force_logoff_grace, DEFAULT_FORCE_LOGOFF_GRACE_SECONDS, DEFAULT_LOGOFF_TIMEOUT_SECONDS,
 };
 use super::store::{RolloutRow, ScriptRow, TaskRow};
-use super::views::task_view;
+use super::views::{task_not_found, task_view};
 use super::Controller;
 use super::{audit, engine};
 use crate::pki::Identity;
@@ -442,12 +442,7 @@ pub async fn cancel_task(
                 &task_id,
                 &serde_json::json!({}),
             )?;
-            let task = tx.task(&task_id)?.ok_or_else(|| {
-                ApiError::not_found(
-                    ErrorCode::TaskNotFound,
-                    format!("task_id {task_id:?} does not exist"),
-                )
-            })?;
+            let task = tx.task(&task_id)?.ok_or_else(|| task_not_found(&task_id))?;
             let machines = tx.task_machines(&task_id)?;
             Ok::<_, ApiError>((task_view(&task, &machines), wake))
         })

@@ -7,7 +7,7 @@ use super::engine;
 use super::errors::ApiError;
 use super::rollout::{plan_batches, TaskState};
 use super::store::{RolloutRow, TaskRow};
-use super::views::task_view;
+use super::views::{task_not_found, task_view};
 use super::Controller;
 use crate::pki::Identity;
 use crate::proto::api;
@@ -71,12 +71,7 @@ pub async fn retry(
     let (new_id, wake) = ctl
         .store
         .tx(move |tx| {
-            let task = tx.task(&task_id)?.ok_or_else(|| {
-                ApiError::not_found(
-                    ErrorCode::TaskNotFound,
-                    format!("task_id {task_id:?} does not exist"),
-                )
-            })?;
+            let task = tx.task(&task_id)?.ok_or_else(|| task_not_found(&task_id))?;
             if task.kind != TaskKind::ScriptExecution {
                 return Err(conflict(format!(
                     "task {task_id:?} is a {}: only a script execution can be retried",

@@ -71,19 +71,15 @@ fn task_machine_view(task: &TaskRow, m: &TaskMachineRow) -> api::TaskMachine {
 pub async fn get_task(ctl: &Controller, task_id: String) -> Result<api::Task, ApiError> {
     ctl.store
         .tx(move |tx| {
-            let task = tx.task(&task_id)?.ok_or_else(|| {
-                ApiError::not_found(
-                    ErrorCode::TaskNotFound,
-                    format!("task_id {task_id:?} does not exist"),
-                )
-            })?;
+            let task = tx.task(&task_id)?.ok_or_else(|| task_not_found(&task_id))?;
             let machines = tx.task_machines(&task_id)?;
             Ok(task_view(&task, &machines))
         })
         .await
 }
 
-fn task_not_found(task_id: &str) -> ApiError {
+/// The 404 of a task id that names no task.
+pub fn task_not_found(task_id: &str) -> ApiError {
     ApiError::not_found(
         ErrorCode::TaskNotFound,
         format!("task_id {task_id:?} does not exist"),
