@@ -35,7 +35,8 @@
 //!   (logind or utmp), systemd `notify`, `clock`, `bootid`, host `facts`, crash-safe
 //!   file writes (`fsutil`), the open-files limit the connection cap must fit (`fdlimit`).
 //! - [`controller`]: `serve` and `run`, the `router` (the checks every request passes, and
-//!   the route table `ROUTES`), the background `loops`, the one error shape
+//!   the route table `ROUTES`), the background `loops` (schedule, reaper, revocations, blob
+//!   collection, pruning finished tasks past `task_retention_seconds`), the one error shape
 //!   and body parser (`errors`, a leaf), global `settings` (and the pools' power limits), the
 //!   operator API (`api`: scripts, executions, cancel; `views`: the task and machine views
 //!   it answers with, whole, as counts, or a page of machines), its paged lists and pool views (`lists`: query strings, `limit`
@@ -55,7 +56,7 @@
 //!   `migrate` steps for both; `rows` (what the store hands out, read back and checked);
 //!   `tasks` (and dispatch), `delivery` (to agents, and results), `power` (the power
 //!   limits' counts), `images`, `software`, `identity`, `audit` tables; `lists`: keyset pages of tasks, machines and scripts;
-//!   `blobrefs`:
+//!   `prune`: finished tasks removed a chunk at a time; `blobrefs`:
 //!   what refers to blobs; `columns`: the domain enums stored as their wire text; `writer`:
 //!   the one thread that owns the connection and commits waiting transactions together,
 //!   each in its own savepoint, and runs what a transaction asked to do once it committed

@@ -38,6 +38,8 @@ pub struct ControllerConfig {
     /// `max_concurrent_power_operations`: machines of the whole fleet that may be at work on
     /// an assignment with a power step at once (`None`: no limit).
     pub max_concurrent_power_operations: Option<u32>,
+    /// `task_retention_seconds`: finished tasks older than this are pruned (`None`: kept).
+    pub task_retention: Option<Duration>,
 }
 
 /// Which database the controller runs on (`database_url`).
@@ -272,6 +274,18 @@ impl ControllerConfig {
             1,
             10 * 365 * 86_400,
         )?;
+        let task_retention = match raw.task_retention_seconds {
+            None | Some(0) => None,
+            Some(n) if n <= 10 * 365 * 86_400 => Some(Duration::from_secs(n)),
+            Some(n) => {
+                return Err(invalid(
+                    origin,
+                    "task_retention_seconds",
+                    n,
+                    "must be at most 315360000 (10 years; 0 or unset keeps finished tasks)",
+                ))
+            }
+        };
         let max_power = match raw.max_concurrent_power_operations {
             None => None,
             Some(n) if (1..=1_000_000).contains(&n) => Some(n as u32),
@@ -286,6 +300,7 @@ impl ControllerConfig {
         };
         Ok(ControllerConfig {
             max_concurrent_power_operations: max_power,
+            task_retention,
             net: crate::net::server::Limits {
                 max_connections: max_connections as usize,
                 operator_reserve: reserve as usize,
@@ -373,6 +388,18 @@ key = "controller-key.pem"
         assert_eq!(c(MIN).max_concurrent_power_operations, None);
         let two = c(&format!("max_concurrent_power_operations = 2\n{MIN}"));
         assert_eq!(two.max_concurrent_power_operations, Some(2));
+        assert_eq!(c(MIN).task_retention, None);
+        assert_eq!(
+            c(&format!("task_retention_seconds = 0\n{MIN}")).task_retention,
+            None
+        );
+        let month = c(&format!("task_retention_seconds = 2592000\n{MIN}"));
+        assert_eq!(month.task_retention, Some(Duration::from_secs(2_592_000)));
+        let long = e(&format!("task_retention_seconds = 315360001\n{MIN}"));
+        assert!(
+            long.contains("task_retention_seconds") && long.contains("315360001"),
+            "{long}"
+        );
     }
 
     #[test]
@@ -388,5 +415,6 @@ key = "controller-key.pem"
             Database::Postgres("postgres://fieldhand@db.example.net/fieldhand".into())
         );
         assert_eq!(r.blob_dir, PathBuf::from("/srv/fieldhand-blobs"));
+        assert_eq!(r.task_retention, Some(Duration::from_secs(30 * 86_400)));
     }
 }

@@ -1,5 +1,6 @@
 //! The controller's background loops: resuming tasks at start, the push schedule, the
-//! unreachable-machine reaper, revocation reloads and blob collection.
+//! unreachable-machine reaper, revocation reloads, blob collection and the pruning of
+//! finished tasks past their retention.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -121,4 +122,62 @@ pub(super) async fn reap_loop(ctl: Arc<Controller>) {
             Err(e) => tracing::error!(error = %e, "reaper failed; retrying"),
         }
     }
+}
+
+/// Finished tasks looked at per pruning round, and machines removed per transaction: every
+/// transaction holds the one write lock, so a large task goes a chunk at a time.
+const PRUNE_TASKS_PER_ROUND: usize = 100;
+pub const PRUNE_CHUNK: usize = 1000;
+
+/// Removes finished tasks older than `task_retention_seconds`, the oldest first.
+pub(super) async fn prune_loop(ctl: Arc<Controller>, retention: Duration) {
+    let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = clock::unix_ms(clock::now());
+        match prune(&ctl.store, now - retention.as_millis() as i64).await {
+            Ok(0) => {}
+            Ok(n) => {
+                ctl.metrics.pruned(n);
+                tracing::info!(
+                    tasks = n,
+                    retention_seconds = retention.as_secs(),
+                    "pruned finished tasks past their retention"
+                );
+            }
+            Err(e) => tracing::error!(error = %e, "pruning finished tasks failed; retrying"),
+        }
+    }
+}
+
+/// One round: up to [`PRUNE_TASKS_PER_ROUND`] tasks that finished before `cutoff_ms`; how
+/// many were removed. Harmless on several replicas at once: each chunk re-checks its task.
+pub async fn prune(store: &store::Store, cutoff_ms: i64) -> Result<usize, store::StoreError> {
+    let tasks = store
+        .tx(move |tx| tx.prunable_tasks(cutoff_ms, PRUNE_TASKS_PER_ROUND))
+        .await?;
+    let mut removed = 0;
+    for task in tasks {
+        loop {
+            let id = task.clone();
+            let (machines, gone) = store
+                .tx(move |tx| {
+                    let n = tx.prune_task_machines(&id, cutoff_ms, PRUNE_CHUNK)?;
+                    // The last chunk takes the task row with it.
+                    let gone = n < PRUNE_CHUNK && tx.prune_task_row(&id, cutoff_ms)?;
+                    Ok::<_, store::StoreError>((n, gone))
+                })
+                .await?;
+            if gone {
+                removed += 1;
+                tracing::debug!(task_id = %task, "pruned a finished task");
+            }
+            if machines < PRUNE_CHUNK {
+                break;
+            }
+        }
+    }
+    Ok(removed)
 }

@@ -3,7 +3,7 @@
 //! NAME`), which may read this and nothing else.
 //!
 //! Two kinds of series. Counters and histograms (HTTP requests, events applied, dispatch and
-//! result latency, transaction time, machines declared unreachable) count what this replica
+//! result latency, transaction time, machines declared unreachable, tasks pruned) count what this replica
 //! did since it started. Gauges about the fleet (machines by pool and online, tasks by kind
 //! and state, machines by task state, identity conflicts, outbox backlogs, certificate
 //! expiry) are read from the database at scrape time, so every replica reports the same fleet:
@@ -41,6 +41,7 @@ pub struct ControllerMetrics {
     http_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     events: Family<Labels, Counter>,
     unreachable: Counter,
+    pruned: Counter,
     dispatch_seconds: Histogram,
     result_seconds: Histogram,
     polls_open: Gauge,
@@ -85,6 +86,12 @@ impl ControllerMetrics {
             "machines_declared_unreachable",
             "Machines the reaper declared MACHINE_UNREACHABLE",
             unreachable.clone(),
+        );
+        let pruned = Counter::default();
+        r.register(
+            "tasks_pruned",
+            "Finished tasks removed past task_retention_seconds, with their machines' rows",
+            pruned.clone(),
         );
         let dispatch_seconds = latency_histogram();
         r.register_with_unit(
@@ -176,6 +183,7 @@ impl ControllerMetrics {
             http_seconds,
             events,
             unreachable,
+            pruned,
             dispatch_seconds,
             result_seconds,
             polls_open,
@@ -218,6 +226,10 @@ impl ControllerMetrics {
 
     pub fn unreachable(&self, n: usize) {
         self.unreachable.inc_by(n as u64);
+    }
+
+    pub fn pruned(&self, n: usize) {
+        self.pruned.inc_by(n as u64);
     }
 
     /// Acknowledged assignments, by when each was dispatched.

@@ -338,6 +338,10 @@ pub async fn run(
     let scheduler = tokio::spawn(loops::schedule_loop(ctl.clone()));
     let revocations = tokio::spawn(loops::revocation_loop(ctl.clone()));
     let blob_gc = tokio::spawn(loops::blob_gc_loop(ctl.clone()));
+    let pruner = ctl
+        .cfg
+        .task_retention
+        .map(|keep| tokio::spawn(loops::prune_loop(ctl.clone(), keep)));
     let dog = crate::sys::notify::watchdog_interval().map(|every| {
         let ctl = ctl.clone();
         tokio::spawn(async move {
@@ -382,6 +386,9 @@ pub async fn run(
     scheduler.abort();
     revocations.abort();
     blob_gc.abort();
+    if let Some(p) = pruner {
+        p.abort();
+    }
     if let Some(d) = dog {
         d.abort();
     }

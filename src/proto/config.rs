@@ -155,6 +155,8 @@ pub struct RawController {
     pub max_blob_bytes: Option<u64>,
     pub blob_quota_bytes: Option<u64>,
     pub blob_retention_seconds: Option<u64>,
+    /// How long a finished task (its machines' rows and output) is kept; unset or 0: for ever.
+    pub task_retention_seconds: Option<u64>,
     /// Where payload blobs live (default `data_dir/blobs`); with PostgreSQL, a directory
     /// every replica reaches, given explicitly.
     pub blob_dir: Option<PathBuf>,

@@ -22,6 +22,7 @@ mod props;
 mod rate;
 mod rebuild;
 mod replicas;
+mod retention;
 mod security;
 mod shedding;
 mod staging;

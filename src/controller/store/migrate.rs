@@ -17,6 +17,7 @@ const STEPS: &[(u32, &str)] = &[
     (4, V4_LISTS_AND_AUDIT),
     (5, V5_RATE),
     (6, V6_OUTBOX),
+    (7, V7_TASKS_FINISHED),
 ];
 
 /// Version 1: the schema of 0.1.0 (before migrations were recorded). `IF NOT EXISTS`, so a
@@ -259,6 +260,12 @@ ALTER TABLE machines ADD COLUMN outbox_events BIGINT;
 "#;
 
 /// The version this build writes.
+/// Version 7: finished tasks by when they finished, for pruning them past
+/// `task_retention_seconds` without reading every task.
+const V7_TASKS_FINISHED: &str = r#"
+CREATE INDEX tasks_finished ON tasks (finished_ms);
+"#;
+
 pub const LATEST: u32 = STEPS[STEPS.len() - 1].0;
 
 fn newer(current: u32) -> SqlError {
@@ -341,7 +348,16 @@ mod tests {
         c.prepare("SELECT power_pool FROM task_machines").unwrap();
         // Version 6's column.
         c.prepare("SELECT outbox_events FROM machines").unwrap();
-        assert_eq!(LATEST, 6);
+        // Version 7's index.
+        let idx: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'tasks_finished'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(idx, 1);
+        assert_eq!(LATEST, 7);
         // Version 2's columns are there.
         c.execute(
             "INSERT INTO machines (machine_id, agent_version, last_seen_ms, cert_serial)

@@ -9,7 +9,8 @@
 //! payload blobs (for their garbage collection); `images`: the image registry, pool
 //! operations and machines' images; `software`: desired-software commits and settings;
 //! `tasks`: tasks, their machines and dispatch; `delivery`: what agents are sent and the
-//! results they report; `power`: the power limits' counts; `lists`: the paged lists of
+//! results they report; `power`: the power limits' counts; `prune`: finished tasks past
+//! their retention, removed a chunk at a time; `lists`: the paged lists of
 //! tasks, machines and scripts (keyset pages) and the pools' counts; `audit`: the
 //! operators' audit trail.
 
@@ -24,6 +25,7 @@ mod lists;
 mod migrate;
 mod pg;
 mod power;
+mod prune;
 mod rows;
 mod software;
 pub(crate) mod sql;
