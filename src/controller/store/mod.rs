@@ -472,11 +472,7 @@ mod tests {
     #[tokio::test]
     async fn task_counts_and_pages_agree_with_the_full_list() {
         let dir = tempfile::tempdir().unwrap();
-        let mut dbs = vec![Database::Sqlite(dir.path().join("t.db"))];
-        if let Some(url) = postgres_database() {
-            dbs.push(Database::Postgres(url));
-        }
-        for db in dbs {
+        for db in both_databases(dir.path()) {
             let store = Store::open(&db).unwrap();
             let (counts, all, page, failed, past_end) = store
                 .tx(|tx| {
@@ -537,6 +533,15 @@ mod tests {
             assert_eq!(ids(&failed), vec!["m03", "m20"], "{db}");
             assert!(past_end.is_empty(), "{db}");
         }
+    }
+
+    /// A new SQLite database in `dir`, and a new PostgreSQL one when the suite has a server.
+    pub(super) fn both_databases(dir: &std::path::Path) -> Vec<Database> {
+        let mut dbs = vec![Database::Sqlite(dir.join("t.db"))];
+        if let Some(url) = postgres_database() {
+            dbs.push(Database::Postgres(url));
+        }
+        dbs
     }
 
     /// A new database on the PostgreSQL server of `FIELDHAND_TEST_POSTGRES`, if set.

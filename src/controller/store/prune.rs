@@ -105,8 +105,8 @@ impl Tx<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::postgres_database;
-    use super::super::{Database, PoolImageRow, RolloutRow, Store, TaskRow};
+    use super::super::tests::both_databases;
+    use super::super::{PoolImageRow, RolloutRow, Store, TaskRow};
     use super::*;
     use crate::proto::domain::{TaskKind, TaskState};
 
@@ -138,11 +138,7 @@ mod tests {
     #[tokio::test]
     async fn only_old_finished_tasks_go_and_all_of_them_goes() {
         let dir = tempfile::tempdir().unwrap();
-        let mut dbs = vec![Database::Sqlite(dir.path().join("t.db"))];
-        if let Some(url) = postgres_database() {
-            dbs.push(Database::Postgres(url));
-        }
-        for db in dbs {
+        for db in both_databases(dir.path()) {
             let store = Store::open(&db).unwrap();
             let got = store
                 .tx(|tx| {
