@@ -38,6 +38,8 @@ use http::StatusCode;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
+pub use loops::{prune as prune_finished_tasks, PRUNE_CHUNK};
+
 use crate::config::controller::ControllerConfig;
 use crate::pki::Identity;
 use crate::proto::domain::ErrorCode;
