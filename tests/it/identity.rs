@@ -714,14 +714,17 @@ fn status_says_connecting_then_shows_expiry_and_the_last_error() {
 #[test]
 fn an_expired_certificate_is_reported_at_start_with_its_date() {
     let env = Env::new();
-    let ctl = env.controller_with("agent_cert_validity_seconds = 2");
+    // 5 s: long enough that a loaded machine (the PostgreSQL half runs every test at once)
+    // enrolls and is seen online before the first certificate runs out.
+    let ctl = env.controller_with("agent_cert_validity_seconds = 5");
     let op = env.operator(&ctl);
     let token = env.token(&ctl, json!({"pool_id": "p"}));
     let mut a = env.enrolling_agent(&ctl, "e1", &token, "");
     op.wait_online(&["e1"], T);
     a.kill();
-    // Let the certificate run out while the agent is down; without a token it cannot fix it.
-    std::thread::sleep(Duration::from_secs(3));
+    // Let the certificate run out while the agent is down (any it had, renewed or not, was
+    // signed before the kill); without a token it cannot fix it.
+    std::thread::sleep(Duration::from_secs(6));
     let text = std::fs::read_to_string(&a.config).unwrap();
     let no_token: String = text
         .lines()
