@@ -3,7 +3,7 @@
 //! cancellation. Delivery to agents and results are in `delivery`, the power limits' counts
 //! in `power`.
 
-use super::sql::{params, Optional};
+use super::sql::{params, Optional, ToValue};
 
 use super::{
     finish_task, finish_tm, machine_state, task_row, tm_row, Ctx, StoreError, TaskMachineRow,
@@ -12,6 +12,41 @@ use super::{
 use crate::proto::agent::PowerSpec;
 use crate::proto::api::Amount;
 use crate::proto::domain::{ErrorCode, MachineState, TaskState};
+
+/// Machines per `INSERT` when a task is saved (SQLite allows 32,766 parameters, PostgreSQL
+/// 65,535; this takes 304).
+const MACHINES_PER_INSERT: usize = 100;
+
+/// The `INSERT` of [`MACHINES_PER_INSERT`] task machines (`many`), or of one: `?1` task,
+/// `?2` state, `?3` whether the task has a power step, `?4` its pool, then `(machine_id,
+/// assignment_id, batch)` per machine. Two texts only, so the statement caches hold two.
+fn task_machines_insert(many: bool) -> &'static str {
+    fn make(n: usize) -> String {
+        let rows: Vec<String> = (0..n)
+            .map(|i| {
+                let (m, a, b) = (5 + 3 * i, 6 + 3 * i, 7 + 3 * i);
+                format!(
+                    "(?1, ?{m}, ?{a}, ?{b}, ?2, CASE WHEN ?3 = 1 THEN COALESCE(
+                        (SELECT p.pool_id FROM machines p WHERE p.machine_id = ?{m}), ?4)
+                        ELSE NULL END)"
+                )
+            })
+            .collect();
+        format!(
+            "INSERT INTO task_machines
+                (task_id, machine_id, assignment_id, batch, state, power_pool)
+             VALUES {}",
+            rows.join(",\n")
+        )
+    }
+    static ONE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static MANY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if many {
+        MANY.get_or_init(|| make(MACHINES_PER_INSERT))
+    } else {
+        ONE.get_or_init(|| make(1))
+    }
+}
 
 impl Tx<'_> {
     /// Inserts a task and its machines (`(machine_id, assignment_id, batch)`), all `PENDING`.
@@ -59,25 +94,30 @@ impl Tx<'_> {
             .as_deref()
             .and_then(|j| serde_json::from_str::<PowerSpec>(j).ok())
             .is_some_and(|p| p.has_power_step());
-        for (machine_id, assignment_id, batch) in machines {
+        // Rows go in statements of MACHINES_PER_INSERT (the rest one by one), so a task of
+        // 10,000 machines is 100 round trips to PostgreSQL under the write lock, not 10,000.
+        // The machine's pool is read in the statement, as the power limits count it.
+        let shared: [&dyn ToValue; 4] = [
+            &t.task_id,
+            &MachineState::Pending.as_str(),
+            &i64::from(power),
+            &t.pool_id,
+        ];
+        let batches: Vec<i64> = machines.iter().map(|m| i64::from(m.2)).collect();
+        let mut at = 0;
+        while at < machines.len() {
+            let many = machines.len() - at >= MACHINES_PER_INSERT;
+            let n = if many { MACHINES_PER_INSERT } else { 1 };
+            let mut values: Vec<&dyn ToValue> = shared.to_vec();
+            for (i, (machine_id, assignment_id, _)) in machines[at..at + n].iter().enumerate() {
+                values.push(machine_id);
+                values.push(assignment_id);
+                values.push(&batches[at + i]);
+            }
             self.tx
-                .exec(
-                    "INSERT INTO task_machines
-                        (task_id, machine_id, assignment_id, batch, state, power_pool)
-                     VALUES (?1, ?2, ?3, ?4, ?5, CASE WHEN ?6 = 1 THEN COALESCE(
-                        (SELECT m.pool_id FROM machines m WHERE m.machine_id = ?2), ?7)
-                        ELSE NULL END)",
-                    params![
-                        t.task_id,
-                        machine_id,
-                        assignment_id,
-                        i64::from(*batch),
-                        MachineState::Pending.as_str(),
-                        i64::from(power),
-                        t.pool_id
-                    ],
-                )
+                .exec(task_machines_insert(many), &values)
                 .ctx("saving a task's machines")?;
+            at += n;
         }
         Ok(())
     }
@@ -434,5 +474,74 @@ impl Tx<'_> {
             )
             .ctx("cancelling")?;
         Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::both_databases;
+    use super::super::{RolloutRow, Store};
+    use super::*;
+    use crate::proto::domain::TaskKind;
+
+    /// 250 machines: two statements of 100 and 50 of one. Every row is there with its
+    /// assignment and batch, and, for a task with a reboot, the pool each machine is in
+    /// (or the task's, for a machine the controller has never heard from).
+    #[tokio::test]
+    async fn a_task_of_many_machines_is_saved_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        for db in both_databases(dir.path()) {
+            let store = Store::open(&db).unwrap();
+            let rows = store
+                .tx(|tx| {
+                    for i in 0..250 {
+                        if i % 3 != 0 {
+                            let pool = if i % 2 == 0 { "even" } else { "odd" };
+                            tx.record_contact(&format!("m{i:03}"), Some(pool), "ab", 2, "0", None, 1)?;
+                        }
+                    }
+                    let machines: Vec<(String, String, u32)> = (0..250)
+                        .map(|i| (format!("m{i:03}"), format!("a{i:03}"), i / 100))
+                        .collect();
+                    tx.insert_task(
+                        &TaskRow {
+                            task_id: "t".into(),
+                            kind: TaskKind::ScriptExecution,
+                            pool_id: "task-pool".into(),
+                            state: TaskState::Pending,
+                            created_ms: 1,
+                            finished_ms: None,
+                            gray_fail_threshold: None,
+                            timeout_seconds: 60,
+                            scripts_json: "[]".into(),
+                            power_json: Some(
+                                r#"{"post_finish":"reboot","logoff_policy":"WAIT_FOR_LOGOFF","logoff_timeout_seconds":1,"force_logoff_grace_seconds":1}"#
+                                    .into(),
+                            ),
+                            created_by: None,
+                            cancelled_by: None,
+                            rollout: RolloutRow::default(),
+                        },
+                        &machines,
+                    )?;
+                    tx.task_machines("t")
+                })
+                .await
+                .unwrap();
+            assert_eq!(rows.len(), 250, "{db}");
+            for (i, r) in rows.iter().enumerate() {
+                let i = i as u32;
+                assert_eq!(r.machine_id, format!("m{i:03}"), "{db}");
+                assert_eq!(r.assignment_id, format!("a{i:03}"), "{db}");
+                assert_eq!(r.batch, i / 100, "{db}");
+                assert_eq!(r.state, MachineState::Pending, "{db}");
+                let pool = match (i % 3, i % 2) {
+                    (0, _) => "task-pool",
+                    (_, 0) => "even",
+                    _ => "odd",
+                };
+                assert_eq!(r.power_pool.as_deref(), Some(pool), "m{i:03} on {db}");
+            }
+        }
     }
 }
