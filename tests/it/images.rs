@@ -225,6 +225,7 @@ fn a_scheduled_push_stages_first_applies_on_time_and_commits() {
     assert_ne!(t1, t2);
     let mut seen: Vec<(String, String, String)> = Vec::new();
     let mut progress: Vec<u64> = Vec::new();
+    let mut machine_progress: Vec<u64> = Vec::new();
     let end = pump(&mut [&mut m], "the push to end", || {
         let s = status(&op, "p");
         let tr = triple(&s);
@@ -233,6 +234,11 @@ fn a_scheduled_push_stages_first_applies_on_time_and_commits() {
         }
         if s["pending_image_state"] == "PUBLISHING" {
             progress.extend(s["pending_image_progress"].as_u64());
+            // The machine's own view reads its own row of the stage task.
+            let (_, mv) = op.get("/v1/machines/m1");
+            if mv["image"]["pending_image_state"] == "PUBLISHING" {
+                machine_progress.extend(mv["image"]["pending_image_progress"].as_u64());
+            }
         }
         if s["pending_image_state"] == "READY" {
             assert_eq!(s["pending_image_progress"], 100, "{s:#}");
@@ -271,6 +277,11 @@ fn a_scheduled_push_stages_first_applies_on_time_and_commits() {
     assert!(
         progress.iter().any(|p| *p < 100) && progress.windows(2).all(|w| w[0] <= w[1]),
         "pending_image_progress grows while PUBLISHING: {progress:?}"
+    );
+    assert!(
+        machine_progress.iter().any(|p| *p < 100)
+            && machine_progress.windows(2).all(|w| w[0] <= w[1]),
+        "the machine's pending_image_progress grows while PUBLISHING: {machine_progress:?}"
     );
     assert_eq!(
         seen.iter().filter(|t| t.1 == "READY").count(),

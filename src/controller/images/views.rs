@@ -113,11 +113,9 @@ pub fn machine_view(
     let mut progress = None;
     if m.pending_state == Some(PendingImageState::Publishing) {
         if let Some(stage) = tx.pool_image(pool_id)?.and_then(|o| o.stage_task_id) {
-            let rows: Vec<_> = tx
-                .task_machines(&stage)?
-                .into_iter()
-                .filter(|r| r.machine_id == machine_id)
-                .collect();
+            // Its own row only: a fleet list during a push must not read the whole stage
+            // task once per machine.
+            let rows: Vec<_> = tx.task_machine(&stage, machine_id)?.into_iter().collect();
             progress = percent(&rows);
         }
     }

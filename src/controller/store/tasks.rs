@@ -276,6 +276,26 @@ impl Tx<'_> {
         pairs.into_iter().map(finish_tm).collect()
     }
 
+    /// One machine's row of a task, by the primary key.
+    pub fn task_machine(
+        &mut self,
+        task_id: &str,
+        machine_id: &str,
+    ) -> Result<Option<TaskMachineRow>, StoreError> {
+        let what = "reading a task's machine";
+        let rows = self
+            .tx
+            .all(
+                &format!(
+                    "SELECT {TM_COLS} FROM task_machines WHERE task_id = ?1 AND machine_id = ?2"
+                ),
+                params![task_id, machine_id],
+                tm_row,
+            )
+            .ctx(what)?;
+        rows.into_iter().next().map(finish_tm).transpose()
+    }
+
     /// A task's machines counted by batch and state: `(batch, state, count)`, in batch
     /// order. One GROUP BY over the task's rows (its primary key's prefix), so the page's
     /// poll reads no per-machine row.
