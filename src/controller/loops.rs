@@ -86,6 +86,15 @@ pub(super) async fn revocation_loop(ctl: Arc<Controller>) {
     }
 }
 
+/// The `settings` key of the reaper's last round, and the least time between two rounds.
+/// The tick is a second; 800 ms lets a lone controller's round start up to 200 ms late
+/// without losing it (and a lost round only puts the next one a second later), while
+/// replicas ticking out of phase still make at most 1.25 rounds a second together.
+const REAPER_ROUND: &str = "reaper_round_ms";
+const REAPER_GAP_MS: i64 = 800;
+
+/// Declares machines silent past their deadlines unreachable, once a second (one replica's
+/// round each second), and lets tasks waiting for a power slot go on.
 pub(super) async fn reap_loop(ctl: Arc<Controller>) {
     let grace = ctl.cfg.unreachable_grace;
     tokio::time::sleep(grace.max(ctl.cfg.offline_after)).await;
@@ -103,6 +112,11 @@ pub(super) async fn reap_loop(ctl: Arc<Controller>) {
             .store
             .tx(move |tx| {
                 let mut wake = Vec::new();
+                // One round a second for the whole fleet, whichever replica takes it: the
+                // scan reads every machine at work, so N replicas must not do it N times.
+                if !tx.claim_round(REAPER_ROUND, now, REAPER_GAP_MS)? {
+                    return Ok((0, wake));
+                }
                 let n = progress::reap(tx, now, grace_ms, offline_ms, reboot_ms, &mut wake)?;
                 // A safety net for the power limits: tasks waiting for a slot that no ending
                 // reached (more waiting than one ending looks at, a limit changed on another

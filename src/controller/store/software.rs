@@ -28,6 +28,22 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Whether this transaction takes the round of the background job `key` at `now_ms`:
+    /// yes when no replica took one within the last `gap_ms` (then this one is recorded).
+    /// Transactions run one at a time (SQLite's writer, PostgreSQL's write lock), so of
+    /// replicas racing for a round exactly one gets it, and a job that only needs doing once
+    /// a second for the whole fleet (the reaper) is done once, not once per replica. A
+    /// replica whose clock runs behind the others' mostly loses the race; once they stop,
+    /// it takes the rounds again within `gap_ms` of their last one plus its lag.
+    pub fn claim_round(&mut self, key: &str, now_ms: i64, gap_ms: i64) -> Result<bool, StoreError> {
+        let last = self.setting(key)?.and_then(|v| v.parse::<i64>().ok());
+        if last.is_some_and(|at| now_ms - at < gap_ms) {
+            return Ok(false);
+        }
+        self.set_setting(key, &now_ms.to_string())?;
+        Ok(true)
+    }
+
     /// Stores a new desired-software document; returns its commit number (previous + 1).
     pub fn insert_commit(
         &mut self,
@@ -101,5 +117,34 @@ impl Tx<'_> {
             )
             .optional()
             .ctx("reading the staged commit")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Database, Store};
+    use super::*;
+
+    #[tokio::test]
+    async fn a_round_is_taken_once_per_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&Database::Sqlite(dir.path().join("t.db"))).unwrap();
+        let got = store
+            .tx(|tx| {
+                Ok::<_, StoreError>([
+                    tx.claim_round("job", 10_000, 900)?,
+                    // Another replica within the gap: not its round.
+                    tx.claim_round("job", 10_500, 900)?,
+                    tx.claim_round("job", 10_900, 900)?,
+                    // A clock behind the last round: not its round either.
+                    tx.claim_round("job", 9_000, 900)?,
+                    // Another job has its own rounds.
+                    tx.claim_round("other", 10_950, 900)?,
+                    tx.claim_round("job", 11_799, 900)?,
+                ])
+            })
+            .await
+            .unwrap();
+        assert_eq!(got, [true, false, true, false, true, false]);
     }
 }
