@@ -17,7 +17,7 @@ const STEPS: &[(u32, &str)] = &[
     (4, V4_LISTS_AND_AUDIT),
     (5, V5_RATE),
     (6, V6_OUTBOX),
-    (7, V7_TASKS_FINISHED),
+    (7, V7_INDEXES),
 ];
 
 /// Version 1: the schema of 0.1.0 (before migrations were recorded). `IF NOT EXISTS`, so a
@@ -261,9 +261,11 @@ ALTER TABLE machines ADD COLUMN outbox_events BIGINT;
 
 /// The version this build writes.
 /// Version 7: finished tasks by when they finished, for pruning them past
-/// `task_retention_seconds` without reading every task.
-const V7_TASKS_FINISHED: &str = r#"
+/// `task_retention_seconds` without reading every task; and machines by certificate
+/// serial, for a revocation's look-up (`machine_of_serial`), which read every machine.
+const V7_INDEXES: &str = r#"
 CREATE INDEX tasks_finished ON tasks (finished_ms);
+CREATE INDEX machines_cert_serial ON machines (cert_serial);
 "#;
 
 pub const LATEST: u32 = STEPS[STEPS.len() - 1].0;
@@ -348,15 +350,16 @@ mod tests {
         c.prepare("SELECT power_pool FROM task_machines").unwrap();
         // Version 6's column.
         c.prepare("SELECT outbox_events FROM machines").unwrap();
-        // Version 7's index.
+        // Version 7's indexes.
         let idx: i64 = c
             .query_row(
-                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND name = 'tasks_finished'",
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index'
+                 AND name IN ('tasks_finished', 'machines_cert_serial')",
                 [],
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(idx, 1);
+        assert_eq!(idx, 2);
         assert_eq!(LATEST, 7);
         // Version 2's columns are there.
         c.execute(
