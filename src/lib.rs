@@ -60,7 +60,9 @@
 //!   what refers to blobs; `columns`: the domain enums stored as their wire text; `writer`:
 //!   the one thread that owns the connection and commits waiting transactions together,
 //!   each in its own savepoint, and runs what a transaction asked to do once it committed
-//!   (`Tx::after_commit`); `pg`: the replicas' write lock, reconnecting, and the
+//!   (`Tx::after_commit`); the same machinery in read mode is the reader (`Store::read`:
+//!   read-only transactions on a connection of their own, no write lock); `pg`: the
+//!   replicas' write lock, reconnecting, and the
 //!   LISTEN/NOTIFY wake-ups between replicas), the blob store (`blobs`: bounded uploads, deletion, retention),
 //!   desired software by commit (`software`), images (`images`: the `registry`, `push`
 //!   with schedule/reschedule/cancel and unpublish, `pool_op` (the pool operation moved on
@@ -126,6 +128,9 @@
 //! - A machine's private key is made on the machine and never leaves it; key and
 //!   certificate are swapped as a pair that survives a crash.
 //! - The controller's schema changes only through numbered migrations (`store::migrate`).
+//! - Every change to the controller's state goes through `Store::tx` (one writer, group
+//!   commit, on PostgreSQL the replicas' one write lock); `Store::read` runs only reads, on a
+//!   read-only transaction the database itself keeps from writing.
 //! - The agent's state machine is pure: `step(state, event, now) -> (state, effects)`; the
 //!   core loop performs the effects in order, and persists the state (atomic write) before
 //!   a script starts and before a result is handed to the outbox.

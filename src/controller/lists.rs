@@ -290,7 +290,7 @@ pub async fn list_tasks(
     let after = q.cursor(ListKind::Tasks)?;
     let rows = ctl
         .store
-        .tx(move |tx| {
+        .read(move |tx| {
             let after = after.as_ref().map(|c| (c.ms.unwrap_or(0), c.id.as_str()));
             tx.task_page(&filter, after, limit + 1)
         })
@@ -330,7 +330,7 @@ pub async fn list_machines(
     let live = super::views::Liveness::of(ctl);
     let rows = ctl
         .store
-        .tx(move |tx| {
+        .read(move |tx| {
             let want = if paged {
                 limit as usize + 1
             } else {
@@ -390,7 +390,7 @@ pub async fn list_scripts(
     let after = q.cursor(ListKind::Scripts)?;
     let rows = ctl
         .store
-        .tx(move |tx| {
+        .read(move |tx| {
             let after = after.as_ref().map(|c| (c.ms.unwrap_or(0), c.id.as_str()));
             tx.script_page(after, limit + 1)
         })
@@ -407,7 +407,7 @@ pub async fn get_script(ctl: &Controller, script_id: String) -> Result<api::Scri
     let id = script_id.clone();
     let s = ctl
         .store
-        .tx(move |tx| tx.script(&id))
+        .read(move |tx| tx.script(&id))
         .await?
         .ok_or_else(|| {
             ApiError::not_found(
@@ -429,7 +429,7 @@ pub async fn get_script(ctl: &Controller, script_id: String) -> Result<api::Scri
 pub async fn list_pools(ctl: &Controller) -> Result<Vec<api::PoolSummary>, ApiError> {
     let live = super::views::Liveness::of(ctl);
     ctl.store
-        .tx(move |tx| {
+        .read(move |tx| {
             let mut pools: BTreeMap<String, Vec<PoolCount>> = BTreeMap::new();
             for m in tx.pool_members(None)? {
                 pools.entry(m.pool_id.clone()).or_default().push(m);
@@ -463,7 +463,7 @@ pub async fn get_pool(ctl: &Controller, pool_id: String) -> Result<api::Pool, Ap
     crate::pki::validate_name("pool_id", &pool_id).map_err(|e| ApiError::invalid(e.to_string()))?;
     let live = super::views::Liveness::of(ctl);
     ctl.store
-        .tx(move |tx| {
+        .read(move |tx| {
             let members = tx.pool_members(Some(&pool_id))?;
             if members.is_empty() && tx.pool_image(&pool_id)?.is_none() {
                 return Err(ApiError::not_found(
@@ -505,7 +505,7 @@ pub async fn audit(
     let after = q.cursor(ListKind::Audit)?;
     let rows = ctl
         .store
-        .tx(move |tx| {
+        .read(move |tx| {
             let after = after.as_ref().map(|c| (c.ms.unwrap_or(0), c.id.as_str()));
             tx.audit_page(after, limit + 1)
         })

@@ -290,7 +290,7 @@ pub async fn render(ctl: &Controller) -> Result<String, ApiError> {
     let soon_ms = now_ms + CERT_SOON.as_millis() as i64;
     let gauges = ctl
         .store
-        .tx(move |tx| tx.fleet_gauges(now_ms - offline_ms, soon_ms))
+        .read(move |tx| tx.fleet_gauges(now_ms - offline_ms, soon_ms))
         .await?;
     let m = &ctl.metrics;
     m.set_fleet(&gauges);

@@ -165,7 +165,7 @@ impl Controller {
 
     /// Every blob digest something still needs.
     async fn referenced_blobs(&self) -> Result<std::collections::HashSet<String>, ApiError> {
-        let (images, docs) = self.store.tx(|tx| tx.blob_referrers()).await?;
+        let (images, docs) = self.store.read(|tx| tx.blob_referrers()).await?;
         let mut set: std::collections::HashSet<String> = images.into_iter().collect();
         for d in &docs {
             blobs::digests_in(d, &mut set);

@@ -22,7 +22,7 @@ pub fn force_logoff_grace(tx: &mut Tx<'_>) -> Result<i64, StoreError> {
 }
 
 pub async fn get_settings(ctl: &Controller) -> Result<api::Settings, ApiError> {
-    let grace = ctl.store.tx(force_logoff_grace).await?;
+    let grace = ctl.store.read(force_logoff_grace).await?;
     Ok(api::Settings {
         force_logoff_grace_seconds: grace,
     })

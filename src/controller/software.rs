@@ -273,7 +273,7 @@ pub async fn host_software(
     check_host(&machine_id)?;
     let (latest, staged) = ctl
         .store
-        .tx(move |tx| {
+        .read(move |tx| {
             if tx.machine_last_seen(&machine_id)?.is_none() {
                 return Err(unknown_host(&machine_id));
             }

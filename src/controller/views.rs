@@ -70,7 +70,7 @@ fn task_machine_view(task: &TaskRow, m: &TaskMachineRow) -> api::TaskMachine {
 
 pub async fn get_task(ctl: &Controller, task_id: String) -> Result<api::Task, ApiError> {
     ctl.store
-        .tx(move |tx| {
+        .read(move |tx| {
             let task = tx.task(&task_id)?.ok_or_else(|| task_not_found(&task_id))?;
             let machines = tx.task_machines(&task_id)?;
             Ok(task_view(&task, &machines))
@@ -121,7 +121,7 @@ pub async fn task_summary(
     task_id: String,
 ) -> Result<api::TaskProgress, ApiError> {
     ctl.store
-        .tx(move |tx| {
+        .read(move |tx| {
             let task = tx.task(&task_id)?.ok_or_else(|| task_not_found(&task_id))?;
             let (machine_states, batches) = count_states(&tx.task_counts(&task_id)?);
             Ok(api::TaskProgress {
@@ -208,7 +208,7 @@ pub async fn task_machines_page(
     q: PageQuery,
 ) -> Result<api::TaskMachinePage, ApiError> {
     ctl.store
-        .tx(move |tx| {
+        .read(move |tx| {
             let task = tx.task(&task_id)?.ok_or_else(|| task_not_found(&task_id))?;
             let (machine_states, _) = count_states(&tx.task_counts(&task_id)?);
             let rows = tx.task_machines_page(&task_id, q.state, q.limit, q.offset)?;
@@ -288,7 +288,7 @@ pub async fn get_machine(ctl: &Controller, machine_id: String) -> Result<api::Ma
     let live = Liveness::of(ctl);
     let id = machine_id.clone();
     ctl.store
-        .tx(move |tx| match tx.machine(&id)? {
+        .read(move |tx| match tx.machine(&id)? {
             Some((m, None)) => Ok(Some(machine_view(tx, m, &live)?)),
             Some((_, Some(_))) | None => Ok::<_, StoreError>(None),
         })

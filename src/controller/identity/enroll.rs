@@ -98,7 +98,7 @@ pub async fn create_token(
 
 /// `GET /v1/enrollment-tokens`.
 pub async fn list_tokens(ctl: &Controller) -> Result<Vec<api::EnrollmentToken>, ApiError> {
-    let rows = ctl.store.tx(|tx| tx.tokens()).await?;
+    let rows = ctl.store.read(|tx| tx.tokens()).await?;
     Ok(rows.iter().map(token_view).collect())
 }
 

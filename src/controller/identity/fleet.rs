@@ -187,7 +187,7 @@ fn revocation_view(r: &RevocationRow) -> api::Revocation {
 
 /// `GET /v1/revocations`.
 pub async fn list_revocations(ctl: &Controller) -> Result<Vec<api::Revocation>, ApiError> {
-    let rows = ctl.store.tx(|tx| tx.revocations()).await?;
+    let rows = ctl.store.read(|tx| tx.revocations()).await?;
     Ok(rows.iter().map(revocation_view).collect())
 }
 

@@ -40,7 +40,7 @@ impl Revoked {
     /// Loads revocations recorded since the last load (all of them the first time).
     pub async fn refresh(&self, store: &Store) -> Result<(), StoreError> {
         let since = *self.since_ms.lock().unwrap_or_else(|p| p.into_inner());
-        let rows = store.tx(move |tx| tx.revocations_since(since)).await?;
+        let rows = store.read(move |tx| tx.revocations_since(since)).await?;
         let mut newest = since;
         for (serial, ms) in rows {
             newest = newest.max(ms);

@@ -46,7 +46,7 @@ pub async fn provisioning_status(
     check_pool(&pool_id)?;
     Ok(ctl
         .store
-        .tx(move |tx| provisioning_in(tx, &pool_id))
+        .read(move |tx| provisioning_in(tx, &pool_id))
         .await?)
 }
 

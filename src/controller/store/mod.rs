@@ -1,7 +1,10 @@
 //! The controller's durable state: the only module that speaks SQL. SQLite (WAL, synchronous
 //! FULL) is the embedded default; the statements stay within what PostgreSQL also runs
 //! (`ON CONFLICT DO NOTHING`, integer millisecond timestamps, TEXT ids), so a second backend only
-//! replaces this module. Callers work inside one transaction at a time through [`Tx`].
+//! replaces this module. Callers work inside one transaction at a time through [`Tx`]:
+//! [`Store::tx`] for anything that writes (the writer thread, group commit, the replicas'
+//! write lock), [`Store::read`] for what only reads (a reader thread on its own
+//! connection, read-only transactions, no lock).
 //!
 //! `migrate`: the schema, as numbered migrations recorded in `PRAGMA user_version`;
 //! `rows`: the rows handed out and how they are read back; `identity`: machines'
@@ -79,6 +82,8 @@ impl<T, E: Into<SqlError>> Ctx<T> for Result<T, E> {
 #[derive(Clone)]
 pub struct Store {
     writer: writer::Writer,
+    /// Read-only transactions ([`Store::read`]), on a connection of their own.
+    reader: writer::Writer,
     database: Database,
     /// Handed to every transaction ([`Tx::power_limit`]).
     power_limit: Option<u32>,
@@ -110,16 +115,20 @@ impl Store {
             target: db.to_string(),
             source,
         };
-        let backend = match db {
-            Database::Sqlite(path) => writer::Backend::Sqlite(open_sqlite(path).map_err(open_err)?),
+        let (backend, reading) = match db {
+            Database::Sqlite(path) => (
+                writer::Backend::Sqlite(open_sqlite(path).map_err(open_err)?),
+                // After the writer's connection, which made the file and its schema.
+                writer::Backend::Sqlite(open_sqlite_reader(path).map_err(open_err)?),
+            ),
             Database::Postgres(url) => {
                 // The client runs its own small runtime, which may not start inside the
                 // caller's: connect and migrate on a thread of their own.
-                let client = std::thread::scope(|s| {
+                let (client, reader) = std::thread::scope(|s| {
                     s.spawn(|| {
                         let mut client = pg::connect(url)?;
                         migrate::apply_pg(&mut client)?;
-                        Ok(client)
+                        Ok((client, pg::connect(url)?))
                     })
                     .join()
                     .unwrap_or_else(|_| {
@@ -127,11 +136,15 @@ impl Store {
                     })
                 })
                 .map_err(open_err)?;
-                writer::Backend::Postgres(Box::new(pg::Writer::new(url.clone(), client)))
+                (
+                    writer::Backend::Postgres(Box::new(pg::Writer::new(url.clone(), client))),
+                    writer::Backend::Postgres(Box::new(pg::Writer::new(url.clone(), reader))),
+                )
             }
         };
         Ok(Store {
-            writer: writer::Writer::start(backend),
+            writer: writer::Writer::start(backend, writer::Mode::Write),
+            reader: writer::Writer::start(reading, writer::Mode::Read),
             database: db.clone(),
             power_limit: None,
         })
@@ -185,6 +198,19 @@ impl Store {
             .await
     }
 
+    /// Runs `f` in a read-only transaction on the reader's connection: for what only reads
+    /// (the operator's views and lists, metrics gauges, revocation reloads). It waits
+    /// neither behind the writer's queue nor, on PostgreSQL, for the write lock; it sees
+    /// every transaction committed before it was asked; a write in it fails.
+    pub async fn read<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<R, E> + Send + 'static,
+    {
+        self.reader.tx(f).await
+    }
+
     /// Transactions waiting for the database now.
     pub fn queue_depth(&self) -> usize {
         self.writer.depth()
@@ -209,6 +235,16 @@ fn open_sqlite(path: &Path) -> SqlResult<rusqlite::Connection> {
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.set_prepared_statement_cache_capacity(256);
     migrate::apply(&mut conn)?;
+    Ok(conn)
+}
+
+/// The reader's connection to the file the writer opened: WAL lets it read while the
+/// writer writes; `query_only` makes a write in it an error, not a second writer.
+fn open_sqlite_reader(path: &Path) -> SqlResult<rusqlite::Connection> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "query_only", true)?;
+    conn.set_prepared_statement_cache_capacity(256);
     Ok(conn)
 }
 
@@ -640,5 +676,74 @@ mod tests {
         };
         assert_eq!(again, Some(1));
         assert_eq!(one(&store, "m1").await.unwrap(), Some(1));
+        // The reader's connection was ended too; it connects again the same way.
+        let read = || store.read(|tx| tx.machine_last_seen("m2"));
+        let seen = match read().await {
+            Ok(v) => v,
+            Err(_) => read().await.unwrap(),
+        };
+        assert_eq!(seen, Some(1));
+    }
+
+    /// A read sees every write answered before it was asked, and cannot write.
+    #[tokio::test]
+    async fn reads_see_what_was_written_and_cannot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        for db in both_databases(dir.path()) {
+            let store = Store::open(&db).unwrap();
+            for at in 1..=3 {
+                store
+                    .tx(move |tx| tx.record_contact("m1", Some("p"), "ab", 2, "0", None, at))
+                    .await
+                    .unwrap();
+                let seen = store.read(|tx| tx.machine_last_seen("m1")).await.unwrap();
+                assert_eq!(seen, Some(at), "{db}");
+            }
+            let refused = store.read(|tx| tx.set_setting("k", "v")).await;
+            assert!(refused.is_err(), "a read wrote on {db}");
+            let kept = store.tx(|tx| tx.setting("k")).await.unwrap();
+            assert_eq!(kept, None, "{db}");
+        }
+    }
+
+    /// On PostgreSQL a read does not wait for the write lock: with the lock held elsewhere
+    /// (another replica's long group), the read is answered and the write is not, until
+    /// the lock is let go.
+    #[tokio::test]
+    async fn reads_do_not_wait_for_the_replicas_write_lock() {
+        let Some(url) = postgres_database() else {
+            return;
+        };
+        let store = Store::open(&Database::Postgres(url.clone())).unwrap();
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            let mut t = c.transaction().unwrap();
+            t.execute("SELECT pg_advisory_xact_lock($1)", &[&pg::WRITE_LOCK])
+                .unwrap();
+            locked_tx.send(()).unwrap();
+            release_rx.recv().unwrap();
+            t.commit().unwrap();
+        });
+        locked_rx.recv().unwrap();
+        let write = tokio::spawn({
+            let store = store.clone();
+            async move { store.tx(|tx| tx.set_setting("k", "v")).await }
+        });
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            store.read(|tx| tx.setting("k")),
+        )
+        .await
+        .expect("the read waited for the write lock")
+        .unwrap();
+        assert_eq!(read, None);
+        assert!(!write.is_finished(), "the write did not wait for the lock");
+        release_tx.send(()).unwrap();
+        holder.join().unwrap();
+        write.await.unwrap().unwrap();
+        let after = store.read(|tx| tx.setting("k")).await.unwrap();
+        assert_eq!(after.as_deref(), Some("v"));
     }
 }

@@ -42,6 +42,16 @@ struct Job {
     body: Body,
 }
 
+/// What a worker's transactions may do. A reader runs the operator's and the background
+/// loops' reads on a connection of its own, so they wait neither for the writer's queue
+/// nor, on PostgreSQL, for the write lock every replica's groups take; the database refuses
+/// a write in its transactions (`READ ONLY`, SQLite's `query_only`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Write,
+    Read,
+}
+
 #[derive(Clone)]
 pub struct Writer {
     jobs: mpsc::Sender<Job>,
@@ -53,8 +63,8 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer thread on `backend`.
-    pub fn start(mut backend: Backend) -> Writer {
+    /// Starts the worker thread on `backend`.
+    pub fn start(mut backend: Backend, mode: Mode) -> Writer {
         let (jobs, mut rx) = mpsc::channel::<Job>(QUEUE);
         let depth = Arc::new(AtomicUsize::new(0));
         let lag_ms = Arc::new(AtomicU64::new(0));
@@ -62,8 +72,12 @@ impl Writer {
         // 100 µs to about 3 s.
         let tx_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 15));
         let seconds = tx_seconds.clone();
+        let name = match mode {
+            Mode::Write => "fieldhand-db",
+            Mode::Read => "fieldhand-db-read",
+        };
         std::thread::Builder::new()
-            .name("fieldhand-db".into())
+            .name(name.into())
             .spawn(move || {
                 let max_group = match backend {
                     Backend::Sqlite(_) => MAX_GROUP,
@@ -90,7 +104,7 @@ impl Writer {
                         }
                     }
                     d.fetch_sub(group.len(), Ordering::Relaxed);
-                    run_group(&mut backend, &mut group, &seconds);
+                    run_group(&mut backend, mode, &mut group, &seconds);
                 }
             })
             .expect("start the database writer thread");
@@ -171,7 +185,7 @@ pub enum Backend {
 }
 
 /// Runs the jobs of one group in one transaction, each in its own savepoint.
-fn run_group(backend: &mut Backend, group: &mut Vec<Job>, seconds: &Histogram) {
+fn run_group(backend: &mut Backend, mode: Mode, group: &mut Vec<Job>, seconds: &Histogram) {
     let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
     let outcome = match backend {
         Backend::Sqlite(conn) => (|| -> Result<(), StoreError> {
@@ -194,11 +208,19 @@ fn run_group(backend: &mut Backend, group: &mut Vec<Job>, seconds: &Histogram) {
         Backend::Postgres(w) => {
             // One round trip: the transaction, the lock every replica's groups take first
             // (see `pg`), and the savepoint the first job runs under.
-            let begin = format!(
-                "BEGIN; SELECT pg_advisory_xact_lock({}); {}",
-                pg::WRITE_LOCK,
-                sql::PG_SAVEPOINT
-            );
+            // Reads take no lock: one snapshot for the group, which began after every job
+            // of it was queued, so a read sees every write answered before it was asked.
+            let begin = match mode {
+                Mode::Write => format!(
+                    "BEGIN; SELECT pg_advisory_xact_lock({}); {}",
+                    pg::WRITE_LOCK,
+                    sql::PG_SAVEPOINT
+                ),
+                Mode::Read => format!(
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {}",
+                    sql::PG_SAVEPOINT
+                ),
+            };
             // A connection the server ended (a restart, a failover) is often only found out
             // by the next statement: before any job ran, connect again and begin once more,
             // so the group is not lost with it.
