@@ -6,6 +6,9 @@
 //! what changes is that 100 polls cost one fsync instead of 100, and no thread waits on a
 //! mutex for the connection.
 //!
+//! The same machinery in [`Mode::Read`] is the store's reader: a second thread on a second
+//! connection whose groups are read-only transactions without the replicas' write lock.
+//!
 //! The queue is bounded: when it is full, callers wait (back-pressure). The router sheds new
 //! agent requests with 503 while transactions wait long ([`Writer::lag`]): how long the
 //! oldest one waited is the signal, not how many there are, because a burst the writer
