@@ -62,6 +62,24 @@ fn without_help(cmd: clap::Command) -> clap::Command {
     cmd
 }
 
+/// The binaries' hidden `generate --dir D`: [`generate`], then each file written on stdout
+/// (`wrote PATH`), or the error on stderr under the program's name; the exit code.
+pub fn run(cmd: clap::Command, dir: &Path) -> crate::exit::Exit {
+    let name = cmd.get_name().to_string();
+    match generate(cmd, dir) {
+        Ok(files) => {
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            crate::exit::Exit::Ok
+        }
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            crate::exit::Exit::CantCreate
+        }
+    }
+}
+
 /// Writes the man pages and the bash, zsh and fish completions of `cmd` under `dir`.
 pub fn generate(mut cmd: clap::Command, dir: &Path) -> Result<Vec<PathBuf>, ManpagesError> {
     use clap_complete::Shell;

@@ -313,16 +313,5 @@ fn quickstart(dir: PathBuf, agents: u32, exit: bool) -> ExitCode {
 }
 
 fn generate(dir: &std::path::Path) -> ExitCode {
-    match fieldhand::manpages::generate(Cli::command(), dir) {
-        Ok(files) => {
-            for f in files {
-                println!("wrote {}", f.display());
-            }
-            Exit::Ok.into()
-        }
-        Err(e) => {
-            eprintln!("fieldhand-controller: {e}");
-            Exit::CantCreate.into()
-        }
-    }
+    fieldhand::manpages::run(Cli::command(), dir).into()
 }

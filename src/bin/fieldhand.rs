@@ -205,16 +205,5 @@ fn status(json: bool, metrics: bool, config: Option<PathBuf>, socket: Option<Pat
 }
 
 fn generate(dir: &std::path::Path) -> ExitCode {
-    match fieldhand::manpages::generate(Cli::command(), dir) {
-        Ok(files) => {
-            for f in files {
-                println!("wrote {}", f.display());
-            }
-            Exit::Ok.into()
-        }
-        Err(e) => {
-            eprintln!("fieldhand: {e}");
-            Exit::CantCreate.into()
-        }
-    }
+    fieldhand::manpages::run(Cli::command(), dir).into()
 }

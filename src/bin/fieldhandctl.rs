@@ -490,15 +490,7 @@ fn main() -> ExitCode {
         Err(code) => return code.into(),
     };
     if let Cmd::Generate { dir } = &cli.cmd {
-        return match fieldhand::manpages::generate(Cli::command(), dir) {
-            Ok(files) => {
-                for f in files {
-                    println!("wrote {}", f.display());
-                }
-                Exit::Ok.into()
-            }
-            Err(e) => fail(e, Exit::CantCreate),
-        };
+        return fieldhand::manpages::run(Cli::command(), dir).into();
     }
     let flags = Flags {
         config: cli.config,
