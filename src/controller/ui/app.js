@@ -221,6 +221,9 @@ function taskView(view, gen, id) {
     try {
       const r = await api('POST', '/v1/tasks/' + enc(id) + '/' + what);
       msg.replaceChildren(h('div', { class: 'msg', text: done(r) }));
+      // Cancel and resume answer with this task: show its state now (a CANCELLING that
+      // ends before the next poll is still shown), then refresh the rest.
+      if (r.data && r.data.task_id === id && r.data.state) taskState.replaceChildren(state(r.data.state));
       pageDirty = true;
       await refresh();
     } catch (e) {
